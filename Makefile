@@ -1,0 +1,56 @@
+# One command runs a local DC (`make run`), one runs every test (`make test`).
+# Both install what a fresh Debian 12 machine with only Rust lacks.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+# Reuse one target directory; .ci/run points it outside the clone.
+CARGO_TARGET_DIR ?= $(CURDIR)/target
+export CARGO_TARGET_DIR
+BIN := $(CARGO_TARGET_DIR)/debug
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps build run test lint fmt bench bench-deps clean
+
+all: build
+
+# libclang for RocksDB's bindgen, a C++ compiler for RocksDB itself.
+deps:
+	@missing=""; \
+	ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
+	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
+	command -v make >/dev/null 2>&1 || missing="$$missing make"; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+build: deps
+	$(CARGO) build --workspace --all-targets
+
+# A local data center `east` of 3 nodes on 127.0.0.1:7101-7103.
+run: build
+	@mkdir -p "$$HOME/.cargo/bin" && ln -sf "$(BIN)/mailbox" "$$HOME/.cargo/bin/mailbox" && \
+	  echo "Installed the CLI as $$HOME/.cargo/bin/mailbox (-> $(BIN)/mailbox)"
+	$(BIN)/mailboxd dev --dir .run --dc east --nodes 3
+
+# Every test: unit, openraft's storage suite, integration and fault suites.
+test: build
+	$(CARGO) test --workspace --all-targets -- --test-threads=2
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+bench-deps: deps
+	@command -v etcd >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server; }
+
+# Benchmarks against baselines measured in the same run (see docs/benchmarks.md).
+bench: build bench-deps
+	benches/run.sh
+
+clean:
+	$(CARGO) clean
+	rm -rf .run .mailbox

@@ -1,0 +1,402 @@
+//! Client library for a mailbox data center, used by the `mailbox` CLI, the
+//! load generator and the integration tests.
+//!
+//! A [`Client`] talks to one node of a DC; any node accepts writes (followers
+//! forward to the leader), so the client only needs a reachable endpoint.
+//! Uploads and downloads stream: memory use does not grow with file size.
+
+pub mod config;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mailbox_proto::v1::mailbox_client::MailboxClient;
+use mailbox_proto::v1::{
+    put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
+    CreateMailboxResponse, DeleteRequest, GetRequest, ListMailboxesRequest, ListRequest,
+    ListResponse, MailboxInfo, MessageInfo, PutHeader, PutRequest, PutResponse, PutTrailer,
+    StatRequest,
+};
+use mailbox_proto::MAX_MESSAGE_SIZE;
+use mailbox_types::Digest;
+use sha2::{Digest as _, Sha256};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+
+pub use config::ClientConfig;
+
+/// Size of upload chunks.
+pub const UPLOAD_CHUNK: usize = 1 << 20;
+
+/// Errors from the client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No endpoint could be reached.
+    #[error("cannot connect to any of {endpoints:?}: {reason}")]
+    Connect {
+        /// Endpoints tried.
+        endpoints: Vec<String>,
+        /// Last failure.
+        reason: String,
+    },
+    /// The server refused the request.
+    #[error("{code:?}: {message}")]
+    Status {
+        /// gRPC code.
+        code: tonic::Code,
+        /// Server's message.
+        message: String,
+        /// Stable error code from `x-mailbox-error`, if sent.
+        error_code: Option<String>,
+    },
+    /// Local I/O failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Downloaded bytes do not match the stored SHA-256.
+    #[error("downloaded data is corrupt: expected sha256 {expected}, got {actual}")]
+    Corrupt {
+        /// Digest the server reported.
+        expected: String,
+        /// Digest of what arrived.
+        actual: String,
+    },
+    /// The server's answer was not what the protocol promises.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Client configuration problem.
+    #[error("client config: {0}")]
+    Config(String),
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        ClientError::Status {
+            code: s.code(),
+            message: s.message().to_string(),
+            error_code: s
+                .metadata()
+                .get("x-mailbox-error")
+                .and_then(|v| v.to_str().ok())
+                .map(String::from),
+        }
+    }
+}
+
+impl ClientError {
+    /// The gRPC code, when the server answered.
+    pub fn code(&self) -> Option<tonic::Code> {
+        match self {
+            ClientError::Status { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+/// What to upload.
+#[derive(Debug, Clone, Default)]
+pub struct PutOptions {
+    /// Target mailbox.
+    pub mailbox: String,
+    /// Message name.
+    pub name: String,
+    /// Expected SHA-256 (hex); the server refuses a mismatch with DATA_LOSS.
+    pub sha256: Option<String>,
+    /// Idempotency key.
+    pub idempotency_key: Option<String>,
+    /// User attributes.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Result of a download.
+#[derive(Debug, Clone)]
+pub struct Downloaded {
+    /// The message's metadata.
+    pub message: MessageInfo,
+    /// Bytes received.
+    pub bytes: u64,
+    /// SHA-256 of the bytes received.
+    pub sha256: Digest,
+}
+
+/// A connection to one DC.
+#[derive(Clone)]
+pub struct Client {
+    inner: MailboxClient<Channel>,
+    endpoint: String,
+}
+
+impl Client {
+    /// Connects to the first reachable endpoint, in order.
+    pub async fn connect(endpoints: &[String]) -> Result<Self, ClientError> {
+        let mut last = String::from("no endpoints configured");
+        for ep in endpoints {
+            let uri = if ep.contains("://") {
+                ep.clone()
+            } else {
+                format!("http://{ep}")
+            };
+            let endpoint = match Endpoint::from_shared(uri) {
+                Ok(e) => e
+                    .connect_timeout(Duration::from_secs(3))
+                    .tcp_nodelay(true)
+                    .http2_adaptive_window(true),
+                Err(e) => {
+                    last = format!("{ep}: {e}");
+                    continue;
+                }
+            };
+            match endpoint.connect().await {
+                Ok(ch) => {
+                    return Ok(Client {
+                        inner: MailboxClient::new(ch)
+                            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+                            .max_encoding_message_size(MAX_MESSAGE_SIZE),
+                        endpoint: ep.clone(),
+                    })
+                }
+                Err(e) => last = format!("{ep}: {e}"),
+            }
+        }
+        Err(ClientError::Connect {
+            endpoints: endpoints.to_vec(),
+            reason: last,
+        })
+    }
+
+    /// The endpoint this client is connected to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Creates a mailbox.
+    pub async fn mkdir(&self, path: &str, parents: bool) -> Result<CreateMailboxResponse, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .create_mailbox(CreateMailboxRequest {
+                path: path.into(),
+                parents,
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Lists mailboxes under a prefix.
+    pub async fn list_mailboxes(&self, prefix: &str) -> Result<Vec<MailboxInfo>, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .list_mailboxes(ListMailboxesRequest {
+                prefix: prefix.into(),
+            })
+            .await?;
+        Ok(r.into_inner().mailboxes)
+    }
+
+    /// Uploads everything `reader` yields. `progress` is called with the
+    /// running byte count.
+    pub async fn put<R>(
+        &self,
+        opts: PutOptions,
+        mut reader: R,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<PutResponse, ClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::mpsc::channel::<PutRequest>(4);
+        let header = PutRequest {
+            part: Some(put_request::Part::Header(PutHeader {
+                mailbox: opts.mailbox,
+                name: opts.name,
+                idempotency_key: opts.idempotency_key.unwrap_or_default(),
+                sha256: opts.sha256.unwrap_or_default(),
+                attributes: opts.attributes.into_iter().collect(),
+            })),
+        };
+        // Reads the source; on a read error it stops without a trailer, which
+        // the server treats as a truncated upload and stores nothing.
+        let reader_task = tokio::spawn(async move {
+            if tx.send(header).await.is_err() {
+                return Ok(());
+            }
+            let mut total = 0u64;
+            loop {
+                let mut buf = vec![0u8; UPLOAD_CHUNK];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let n = reader.read(&mut buf[filled..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                if filled == 0 {
+                    break;
+                }
+                buf.truncate(filled);
+                total += filled as u64;
+                let msg = PutRequest {
+                    part: Some(put_request::Part::Chunk(buf)),
+                };
+                if tx.send(msg).await.is_err() {
+                    return Ok(());
+                }
+                progress(total);
+                if filled < UPLOAD_CHUNK {
+                    break;
+                }
+            }
+            let trailer = PutRequest {
+                part: Some(put_request::Part::Trailer(PutTrailer { size: total })),
+            };
+            let _ = tx.send(trailer).await;
+            Ok::<(), std::io::Error>(())
+        });
+        let result = self.inner.clone().put(ReceiverStream::new(rx)).await;
+        let read_result = reader_task
+            .await
+            .map_err(|e| ClientError::Protocol(format!("reader task: {e}")))?;
+        read_result.map_err(|source| ClientError::Io {
+            context: "reading upload source".into(),
+            source,
+        })?;
+        Ok(result?.into_inner())
+    }
+
+    /// Uploads an in-memory payload.
+    pub async fn put_bytes(&self, opts: PutOptions, data: Vec<u8>) -> Result<PutResponse, ClientError> {
+        self.put(opts, std::io::Cursor::new(data), |_| {}).await
+    }
+
+    /// Downloads a message (or a range) into `out`, computing the SHA-256 of
+    /// what arrives. For a whole-message download a digest mismatch is an
+    /// error.
+    pub async fn get_to<W>(
+        &self,
+        id: &str,
+        offset: u64,
+        length: u64,
+        out: &mut W,
+        progress: impl Fn(u64, u64),
+    ) -> Result<Downloaded, ClientError>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        let mut stream = self
+            .inner
+            .clone()
+            .get(GetRequest {
+                id: id.into(),
+                offset,
+                length,
+            })
+            .await?
+            .into_inner();
+        let mut message = None;
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        while let Some(part) = stream.next().await {
+            let part = part?;
+            if let Some(m) = part.message {
+                message = Some(m);
+            }
+            hasher.update(&part.chunk);
+            bytes += part.chunk.len() as u64;
+            out.write_all(&part.chunk).await.map_err(|source| ClientError::Io {
+                context: "writing download".into(),
+                source,
+            })?;
+            if let Some(m) = &message {
+                progress(bytes, m.size);
+            }
+        }
+        out.flush().await.map_err(|source| ClientError::Io {
+            context: "flushing download".into(),
+            source,
+        })?;
+        let message = message.ok_or_else(|| ClientError::Protocol("download without metadata".into()))?;
+        let sha256 = Digest::from(hasher);
+        if offset == 0 && (length == 0 || length >= message.size) {
+            if bytes != message.size {
+                return Err(ClientError::Protocol(format!(
+                    "download ended after {bytes} of {} bytes",
+                    message.size
+                )));
+            }
+            if sha256.to_hex() != message.sha256 {
+                return Err(ClientError::Corrupt {
+                    expected: message.sha256.clone(),
+                    actual: sha256.to_hex(),
+                });
+            }
+        }
+        Ok(Downloaded {
+            message,
+            bytes,
+            sha256,
+        })
+    }
+
+    /// Downloads a whole message into memory (tests and small payloads).
+    pub async fn get_bytes(&self, id: &str) -> Result<(MessageInfo, Vec<u8>), ClientError> {
+        let mut out = Vec::new();
+        let d = self.get_to(id, 0, 0, &mut out, |_, _| {}).await?;
+        Ok((d.message, out))
+    }
+
+    /// One page of a mailbox listing.
+    pub async fn list(&self, mailbox: &str, after: &str, limit: u32) -> Result<ListResponse, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .list(ListRequest {
+                mailbox: mailbox.into(),
+                after: after.into(),
+                limit,
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Every message of a mailbox, following pages.
+    pub async fn list_all(&self, mailbox: &str) -> Result<Vec<MessageInfo>, ClientError> {
+        let mut out = Vec::new();
+        let mut after = String::new();
+        loop {
+            let page = self.list(mailbox, &after, 1000).await?;
+            out.extend(page.messages);
+            if page.next_after.is_empty() {
+                return Ok(out);
+            }
+            after = page.next_after;
+        }
+    }
+
+    /// A message's metadata.
+    pub async fn stat(&self, id: &str) -> Result<MessageInfo, ClientError> {
+        let r = self.inner.clone().stat(StatRequest { id: id.into() }).await?;
+        r.into_inner()
+            .message
+            .ok_or_else(|| ClientError::Protocol("stat without message".into()))
+    }
+
+    /// Deletes a message.
+    pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
+        self.inner.clone().delete(DeleteRequest { id: id.into() }).await?;
+        Ok(())
+    }
+
+    /// Members, leader, term and applied index of every node.
+    pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
+        Ok(self.inner.clone().cluster_status(ClusterStatusRequest {}).await?.into_inner())
+    }
+}

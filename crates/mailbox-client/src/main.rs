@@ -1,0 +1,417 @@
+//! `mailbox`: command-line client for the mailbox cluster.
+//!
+//! Every command exits non-zero on any error; `--json` prints a machine-
+//! readable result on stdout instead of the human-readable one.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mailbox_client::{Client, ClientConfig, ClientError, PutOptions};
+use mailbox_proto::v1::MessageInfo;
+use mailbox_types::ByteSize;
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(name = "mailbox", version, about = "Client for the multi-DC mailbox cluster")]
+struct Cli {
+    /// Client config file (default: .mailbox/client.toml here or in a parent, then ~/.config/mailbox/client.toml).
+    #[arg(long, global = true, env = "MAILBOX_CONFIG")]
+    config: Option<PathBuf>,
+    /// Node to talk to (host:port); repeat for fallbacks. Overrides the config.
+    #[arg(long, global = true)]
+    endpoint: Vec<String>,
+    /// Data center to talk to (a name from the client config).
+    #[arg(long, global = true)]
+    dc: Option<String>,
+    /// Print machine-readable JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Upload a file (or `-` for stdin) into a mailbox.
+    Put {
+        /// File to upload, or `-` for stdin.
+        file: String,
+        /// Target mailbox, e.g. /inbox.
+        mailbox: String,
+        /// Message name (default: the file's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Expected SHA-256 (hex); the upload fails with DATA_LOSS on mismatch.
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Idempotency key: repeating an upload with it returns the original.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Attribute KEY=VALUE (repeatable).
+        #[arg(long = "attr", value_parser = parse_attr)]
+        attrs: Vec<(String, String)>,
+    },
+    /// Download a message by id (verifies its SHA-256).
+    Get {
+        /// Message id.
+        id: String,
+        /// Output file (default: the message name in the current directory; `-` for stdout).
+        #[arg(long, short)]
+        output: Option<String>,
+        /// Start at this byte.
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        /// Read at most this many bytes (0 = to the end).
+        #[arg(long, default_value_t = 0)]
+        length: u64,
+    },
+    /// List the messages in a mailbox, or the mailboxes when none is given.
+    Ls {
+        /// Mailbox to list.
+        mailbox: Option<String>,
+        /// Maximum messages to show (0 = all).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+    },
+    /// Show a message's metadata.
+    Stat {
+        /// Message id.
+        id: String,
+    },
+    /// Delete a message.
+    Rm {
+        /// Message id.
+        id: String,
+    },
+    /// Create a mailbox.
+    Mkdir {
+        /// Mailbox path.
+        path: String,
+        /// Create missing parents; no error if it exists.
+        #[arg(short, long)]
+        parents: bool,
+    },
+    /// Cluster commands.
+    Cluster {
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members, leader, term and applied index per node.
+    Status,
+}
+
+fn parse_attr(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+fn human_time(ms: i64) -> String {
+    // Civil date from days since the epoch (Howard Hinnant's algorithm).
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn human_size(n: u64) -> String {
+    ByteSize(n).to_string()
+}
+
+fn message_json(m: &MessageInfo) -> serde_json::Value {
+    json!({
+        "id": m.id,
+        "mailbox": m.mailbox,
+        "name": m.name,
+        "size": m.size,
+        "sha256": m.sha256,
+        "created_ms": m.created_ms,
+        "origin_dc": m.origin_dc,
+        "attributes": m.attributes,
+        "inline": m.inline,
+        "segments": m.segments.iter().map(|s| json!({"index": s.index, "size": s.size, "sha256": s.sha256})).collect::<Vec<_>>(),
+    })
+}
+
+fn bar(len: Option<u64>) -> ProgressBar {
+    let pb = match len {
+        Some(n) => ProgressBar::new(n),
+        None => ProgressBar::new_spinner(),
+    };
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
+    let endpoints = if !cli.endpoint.is_empty() {
+        cli.endpoint.clone()
+    } else {
+        match ClientConfig::discover(cli.config.as_deref())? {
+            Some((_, cfg)) => cfg.endpoints(cli.dc.as_deref())?,
+            None => bail!(
+                "no client config found: run `make run` from the repo root, pass --endpoint HOST:PORT, \
+                 or write .mailbox/client.toml"
+            ),
+        }
+    };
+    Ok(Client::connect(&endpoints).await?)
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = connect(&cli).await?;
+    match &cli.cmd {
+        Cmd::Put {
+            file,
+            mailbox,
+            name,
+            sha256,
+            idempotency_key,
+            attrs,
+        } => {
+            let (reader, len, default_name): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, _, _) =
+                if file == "-" {
+                    (Box::new(tokio::io::stdin()), None, None)
+                } else {
+                    let f = tokio::fs::File::open(file)
+                        .await
+                        .with_context(|| format!("cannot open {file}"))?;
+                    let len = f.metadata().await?.len();
+                    let n = PathBuf::from(file)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned());
+                    (Box::new(f), Some(len), n)
+                };
+            let name = match name.clone().or(default_name) {
+                Some(n) => n,
+                None => bail!("--name is required when uploading from stdin"),
+            };
+            let pb = if cli.json { ProgressBar::hidden() } else { bar(len) };
+            let pb2 = pb.clone();
+            let opts = PutOptions {
+                mailbox: mailbox.clone(),
+                name,
+                sha256: sha256.clone(),
+                idempotency_key: idempotency_key.clone(),
+                attributes: attrs.iter().cloned().collect::<BTreeMap<_, _>>(),
+            };
+            let resp = client.put(opts, reader, move |n| pb2.set_position(n)).await;
+            pb.finish_and_clear();
+            let resp = resp?;
+            let m = resp.message.context("server returned no message")?;
+            if cli.json {
+                let mut v = message_json(&m);
+                v["deduplicated"] = json!(resp.deduplicated);
+                println!("{v}");
+            } else {
+                let dedup = if resp.deduplicated {
+                    " (already uploaded with this idempotency key)"
+                } else {
+                    ""
+                };
+                println!("{}  {}  {}  sha256:{}{dedup}", m.id, human_size(m.size), m.name, m.sha256);
+            }
+        }
+        Cmd::Get {
+            id,
+            output,
+            offset,
+            length,
+        } => {
+            let meta = client.stat(id).await?;
+            let target = output.clone().unwrap_or_else(|| meta.name.clone());
+            let pb = if cli.json || target == "-" {
+                ProgressBar::hidden()
+            } else {
+                bar(Some(meta.size))
+            };
+            let d = if target == "-" {
+                let mut out = tokio::io::stdout();
+                client.get_to(id, *offset, *length, &mut out, |n, _| pb.set_position(n)).await?
+            } else {
+                // Write beside the target and rename only after the digest
+                // checked out: a failed download never leaves a bad file.
+                let part = format!("{target}.part");
+                let mut f = tokio::fs::File::create(&part)
+                    .await
+                    .with_context(|| format!("cannot create {part}"))?;
+                let res = client.get_to(id, *offset, *length, &mut f, |n, _| pb.set_position(n)).await;
+                let d = match res {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = tokio::fs::remove_file(&part).await;
+                        return Err(e.into());
+                    }
+                };
+                f.sync_all().await?;
+                tokio::fs::rename(&part, &target).await?;
+                d
+            };
+            pb.finish_and_clear();
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"id": d.message.id, "bytes": d.bytes, "sha256": d.sha256.to_hex(), "output": target, "verified": *offset == 0 && *length == 0})
+                );
+            } else if target != "-" {
+                eprintln!("{} -> {target} ({}, sha256 verified)", d.message.id, human_size(d.bytes));
+            }
+        }
+        Cmd::Ls { mailbox: None, .. } => {
+            let list = client.list_mailboxes("").await?;
+            if cli.json {
+                let v: Vec<_> = list.iter().map(|m| json!({"path": m.path, "created_ms": m.created_ms})).collect();
+                println!("{}", json!(v));
+            } else {
+                for m in list {
+                    println!("{}  {}", human_time(m.created_ms), m.path);
+                }
+            }
+        }
+        Cmd::Ls {
+            mailbox: Some(mb),
+            limit,
+        } => {
+            let list = if *limit == 0 {
+                client.list_all(mb).await?
+            } else {
+                client.list(mb, "", *limit).await?.messages
+            };
+            if cli.json {
+                println!("{}", json!(list.iter().map(message_json).collect::<Vec<_>>()));
+            } else {
+                for m in &list {
+                    println!(
+                        "{}  {:>9}  {}  {}",
+                        m.id,
+                        human_size(m.size),
+                        human_time(m.created_ms),
+                        m.name
+                    );
+                }
+            }
+        }
+        Cmd::Stat { id } => {
+            let m = client.stat(id).await?;
+            if cli.json {
+                println!("{}", message_json(&m));
+            } else {
+                println!("id:        {}", m.id);
+                println!("mailbox:   {}", m.mailbox);
+                println!("name:      {}", m.name);
+                println!("size:      {} ({} bytes)", human_size(m.size), m.size);
+                println!("sha256:    {}", m.sha256);
+                println!("created:   {}", human_time(m.created_ms));
+                println!("origin DC: {}", m.origin_dc);
+                if m.inline {
+                    println!("payload:   inline in the DC log");
+                } else {
+                    println!("payload:   {} segment(s)", m.segments.len());
+                    for s in &m.segments {
+                        println!("  #{:<4} {:>9}  {}", s.index, human_size(s.size), s.sha256);
+                    }
+                }
+                for (k, v) in &m.attributes {
+                    println!("attr:      {k}={v}");
+                }
+            }
+        }
+        Cmd::Rm { id } => {
+            client.delete(id).await?;
+            if cli.json {
+                println!("{}", json!({"deleted": id}));
+            }
+        }
+        Cmd::Mkdir { path, parents } => {
+            let r = client.mkdir(path, *parents).await?;
+            if cli.json {
+                println!("{}", json!({"path": r.path, "created": r.created}));
+            }
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::Status,
+        } => {
+            let s = client.cluster_status().await?;
+            if cli.json {
+                let nodes: Vec<_> = s
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        json!({"node_id": n.node_id, "addr": n.addr, "reachable": n.reachable, "state": n.state,
+                               "term": n.term, "last_log_index": n.last_log_index, "applied_index": n.applied_index, "error": n.error})
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"dc": s.dc, "leader_id": s.has_leader.then_some(s.leader_id), "term": s.term, "nodes": nodes})
+                );
+            } else {
+                let leader = if s.has_leader {
+                    format!("node {}", s.leader_id)
+                } else {
+                    "none (election in progress?)".into()
+                };
+                println!("DC {}: leader {leader}, term {}", s.dc, s.term);
+                println!("{:<6} {:<22} {:<10} {:>6} {:>10} {:>10}", "NODE", "ADDRESS", "STATE", "TERM", "LAST LOG", "APPLIED");
+                for n in &s.nodes {
+                    if n.reachable {
+                        println!(
+                            "{:<6} {:<22} {:<10} {:>6} {:>10} {:>10}",
+                            n.node_id, n.addr, n.state, n.term, n.last_log_index, n.applied_index
+                        );
+                    } else {
+                        println!("{:<6} {:<22} unreachable: {}", n.node_id, n.addr, n.error);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.json;
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let (code, msg) = match e.downcast_ref::<ClientError>() {
+                Some(ClientError::Status { code, message, error_code }) => (
+                    error_code.clone().unwrap_or_else(|| format!("{code:?}")),
+                    format!("{code:?}: {message}"),
+                ),
+                _ => ("error".to_string(), format!("{e:#}")),
+            };
+            if json {
+                println!("{}", json!({"error": code, "message": msg}));
+            }
+            eprintln!("mailbox: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}

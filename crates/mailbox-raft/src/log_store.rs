@@ -1,0 +1,179 @@
+//! The Raft log in RocksDB.
+//!
+//! Entries live in [`Cf::Log`] under their big-endian index; the vote, the
+//! committed id and the purge point live in [`Cf::Raft`]. Durability rule:
+//! `append` fsyncs the WAL before calling `log_io_completed`, `save_vote`
+//! fsyncs before returning, and `purge` fsyncs the WAL first so that the
+//! state-machine writes produced by the purged entries are on disk before the
+//! entries that could replay them are gone.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use mailbox_storage::{index_key, Batch, Cf, Store};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, LogId, OptionalSend, RaftLogReader, StorageIOError, Vote};
+
+use crate::{NodeId, StorageError, TypeConfig};
+
+const VOTE: &[u8] = b"vote";
+const COMMITTED: &[u8] = b"committed";
+const LAST_PURGED: &[u8] = b"last-purged";
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+/// The Raft log of one node. Cheap to clone; clones share the database.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    store: Store,
+}
+
+impl LogStore {
+    /// A log store over `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    fn get_meta<T: for<'de> serde::Deserialize<'de>>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        match self.store.get(Cf::Raft, key).map_err(read_err)? {
+            None => Ok(None),
+            Some(v) => bincode::deserialize(&v).map(Some).map_err(read_err),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => i.saturating_add(1),
+            Bound::Excluded(&i) => i,
+            Bound::Unbounded => u64::MAX,
+        };
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let rows = self
+            .store
+            .range(Cf::Log, &index_key(start), &index_key(end), usize::MAX)
+            .map_err(read_err)?;
+        rows.iter()
+            .map(|(_, v)| bincode::deserialize(v).map_err(read_err))
+            .collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId<NodeId>> = self.get_meta(LAST_PURGED)?;
+        let last = match self.store.last(Cf::Log).map_err(read_err)? {
+            Some((_, v)) => {
+                let e: Entry<TypeConfig> = bincode::deserialize(&v).map_err(read_err)?;
+                Some(e.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let mut b = Batch::new();
+        b.put(Cf::Raft, VOTE, bincode::serialize(vote).map_err(write_err)?);
+        self.store
+            .write(b, true)
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.get_meta(VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError> {
+        // Not fsynced: losing it only means re-deriving the commit point from
+        // the quorum after a crash.
+        let mut b = Batch::new();
+        b.put(Cf::Raft, COMMITTED, bincode::serialize(&committed).map_err(write_err)?);
+        self.store.write(b, false).map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, StorageError> {
+        Ok(self.get_meta::<Option<LogId<NodeId>>>(COMMITTED)?.flatten())
+    }
+
+    #[tracing::instrument(level = "debug", skip_all)]
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut b = Batch::new();
+        for e in entries {
+            b.put(
+                Cf::Log,
+                index_key(e.log_id.index).to_vec(),
+                bincode::serialize(&e).map_err(write_err)?,
+            );
+        }
+        // A synced write fsyncs the WAL: the entries are durable before
+        // openraft may count this node towards a commit quorum.
+        let res = self.store.write(b, true);
+        match res {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                callback.log_io_completed(Err(std::io::Error::other(msg)));
+                Err(write_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        let mut b = Batch::new();
+        b.delete_range(Cf::Log, index_key(log_id.index).to_vec(), index_key(u64::MAX).to_vec());
+        // u64::MAX itself is never a real index, so the half-open range suffices.
+        self.store.write(b, true).map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
+        // State produced by these entries was written lazily; make it durable
+        // before the entries that could replay it disappear.
+        self.store.sync_wal().map_err(write_err)?;
+        let mut b = Batch::new();
+        b.put(Cf::Raft, LAST_PURGED, bincode::serialize(&log_id).map_err(write_err)?);
+        b.delete_range(
+            Cf::Log,
+            index_key(0).to_vec(),
+            index_key(log_id.index.saturating_add(1)).to_vec(),
+        );
+        self.store.write(b, true).map_err(write_err)
+    }
+}

@@ -1,0 +1,186 @@
+//! Node-to-node transport inside one DC: openraft RPCs over tonic.
+//!
+//! Each RPC carries openraft's own serde types, bincode-encoded, in a
+//! `RaftBytes` message. Replies carry `Result<Reply, RaftError>` so a remote
+//! refusal (higher vote, ...) reaches openraft as a remote error, while a
+//! transport failure becomes `Unreachable`, which openraft retries with
+//! backoff.
+
+use std::time::Duration;
+
+use mailbox_proto::raft::raft_internal_client::RaftInternalClient;
+use mailbox_proto::raft::raft_internal_server::RaftInternal;
+use mailbox_proto::raft::RaftBytes;
+use mailbox_proto::MAX_MESSAGE_SIZE;
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::node::{ForwardReply, NodeReport, RaftNode};
+use crate::{decode, encode, BasicNode, NodeId, TypeConfig};
+
+/// Builds a lazily-connecting gRPC channel to a node address (`host:port`).
+pub fn channel(addr: &str, timeout: Option<Duration>) -> Result<Channel, tonic::transport::Error> {
+    let mut ep = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    if let Some(t) = timeout {
+        ep = ep.timeout(t);
+    }
+    Ok(ep.connect_lazy())
+}
+
+/// Internal client with our message size limits.
+pub fn internal_client(ch: Channel) -> RaftInternalClient<Channel> {
+    RaftInternalClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE)
+}
+
+/// Creates connections to the other nodes of the DC.
+#[derive(Debug, Clone, Default)]
+pub struct Network;
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Connection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        let client = channel(&node.addr, None).map(internal_client).map_err(|e| e.to_string());
+        Connection { target, client }
+    }
+}
+
+/// A connection to one peer.
+pub struct Connection {
+    target: NodeId,
+    client: Result<RaftInternalClient<Channel>, String>,
+}
+
+type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
+
+impl Connection {
+    async fn call<Req, Resp, E>(
+        &mut self,
+        which: &'static str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RpcErr<E>>
+    where
+        Req: serde::Serialize,
+        Resp: for<'de> serde::Deserialize<'de>,
+        E: std::error::Error + for<'de> serde::Deserialize<'de>,
+    {
+        let client = match &mut self.client {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
+                    e.clone(),
+                ))))
+            }
+        };
+        let mut request = Request::new(RaftBytes { data: encode(req) });
+        request.set_timeout(option.hard_ttl());
+        let resp = match which {
+            "append" => client.append_entries(request).await,
+            "vote" => client.vote(request).await,
+            _ => client.install_snapshot(request).await,
+        };
+        let bytes = match resp {
+            Ok(r) => r.into_inner().data,
+            Err(status) => {
+                return Err(match status.code() {
+                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                        RPCError::Unreachable(Unreachable::new(&status))
+                    }
+                    _ => RPCError::Network(NetworkError::new(&status)),
+                })
+            }
+        };
+        let reply: Result<Resp, RaftError<NodeId, E>> =
+            decode(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        reply.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Connection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        self.call("append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
+        self.call("snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        self.call("vote", &rpc, &option).await
+    }
+}
+
+/// Server side of the node-to-node service.
+#[derive(Clone)]
+pub struct InternalService {
+    node: RaftNode,
+}
+
+impl InternalService {
+    /// Serves `node`'s Raft.
+    pub fn new(node: RaftNode) -> Self {
+        Self { node }
+    }
+}
+
+fn bad_request(e: crate::RaftError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+#[tonic::async_trait]
+impl RaftInternal for InternalService {
+    async fn append_entries(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_request)?;
+        let res = self.node.raft().append_entries(rpc).await;
+        Ok(Response::new(RaftBytes { data: encode(&res) }))
+    }
+
+    async fn vote(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(&req.into_inner().data).map_err(bad_request)?;
+        let res = self.node.raft().vote(rpc).await;
+        Ok(Response::new(RaftBytes { data: encode(&res) }))
+    }
+
+    async fn install_snapshot(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let rpc: InstallSnapshotRequest<TypeConfig> =
+            decode(&req.into_inner().data).map_err(bad_request)?;
+        let res = self.node.raft().install_snapshot(rpc).await;
+        Ok(Response::new(RaftBytes { data: encode(&res) }))
+    }
+
+    async fn forward(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let cmd = decode(&req.into_inner().data).map_err(bad_request)?;
+        let reply: ForwardReply = self.node.propose_local(cmd).await;
+        Ok(Response::new(RaftBytes { data: encode(&reply) }))
+    }
+
+    async fn status(&self, _req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+        let report: NodeReport = self.node.report();
+        Ok(Response::new(RaftBytes { data: encode(&report) }))
+    }
+}

@@ -1,0 +1,343 @@
+//! A running member of a DC log, and proposing from any member.
+//!
+//! [`RaftNode::propose`] is what the services call: on the leader it writes
+//! directly; on a follower it forwards the command to the leader over the
+//! internal service, then waits until the local state machine has applied
+//! the same index, so a client that wrote through this node reads its own
+//! write from it. While no leader is known (an election is under way) it
+//! retries until `propose_timeout`, then fails with a retryable
+//! [`RaftError::Unavailable`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mailbox_proto::raft::raft_internal_client::RaftInternalClient;
+use mailbox_proto::raft::RaftBytes;
+use mailbox_state::{Command, CommandResponse};
+use mailbox_storage::Store;
+use openraft::error::{ClientWriteError, RaftError as OrError};
+use openraft::{Config, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+use crate::network::{channel, internal_client, Network};
+use crate::sm_store::snapshot_dir;
+use crate::{decode, encode, BasicNode, LogStore, NodeId, Raft, RaftError, StateMachineStore, StateView};
+
+/// Raft timing and log-compaction knobs.
+#[derive(Debug, Clone)]
+pub struct RaftTuning {
+    /// Leader heartbeat interval.
+    pub heartbeat: Duration,
+    /// Lower bound of the randomized election timeout.
+    pub election_min: Duration,
+    /// Upper bound of the randomized election timeout.
+    pub election_max: Duration,
+    /// Build a snapshot after this many applied entries.
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind a snapshot (for slow followers).
+    pub keep_logs: u64,
+    /// How long a proposal may wait for a leader before failing.
+    pub propose_timeout: Duration,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(100),
+            election_min: Duration::from_millis(500),
+            election_max: Duration::from_millis(1000),
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+            propose_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What the leader answers to a forwarded proposal.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ForwardReply {
+    /// Committed and applied at `index`.
+    Applied {
+        /// Log index of the entry.
+        index: u64,
+        /// State machine result.
+        response: CommandResponse,
+    },
+    /// The receiver is not the leader.
+    NotLeader {
+        /// Leader it knows of.
+        leader: Option<NodeId>,
+        /// That leader's address.
+        addr: Option<String>,
+    },
+    /// The receiver's Raft stopped.
+    Fatal(String),
+}
+
+/// One node's view of itself, for cluster status.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Node id.
+    pub id: NodeId,
+    /// Leader, Follower, Candidate, Learner or Shutdown.
+    pub state: String,
+    /// Current term.
+    pub term: u64,
+    /// Index of the last log entry.
+    pub last_log_index: Option<u64>,
+    /// Index of the last applied entry.
+    pub applied_index: Option<u64>,
+    /// Leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// Voters and their addresses, from the membership config.
+    pub members: Vec<(NodeId, String)>,
+    /// Last log index included in the latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Last purged log index.
+    pub purged_index: Option<u64>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft,
+    view: StateView,
+    peers: Mutex<HashMap<String, RaftInternalClient<Channel>>>,
+    propose_timeout: Duration,
+}
+
+/// A running DC log member. Cheap to clone.
+#[derive(Clone)]
+pub struct RaftNode {
+    inner: Arc<Inner>,
+}
+
+impl RaftNode {
+    /// Starts Raft for node `id` over `store`, snapshots under `data_dir`.
+    pub async fn start(
+        id: NodeId,
+        store: Store,
+        data_dir: &Path,
+        tuning: &RaftTuning,
+    ) -> Result<Self, RaftError> {
+        let config = Config {
+            cluster_name: "mailbox-dc".into(),
+            heartbeat_interval: tuning.heartbeat.as_millis() as u64,
+            election_timeout_min: tuning.election_min.as_millis() as u64,
+            election_timeout_max: tuning.election_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
+            max_in_snapshot_log_to_keep: tuning.keep_logs,
+            snapshot_max_chunk_size: 4 << 20,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| RaftError::Fatal {
+            reason: format!("invalid raft config: {e}"),
+        })?;
+        let sm = StateMachineStore::new(store.clone(), snapshot_dir(data_dir)).map_err(|e| {
+            RaftError::Fatal {
+                reason: format!("snapshot dir: {e}"),
+            }
+        })?;
+        let view = sm.view();
+        let raft = Raft::new(id, Arc::new(config), Network, LogStore::new(store), sm)
+            .await
+            .map_err(|e| RaftError::Fatal {
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                id,
+                raft,
+                view,
+                peers: Mutex::new(HashMap::new()),
+                propose_timeout: tuning.propose_timeout,
+            }),
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The openraft handle.
+    pub fn raft(&self) -> &Raft {
+        &self.inner.raft
+    }
+
+    /// Read view of the applied state.
+    pub fn view(&self) -> &StateView {
+        &self.inner.view
+    }
+
+    /// Forms the DC from `members` if this node's log is still empty. Safe to
+    /// call on every start: an initialized node ignores it.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, BasicNode>) -> Result<(), RaftError> {
+        if self.inner.raft.is_initialized().await.map_err(fatal)? {
+            return Ok(());
+        }
+        match self.inner.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            Err(OrError::APIError(e)) => {
+                tracing::info!("initialize skipped: {e}");
+                Ok(())
+            }
+            Err(OrError::Fatal(f)) => Err(fatal(f)),
+        }
+    }
+
+    /// Proposes on this node's Raft only; a follower answers `NotLeader`.
+    pub async fn propose_local(&self, cmd: Command) -> ForwardReply {
+        match self.inner.raft.client_write(cmd).await {
+            Ok(r) => ForwardReply::Applied {
+                index: r.log_id.index,
+                response: r.data,
+            },
+            Err(OrError::APIError(ClientWriteError::ForwardToLeader(f))) => ForwardReply::NotLeader {
+                leader: f.leader_id,
+                addr: f.leader_node.map(|n| n.addr),
+            },
+            Err(OrError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
+                ForwardReply::Fatal(e.to_string())
+            }
+            Err(OrError::Fatal(f)) => ForwardReply::Fatal(f.to_string()),
+        }
+    }
+
+    fn peer(&self, addr: &str) -> Result<RaftInternalClient<Channel>, RaftError> {
+        let mut peers = self.inner.peers.lock().expect("peer map lock");
+        if let Some(c) = peers.get(addr) {
+            return Ok(c.clone());
+        }
+        let ch = channel(addr, None).map_err(|e| RaftError::Unavailable {
+            reason: format!("bad leader address {addr}: {e}"),
+        })?;
+        let c = internal_client(ch);
+        peers.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn forward(&self, addr: &str, cmd: &Command, timeout: Duration) -> Result<ForwardReply, RaftError> {
+        let mut client = self.peer(addr)?;
+        let mut req = tonic::Request::new(RaftBytes { data: encode(cmd) });
+        req.set_timeout(timeout);
+        let reply = client
+            .forward(req)
+            .await
+            .map_err(|s| RaftError::Unavailable {
+                reason: format!("forward to leader at {addr}: {}", s.message()),
+            })?;
+        decode(&reply.into_inner().data)
+    }
+
+    /// Commits `cmd` to the DC log from any member and returns the state
+    /// machine's answer. Retries while there is no leader, up to the
+    /// configured propose timeout.
+    #[tracing::instrument(level = "debug", skip_all, fields(node = self.inner.id))]
+    pub async fn propose(&self, cmd: Command) -> Result<CommandResponse, RaftError> {
+        let deadline = Instant::now() + self.inner.propose_timeout;
+        let mut backoff = Duration::from_millis(20);
+        let mut last_problem;
+        loop {
+            let reply = self.propose_local(cmd.clone()).await;
+            last_problem = match reply {
+                ForwardReply::Applied { response, .. } => return Ok(response),
+                ForwardReply::Fatal(reason) => return Err(RaftError::Fatal { reason }),
+                ForwardReply::NotLeader {
+                    leader: Some(l),
+                    addr: Some(addr),
+                } if l != self.inner.id => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match self.forward(&addr, &cmd, left.max(Duration::from_millis(100))).await {
+                        Ok(ForwardReply::Applied { index, response }) => {
+                            self.wait_applied(index, deadline).await;
+                            return Ok(response);
+                        }
+                        Ok(ForwardReply::Fatal(reason)) => format!("leader {l}: {reason}"),
+                        Ok(ForwardReply::NotLeader { .. }) => format!("node {l} is no longer leader"),
+                        Err(e) => e.to_string(),
+                    }
+                }
+                ForwardReply::NotLeader { .. } => "no leader elected yet".to_string(),
+            };
+            if Instant::now() + backoff > deadline {
+                return Err(RaftError::Unavailable {
+                    reason: last_problem,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits until this node has applied `index` (best effort, until `deadline`).
+    async fn wait_applied(&self, index: u64, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = self
+            .inner
+            .raft
+            .wait(Some(left.max(Duration::from_millis(500))))
+            .applied_index_at_least(Some(index), "read your write")
+            .await;
+    }
+
+    /// Waits until the DC has a leader that this node knows, or `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, RaftError> {
+        let m = self
+            .inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "leader known")
+            .await
+            .map_err(|e| RaftError::Unavailable {
+                reason: e.to_string(),
+            })?;
+        Ok(m.current_leader.expect("checked"))
+    }
+
+    /// This node's current Raft state.
+    pub fn report(&self) -> NodeReport {
+        let m = self.inner.raft.metrics().borrow().clone();
+        NodeReport {
+            id: m.id,
+            state: format!("{:?}", m.state),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            leader: m.current_leader,
+            members: m
+                .membership_config
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect(),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+        }
+    }
+
+    /// Asks the node at `addr` for its report.
+    pub async fn remote_report(&self, addr: &str) -> Result<NodeReport, RaftError> {
+        let mut client = self.peer(addr)?;
+        let mut req = tonic::Request::new(RaftBytes { data: Vec::new() });
+        req.set_timeout(Duration::from_secs(2));
+        let r = client.status(req).await.map_err(|s| RaftError::Unavailable {
+            reason: format!("{addr}: {}", s.message()),
+        })?;
+        decode(&r.into_inner().data)
+    }
+
+    /// Stops Raft.
+    pub async fn shutdown(&self) {
+        let _ = self.inner.raft.shutdown().await;
+    }
+}
+
+fn fatal(f: impl std::fmt::Display) -> RaftError {
+    RaftError::Fatal {
+        reason: f.to_string(),
+    }
+}

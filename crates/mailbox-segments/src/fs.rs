@@ -1,0 +1,253 @@
+//! Filesystem backend: `<root>/<last two hex digits of id>/<id>/<index>.seg`.
+//!
+//! The fan-out directory uses the *last* digits of the id because UUID v7
+//! ids start with a timestamp and would all land in one directory otherwise.
+
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use mailbox_types::{Digest, MessageId, SegmentMeta};
+use sha2::{Digest as _, Sha256};
+use tokio::fs;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
+
+use crate::{SegmentError, SegmentStore, SegmentWriter};
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SegmentError + 'a {
+    move |source| SegmentError::Io {
+        op,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Segment store in a local or shared directory.
+#[derive(Debug, Clone)]
+pub struct FsSegmentStore {
+    root: PathBuf,
+}
+
+impl FsSegmentStore {
+    /// Opens (creating) the store rooted at `root`.
+    pub async fn open(root: impl Into<PathBuf>) -> Result<Self, SegmentError> {
+        let root = root.into();
+        fs::create_dir_all(&root)
+            .await
+            .map_err(io_err("create_dir", &root))?;
+        Ok(Self { root })
+    }
+
+    fn message_dir(&self, id: &MessageId) -> PathBuf {
+        let s = id.0.simple().to_string();
+        self.root.join(&s[s.len() - 2..]).join(id.to_string())
+    }
+
+    fn segment_path(&self, id: &MessageId, index: u32) -> PathBuf {
+        self.message_dir(id).join(format!("{index:08}.seg"))
+    }
+}
+
+async fn fsync_dir(dir: &Path) -> Result<(), SegmentError> {
+    let d = fs::File::open(dir).await.map_err(io_err("open_dir", dir))?;
+    d.sync_all().await.map_err(io_err("fsync_dir", dir))
+}
+
+/// Latest modification time of a directory or any file in it.
+async fn newest_mtime(dir: &Path) -> SystemTime {
+    let mtime = |m: std::io::Result<std::fs::Metadata>| {
+        m.and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH)
+    };
+    let mut newest = mtime(fs::metadata(dir).await);
+    if let Ok(mut rd) = fs::read_dir(dir).await {
+        while let Ok(Some(e)) = rd.next_entry().await {
+            newest = newest.max(mtime(e.metadata().await));
+        }
+    }
+    newest
+}
+
+struct FsWriter {
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: BufWriter<fs::File>,
+    hasher: Sha256,
+    size: u64,
+    index: u32,
+}
+
+#[async_trait]
+impl SegmentWriter for FsWriter {
+    async fn write(&mut self, data: &[u8]) -> Result<(), SegmentError> {
+        self.hasher.update(data);
+        self.size += data.len() as u64;
+        self.file
+            .write_all(data)
+            .await
+            .map_err(io_err("write", &self.tmp))
+    }
+
+    async fn finish(self: Box<Self>) -> Result<SegmentMeta, SegmentError> {
+        let FsWriter {
+            tmp,
+            dest,
+            mut file,
+            hasher,
+            size,
+            index,
+        } = *self;
+        file.flush().await.map_err(io_err("flush", &tmp))?;
+        let file = file.into_inner();
+        file.sync_all().await.map_err(io_err("fsync", &tmp))?;
+        drop(file);
+        fs::rename(&tmp, &dest)
+            .await
+            .map_err(io_err("rename", &dest))?;
+        fsync_dir(dest.parent().expect("segment has a directory")).await?;
+        Ok(SegmentMeta {
+            index,
+            size,
+            sha256: Digest::from(hasher),
+        })
+    }
+}
+
+#[async_trait]
+impl SegmentStore for FsSegmentStore {
+    #[tracing::instrument(level = "debug", skip(self))]
+    async fn create(
+        &self,
+        id: MessageId,
+        index: u32,
+    ) -> Result<Box<dyn SegmentWriter>, SegmentError> {
+        let dir = self.message_dir(&id);
+        if fs::metadata(&dir).await.is_err() {
+            fs::create_dir_all(&dir)
+                .await
+                .map_err(io_err("create_dir", &dir))?;
+            // Make the new directory entries durable before segments rely on them.
+            fsync_dir(dir.parent().expect("fan-out dir")).await?;
+            fsync_dir(&self.root).await?;
+        }
+        let dest = self.segment_path(&id, index);
+        let tmp = dir.join(format!("{index:08}.seg.tmp"));
+        let file = fs::File::create(&tmp)
+            .await
+            .map_err(io_err("create", &tmp))?;
+        Ok(Box::new(FsWriter {
+            tmp,
+            dest,
+            file: BufWriter::with_capacity(1 << 20, file),
+            hasher: Sha256::new(),
+            size: 0,
+            index,
+        }))
+    }
+
+    #[tracing::instrument(level = "trace", skip(self))]
+    async fn read(
+        &self,
+        id: MessageId,
+        index: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, SegmentError> {
+        let path = self.segment_path(&id, index);
+        let mut f = match fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SegmentError::NotFound { id, index })
+            }
+            Err(e) => return Err(io_err("open", &path)(e)),
+        };
+        let size = f.metadata().await.map_err(io_err("stat", &path))?.len();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(SegmentError::OutOfRange {
+                id,
+                index,
+                offset,
+                len,
+                size,
+            });
+        }
+        f.seek(SeekFrom::Start(offset))
+            .await
+            .map_err(io_err("seek", &path))?;
+        let mut buf = BytesMut::zeroed(len as usize);
+        f.read_exact(&mut buf).await.map_err(io_err("read", &path))?;
+        Ok(buf.freeze())
+    }
+
+    async fn delete_message(&self, id: MessageId) -> Result<(), SegmentError> {
+        let dir = self.message_dir(&id);
+        match fs::remove_dir_all(&dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("remove", &dir)(e)),
+        }
+    }
+
+    async fn list_messages(&self) -> Result<Vec<(MessageId, SystemTime)>, SegmentError> {
+        let mut out = Vec::new();
+        let mut fan = fs::read_dir(&self.root)
+            .await
+            .map_err(io_err("read_dir", &self.root))?;
+        while let Some(f) = fan.next_entry().await.map_err(io_err("read_dir", &self.root))? {
+            let Ok(mut msgs) = fs::read_dir(f.path()).await else {
+                continue;
+            };
+            while let Ok(Some(m)) = msgs.next_entry().await {
+                let Some(id) = m.file_name().to_str().and_then(|s| s.parse().ok()) else {
+                    continue;
+                };
+                out.push((id, newest_mtime(&m.path()).await));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn write_read_list_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsSegmentStore::open(dir.path()).await.unwrap();
+        let id = MessageId::new();
+        let mut w = store.create(id, 0).await.unwrap();
+        w.write(b"hello ").await.unwrap();
+        w.write(b"world").await.unwrap();
+        let meta = w.finish().await.unwrap();
+        assert_eq!(meta.size, 11);
+        assert_eq!(meta.sha256, Digest::of(b"hello world"));
+        assert_eq!(&store.read(id, 0, 6, 5).await.unwrap()[..], b"world");
+        assert!(matches!(
+            store.read(id, 0, 6, 6).await,
+            Err(SegmentError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            store.read(id, 1, 0, 1).await,
+            Err(SegmentError::NotFound { .. })
+        ));
+        // An abandoned writer leaves only a temp file; the id is still listed for GC.
+        let id2 = MessageId::new();
+        let mut w = store.create(id2, 0).await.unwrap();
+        w.write(b"partial").await.unwrap();
+        drop(w);
+        assert!(matches!(
+            store.read(id2, 0, 0, 1).await,
+            Err(SegmentError::NotFound { .. })
+        ));
+        let mut ids: Vec<_> = store.list_messages().await.unwrap().into_iter().map(|(id, _)| id).collect();
+        ids.sort();
+        assert_eq!(ids, vec![id, id2]);
+        store.delete_message(id).await.unwrap();
+        store.delete_message(id2).await.unwrap();
+        store.delete_message(id2).await.unwrap();
+        assert!(store.list_messages().await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,281 @@
+//! Node configuration: one TOML file, validated at startup.
+//!
+//! Every field has a default so a minimal file names only what differs per
+//! node (`node-id`, `listen`, `data-dir`, `members`). Sizes and durations are
+//! human-readable ("8MiB", "30s").
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use mailbox_raft::RaftTuning;
+use mailbox_types::{ByteSize, HumanDuration};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Largest inline payload we allow: it travels inside one Raft entry.
+pub const MAX_INLINE_THRESHOLD: u64 = 4 << 20;
+
+/// Configuration of one `mailboxd` node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id inside its data center; must appear in `members`.
+    pub node_id: u64,
+    /// Name of the data center this node belongs to.
+    pub dc: String,
+    /// Address the gRPC server (public API and node-to-node) listens on.
+    pub listen: String,
+    /// Address other nodes use to reach this one (defaults to `listen`).
+    pub advertise: Option<String>,
+    /// Directory for this node's RocksDB and snapshots.
+    pub data_dir: PathBuf,
+    /// The DC's shared segment store directory (the same for every node of the DC).
+    pub segment_dir: PathBuf,
+    /// Initial voting members of the DC log; the lowest id forms the group.
+    pub members: Vec<Member>,
+    /// Payloads up to this size are stored inline in the DC log.
+    pub inline_threshold: ByteSize,
+    /// Larger payloads are cut into segments of this size.
+    pub segment_size: ByteSize,
+    /// Segments without a committed message are deleted after this long.
+    pub orphan_grace: HumanDuration,
+    /// How often the leader looks for orphaned segments.
+    pub gc_interval: HumanDuration,
+    /// Raft timing and log compaction.
+    pub raft: RaftConfig,
+}
+
+/// One member of the DC log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Member {
+    /// Node id.
+    pub id: u64,
+    /// `host:port` of its gRPC server.
+    pub addr: String,
+}
+
+/// Raft tuning.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RaftConfig {
+    /// Leader heartbeat interval.
+    pub heartbeat: HumanDuration,
+    /// Minimum election timeout.
+    pub election_timeout_min: HumanDuration,
+    /// Maximum election timeout.
+    pub election_timeout_max: HumanDuration,
+    /// Build a snapshot every this many log entries.
+    pub snapshot_every: u64,
+    /// Log entries kept behind the latest snapshot for lagging followers.
+    pub keep_logs: u64,
+    /// How long a write waits for a leader before failing with UNAVAILABLE.
+    pub propose_timeout: HumanDuration,
+}
+
+fn ms(n: u64) -> HumanDuration {
+    HumanDuration(std::time::Duration::from_millis(n))
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        let t = RaftTuning::default();
+        Self {
+            heartbeat: HumanDuration(t.heartbeat),
+            election_timeout_min: HumanDuration(t.election_min),
+            election_timeout_max: HumanDuration(t.election_max),
+            snapshot_every: t.snapshot_every,
+            keep_logs: t.keep_logs,
+            propose_timeout: HumanDuration(t.propose_timeout),
+        }
+    }
+}
+
+impl RaftConfig {
+    /// As the raft crate's tuning struct.
+    pub fn tuning(&self) -> RaftTuning {
+        RaftTuning {
+            heartbeat: self.heartbeat.0,
+            election_min: self.election_timeout_min.0,
+            election_max: self.election_timeout_max.0,
+            snapshot_every: self.snapshot_every,
+            keep_logs: self.keep_logs,
+            propose_timeout: self.propose_timeout.0,
+        }
+    }
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            node_id: 1,
+            dc: "east".into(),
+            listen: "127.0.0.1:7101".into(),
+            advertise: None,
+            data_dir: PathBuf::from("data/node1"),
+            segment_dir: PathBuf::from("data/segments"),
+            members: Vec::new(),
+            inline_threshold: ByteSize(64 << 10),
+            segment_size: ByteSize(8 << 20),
+            orphan_grace: ms(3_600_000),
+            gc_interval: ms(60_000),
+            raft: RaftConfig::default(),
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Address peers and clients use for this node.
+    pub fn advertise_addr(&self) -> &str {
+        self.advertise.as_deref().unwrap_or(&self.listen)
+    }
+
+    /// Checks every rule a running node relies on; the message says which
+    /// field is wrong and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &'static str, reason: String| Err(ConfigError::Invalid { field, reason });
+        if self.dc.is_empty()
+            || !self
+                .dc
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return bad("dc", format!("{:?} must be non-empty [A-Za-z0-9_-]", self.dc));
+        }
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return bad("listen", format!("{:?} is not host:port (an IP address)", self.listen));
+        }
+        if self.members.is_empty() {
+            return bad("members", "at least one member (this node) is required".into());
+        }
+        let mut ids = HashSet::new();
+        for m in &self.members {
+            if !ids.insert(m.id) {
+                return bad("members", format!("node id {} appears twice", m.id));
+            }
+            if !m.addr.contains(':') {
+                return bad("members", format!("address {:?} of node {} is not host:port", m.addr, m.id));
+            }
+        }
+        if !ids.contains(&self.node_id) {
+            return bad("node-id", format!("{} is not among members {:?}", self.node_id, ids));
+        }
+        if !matches!(self.members.len(), 1 | 3 | 5) {
+            return bad(
+                "members",
+                format!("a DC has 1, 3 or 5 nodes, not {}", self.members.len()),
+            );
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return bad("data-dir", "must be set".into());
+        }
+        if self.segment_dir.as_os_str().is_empty() {
+            return bad("segment-dir", "must be set".into());
+        }
+        if self.inline_threshold.0 > MAX_INLINE_THRESHOLD {
+            return bad(
+                "inline-threshold",
+                format!("{} exceeds the maximum {}", self.inline_threshold, ByteSize(MAX_INLINE_THRESHOLD)),
+            );
+        }
+        if !(4096..=(1u64 << 30)).contains(&self.segment_size.0) {
+            return bad("segment-size", format!("{} must be between 4KiB and 1GiB", self.segment_size));
+        }
+        if self.segment_size.0 < self.inline_threshold.0 {
+            return bad("segment-size", "must not be smaller than inline-threshold".into());
+        }
+        let r = &self.raft;
+        if r.heartbeat.0.is_zero() || r.election_timeout_min.0 <= r.heartbeat.0 * 2 {
+            return bad(
+                "raft.election-timeout-min",
+                format!("{} must exceed twice the heartbeat {}", r.election_timeout_min, r.heartbeat),
+            );
+        }
+        if r.election_timeout_max.0 <= r.election_timeout_min.0 {
+            return bad("raft.election-timeout-max", "must exceed election-timeout-min".into());
+        }
+        if r.snapshot_every == 0 {
+            return bad("raft.snapshot-every", "must be positive".into());
+        }
+        if self.orphan_grace.0 < r.propose_timeout.0 * 2 {
+            return bad(
+                "orphan-grace",
+                format!(
+                    "{} must be at least twice raft.propose-timeout ({}), or in-flight uploads lose segments",
+                    self.orphan_grace, r.propose_timeout
+                ),
+            );
+        }
+        if self.gc_interval.0.is_zero() {
+            return bad("gc-interval", "must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+node-id = 2
+dc = "east"
+listen = "127.0.0.1:7102"
+data-dir = "/tmp/x"
+segment-dir = "/tmp/s"
+inline-threshold = "32KiB"
+[[members]]
+id = 1
+addr = "127.0.0.1:7101"
+[[members]]
+id = 2
+addr = "127.0.0.1:7102"
+[[members]]
+id = 3
+addr = "127.0.0.1:7103"
+[raft]
+snapshot-every = 100
+"#;
+
+    #[test]
+    fn minimal_config_parses_with_defaults() {
+        let c: NodeConfig = toml::from_str(MIN).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.inline_threshold.0, 32 << 10);
+        assert_eq!(c.segment_size.0, 8 << 20);
+        assert_eq!(c.raft.snapshot_every, 100);
+        assert_eq!(c.raft.keep_logs, 1000);
+        assert_eq!(c.advertise_addr(), "127.0.0.1:7102");
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut c: NodeConfig = toml::from_str(MIN).unwrap();
+        c.node_id = 9;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("node-id"), "{e}");
+        let mut c: NodeConfig = toml::from_str(MIN).unwrap();
+        c.inline_threshold = ByteSize(16 << 20);
+        assert!(c.validate().unwrap_err().to_string().contains("inline-threshold"));
+        let mut c: NodeConfig = toml::from_str(MIN).unwrap();
+        c.members.pop();
+        assert!(c.validate().unwrap_err().to_string().contains("1, 3 or 5"));
+        assert!(toml::from_str::<NodeConfig>("nod-id = 1").is_err());
+    }
+}

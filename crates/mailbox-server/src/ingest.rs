@@ -1,0 +1,283 @@
+//! The upload pipeline shared by every protocol adapter.
+//!
+//! An [`Upload`] receives a payload chunk by chunk. It keeps up to
+//! `inline_threshold` bytes in memory; past that it streams into segments of
+//! `segment_size` in the DC's segment store, hashing each segment and the
+//! whole payload as bytes pass. [`Upload::finish`] verifies the declared
+//! SHA-256, proposes `PutMessage` and only then is the message visible.
+//! Any failure before the commit removes the segments written so far
+//! (best effort; the orphan collector catches what a crash leaves).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use mailbox_raft::RaftNode;
+use mailbox_segments::{SegmentStore, SegmentWriter};
+use mailbox_state::{Command, CommandResult};
+use mailbox_types::{validate_message_name, Digest, MailboxPath, MessageId, MessageMeta, Payload, SegmentMeta};
+use sha2::{Digest as _, Sha256};
+
+use crate::error::ServiceError;
+
+/// Largest idempotency key accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// Most attributes per message.
+pub const MAX_ATTRIBUTES: usize = 64;
+/// Longest attribute key or value, in bytes.
+pub const MAX_ATTRIBUTE_LEN: usize = 1024;
+
+/// What a client declares before sending bytes.
+#[derive(Debug, Clone)]
+pub struct UploadRequest {
+    /// Target mailbox.
+    pub mailbox: String,
+    /// Message name.
+    pub name: String,
+    /// Optional idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Optional expected SHA-256 (hex).
+    pub sha256: Option<String>,
+    /// User attributes.
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Node-wide things an upload needs.
+#[derive(Clone)]
+pub struct IngestContext {
+    /// The DC log.
+    pub raft: RaftNode,
+    /// The DC's segment store.
+    pub segments: Arc<dyn SegmentStore>,
+    /// This node's DC name.
+    pub dc: String,
+    /// Inline threshold in bytes.
+    pub inline_threshold: u64,
+    /// Segment size in bytes.
+    pub segment_size: u64,
+}
+
+/// An upload in progress.
+pub struct Upload {
+    ctx: IngestContext,
+    id: MessageId,
+    mailbox: MailboxPath,
+    name: String,
+    idempotency_key: Option<String>,
+    declared: Option<Digest>,
+    attributes: BTreeMap<String, String>,
+    whole: Sha256,
+    size: u64,
+    inline: Vec<u8>,
+    spilled: bool,
+    writer: Option<Box<dyn SegmentWriter>>,
+    writer_len: u64,
+    segments: Vec<SegmentMeta>,
+}
+
+/// The committed message and whether it was an idempotent repeat.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    /// The message.
+    pub meta: MessageMeta,
+    /// True when an earlier upload with the same key was returned.
+    pub deduplicated: bool,
+}
+
+impl Upload {
+    /// Validates the request and starts an upload. Nothing is written yet.
+    pub fn begin(ctx: IngestContext, req: UploadRequest) -> Result<Self, ServiceError> {
+        let mailbox = MailboxPath::parse(&req.mailbox)?;
+        validate_message_name(&req.name)?;
+        if let Some(k) = &req.idempotency_key {
+            if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || k.contains('\0') {
+                return Err(ServiceError::invalid(format!(
+                    "idempotency key must be 1..={MAX_IDEMPOTENCY_KEY} bytes without NUL"
+                )));
+            }
+        }
+        let declared = req.sha256.as_deref().map(Digest::from_hex).transpose()?;
+        if req.attributes.len() > MAX_ATTRIBUTES {
+            return Err(ServiceError::invalid(format!("at most {MAX_ATTRIBUTES} attributes")));
+        }
+        if req
+            .attributes
+            .iter()
+            .any(|(k, v)| k.is_empty() || k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN)
+        {
+            return Err(ServiceError::invalid(format!(
+                "attribute keys must be 1..={MAX_ATTRIBUTE_LEN} bytes, values at most {MAX_ATTRIBUTE_LEN}"
+            )));
+        }
+        // Fail fast on a missing mailbox before any byte is stored; the state
+        // machine checks again at commit.
+        if mailbox_state::get_mailbox(ctx.raft.view(), &mailbox)?.is_none() {
+            return Err(ServiceError::NotFound {
+                what: format!("mailbox {mailbox}"),
+            });
+        }
+        Ok(Upload {
+            ctx,
+            id: MessageId::new(),
+            mailbox,
+            name: req.name,
+            idempotency_key: req.idempotency_key,
+            declared,
+            attributes: req.attributes,
+            whole: Sha256::new(),
+            size: 0,
+            inline: Vec::new(),
+            spilled: false,
+            writer: None,
+            writer_len: 0,
+            segments: Vec::new(),
+        })
+    }
+
+    /// Bytes received so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Accepts the next chunk of payload.
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), ServiceError> {
+        self.whole.update(data);
+        self.size += data.len() as u64;
+        if !self.spilled {
+            if (self.inline.len() + data.len()) as u64 <= self.ctx.inline_threshold {
+                self.inline.extend_from_slice(data);
+                return Ok(());
+            }
+            // Past the threshold: everything goes to segments from now on.
+            self.spilled = true;
+            let buffered = std::mem::take(&mut self.inline);
+            self.write_segments(&buffered).await?;
+        }
+        self.write_segments(data).await
+    }
+
+    async fn write_segments(&mut self, mut data: &[u8]) -> Result<(), ServiceError> {
+        while !data.is_empty() {
+            let n = self.write_segments_some(data).await?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Writes as much of `data` as fits in the current segment.
+    async fn write_segments_some(&mut self, data: &[u8]) -> Result<usize, ServiceError> {
+        if self.writer.is_none() {
+            let index = self.segments.len() as u32;
+            self.writer = Some(self.ctx.segments.create(self.id, index).await?);
+            self.writer_len = 0;
+        }
+        let room = (self.ctx.segment_size - self.writer_len) as usize;
+        let n = room.min(data.len());
+        let w = self.writer.as_mut().expect("opened above");
+        w.write(&data[..n]).await?;
+        self.writer_len += n as u64;
+        if self.writer_len == self.ctx.segment_size {
+            let w = self.writer.take().expect("opened above");
+            self.segments.push(w.finish().await?);
+        }
+        Ok(n)
+    }
+
+    /// Drops everything written so far.
+    pub async fn abort(mut self) {
+        self.writer = None;
+        if self.spilled {
+            if let Err(e) = self.ctx.segments.delete_message(self.id).await {
+                tracing::warn!(id = %self.id, "could not remove aborted upload's segments: {e}");
+            }
+        }
+    }
+
+    /// Verifies, commits and returns the message. `expected_size`, when the
+    /// protocol carries it, must equal the bytes received.
+    #[tracing::instrument(level = "debug", skip(self), fields(id = %self.id, size = self.size))]
+    pub async fn finish(mut self, expected_size: Option<u64>) -> Result<Stored, ServiceError> {
+        match self.commit(expected_size).await {
+            Ok(s) => Ok(s),
+            Err((e, cleanup)) => {
+                if cleanup {
+                    self.abort().await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Returns the error and whether segments must be removed (false when
+    /// the commit may have happened and the collector must decide).
+    async fn commit(&mut self, expected_size: Option<u64>) -> Result<Stored, (ServiceError, bool)> {
+        if let Some(n) = expected_size {
+            if n != self.size {
+                return Err((
+                    ServiceError::Truncated {
+                        reason: format!("client declared {n} bytes, server received {}", self.size),
+                    },
+                    true,
+                ));
+            }
+        }
+        if let Some(w) = self.writer.take() {
+            let seg = w.finish().await.map_err(|e| (e.into(), true))?;
+            self.segments.push(seg);
+        }
+        let sha256 = Digest::from(std::mem::take(&mut self.whole));
+        if let Some(d) = self.declared {
+            if d != sha256 {
+                return Err((
+                    ServiceError::ChecksumMismatch {
+                        declared: d.to_hex(),
+                        actual: sha256.to_hex(),
+                    },
+                    true,
+                ));
+            }
+        }
+        let payload = if self.spilled {
+            Payload::Segments {
+                segment_size: self.ctx.segment_size,
+                segments: std::mem::take(&mut self.segments),
+            }
+        } else {
+            Payload::Inline
+        };
+        let meta = MessageMeta {
+            id: self.id,
+            mailbox: self.mailbox.clone(),
+            name: self.name.clone(),
+            size: self.size,
+            sha256,
+            created_ms: mailbox_types::now_ms(),
+            origin_dc: self.ctx.dc.clone(),
+            attributes: std::mem::take(&mut self.attributes),
+            payload,
+        };
+        let cmd = Command::PutMessage {
+            meta,
+            inline: (!self.spilled).then(|| std::mem::take(&mut self.inline)),
+            idempotency_key: self.idempotency_key.clone(),
+        };
+        // A proposal that times out may still commit: keep the segments and
+        // let the orphan collector decide against the committed state.
+        let res = self.ctx.raft.propose(cmd).await.map_err(|e| (e.into(), false))?;
+        match res {
+            Ok(CommandResult::Message { meta, deduplicated }) => {
+                if deduplicated && self.spilled {
+                    // Our copy lost to the original; its segments are garbage.
+                    let _ = self.ctx.segments.delete_message(self.id).await;
+                }
+                Ok(Stored { meta, deduplicated })
+            }
+            Ok(other) => Err((
+                ServiceError::Internal {
+                    reason: format!("unexpected put result {other:?}"),
+                },
+                false,
+            )),
+            Err(e) => Err((e.into(), true)),
+        }
+    }
+}

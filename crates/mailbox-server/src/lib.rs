@@ -1,0 +1,132 @@
+//! Assembly of a `mailboxd` node: storage, Raft, segment store, services.
+//!
+//! [`serve`] takes an already bound listener and a shutdown future, so tests
+//! bind port 0 and the binary binds its configured address. One gRPC server
+//! carries both the public API and the node-to-node Raft service.
+
+pub mod config;
+pub mod error;
+pub mod gc;
+pub mod ingest;
+pub mod service;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use mailbox_proto::raft::raft_internal_server::RaftInternalServer;
+use mailbox_proto::v1::mailbox_server::MailboxServer;
+use mailbox_proto::MAX_MESSAGE_SIZE;
+use mailbox_raft::network::InternalService;
+use mailbox_raft::{BasicNode, RaftNode};
+use mailbox_segments::{FsSegmentStore, SegmentStore};
+use mailbox_storage::Store;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use config::NodeConfig;
+pub use error::{ConfigError, ServiceError};
+
+use crate::ingest::IngestContext;
+use crate::service::MailboxService;
+
+/// Errors that stop a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Local storage could not be opened or written.
+    #[error("storage: {0}")]
+    Storage(#[from] mailbox_storage::StoreError),
+    /// Raft could not start.
+    #[error("raft: {0}")]
+    Raft(#[from] mailbox_raft::RaftError),
+    /// The segment store could not be opened.
+    #[error("segment store: {0}")]
+    Segments(#[from] mailbox_segments::SegmentError),
+    /// A directory could not be created.
+    #[error("cannot create {path}: {reason}")]
+    Dir {
+        /// The directory.
+        path: String,
+        /// OS error.
+        reason: String,
+    },
+    /// The gRPC server failed.
+    #[error("grpc server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs a node until `shutdown` resolves, then stops Raft cleanly.
+pub async fn serve(
+    cfg: NodeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|e| NodeError::Dir {
+        path: cfg.data_dir.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let store = Store::open(&cfg.data_dir.join("db"))?;
+    let raft = RaftNode::start(cfg.node_id, store, &cfg.data_dir, &cfg.raft.tuning()).await?;
+    let segments: Arc<dyn SegmentStore> = Arc::new(FsSegmentStore::open(&cfg.segment_dir).await?);
+    let ctx = IngestContext {
+        raft: raft.clone(),
+        segments: segments.clone(),
+        dc: cfg.dc.clone(),
+        inline_threshold: cfg.inline_threshold.0,
+        segment_size: cfg.segment_size.0,
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(gc::run(
+        raft.clone(),
+        segments,
+        cfg.orphan_grace.0,
+        cfg.gc_interval.0,
+        stop_rx,
+    ));
+
+    // The lowest id forms the group on first start; the others wait to be
+    // contacted. Restarted nodes find their log initialized and skip this.
+    let lowest = cfg.members.iter().map(|m| m.id).min();
+    if lowest == Some(cfg.node_id) {
+        let members: BTreeMap<_, _> = cfg
+            .members
+            .iter()
+            .map(|m| (m.id, BasicNode::new(&m.addr)))
+            .collect();
+        let r = raft.clone();
+        tokio::spawn(async move {
+            if let Err(e) = r.initialize(members).await {
+                tracing::error!("cannot initialize the DC log: {e}");
+            }
+        });
+    }
+
+    tracing::info!(
+        node = cfg.node_id,
+        dc = %cfg.dc,
+        addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "mailboxd serving"
+    );
+    let api = MailboxServer::new(MailboxService::new(ctx))
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let internal = RaftInternalServer::new(InternalService::new(raft.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .concurrency_limit_per_connection(256)
+        .add_service(api)
+        .add_service(internal)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    raft.shutdown().await;
+    tracing::info!(node = cfg.node_id, "mailboxd stopped");
+    result.map_err(NodeError::from)
+}

@@ -1,0 +1,343 @@
+//! The public gRPC API (`mailbox.v1.Mailbox`).
+//!
+//! Reads are served from this node's applied state (a node that forwarded a
+//! write waits until it applied it, so clients read their own writes);
+//! writes go through [`RaftNode::propose`]. Every error leaves through
+//! `ServiceError -> Status`, the one conversion at this boundary.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use mailbox_proto::v1::mailbox_server::Mailbox;
+use mailbox_proto::v1::{
+    put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
+    CreateMailboxResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    ListMailboxesRequest, ListMailboxesResponse, ListRequest, ListResponse, MessageInfo, NodeStatus,
+    PutRequest, PutResponse, StatRequest, StatResponse,
+};
+use mailbox_raft::RaftNode;
+use mailbox_state::{Command, CommandResult};
+use mailbox_types::{MailboxPath, MessageId, MessageMeta, Payload};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::ServiceError;
+use crate::ingest::{IngestContext, Upload, UploadRequest};
+
+/// Size of the chunks a download is sent in.
+pub const DOWNLOAD_CHUNK: u64 = 1 << 20;
+/// Largest page a list returns.
+pub const MAX_LIST_PAGE: u32 = 1000;
+
+/// The public API of one node.
+#[derive(Clone)]
+pub struct MailboxService {
+    ctx: IngestContext,
+}
+
+impl MailboxService {
+    /// A service over the node's ingest context.
+    pub fn new(ctx: IngestContext) -> Self {
+        Self { ctx }
+    }
+
+    fn raft(&self) -> &RaftNode {
+        &self.ctx.raft
+    }
+
+    fn message(&self, id: &str) -> Result<MessageMeta, ServiceError> {
+        let id: MessageId = id.parse()?;
+        mailbox_state::get_message(self.raft().view(), &id)?.ok_or(ServiceError::NotFound {
+            what: format!("message {id}"),
+        })
+    }
+
+    async fn receive_upload(&self, mut stream: Streaming<PutRequest>) -> Result<PutResponse, ServiceError> {
+        let header = match stream.next().await {
+            Some(Ok(PutRequest {
+                part: Some(put_request::Part::Header(h)),
+            })) => h,
+            Some(Ok(_)) => return Err(ServiceError::invalid("the first upload message must be a header")),
+            Some(Err(s)) => {
+                return Err(ServiceError::Truncated {
+                    reason: format!("stream failed before the header: {}", s.message()),
+                })
+            }
+            None => return Err(ServiceError::invalid("empty upload stream")),
+        };
+        let opt = |s: String| (!s.is_empty()).then_some(s);
+        let mut upload = Upload::begin(
+            self.ctx.clone(),
+            UploadRequest {
+                mailbox: header.mailbox,
+                name: header.name,
+                idempotency_key: opt(header.idempotency_key),
+                sha256: opt(header.sha256),
+                attributes: header.attributes.into_iter().collect(),
+            },
+        )?;
+        let trailer = loop {
+            let next = match stream.next().await {
+                Some(Ok(m)) => m.part,
+                Some(Err(s)) => {
+                    upload.abort().await;
+                    return Err(ServiceError::Truncated {
+                        reason: format!("client stream failed: {}", s.message()),
+                    });
+                }
+                None => {
+                    let got = upload.size();
+                    upload.abort().await;
+                    return Err(ServiceError::Truncated {
+                        reason: format!("stream ended after {got} bytes without a trailer"),
+                    });
+                }
+            };
+            match next {
+                Some(put_request::Part::Chunk(data)) => {
+                    if let Err(e) = upload.write(&data).await {
+                        upload.abort().await;
+                        return Err(e);
+                    }
+                }
+                Some(put_request::Part::Trailer(t)) => break t,
+                Some(put_request::Part::Header(_)) | None => {
+                    upload.abort().await;
+                    return Err(ServiceError::invalid("unexpected message in upload stream"));
+                }
+            }
+        };
+        let stored = upload.finish(Some(trailer.size)).await?;
+        Ok(PutResponse {
+            message: Some(MessageInfo::from(&stored.meta)),
+            deduplicated: stored.deduplicated,
+        })
+    }
+}
+
+type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Mailbox for MailboxService {
+    #[tracing::instrument(level = "info", skip_all, fields(path = %req.get_ref().path))]
+    async fn create_mailbox(
+        &self,
+        req: Request<CreateMailboxRequest>,
+    ) -> Result<Response<CreateMailboxResponse>, Status> {
+        let r = req.into_inner();
+        let path = MailboxPath::parse(&r.path).map_err(ServiceError::from)?;
+        let cmd = Command::CreateMailbox {
+            path,
+            parents: r.parents,
+            created_ms: mailbox_types::now_ms(),
+        };
+        let res = self.raft().propose(cmd).await.map_err(ServiceError::from)?;
+        match res.map_err(ServiceError::from)? {
+            CommandResult::Mailbox { record, created } => Ok(Response::new(CreateMailboxResponse {
+                path: record.path.to_string(),
+                created,
+            })),
+            other => Err(ServiceError::Internal {
+                reason: format!("unexpected result {other:?}"),
+            }
+            .into()),
+        }
+    }
+
+    async fn list_mailboxes(
+        &self,
+        req: Request<ListMailboxesRequest>,
+    ) -> Result<Response<ListMailboxesResponse>, Status> {
+        let prefix = req.into_inner().prefix;
+        let list = mailbox_state::list_mailboxes(self.raft().view(), &prefix).map_err(ServiceError::from)?;
+        Ok(Response::new(ListMailboxesResponse {
+            mailboxes: list.iter().map(Into::into).collect(),
+        }))
+    }
+
+    #[tracing::instrument(level = "info", skip_all)]
+    async fn put(&self, req: Request<Streaming<PutRequest>>) -> Result<Response<PutResponse>, Status> {
+        let resp = self.receive_upload(req.into_inner()).await?;
+        Ok(Response::new(resp))
+    }
+
+    type GetStream = GetStream;
+
+    #[tracing::instrument(level = "info", skip_all, fields(id = %req.get_ref().id))]
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let r = req.into_inner();
+        let meta = self.message(&r.id)?;
+        if r.offset > meta.size {
+            return Err(ServiceError::invalid(format!(
+                "offset {} is past the end of the {}-byte message",
+                r.offset, meta.size
+            ))
+            .into());
+        }
+        let end = if r.length == 0 {
+            meta.size
+        } else {
+            r.offset.saturating_add(r.length).min(meta.size)
+        };
+        let inline = match meta.payload {
+            Payload::Inline => Some(
+                mailbox_state::inline_payload(self.raft().view(), &meta.id)
+                    .map_err(ServiceError::from)?
+                    .ok_or_else(|| ServiceError::PayloadDamaged {
+                        reason: format!("inline payload of {} missing", meta.id),
+                    })?,
+            ),
+            Payload::Segments { .. } => None,
+        };
+        // Bounded: a slow reader holds at most a few chunks in memory.
+        let (tx, rx) = mpsc::channel::<Result<GetResponse, Status>>(4);
+        let segments = self.ctx.segments.clone();
+        tokio::spawn(async move {
+            let mut first = Some(MessageInfo::from(&meta));
+            let mut pos = r.offset;
+            // An empty range still delivers the metadata.
+            if pos == end {
+                let _ = tx
+                    .send(Ok(GetResponse {
+                        message: first.take(),
+                        chunk: Vec::new(),
+                    }))
+                    .await;
+                return;
+            }
+            while pos < end {
+                let chunk = match (&inline, &meta.payload) {
+                    (Some(data), _) => {
+                        let stop = (pos + DOWNLOAD_CHUNK).min(end);
+                        Ok(data[pos as usize..stop as usize].to_vec())
+                    }
+                    (None, Payload::Segments { segment_size, .. }) => {
+                        let index = pos / segment_size;
+                        let within = pos % segment_size;
+                        let len = DOWNLOAD_CHUNK.min(segment_size - within).min(end - pos);
+                        segments
+                            .read(meta.id, index as u32, within, len)
+                            .await
+                            .map(|b| b.to_vec())
+                            .map_err(|e| Status::from(ServiceError::from(e)))
+                    }
+                    (None, Payload::Inline) => unreachable!("inline payload loaded above"),
+                };
+                let msg = chunk.map(|chunk| {
+                    pos += chunk.len() as u64;
+                    GetResponse {
+                        message: first.take(),
+                        chunk,
+                    }
+                });
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as GetStream))
+    }
+
+    async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let r = req.into_inner();
+        let mailbox = MailboxPath::parse(&r.mailbox).map_err(ServiceError::from)?;
+        if mailbox_state::get_mailbox(self.raft().view(), &mailbox)
+            .map_err(ServiceError::from)?
+            .is_none()
+        {
+            return Err(ServiceError::NotFound {
+                what: format!("mailbox {mailbox}"),
+            }
+            .into());
+        }
+        let after = if r.after.is_empty() {
+            None
+        } else {
+            Some(r.after.parse::<MessageId>().map_err(ServiceError::from)?)
+        };
+        let limit = match r.limit {
+            0 => 100,
+            n => n.min(MAX_LIST_PAGE),
+        } as usize;
+        let page = mailbox_state::list_messages(self.raft().view(), &mailbox, after.as_ref(), limit)
+            .map_err(ServiceError::from)?;
+        let next_after = match page.last() {
+            Some(m) if page.len() == limit => m.id.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(ListResponse {
+            messages: page.iter().map(Into::into).collect(),
+            next_after,
+        }))
+    }
+
+    async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
+        let meta = self.message(&req.into_inner().id)?;
+        Ok(Response::new(StatResponse {
+            message: Some((&meta).into()),
+        }))
+    }
+
+    #[tracing::instrument(level = "info", skip_all, fields(id = %req.get_ref().id))]
+    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let id: MessageId = req.into_inner().id.parse().map_err(ServiceError::from)?;
+        let res = self
+            .raft()
+            .propose(Command::DeleteMessage { id })
+            .await
+            .map_err(ServiceError::from)?;
+        if let CommandResult::Deleted { meta } = res.map_err(ServiceError::from)? {
+            if !meta.segments().is_empty() {
+                // Best effort: the orphan collector removes them otherwise.
+                if let Err(e) = self.ctx.segments.delete_message(meta.id).await {
+                    tracing::warn!(id = %meta.id, "segments of deleted message kept for GC: {e}");
+                }
+            }
+        }
+        Ok(Response::new(DeleteResponse {}))
+    }
+
+    async fn cluster_status(
+        &self,
+        _req: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let me = self.raft().report();
+        let mut nodes = Vec::new();
+        for (id, addr) in &me.members {
+            let report = if *id == me.id {
+                Ok(me.clone())
+            } else {
+                self.raft().remote_report(addr).await
+            };
+            nodes.push(match report {
+                Ok(r) => NodeStatus {
+                    node_id: *id,
+                    addr: addr.clone(),
+                    reachable: true,
+                    state: r.state,
+                    term: r.term,
+                    last_log_index: r.last_log_index.unwrap_or(0),
+                    applied_index: r.applied_index.unwrap_or(0),
+                    error: String::new(),
+                },
+                Err(e) => NodeStatus {
+                    node_id: *id,
+                    addr: addr.clone(),
+                    reachable: false,
+                    error: e.to_string(),
+                    ..Default::default()
+                },
+            });
+        }
+        Ok(Response::new(ClusterStatusResponse {
+            dc: self.ctx.dc.clone(),
+            leader_id: me.leader.unwrap_or(0),
+            has_leader: me.leader.is_some(),
+            term: me.term,
+            nodes,
+        }))
+    }
+}

@@ -1,0 +1,326 @@
+//! The only crate that touches RocksDB.
+//!
+//! One RocksDB instance per node holds three column families:
+//! - [`Cf::Log`]: the Raft log, keyed by big-endian log index;
+//! - [`Cf::Raft`]: Raft's own small records (vote, committed id, purge point,
+//!   state-machine apply point, membership, the current snapshot's metadata);
+//! - [`Cf::State`]: the mailbox state machine (see `mailbox_state::keys`).
+//!
+//! All column families share one WAL. A write with `durable = true` is synced
+//! to disk before [`Store::write`] returns; that is how a Raft log append or a
+//! vote is made durable before openraft is told so. State-machine writes may
+//! be lazy because the log can replay them, but [`Store::sync_wal`] must run
+//! before any log entry is purged, so the state those entries produced is on
+//! disk first.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteOptions, DB,
+};
+
+/// Storage format version written at creation and checked at open.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_KEY: &[u8] = b"format-version";
+
+/// A column family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cf {
+    /// Raft log entries.
+    Log,
+    /// Raft metadata records.
+    Raft,
+    /// Mailbox state.
+    State,
+}
+
+impl Cf {
+    const ALL: [Cf; 3] = [Cf::Log, Cf::Raft, Cf::State];
+
+    fn name(self) -> &'static str {
+        match self {
+            Cf::Log => "log",
+            Cf::Raft => "raft",
+            Cf::State => "state",
+        }
+    }
+}
+
+/// Errors from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// RocksDB reported an error during `op`.
+    #[error("rocksdb {op} failed: {source}")]
+    RocksDb {
+        /// The operation, e.g. `open`, `write`.
+        op: &'static str,
+        /// RocksDB's error.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// The directory holds data in a format this binary does not understand.
+    #[error("storage format version {found} in {path} is not supported (expected {FORMAT_VERSION})")]
+    Format {
+        /// The data directory.
+        path: String,
+        /// The version found.
+        found: u32,
+    },
+}
+
+fn rerr(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StoreError {
+    move |source| StoreError::RocksDb { op, source }
+}
+
+/// A node's RocksDB instance. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.db.path()).finish()
+    }
+}
+
+/// Writes applied atomically by [`Store::write`].
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<(Cf, Op)>,
+}
+
+enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+    DeleteRange(Vec<u8>, Vec<u8>),
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `key` to `value`.
+    pub fn put(&mut self, cf: Cf, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) {
+        self.ops.push((cf, Op::Put(key.into(), value.into())));
+    }
+
+    /// Removes `key`.
+    pub fn delete(&mut self, cf: Cf, key: impl Into<Vec<u8>>) {
+        self.ops.push((cf, Op::Delete(key.into())));
+    }
+
+    /// Removes every key in `[from, to)`.
+    pub fn delete_range(&mut self, cf: Cf, from: impl Into<Vec<u8>>, to: impl Into<Vec<u8>>) {
+        self.ops.push((cf, Op::DeleteRange(from.into(), to.into())));
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_max_background_jobs(2);
+        // Raft log entries carry inline payloads; a bigger memtable means
+        // fewer flushes under upload load.
+        opts.set_write_buffer_size(64 << 20);
+        let cfs = Cf::ALL.map(|cf| ColumnFamilyDescriptor::new(cf.name(), opts.clone()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(rerr("open"))?;
+        let store = Store { db: Arc::new(db) };
+        match store.get(Cf::Raft, FORMAT_KEY)? {
+            None => {
+                let mut b = Batch::new();
+                b.put(Cf::Raft, FORMAT_KEY, FORMAT_VERSION.to_be_bytes().to_vec());
+                store.write(b, true)?;
+            }
+            Some(v) => {
+                let found = v
+                    .as_slice()
+                    .try_into()
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if found != FORMAT_VERSION {
+                    return Err(StoreError::Format {
+                        path: path.display().to_string(),
+                        found,
+                    });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    fn cf(&self, cf: Cf) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(cf.name())
+            .expect("column families are created at open")
+    }
+
+    /// Point lookup.
+    pub fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.db.get_cf(self.cf(cf), key).map_err(rerr("get"))
+    }
+
+    /// Applies `batch` atomically; with `durable`, the WAL is fsynced first.
+    #[tracing::instrument(level = "trace", skip(self, batch), fields(ops = batch.len()))]
+    pub fn write(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        for (cf, op) in batch.ops {
+            let h = self.cf(cf);
+            match op {
+                Op::Put(k, v) => wb.put_cf(h, k, v),
+                Op::Delete(k) => wb.delete_cf(h, k),
+                Op::DeleteRange(a, b) => wb.delete_range_cf(h, a, b),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(durable);
+        self.db.write_opt(wb, &wo).map_err(rerr("write"))
+    }
+
+    /// Fsyncs the WAL, making every earlier write durable.
+    pub fn sync_wal(&self) -> Result<(), StoreError> {
+        self.db.flush_wal(true).map_err(rerr("flush_wal"))
+    }
+
+    /// Up to `limit` entries with keys starting with `prefix`, strictly after
+    /// `after` when given, in key order.
+    pub fn scan(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let start = after.unwrap_or(prefix);
+        let mut it = self.db.raw_iterator_cf(self.cf(cf));
+        it.seek(start);
+        let mut out = Vec::new();
+        while it.valid() && out.len() < limit {
+            let k = it.key().expect("valid iterator has a key");
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if after.is_none_or(|a| k > a) {
+                out.push((k.to_vec(), it.value().unwrap_or_default().to_vec()));
+            }
+            it.next();
+        }
+        it.status().map_err(rerr("scan"))?;
+        Ok(out)
+    }
+
+    /// Entries with keys in `[from, to)`, at most `limit`, in key order.
+    pub fn range(
+        &self,
+        cf: Cf,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(to.to_vec());
+        let it = self
+            .db
+            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::From(from, Direction::Forward));
+        let mut out = Vec::new();
+        for kv in it.take(limit) {
+            let (k, v) = kv.map_err(rerr("range"))?;
+            out.push((k.into_vec(), v.into_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The entry with the greatest key, if any.
+    pub fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut it = self.db.iterator_cf(self.cf(cf), IteratorMode::End);
+        match it.next() {
+            None => Ok(None),
+            Some(kv) => {
+                let (k, v) = kv.map_err(rerr("last"))?;
+                Ok(Some((k.into_vec(), v.into_vec())))
+            }
+        }
+    }
+
+    /// Every entry of `cf`, read from one consistent point-in-time view,
+    /// handed to `f` in key order.
+    pub fn for_each_consistent(
+        &self,
+        cf: Cf,
+        mut f: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), StoreError> {
+        let snap = self.db.snapshot();
+        let mut it = snap.raw_iterator_cf(self.cf(cf));
+        it.seek_to_first();
+        while it.valid() {
+            f(it.key().unwrap_or_default(), it.value().unwrap_or_default());
+            it.next();
+        }
+        it.status().map_err(rerr("iterate"))
+    }
+}
+
+/// Big-endian encoding of a log index, so keys sort numerically.
+pub fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+/// Decodes [`index_key`].
+pub fn parse_index_key(k: &[u8]) -> Option<u64> {
+    k.try_into().ok().map(u64::from_be_bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_scan_range_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let mut b = Batch::new();
+            for i in 1..=5u64 {
+                b.put(Cf::Log, index_key(i), vec![i as u8]);
+            }
+            b.put(Cf::State, b"la".to_vec(), b"1".to_vec());
+            b.put(Cf::State, b"lb".to_vec(), b"2".to_vec());
+            b.put(Cf::State, b"m".to_vec(), b"3".to_vec());
+            s.write(b, true).unwrap();
+            let r = s.range(Cf::Log, &index_key(2), &index_key(4), 10).unwrap();
+            assert_eq!(r.len(), 2);
+            assert_eq!(parse_index_key(&s.last(Cf::Log).unwrap().unwrap().0), Some(5));
+            let sc = s.scan(Cf::State, b"l", None, 10).unwrap();
+            assert_eq!(sc.len(), 2);
+            let sc = s.scan(Cf::State, b"l", Some(b"la"), 10).unwrap();
+            assert_eq!(sc, vec![(b"lb".to_vec(), b"2".to_vec())]);
+            let mut b = Batch::new();
+            b.delete_range(Cf::Log, index_key(0), index_key(3));
+            s.write(b, true).unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let r = s.range(Cf::Log, &index_key(0), &index_key(u64::MAX), 10).unwrap();
+        assert_eq!(r.len(), 3);
+        let mut n = 0;
+        s.for_each_consistent(Cf::State, |_, _| n += 1).unwrap();
+        assert_eq!(n, 3);
+    }
+}

@@ -1,0 +1,475 @@
+//! Test kit: a data center of real `mailboxd` processes on loopback.
+//!
+//! Each node is a child process with its own config, data directory and log
+//! file under a temporary directory; the DC shares one segment directory.
+//! Nodes can be killed (SIGKILL, no chance to flush anything), stopped
+//! (SIGTERM) and restarted with their data. Helpers wait on observable state
+//! (cluster status, applied indexes, directory contents), never on fixed
+//! sleeps.
+//!
+//! The `mailboxd` binary is found via `$MAILBOXD_BIN`, or next to the test
+//! executable's parent directory (`target/<profile>/mailboxd`), which is where
+//! `cargo build --workspace` puts it.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use mailbox_client::Client;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Knobs for a test DC.
+#[derive(Debug, Clone)]
+pub struct DcOptions {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// Inline threshold, e.g. "64KiB".
+    pub inline_threshold: String,
+    /// Segment size, e.g. "1MiB".
+    pub segment_size: String,
+    /// Snapshot every N entries.
+    pub snapshot_every: u64,
+    /// Entries kept behind a snapshot.
+    pub keep_logs: u64,
+    /// Orphan grace period.
+    pub orphan_grace: String,
+    /// GC interval.
+    pub gc_interval: String,
+    /// Propose timeout.
+    pub propose_timeout: String,
+}
+
+impl Default for DcOptions {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            inline_threshold: "64KiB".into(),
+            segment_size: "1MiB".into(),
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+            orphan_grace: "1h".into(),
+            gc_interval: "1m".into(),
+            propose_timeout: "10s".into(),
+        }
+    }
+}
+
+/// One node process.
+pub struct NodeProc {
+    /// Node id (1-based).
+    pub id: u64,
+    /// `127.0.0.1:port`.
+    pub addr: String,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+/// A running test DC.
+pub struct TestDc {
+    dir: tempfile::TempDir,
+    /// The nodes, index = id - 1.
+    pub nodes: Vec<NodeProc>,
+    bin: PathBuf,
+}
+
+fn mailboxd_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("MAILBOXD_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> -> target/<profile>/mailboxd
+    let candidate = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("mailboxd"))
+        .context("test executable has no parent")?;
+    if !candidate.is_file() {
+        bail!(
+            "{} not found: run `cargo build --workspace --bins` first (make test does), or set MAILBOXD_BIN",
+            candidate.display()
+        );
+    }
+    Ok(candidate)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl TestDc {
+    /// Starts a DC and waits until it has a leader.
+    pub async fn start(opts: DcOptions) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("mailbox-test-").tempdir()?;
+        let bin = mailboxd_bin()?;
+        let mut nodes = Vec::new();
+        let addrs: Vec<String> = (0..opts.nodes)
+            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+            .collect::<Result<_, _>>()?;
+        let members: String = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("[[members]]\nid = {}\naddr = \"{a}\"\n", i + 1))
+            .collect();
+        for (i, addr) in addrs.iter().enumerate() {
+            let id = i as u64 + 1;
+            let ndir = dir.path().join(format!("node{id}"));
+            std::fs::create_dir_all(&ndir)?;
+            let cfg = format!(
+                "node-id = {id}\ndc = \"test\"\nlisten = \"{addr}\"\ndata-dir = \"{data}\"\nsegment-dir = \"{seg}\"\n\
+                 inline-threshold = \"{it}\"\nsegment-size = \"{ss}\"\norphan-grace = \"{og}\"\ngc-interval = \"{gi}\"\n\n\
+                 [raft]\nheartbeat = \"50ms\"\nelection-timeout-min = \"300ms\"\nelection-timeout-max = \"600ms\"\n\
+                 snapshot-every = {se}\nkeep-logs = {kl}\npropose-timeout = \"{pt}\"\n\n{members}",
+                data = ndir.join("data").display(),
+                seg = dir.path().join("segments").display(),
+                it = opts.inline_threshold,
+                ss = opts.segment_size,
+                og = opts.orphan_grace,
+                gi = opts.gc_interval,
+                se = opts.snapshot_every,
+                kl = opts.keep_logs,
+                pt = opts.propose_timeout,
+            );
+            let config = ndir.join("node.toml");
+            std::fs::write(&config, cfg)?;
+            nodes.push(NodeProc {
+                id,
+                addr: addr.clone(),
+                config,
+                log: ndir.join("mailboxd.log"),
+                child: None,
+            });
+        }
+        let mut dc = TestDc { dir, nodes, bin };
+        for id in 1..=opts.nodes as u64 {
+            dc.spawn(id)?;
+        }
+        dc.wait_leader(Duration::from_secs(30)).await?;
+        Ok(dc)
+    }
+
+    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let bin = self.bin.clone();
+        let n = self.node_mut(id);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&n.config)
+            .env("RUST_LOG", std::env::var("MAILBOX_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("spawn mailboxd")?;
+        n.child = Some(child);
+        Ok(())
+    }
+
+    fn node_mut(&mut self, id: u64) -> &mut NodeProc {
+        &mut self.nodes[id as usize - 1]
+    }
+
+    /// The temporary directory holding everything.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The DC's shared segment directory.
+    pub fn segment_dir(&self) -> PathBuf {
+        self.dir.path().join("segments")
+    }
+
+    /// Every node address.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    /// Addresses of the nodes that are running.
+    pub fn live_endpoints(&mut self) -> Vec<String> {
+        self.nodes
+            .iter_mut()
+            .filter_map(|n| n.is_running().then(|| n.addr.clone()))
+            .collect()
+    }
+
+    /// A client of one node.
+    pub async fn client_of(&self, id: u64) -> anyhow::Result<Client> {
+        Ok(Client::connect(&[self.nodes[id as usize - 1].addr.clone()]).await?)
+    }
+
+    /// A client of any running node.
+    pub async fn client(&mut self) -> anyhow::Result<Client> {
+        let eps = self.live_endpoints();
+        Ok(Client::connect(&eps).await?)
+    }
+
+    /// Waits until a running node reports a leader that is itself running;
+    /// returns its id.
+    pub async fn wait_leader(&mut self, timeout: Duration) -> anyhow::Result<u64> {
+        let live: Vec<(u64, String)> = self
+            .nodes
+            .iter_mut()
+            .filter_map(|n| n.is_running().then(|| (n.id, n.addr.clone())))
+            .collect();
+        let live_ids: Vec<u64> = live.iter().map(|(id, _)| *id).collect();
+        wait_for(timeout, "a live leader", || {
+            let live = live.clone();
+            let live_ids = live_ids.clone();
+            async move {
+                for (_, addr) in &live {
+                    let Ok(c) = Client::connect(std::slice::from_ref(addr)).await else { continue };
+                    if let Ok(s) = c.cluster_status().await {
+                        if s.has_leader && live_ids.contains(&s.leader_id) {
+                            let leader_ok = s
+                                .nodes
+                                .iter()
+                                .any(|n| n.node_id == s.leader_id && n.reachable && n.state == "Leader");
+                            if leader_ok {
+                                return Some(s.leader_id);
+                            }
+                        }
+                    }
+                }
+                None
+            }
+        })
+        .await
+    }
+
+    /// Waits until every running node has applied at least the leader's
+    /// last log index at the time of the call.
+    pub async fn wait_converged(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let eps = self.live_endpoints();
+        let c = Client::connect(&eps).await?;
+        let target = c
+            .cluster_status()
+            .await?
+            .nodes
+            .iter()
+            .filter(|n| n.reachable)
+            .map(|n| n.last_log_index)
+            .max()
+            .unwrap_or(0);
+        wait_for(timeout, "all live nodes applied", || {
+            let eps = eps.clone();
+            async move {
+                for ep in &eps {
+                    let c = Client::connect(std::slice::from_ref(ep)).await.ok()?;
+                    let s = c.cluster_status().await.ok()?;
+                    let me = s.nodes.iter().find(|n| &n.addr == ep)?;
+                    if me.applied_index < target {
+                        return None;
+                    }
+                }
+                Some(())
+            }
+        })
+        .await
+    }
+
+    /// SIGKILLs a node: no shutdown, no flush.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut c) = self.node_mut(id).child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops a node with SIGTERM and waits for it to exit.
+    pub async fn stop(&mut self, id: u64) -> anyhow::Result<()> {
+        if let Some(mut c) = self.node_mut(id).child.take() {
+            // SAFETY: signalling our own child process.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                if c.try_wait()?.is_some() {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    bail!("node {id} did not stop within 15s of SIGTERM");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped or killed node again with its data.
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        if self.node_mut(id).is_running() {
+            bail!("node {id} is running");
+        }
+        self.spawn(id)
+    }
+
+    /// Tail of a node's log, for failure messages.
+    pub fn log_tail(&self, id: u64) -> String {
+        let s = std::fs::read_to_string(&self.nodes[id as usize - 1].log).unwrap_or_default();
+        s.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for TestDc {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Polls `probe` every 50ms until it yields `Some`, or fails after `timeout`.
+pub async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A deterministic pseudo-random byte stream of a given length (xorshift),
+/// generated on the fly so multi-GiB payloads never sit in memory.
+pub struct PatternReader {
+    state: u64,
+    left: u64,
+}
+
+impl PatternReader {
+    /// `len` bytes derived from `seed`.
+    pub fn new(seed: u64, len: u64) -> Self {
+        Self {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+            left: len,
+        }
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.state ^= self.state << 13;
+            self.state ^= self.state >> 7;
+            self.state ^= self.state << 17;
+            let b = self.state.to_le_bytes();
+            chunk.copy_from_slice(&b[..chunk.len()]);
+        }
+    }
+}
+
+impl AsyncRead for PatternReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        // Whole 8-byte words keep the stream independent of read sizes.
+        let n = (buf.remaining() as u64).min(self.left) as usize;
+        let n = if n >= 8 { n - n % 8 } else { n };
+        let mut tmp = vec![0u8; n];
+        self.fill(&mut tmp);
+        self.left -= n as u64;
+        buf.put_slice(&tmp);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// SHA-256 (hex) of what [`PatternReader::new(seed, len)`] yields.
+pub fn pattern_sha256(seed: u64, len: u64) -> String {
+    let mut r = PatternReader::new(seed, len);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while r.left > 0 {
+        let n = (buf.len() as u64).min(r.left) as usize;
+        let n = if n >= 8 { n - n % 8 } else { n };
+        r.fill(&mut buf[..n]);
+        r.left -= n as u64;
+        h.update(&buf[..n]);
+    }
+    hex(&h.finalize())
+}
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// An `AsyncWrite` that only hashes and counts.
+#[derive(Default)]
+pub struct HashSink {
+    hasher: Sha256,
+    /// Bytes written.
+    pub len: u64,
+}
+
+impl HashSink {
+    /// Hex digest of everything written.
+    pub fn hex(self) -> String {
+        hex(&self.hasher.finalize())
+    }
+}
+
+impl AsyncWrite for HashSink {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.hasher.update(buf);
+        self.len += buf.len() as u64;
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Files (recursively) under `dir`, for orphan checks.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -43,7 +43,8 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
         // Each writer sticks to a node other than the leader where possible,
         // so forwarding is exercised, and fails over to any node.
         let mut eps = endpoints.clone();
-        eps.rotate_left(w as usize % eps.len());
+        let n = eps.len();
+        eps.rotate_left(w as usize % n);
         writers.push(tokio::spawn(async move {
             let mut seq = 0u64;
             let mut errors = 0u64;

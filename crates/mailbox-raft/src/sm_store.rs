@@ -163,7 +163,7 @@ fn put_frame(out: &mut Vec<u8>, b: &[u8]) {
 fn parse_frames(data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, std::io::Error> {
     let mut out = Vec::new();
     let mut pos = 0;
-    let mut take = |pos: &mut usize| -> Result<&[u8], std::io::Error> {
+    let take = |pos: &mut usize| -> Result<&[u8], std::io::Error> {
         let hdr = data
             .get(*pos..*pos + 4)
             .ok_or_else(|| std::io::Error::other("snapshot frame header truncated"))?;

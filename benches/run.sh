@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Benchmarks for the single-DC foundation, each against a baseline measured
+# in the same run on the same machine (the machine is shared and noisy, so
+# ratios are what to compare across runs):
+#   small: 1 KiB uploads, 64 clients, 3-node DC  vs  3-node etcd, 1 KiB puts, 64 clients
+#   large: one 1 GiB upload                       vs  dd bs=1M conv=fsync, same size, same disk
+#   rss:   peak RSS growth of each node during a 4 GiB upload
+# Prints one JSON object per measurement and a summary line with the ratios.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN="${CARGO_TARGET_DIR:-target}/debug"
+DURATION="${BENCH_DURATION:-20s}"
+WORK="$(mktemp -d "${BENCH_DIR:-/var/tmp}/mailbox-bench.XXXXXX")"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+log() { echo "# $*" >&2; }
+
+# --- mailbox DC of 3 nodes -------------------------------------------------
+"$BIN/mailboxd" dev --dir "$WORK/mb" --dc bench --base-port 17100 \
+  --client-config "$WORK/client.toml" >"$WORK/dev.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 1 300); do grep -q "is up" "$WORK/dev.log" && break; sleep 0.2; done
+grep -q "is up" "$WORK/dev.log" || { cat "$WORK/dev.log"; exit 1; }
+MB_EPS="127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103"
+log "mailbox DC up"
+
+# --- etcd cluster of 3 members ---------------------------------------------
+ETCD_EPS=""
+if command -v etcd >/dev/null; then
+  CLUSTER="e1=http://127.0.0.1:23801,e2=http://127.0.0.1:23802,e3=http://127.0.0.1:23803"
+  for i in 1 2 3; do
+    etcd --name "e$i" --data-dir "$WORK/etcd$i" \
+      --listen-client-urls "http://127.0.0.1:2379$i" --advertise-client-urls "http://127.0.0.1:2379$i" \
+      --listen-peer-urls "http://127.0.0.1:2380$i" --initial-advertise-peer-urls "http://127.0.0.1:2380$i" \
+      --initial-cluster "$CLUSTER" --initial-cluster-state new --log-level error >"$WORK/etcd$i.log" 2>&1 &
+    PIDS+=($!)
+  done
+  ETCD_EPS="127.0.0.1:23791,127.0.0.1:23792,127.0.0.1:23793"
+  for _ in $(seq 1 100); do
+    ETCDCTL_API=3 etcdctl --endpoints "$ETCD_EPS" endpoint health >/dev/null 2>&1 && break; sleep 0.2
+  done
+  log "etcd up"
+else
+  log "etcd not installed (make bench installs etcd-server); skipping the etcd baseline"
+fi
+
+# --- small: ours vs etcd ---------------------------------------------------
+OURS=$("$BIN/mailbox-bench" small --target mailbox --endpoints "$MB_EPS" --duration "$DURATION")
+echo "$OURS"
+if [ -n "$ETCD_EPS" ]; then
+  THEIRS=$("$BIN/mailbox-bench" small --target etcd --endpoints "$ETCD_EPS" --duration "$DURATION")
+  echo "$THEIRS"
+fi
+
+# --- large: ours vs dd on the same disk ------------------------------------
+DD_OUT=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fsync 2>&1 | tail -1)
+rm -f "$WORK/dd.bin"
+DD_SECS=$(echo "$DD_OUT" | sed -E 's/.*copied, ([0-9.]+) s.*/\1/')
+echo "{\"kind\":\"dd\",\"size_bytes\":1073741824,\"seconds\":$DD_SECS,\"mb_per_sec\":$(python3 -c "print(1073741824/$DD_SECS/1e6)")}"
+LARGE=$("$BIN/mailbox-bench" large --endpoints 127.0.0.1:17101 --size 1GiB)
+echo "$LARGE"
+
+# --- rss: 4 GiB upload, sample every node's RSS ----------------------------
+NODE_PIDS=$(pgrep -f "$WORK/mb/bench/node[0-9]/node.toml" | tr '\n' ' ')
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+declare -A IDLE PEAK
+for p in $NODE_PIDS; do IDLE[$p]=$(rss "$p"); PEAK[$p]=${IDLE[$p]}; done
+"$BIN/mailbox-bench" large --endpoints 127.0.0.1:17101 --size 4GiB >"$WORK/rss-upload.json" &
+UP=$!
+while kill -0 "$UP" 2>/dev/null; do
+  for p in $NODE_PIDS; do r=$(rss "$p"); [ "$r" -gt "${PEAK[$p]}" ] && PEAK[$p]=$r; done
+  sleep 0.1
+done
+wait "$UP"
+MAXD=0
+for p in $NODE_PIDS; do d=$(( (PEAK[$p] - IDLE[$p]) / 1024 )); [ "$d" -gt "$MAXD" ] && MAXD=$d; \
+  echo "{\"kind\":\"rss\",\"pid\":$p,\"idle_mib\":$((IDLE[$p]/1024)),\"peak_mib\":$((PEAK[$p]/1024)),\"growth_mib\":$d}"; done
+cat "$WORK/rss-upload.json"
+
+python3 - "$OURS" "${THEIRS:-{\}}" "$LARGE" "$DD_SECS" "$MAXD" <<'PY'
+import json, sys
+ours, theirs, large = (json.loads(a) for a in sys.argv[1:4])
+dd_mbps = 1073741824 / float(sys.argv[4]) / 1e6
+out = {"summary": True,
+       "small_ops_ratio_vs_etcd": round(ours["ops_per_sec"] / theirs["ops_per_sec"], 3) if theirs else None,
+       "large_mbps_ratio_vs_dd": round(large["mb_per_sec"] / dd_mbps, 3),
+       "rss_growth_mib_max": int(sys.argv[5])}
+print(json.dumps(out))
+PY

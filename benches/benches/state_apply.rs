@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use mailbox_state::{apply, Command, MemKv, Overlay};
+use mailbox_state::{apply, ApplyCtx, Command, MemKv, Overlay};
 use mailbox_types::{Digest, MailboxPath, MessageId, MessageMeta, Payload};
 
 fn put_cmd(i: u64) -> Command {
@@ -31,20 +31,26 @@ fn bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("apply_put_1k");
     g.throughput(Throughput::Elements(1));
     g.bench_function("state_machine", |b| {
+        let ctx = ApplyCtx::new("east");
         let mut kv = MemKv::default();
         let mut ov = Overlay::new();
-        apply(&kv, &mut ov, &Command::CreateMailbox {
-            path: MailboxPath::parse("/bench").unwrap(),
-            parents: false,
-            created_ms: 1,
-        })
+        apply(
+            &kv,
+            &mut ov,
+            &ctx,
+            &Command::CreateMailbox {
+                path: MailboxPath::parse("/bench").unwrap(),
+                parents: false,
+                created_ms: 1,
+            },
+        )
         .unwrap();
         kv.commit(ov);
         let mut i = 0;
         b.iter(|| {
             i += 1;
             let mut ov = Overlay::new();
-            apply(&kv, &mut ov, &put_cmd(i)).unwrap();
+            apply(&kv, &mut ov, &ctx, &put_cmd(i)).unwrap();
             kv.commit(ov);
         })
     });

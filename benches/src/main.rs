@@ -14,7 +14,10 @@ use mailbox_types::ByteSize;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "mailbox-bench", about = "Load generator for the mailbox cluster")]
+#[command(
+    name = "mailbox-bench",
+    about = "Load generator for the mailbox cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -125,10 +128,14 @@ async fn small(
     anyhow::ensure!(!endpoints.is_empty(), "--endpoints is required");
     let mut conns = Vec::new();
     for i in 0..connections.max(1) {
-        conns.push(std::sync::Arc::new(connect(target, &endpoints[i % endpoints.len()]).await?));
+        conns.push(std::sync::Arc::new(
+            connect(target, &endpoints[i % endpoints.len()]).await?,
+        ));
     }
     if let Conn::Mailbox(c) = conns[0].as_ref() {
-        c.mkdir(&mailbox, true).await.context("create bench mailbox")?;
+        c.mkdir(&mailbox, true)
+            .await
+            .context("create bench mailbox")?;
     }
     let warmup = Duration::from_secs(2);
     let start = Instant::now();
@@ -186,7 +193,11 @@ async fn small(
     }))
 }
 
-async fn large(endpoints: Vec<String>, size: u64, mailbox: String) -> anyhow::Result<serde_json::Value> {
+async fn large(
+    endpoints: Vec<String>,
+    size: u64,
+    mailbox: String,
+) -> anyhow::Result<serde_json::Value> {
     let c = Client::connect(&endpoints).await?;
     c.mkdir(&mailbox, true).await?;
     let t0 = Instant::now();
@@ -225,8 +236,23 @@ async fn main() -> anyhow::Result<()> {
             connections,
             duration,
             mailbox,
-        } => small(endpoints, target, size.0, concurrency, connections, duration.0, mailbox).await?,
-        Cmd::Large { endpoints, size, mailbox } => large(endpoints, size.0, mailbox).await?,
+        } => {
+            small(
+                endpoints,
+                target,
+                size.0,
+                concurrency,
+                connections,
+                duration.0,
+                mailbox,
+            )
+            .await?
+        }
+        Cmd::Large {
+            endpoints,
+            size,
+            mailbox,
+        } => large(endpoints, size.0, mailbox).await?,
     };
     println!("{out}");
     Ok(())

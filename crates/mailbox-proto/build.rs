@@ -3,6 +3,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "../../proto/mailbox.proto",
         "../../proto/raft.proto",
+        "../../proto/replication.proto",
         "../../proto/etcd/kv.proto",
     ];
     for f in files {

@@ -63,23 +63,34 @@ async fn aborted_uploads_leave_nothing_and_orphans_are_collected() -> anyhow::Re
         tx.send(chunk(1 << 20)).await?;
     }
     let mut raw2 = MailboxClient::connect(format!("http://{addr}")).await?;
-    let call = tokio::spawn(async move { raw2.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    let call = tokio::spawn(async move {
+        raw2.put(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
     // Wait until the server has started writing segments, then cut the connection.
     let seg_dir = dc.segment_dir();
-    wait_for(Duration::from_secs(10), "segments of the partial upload", || {
-        let d = seg_dir.clone();
-        async move { (!files_under(&d).is_empty()).then_some(()) }
-    })
+    wait_for(
+        Duration::from_secs(10),
+        "segments of the partial upload",
+        || {
+            let d = seg_dir.clone();
+            async move { (!files_under(&d).is_empty()).then_some(()) }
+        },
+    )
     .await?;
     call.abort();
     drop(tx);
 
     // Nothing is visible, and the aborted uploads cleaned up after themselves.
     assert!(c.list_all("/inbox").await?.is_empty());
-    wait_for(Duration::from_secs(5), "aborted upload's segments removed", || {
-        let d = seg_dir.clone();
-        async move { files_under(&d).is_empty().then_some(()) }
-    })
+    wait_for(
+        Duration::from_secs(5),
+        "aborted upload's segments removed",
+        || {
+            let d = seg_dir.clone();
+            async move { files_under(&d).is_empty().then_some(()) }
+        },
+    )
     .await?;
 
     // 3) The node taking the upload crashes between segment writes and the
@@ -92,20 +103,34 @@ async fn aborted_uploads_leave_nothing_and_orphans_are_collected() -> anyhow::Re
         tx.send(chunk(1 << 20)).await?;
     }
     let mut raw3 = MailboxClient::connect(format!("http://{faddr}")).await?;
-    let call = tokio::spawn(async move { raw3.put(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
-    wait_for(Duration::from_secs(10), "segments of the crashing upload", || {
-        let d = seg_dir.clone();
-        async move { (files_under(&d).len() >= 2).then_some(()) }
-    })
+    let call = tokio::spawn(async move {
+        raw3.put(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    wait_for(
+        Duration::from_secs(10),
+        "segments of the crashing upload",
+        || {
+            let d = seg_dir.clone();
+            async move { (files_under(&d).len() >= 2).then_some(()) }
+        },
+    )
     .await?;
     dc.kill(follower);
     let _ = call.await;
     drop(tx);
-    assert!(!files_under(&seg_dir).is_empty(), "the crash must leave orphans behind");
-    wait_for(Duration::from_secs(20), "orphaned segments collected by the leader", || {
-        let d = seg_dir.clone();
-        async move { files_under(&d).is_empty().then_some(()) }
-    })
+    assert!(
+        !files_under(&seg_dir).is_empty(),
+        "the crash must leave orphans behind"
+    );
+    wait_for(
+        Duration::from_secs(20),
+        "orphaned segments collected by the leader",
+        || {
+            let d = seg_dir.clone();
+            async move { files_under(&d).is_empty().then_some(()) }
+        },
+    )
     .await?;
     let c = dc.client().await?;
     assert!(c.list_all("/inbox").await?.is_empty());
@@ -126,15 +151,23 @@ async fn wrong_checksum_is_data_loss_and_stores_nothing() -> anyhow::Result<()> 
         assert!(err.to_string().contains("checksum mismatch"), "{err}");
     }
     assert!(c.list_all("/inbox").await?.is_empty());
-    assert!(files_under(&dc.segment_dir()).is_empty(), "segments left behind");
+    assert!(
+        files_under(&dc.segment_dir()).is_empty(),
+        "segments left behind"
+    );
     // The right checksum is accepted.
     let mut o = opts("/inbox", "x");
-    o.sha256 = Some(mailbox_testkit::hex(&<sha2::Sha256 as sha2::Digest>::digest([1u8; 10])));
+    o.sha256 = Some(mailbox_testkit::hex(
+        &<sha2::Sha256 as sha2::Digest>::digest([1u8; 10]),
+    ));
     c.put_bytes(o, vec![1u8; 10]).await?;
     // A malformed checksum is an argument error.
     let mut o = opts("/inbox", "y");
     o.sha256 = Some("xyz".into());
-    assert_eq!(c.put_bytes(o, vec![1]).await.unwrap_err().code(), Some(Code::InvalidArgument));
+    assert_eq!(
+        c.put_bytes(o, vec![1]).await.unwrap_err().code(),
+        Some(Code::InvalidArgument)
+    );
     Ok(())
 }
 
@@ -144,30 +177,51 @@ async fn bad_paths_names_and_missing_mailboxes() -> anyhow::Result<()> {
     let c = dc.client().await?;
     c.mkdir("/inbox", false).await?;
     let long_path = format!("/{}", "a".repeat(1100));
-    for bad in ["/a/../b", "/a//b", "relative", "/", "/a\0b", "/./x", long_path.as_str()] {
+    for bad in [
+        "/a/../b",
+        "/a//b",
+        "relative",
+        "/",
+        "/a\0b",
+        "/./x",
+        long_path.as_str(),
+    ] {
         let e = c.mkdir(bad, true).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::InvalidArgument), "mkdir {bad:?}: {e}");
-        let e = c.put_bytes(opts(bad, "f"), b"x".to_vec()).await.unwrap_err();
+        let e = c
+            .put_bytes(opts(bad, "f"), b"x".to_vec())
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Some(Code::InvalidArgument), "put {bad:?}: {e}");
         let e = c.list(bad, "", 10).await.unwrap_err();
         assert_eq!(e.code(), Some(Code::InvalidArgument), "ls {bad:?}: {e}");
     }
     let long_name = "n".repeat(256);
     for bad in ["", "..", "a/b", "a\0b", long_name.as_str()] {
-        let e = c.put_bytes(opts("/inbox", bad), b"x".to_vec()).await.unwrap_err();
+        let e = c
+            .put_bytes(opts("/inbox", bad), b"x".to_vec())
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Some(Code::InvalidArgument), "name {bad:?}: {e}");
     }
     // 255 bytes is fine.
-    c.put_bytes(opts("/inbox", &"n".repeat(255)), b"x".to_vec()).await?;
+    c.put_bytes(opts("/inbox", &"n".repeat(255)), b"x".to_vec())
+        .await?;
     // Missing mailbox and parent.
-    let e = c.put_bytes(opts("/nope", "f"), b"x".to_vec()).await.unwrap_err();
+    let e = c
+        .put_bytes(opts("/nope", "f"), b"x".to_vec())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(Code::NotFound), "{e}");
     let e = c.mkdir("/missing/child", false).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::NotFound), "{e}");
     let e = c.mkdir("/inbox", false).await.unwrap_err();
     assert_eq!(e.code(), Some(Code::AlreadyExists), "{e}");
     // Unknown and malformed ids.
-    let e = c.stat("0190a0a0-0000-7000-8000-000000000000").await.unwrap_err();
+    let e = c
+        .stat("0190a0a0-0000-7000-8000-000000000000")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(Code::NotFound));
     let e = c.stat("not-an-id").await.unwrap_err();
     assert_eq!(e.code(), Some(Code::InvalidArgument));

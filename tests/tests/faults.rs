@@ -52,7 +52,11 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
                 seq += 1;
                 let seed = w * 1_000_000 + seq;
                 // Mix inline and segmented payloads.
-                let len = if seq % 3 == 0 { 600 << 10 } else { 1 + (seed % 8000) };
+                let len = if seq % 3 == 0 {
+                    600 << 10
+                } else {
+                    1 + (seed % 8000)
+                };
                 let Ok(c) = Client::connect(&eps).await else {
                     errors += 1;
                     continue;
@@ -116,7 +120,11 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
         assert_eq!(sink.hex(), m.sha256, "listed message {} is whole", m.id);
     }
     let acked_n = acked.lock().unwrap().len();
-    assert!(listed.len() >= acked_n, "listed {} < acked {acked_n}", listed.len());
+    assert!(
+        listed.len() >= acked_n,
+        "listed {} < acked {acked_n}",
+        listed.len()
+    );
     Ok(())
 }
 
@@ -145,7 +153,10 @@ async fn full_restart_keeps_everything() -> anyhow::Result<()> {
             )
             .await?;
         let m = r.message.unwrap();
-        acked.lock().unwrap().insert(m.id, (i, len, pattern_sha256(i, len)));
+        acked
+            .lock()
+            .unwrap()
+            .insert(m.id, (i, len, pattern_sha256(i, len)));
     }
     // SIGKILL all three: nothing gets a chance to flush on the way out.
     for id in 1..=3 {
@@ -162,10 +173,17 @@ async fn full_restart_keeps_everything() -> anyhow::Result<()> {
         verify_all(&c, &acked).await?;
     }
     // And the DC still takes writes.
-    dc.client().await?.put_bytes(
-        PutOptions { mailbox: "/inbox".into(), name: "after".into(), ..Default::default() },
-        b"still alive".to_vec(),
-    ).await?;
+    dc.client()
+        .await?
+        .put_bytes(
+            PutOptions {
+                mailbox: "/inbox".into(),
+                name: "after".into(),
+                ..Default::default()
+            },
+            b"still alive".to_vec(),
+        )
+        .await?;
     Ok(())
 }
 
@@ -195,17 +213,25 @@ async fn follower_down_past_purge_catches_up_by_snapshot() -> anyhow::Result<()>
                 },
                 {
                     let mut v = Vec::new();
-                    tokio::io::AsyncReadExt::read_to_end(&mut PatternReader::new(i, len), &mut v).await?;
+                    tokio::io::AsyncReadExt::read_to_end(&mut PatternReader::new(i, len), &mut v)
+                        .await?;
                     v
                 },
             )
             .await?;
         let m = r.message.unwrap();
-        acked.lock().unwrap().insert(m.id, (i, len, pattern_sha256(i, len)));
+        acked
+            .lock()
+            .unwrap()
+            .insert(m.id, (i, len, pattern_sha256(i, len)));
     }
     // The leader must have purged past what the stopped follower holds.
     let status = c.cluster_status().await?;
-    let lead = status.nodes.iter().find(|n| n.node_id == status.leader_id).unwrap();
+    let lead = status
+        .nodes
+        .iter()
+        .find(|n| n.node_id == status.leader_id)
+        .unwrap();
     assert!(lead.applied_index > 200, "{lead:?}");
     dc.restart(follower)?;
     dc.wait_converged(Duration::from_secs(30)).await?;
@@ -214,6 +240,10 @@ async fn follower_down_past_purge_catches_up_by_snapshot() -> anyhow::Result<()>
     verify_all(&fc, &acked).await?;
     // The follower's log shows it installed a snapshot rather than replaying.
     let log = std::fs::read_to_string(dc.dir().join(format!("node{follower}/mailboxd.log")))?;
-    assert!(log.contains("snapshot installed"), "follower did not install a snapshot:\n{}", dc.log_tail(follower));
+    assert!(
+        log.contains("snapshot installed"),
+        "follower did not install a snapshot:\n{}",
+        dc.log_tail(follower)
+    );
     Ok(())
 }

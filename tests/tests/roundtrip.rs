@@ -8,7 +8,12 @@ use mailbox_testkit::{pattern_sha256, DcOptions, HashSink, PatternReader, TestDc
 const T: u64 = 64 << 10; // inline threshold
 const S: u64 = 1 << 20; // segment size
 
-async fn put_pattern(c: &Client, name: &str, seed: u64, len: u64) -> anyhow::Result<mailbox_proto::v1::MessageInfo> {
+async fn put_pattern(
+    c: &Client,
+    name: &str,
+    seed: u64,
+    len: u64,
+) -> anyhow::Result<mailbox_proto::v1::MessageInfo> {
     let r = c
         .put(
             PutOptions {
@@ -23,7 +28,12 @@ async fn put_pattern(c: &Client, name: &str, seed: u64, len: u64) -> anyhow::Res
     Ok(r.message.expect("message"))
 }
 
-async fn download_sha(c: &Client, id: &str, offset: u64, length: u64) -> anyhow::Result<(u64, String)> {
+async fn download_sha(
+    c: &Client,
+    id: &str,
+    offset: u64,
+    length: u64,
+) -> anyhow::Result<(u64, String)> {
     let mut sink = HashSink::default();
     c.get_to(id, offset, length, &mut sink, |_, _| {}).await?;
     let n = sink.len;
@@ -43,19 +53,31 @@ async fn sizes_round_trip_with_equal_sha256() -> anyhow::Result<()> {
         assert_eq!(m.sha256, want, "server digest for {len}");
         assert_eq!(m.inline, len <= T, "inline flag for {len}");
         let expect_segments = if len <= T { 0 } else { len.div_ceil(S) };
-        assert_eq!(m.segments.len() as u64, expect_segments, "segments for {len}");
+        assert_eq!(
+            m.segments.len() as u64,
+            expect_segments,
+            "segments for {len}"
+        );
         // Read back from every node, not only the one that took the write.
         for id in 1..=3 {
             let nc = dc.client_of(id).await?;
             // A follower may be a few ms behind; stat until it has the message.
-            mailbox_testkit::wait_for(std::time::Duration::from_secs(5), "message on follower", || {
-                let nc = nc.clone();
-                let mid = m.id.clone();
-                async move { nc.stat(&mid).await.ok() }
-            })
+            mailbox_testkit::wait_for(
+                std::time::Duration::from_secs(5),
+                "message on follower",
+                || {
+                    let nc = nc.clone();
+                    let mid = m.id.clone();
+                    async move { nc.stat(&mid).await.ok() }
+                },
+            )
             .await?;
             let (n, sha) = download_sha(&nc, &m.id, 0, 0).await?;
-            assert_eq!((n, sha.as_str()), (len, want.as_str()), "node {id} size {len}");
+            assert_eq!(
+                (n, sha.as_str()),
+                (len, want.as_str()),
+                "node {id} size {len}"
+            );
         }
     }
     Ok(())
@@ -92,23 +114,47 @@ async fn ranges_list_idempotency_delete() -> anyhow::Result<()> {
         idempotency_key: key.map(String::from),
         ..Default::default()
     };
-    let m = c.put_bytes(put("big.bin", None), data.clone()).await?.message.unwrap();
+    let m = c
+        .put_bytes(put("big.bin", None), data.clone())
+        .await?
+        .message
+        .unwrap();
 
     // Ranges inside one segment, across a boundary, to the end, and empty.
-    for (off, len) in [(0, 10), (S - 5, 10), (2 * S + 3, S), (3 * S, 0), (data.len() as u64, 0)] {
+    for (off, len) in [
+        (0, 10),
+        (S - 5, 10),
+        (2 * S + 3, S),
+        (3 * S, 0),
+        (data.len() as u64, 0),
+    ] {
         let mut out = Vec::new();
         c.get_to(&m.id, off, len, &mut out, |_, _| {}).await?;
-        let end = if len == 0 { data.len() as u64 } else { (off + len).min(data.len() as u64) };
+        let end = if len == 0 {
+            data.len() as u64
+        } else {
+            (off + len).min(data.len() as u64)
+        };
         assert_eq!(out, &data[off as usize..end as usize], "range {off}+{len}");
     }
-    let err = c.get_to(&m.id, data.len() as u64 + 1, 0, &mut Vec::new(), |_, _| {}).await.unwrap_err();
+    let err = c
+        .get_to(&m.id, data.len() as u64 + 1, 0, &mut Vec::new(), |_, _| {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(tonic::Code::InvalidArgument));
 
     // Idempotency: same key returns the original message, small and large.
-    let a = c.put_bytes(put("a", Some("key-1")), b"first".to_vec()).await?;
-    let b = c.put_bytes(put("a", Some("key-1")), b"second".to_vec()).await?;
+    let a = c
+        .put_bytes(put("a", Some("key-1")), b"first".to_vec())
+        .await?;
+    let b = c
+        .put_bytes(put("a", Some("key-1")), b"second".to_vec())
+        .await?;
     assert!(!a.deduplicated && b.deduplicated);
-    assert_eq!(a.message.as_ref().unwrap().id, b.message.as_ref().unwrap().id);
+    assert_eq!(
+        a.message.as_ref().unwrap().id,
+        b.message.as_ref().unwrap().id
+    );
     let big1 = c.put_bytes(put("b", Some("key-2")), data.clone()).await?;
     let big2 = c.put_bytes(put("b", Some("key-2")), data.clone()).await?;
     assert!(big2.deduplicated);
@@ -132,13 +178,22 @@ async fn ranges_list_idempotency_delete() -> anyhow::Result<()> {
 
     // Delete: gone from stat, get and list; segments removed.
     c.delete(&m.id).await?;
-    assert_eq!(c.stat(&m.id).await.unwrap_err().code(), Some(tonic::Code::NotFound));
-    assert_eq!(c.delete(&m.id).await.unwrap_err().code(), Some(tonic::Code::NotFound));
+    assert_eq!(
+        c.stat(&m.id).await.unwrap_err().code(),
+        Some(tonic::Code::NotFound)
+    );
+    assert_eq!(
+        c.delete(&m.id).await.unwrap_err().code(),
+        Some(tonic::Code::NotFound)
+    );
     assert_eq!(c.list_all("/partners/acme/inbox").await?.len(), 7);
     let seg_dirs: Vec<_> = mailbox_testkit::files_under(&dc.segment_dir())
         .into_iter()
         .filter(|p| p.to_string_lossy().contains(&m.id))
         .collect();
-    assert!(seg_dirs.is_empty(), "segments of deleted message remain: {seg_dirs:?}");
+    assert!(
+        seg_dirs.is_empty(),
+        "segments of deleted message remain: {seg_dirs:?}"
+    );
     Ok(())
 }

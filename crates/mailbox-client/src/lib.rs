@@ -15,7 +15,7 @@ use mailbox_proto::v1::{
     put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
     CreateMailboxResponse, DeleteRequest, GetRequest, ListMailboxesRequest, ListRequest,
     ListResponse, MailboxInfo, MessageInfo, PutHeader, PutRequest, PutResponse, PutTrailer,
-    StatRequest,
+    ReplicationStatusRequest, ReplicationStatusResponse, StatRequest,
 };
 use mailbox_proto::MAX_MESSAGE_SIZE;
 use mailbox_types::Digest;
@@ -113,6 +113,8 @@ pub struct PutOptions {
     pub idempotency_key: Option<String>,
     /// User attributes.
     pub attributes: BTreeMap<String, String>,
+    /// Acknowledgement override: "delayed" or "immediate".
+    pub ack: Option<String>,
 }
 
 /// Result of a download.
@@ -177,7 +179,11 @@ impl Client {
     }
 
     /// Creates a mailbox.
-    pub async fn mkdir(&self, path: &str, parents: bool) -> Result<CreateMailboxResponse, ClientError> {
+    pub async fn mkdir(
+        &self,
+        path: &str,
+        parents: bool,
+    ) -> Result<CreateMailboxResponse, ClientError> {
         let r = self
             .inner
             .clone()
@@ -220,6 +226,7 @@ impl Client {
                 idempotency_key: opts.idempotency_key.unwrap_or_default(),
                 sha256: opts.sha256.unwrap_or_default(),
                 attributes: opts.attributes.into_iter().collect(),
+                ack: opts.ack.unwrap_or_default(),
             })),
         };
         // Reads the source; on a read error it stops without a trailer, which
@@ -273,7 +280,11 @@ impl Client {
     }
 
     /// Uploads an in-memory payload.
-    pub async fn put_bytes(&self, opts: PutOptions, data: Vec<u8>) -> Result<PutResponse, ClientError> {
+    pub async fn put_bytes(
+        &self,
+        opts: PutOptions,
+        data: Vec<u8>,
+    ) -> Result<PutResponse, ClientError> {
         self.put(opts, std::io::Cursor::new(data), |_| {}).await
     }
 
@@ -311,10 +322,12 @@ impl Client {
             }
             hasher.update(&part.chunk);
             bytes += part.chunk.len() as u64;
-            out.write_all(&part.chunk).await.map_err(|source| ClientError::Io {
-                context: "writing download".into(),
-                source,
-            })?;
+            out.write_all(&part.chunk)
+                .await
+                .map_err(|source| ClientError::Io {
+                    context: "writing download".into(),
+                    source,
+                })?;
             if let Some(m) = &message {
                 progress(bytes, m.size);
             }
@@ -323,7 +336,8 @@ impl Client {
             context: "flushing download".into(),
             source,
         })?;
-        let message = message.ok_or_else(|| ClientError::Protocol("download without metadata".into()))?;
+        let message =
+            message.ok_or_else(|| ClientError::Protocol("download without metadata".into()))?;
         let sha256 = Digest::from(hasher);
         if offset == 0 && (length == 0 || length >= message.size) {
             if bytes != message.size {
@@ -354,7 +368,12 @@ impl Client {
     }
 
     /// One page of a mailbox listing.
-    pub async fn list(&self, mailbox: &str, after: &str, limit: u32) -> Result<ListResponse, ClientError> {
+    pub async fn list(
+        &self,
+        mailbox: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<ListResponse, ClientError> {
         let r = self
             .inner
             .clone()
@@ -383,7 +402,11 @@ impl Client {
 
     /// A message's metadata.
     pub async fn stat(&self, id: &str) -> Result<MessageInfo, ClientError> {
-        let r = self.inner.clone().stat(StatRequest { id: id.into() }).await?;
+        let r = self
+            .inner
+            .clone()
+            .stat(StatRequest { id: id.into() })
+            .await?;
         r.into_inner()
             .message
             .ok_or_else(|| ClientError::Protocol("stat without message".into()))
@@ -391,12 +414,30 @@ impl Client {
 
     /// Deletes a message.
     pub async fn delete(&self, id: &str) -> Result<(), ClientError> {
-        self.inner.clone().delete(DeleteRequest { id: id.into() }).await?;
+        self.inner
+            .clone()
+            .delete(DeleteRequest { id: id.into() })
+            .await?;
         Ok(())
+    }
+
+    /// Replication state of this DC: per remote DC and pending payloads.
+    pub async fn replication_status(&self) -> Result<ReplicationStatusResponse, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .replication_status(ReplicationStatusRequest {})
+            .await?
+            .into_inner())
     }
 
     /// Members, leader, term and applied index of every node.
     pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
-        Ok(self.inner.clone().cluster_status(ClusterStatusRequest {}).await?.into_inner())
+        Ok(self
+            .inner
+            .clone()
+            .cluster_status(ClusterStatusRequest {})
+            .await?
+            .into_inner())
     }
 }

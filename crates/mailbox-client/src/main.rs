@@ -16,7 +16,11 @@ use mailbox_types::ByteSize;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "mailbox", version, about = "Client for the multi-DC mailbox cluster")]
+#[command(
+    name = "mailbox",
+    version,
+    about = "Client for the multi-DC mailbox cluster"
+)]
 struct Cli {
     /// Client config file (default: .mailbox/client.toml here or in a parent, then ~/.config/mailbox/client.toml).
     #[arg(long, global = true, env = "MAILBOX_CONFIG")]
@@ -54,6 +58,9 @@ enum Cmd {
         /// Attribute KEY=VALUE (repeatable).
         #[arg(long = "attr", value_parser = parse_attr)]
         attrs: Vec<(String, String)>,
+        /// Acknowledge after the local DC (`delayed`) or after other DCs hold it too (`immediate`).
+        #[arg(long, value_parser = ["delayed", "immediate"])]
+        ack: Option<String>,
     },
     /// Download a message by id (verifies its SHA-256).
     Get {
@@ -100,6 +107,17 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// Replication commands.
+    Replication {
+        #[command(subcommand)]
+        cmd: ReplicationCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReplicationCmd {
+    /// Per remote DC: connection, cursor, lag; pending payloads, retries, corrupt copies.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -151,6 +169,9 @@ fn message_json(m: &MessageInfo) -> serde_json::Value {
         "attributes": m.attributes,
         "inline": m.inline,
         "segments": m.segments.iter().map(|s| json!({"index": s.index, "size": s.size, "sha256": s.sha256})).collect::<Vec<_>>(),
+        "replicas": m.replicas.iter().map(|r| json!({"dc": r.dc, "held_since_ms": r.held_since_ms})).collect::<Vec<_>>(),
+        "complete_ms": (m.complete_ms != 0).then_some(m.complete_ms),
+        "payload_pending": m.payload_pending,
     })
 }
 
@@ -160,9 +181,11 @@ fn bar(len: Option<u64>) -> ProgressBar {
         None => ProgressBar::new_spinner(),
     };
     pb.set_style(
-        ProgressStyle::with_template("{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{spinner} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     pb
 }
@@ -192,6 +215,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             sha256,
             idempotency_key,
             attrs,
+            ack,
         } => {
             let (reader, len, default_name): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, _, _) =
                 if file == "-" {
@@ -210,7 +234,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(n) => n,
                 None => bail!("--name is required when uploading from stdin"),
             };
-            let pb = if cli.json { ProgressBar::hidden() } else { bar(len) };
+            let pb = if cli.json {
+                ProgressBar::hidden()
+            } else {
+                bar(len)
+            };
             let pb2 = pb.clone();
             let opts = PutOptions {
                 mailbox: mailbox.clone(),
@@ -218,6 +246,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 sha256: sha256.clone(),
                 idempotency_key: idempotency_key.clone(),
                 attributes: attrs.iter().cloned().collect::<BTreeMap<_, _>>(),
+                ack: ack.clone(),
             };
             let resp = client.put(opts, reader, move |n| pb2.set_position(n)).await;
             pb.finish_and_clear();
@@ -233,7 +262,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     ""
                 };
-                println!("{}  {}  {}  sha256:{}{dedup}", m.id, human_size(m.size), m.name, m.sha256);
+                println!(
+                    "{}  {}  {}  sha256:{}{dedup}",
+                    m.id,
+                    human_size(m.size),
+                    m.name,
+                    m.sha256
+                );
             }
         }
         Cmd::Get {
@@ -251,7 +286,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let d = if target == "-" {
                 let mut out = tokio::io::stdout();
-                client.get_to(id, *offset, *length, &mut out, |n, _| pb.set_position(n)).await?
+                client
+                    .get_to(id, *offset, *length, &mut out, |n, _| pb.set_position(n))
+                    .await?
             } else {
                 // Write beside the target and rename only after the digest
                 // checked out: a failed download never leaves a bad file.
@@ -259,7 +296,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let mut f = tokio::fs::File::create(&part)
                     .await
                     .with_context(|| format!("cannot create {part}"))?;
-                let res = client.get_to(id, *offset, *length, &mut f, |n, _| pb.set_position(n)).await;
+                let res = client
+                    .get_to(id, *offset, *length, &mut f, |n, _| pb.set_position(n))
+                    .await;
                 let d = match res {
                     Ok(d) => d,
                     Err(e) => {
@@ -278,13 +317,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json!({"id": d.message.id, "bytes": d.bytes, "sha256": d.sha256.to_hex(), "output": target, "verified": *offset == 0 && *length == 0})
                 );
             } else if target != "-" {
-                eprintln!("{} -> {target} ({}, sha256 verified)", d.message.id, human_size(d.bytes));
+                eprintln!(
+                    "{} -> {target} ({}, sha256 verified)",
+                    d.message.id,
+                    human_size(d.bytes)
+                );
             }
         }
         Cmd::Ls { mailbox: None, .. } => {
             let list = client.list_mailboxes("").await?;
             if cli.json {
-                let v: Vec<_> = list.iter().map(|m| json!({"path": m.path, "created_ms": m.created_ms})).collect();
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|m| json!({"path": m.path, "created_ms": m.created_ms}))
+                    .collect();
                 println!("{}", json!(v));
             } else {
                 for m in list {
@@ -302,7 +348,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 client.list(mb, "", *limit).await?.messages
             };
             if cli.json {
-                println!("{}", json!(list.iter().map(message_json).collect::<Vec<_>>()));
+                println!(
+                    "{}",
+                    json!(list.iter().map(message_json).collect::<Vec<_>>())
+                );
             } else {
                 for m in &list {
                     println!(
@@ -338,6 +387,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for (k, v) in &m.attributes {
                     println!("attr:      {k}={v}");
                 }
+                println!(
+                    "held by:   {}",
+                    if m.replicas.is_empty() {
+                        "-".to_string()
+                    } else {
+                        m.replicas
+                            .iter()
+                            .map(|r| format!("{} (since {})", r.dc, human_time(r.held_since_ms)))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    }
+                );
+                if m.payload_pending {
+                    println!("here:      metadata only, payload still replicating (downloads are proxied)");
+                }
+                if m.complete_ms != 0 {
+                    println!("complete:  in all DCs since {}", human_time(m.complete_ms));
+                }
             }
         }
         Cmd::Rm { id } => {
@@ -350,6 +417,54 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = client.mkdir(path, *parents).await?;
             if cli.json {
                 println!("{}", json!({"path": r.path, "created": r.created}));
+            }
+        }
+        Cmd::Replication {
+            cmd: ReplicationCmd::Status,
+        } => {
+            let s = client.replication_status().await?;
+            if cli.json {
+                let remotes: Vec<_> = s.remotes.iter().map(|r| json!({
+                    "dc": r.dc, "state": r.state, "cursor": r.cursor, "remote_head": r.remote_head,
+                    "lag_records": r.lag_records, "lag_seconds": r.lag_seconds, "retries": r.retries, "last_error": r.last_error,
+                })).collect();
+                println!(
+                    "{}",
+                    json!({
+                        "dc": s.dc, "feed_head": s.feed_head, "remotes": remotes,
+                        "pending_messages": s.pending_messages, "pending_bytes": s.pending_bytes,
+                        "oldest_pending_seconds": s.oldest_pending_seconds, "fetch_retries": s.fetch_retries,
+                        "corrupt_copies": s.corrupt_copies,
+                    })
+                );
+            } else {
+                println!("DC {}: own feed head {}", s.dc, s.feed_head);
+                println!(
+                    "{:<10} {:<13} {:>8} {:>8} {:>8} {:>8} {:>7}  LAST ERROR",
+                    "REMOTE", "STATE", "CURSOR", "HEAD", "LAG", "LAG(s)", "RETRIES"
+                );
+                for r in &s.remotes {
+                    println!(
+                        "{:<10} {:<13} {:>8} {:>8} {:>8} {:>8.1} {:>7}  {}",
+                        r.dc,
+                        r.state,
+                        r.cursor,
+                        r.remote_head,
+                        r.lag_records,
+                        r.lag_seconds,
+                        r.retries,
+                        r.last_error
+                    );
+                }
+                println!(
+                    "payloads pending here: {} ({}), oldest {:.1}s; fetch retries {}, corrupt copies {}",
+                    s.pending_messages, human_size(s.pending_bytes), s.oldest_pending_seconds, s.fetch_retries, s.corrupt_copies
+                );
+                if s.remotes.iter().any(|r| r.state == "idle") {
+                    println!(
+                        "(pulls run on the DC leader; ask the leader for live connection state)"
+                    );
+                }
             }
         }
         Cmd::Cluster {
@@ -376,7 +491,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "none (election in progress?)".into()
                 };
                 println!("DC {}: leader {leader}, term {}", s.dc, s.term);
-                println!("{:<6} {:<22} {:<10} {:>6} {:>10} {:>10}", "NODE", "ADDRESS", "STATE", "TERM", "LAST LOG", "APPLIED");
+                println!(
+                    "{:<6} {:<22} {:<10} {:>6} {:>10} {:>10}",
+                    "NODE", "ADDRESS", "STATE", "TERM", "LAST LOG", "APPLIED"
+                );
                 for n in &s.nodes {
                     if n.reachable {
                         println!(
@@ -401,7 +519,11 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let (code, msg) = match e.downcast_ref::<ClientError>() {
-                Some(ClientError::Status { code, message, error_code }) => (
+                Some(ClientError::Status {
+                    code,
+                    message,
+                    error_code,
+                }) => (
                     error_code.clone().unwrap_or_else(|| format!("{code:?}")),
                     format!("{code:?}: {message}"),
                 ),

@@ -13,6 +13,11 @@ pub mod raft {
     tonic::include_proto!("mailbox.raft.v1");
 }
 
+/// DC-to-DC replication feed (`proto/replication.proto`).
+pub mod replication {
+    tonic::include_proto!("mailbox.replication.v1");
+}
+
 /// Minimal etcd v3 KV client, used only by the load generator to measure
 /// etcd as a baseline in the same run (`proto/etcd/kv.proto`).
 pub mod etcd {
@@ -49,6 +54,7 @@ mod convert {
                     })
                     .collect(),
                 inline: matches!(m.payload, Payload::Inline),
+                ..Default::default()
             }
         }
     }

@@ -114,11 +114,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.get_meta(VOTE)
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), StorageError> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<NodeId>>,
+    ) -> Result<(), StorageError> {
         // Not fsynced: losing it only means re-deriving the commit point from
         // the quorum after a crash.
         let mut b = Batch::new();
-        b.put(Cf::Raft, COMMITTED, bincode::serialize(&committed).map_err(write_err)?);
+        b.put(
+            Cf::Raft,
+            COMMITTED,
+            bincode::serialize(&committed).map_err(write_err)?,
+        );
         self.store.write(b, false).map_err(write_err)
     }
 
@@ -127,7 +134,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -158,7 +169,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         let mut b = Batch::new();
-        b.delete_range(Cf::Log, index_key(log_id.index).to_vec(), index_key(u64::MAX).to_vec());
+        b.delete_range(
+            Cf::Log,
+            index_key(log_id.index).to_vec(),
+            index_key(u64::MAX).to_vec(),
+        );
         // u64::MAX itself is never a real index, so the half-open range suffices.
         self.store.write(b, true).map_err(write_err)
     }
@@ -168,7 +183,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // before the entries that could replay it disappear.
         self.store.sync_wal().map_err(write_err)?;
         let mut b = Batch::new();
-        b.put(Cf::Raft, LAST_PURGED, bincode::serialize(&log_id).map_err(write_err)?);
+        b.put(
+            Cf::Raft,
+            LAST_PURGED,
+            bincode::serialize(&log_id).map_err(write_err)?,
+        );
         b.delete_range(
             Cf::Log,
             index_key(0).to_vec(),

@@ -12,7 +12,9 @@ use mailbox_proto::raft::raft_internal_client::RaftInternalClient;
 use mailbox_proto::raft::raft_internal_server::RaftInternal;
 use mailbox_proto::raft::RaftBytes;
 use mailbox_proto::MAX_MESSAGE_SIZE;
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
@@ -52,7 +54,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = Connection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        let client = channel(&node.addr, None).map(internal_client).map_err(|e| e.to_string());
+        let client = channel(&node.addr, None)
+            .map(internal_client)
+            .map_err(|e| e.to_string());
         Connection { target, client }
     }
 }
@@ -80,9 +84,9 @@ impl Connection {
         let client = match &mut self.client {
             Ok(c) => c,
             Err(e) => {
-                return Err(RPCError::Unreachable(Unreachable::new(&std::io::Error::other(
-                    e.clone(),
-                ))))
+                return Err(RPCError::Unreachable(Unreachable::new(
+                    &std::io::Error::other(e.clone()),
+                )))
             }
         };
         let mut request = Request::new(RaftBytes { data: encode(req) });
@@ -96,9 +100,9 @@ impl Connection {
             Ok(r) => r.into_inner().data,
             Err(status) => {
                 return Err(match status.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                        RPCError::Unreachable(Unreachable::new(&status))
-                    }
+                    tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled => RPCError::Unreachable(Unreachable::new(&status)),
                     _ => RPCError::Network(NetworkError::new(&status)),
                 })
             }
@@ -155,7 +159,8 @@ fn bad_request(e: crate::RaftError) -> Status {
 #[tonic::async_trait]
 impl RaftInternal for InternalService {
     async fn append_entries(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
-        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data).map_err(bad_request)?;
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            decode(&req.into_inner().data).map_err(bad_request)?;
         let res = self.node.raft().append_entries(rpc).await;
         Ok(Response::new(RaftBytes { data: encode(&res) }))
     }
@@ -166,7 +171,10 @@ impl RaftInternal for InternalService {
         Ok(Response::new(RaftBytes { data: encode(&res) }))
     }
 
-    async fn install_snapshot(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<RaftBytes>,
+    ) -> Result<Response<RaftBytes>, Status> {
         let rpc: InstallSnapshotRequest<TypeConfig> =
             decode(&req.into_inner().data).map_err(bad_request)?;
         let res = self.node.raft().install_snapshot(rpc).await;
@@ -176,11 +184,15 @@ impl RaftInternal for InternalService {
     async fn forward(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let cmd = decode(&req.into_inner().data).map_err(bad_request)?;
         let reply: ForwardReply = self.node.propose_local(cmd).await;
-        Ok(Response::new(RaftBytes { data: encode(&reply) }))
+        Ok(Response::new(RaftBytes {
+            data: encode(&reply),
+        }))
     }
 
     async fn status(&self, _req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let report: NodeReport = self.node.report();
-        Ok(Response::new(RaftBytes { data: encode(&report) }))
+        Ok(Response::new(RaftBytes {
+            data: encode(&report),
+        }))
     }
 }

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use mailbox_proto::raft::raft_internal_client::RaftInternalClient;
 use mailbox_proto::raft::RaftBytes;
-use mailbox_state::{Command, CommandResponse};
+use mailbox_state::{ApplyCtx, Command, CommandResponse};
 use mailbox_storage::Store;
 use openraft::error::{ClientWriteError, RaftError as OrError};
 use openraft::{Config, SnapshotPolicy};
@@ -25,7 +25,9 @@ use tonic::transport::Channel;
 
 use crate::network::{channel, internal_client, Network};
 use crate::sm_store::snapshot_dir;
-use crate::{decode, encode, BasicNode, LogStore, NodeId, Raft, RaftError, StateMachineStore, StateView};
+use crate::{
+    decode, encode, BasicNode, LogStore, NodeId, Raft, RaftError, StateMachineStore, StateView,
+};
 
 /// Raft timing and log-compaction knobs.
 #[derive(Debug, Clone)]
@@ -103,6 +105,7 @@ pub struct NodeReport {
 
 struct Inner {
     id: NodeId,
+    applied: tokio::sync::watch::Receiver<u64>,
     raft: Raft,
     view: StateView,
     peers: Mutex<HashMap<String, RaftInternalClient<Channel>>>,
@@ -119,6 +122,7 @@ impl RaftNode {
     /// Starts Raft for node `id` over `store`, snapshots under `data_dir`.
     pub async fn start(
         id: NodeId,
+        dc: &str,
         store: Store,
         data_dir: &Path,
         tuning: &RaftTuning,
@@ -137,12 +141,12 @@ impl RaftNode {
         .map_err(|e| RaftError::Fatal {
             reason: format!("invalid raft config: {e}"),
         })?;
-        let sm = StateMachineStore::new(store.clone(), snapshot_dir(data_dir)).map_err(|e| {
-            RaftError::Fatal {
-                reason: format!("snapshot dir: {e}"),
-            }
+        let sm = StateMachineStore::new(store.clone(), snapshot_dir(data_dir), ApplyCtx::new(dc))
+            .map_err(|e| RaftError::Fatal {
+            reason: format!("snapshot dir: {e}"),
         })?;
         let view = sm.view();
+        let applied = sm.applied_watch();
         let raft = Raft::new(id, Arc::new(config), Network, LogStore::new(store), sm)
             .await
             .map_err(|e| RaftError::Fatal {
@@ -151,6 +155,7 @@ impl RaftNode {
         Ok(Self {
             inner: Arc::new(Inner {
                 id,
+                applied,
                 raft,
                 view,
                 peers: Mutex::new(HashMap::new()),
@@ -167,6 +172,11 @@ impl RaftNode {
     /// The openraft handle.
     pub fn raft(&self) -> &Raft {
         &self.inner.raft
+    }
+
+    /// Wakes after every apply batch with the last applied index.
+    pub fn applied_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.applied.clone()
     }
 
     /// Read view of the applied state.
@@ -197,10 +207,12 @@ impl RaftNode {
                 index: r.log_id.index,
                 response: r.data,
             },
-            Err(OrError::APIError(ClientWriteError::ForwardToLeader(f))) => ForwardReply::NotLeader {
-                leader: f.leader_id,
-                addr: f.leader_node.map(|n| n.addr),
-            },
+            Err(OrError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                ForwardReply::NotLeader {
+                    leader: f.leader_id,
+                    addr: f.leader_node.map(|n| n.addr),
+                }
+            }
             Err(OrError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 ForwardReply::Fatal(e.to_string())
             }
@@ -221,7 +233,12 @@ impl RaftNode {
         Ok(c)
     }
 
-    async fn forward(&self, addr: &str, cmd: &Command, timeout: Duration) -> Result<ForwardReply, RaftError> {
+    async fn forward(
+        &self,
+        addr: &str,
+        cmd: &Command,
+        timeout: Duration,
+    ) -> Result<ForwardReply, RaftError> {
         let mut client = self.peer(addr)?;
         let mut req = tonic::Request::new(RaftBytes { data: encode(cmd) });
         req.set_timeout(timeout);
@@ -252,13 +269,18 @@ impl RaftNode {
                     addr: Some(addr),
                 } if l != self.inner.id => {
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match self.forward(&addr, &cmd, left.max(Duration::from_millis(100))).await {
+                    match self
+                        .forward(&addr, &cmd, left.max(Duration::from_millis(100)))
+                        .await
+                    {
                         Ok(ForwardReply::Applied { index, response }) => {
                             self.wait_applied(index, deadline).await;
                             return Ok(response);
                         }
                         Ok(ForwardReply::Fatal(reason)) => format!("leader {l}: {reason}"),
-                        Ok(ForwardReply::NotLeader { .. }) => format!("node {l} is no longer leader"),
+                        Ok(ForwardReply::NotLeader { .. }) => {
+                            format!("node {l} is no longer leader")
+                        }
                         Err(e) => e.to_string(),
                     }
                 }
@@ -324,9 +346,12 @@ impl RaftNode {
         let mut client = self.peer(addr)?;
         let mut req = tonic::Request::new(RaftBytes { data: Vec::new() });
         req.set_timeout(Duration::from_secs(2));
-        let r = client.status(req).await.map_err(|s| RaftError::Unavailable {
-            reason: format!("{addr}: {}", s.message()),
-        })?;
+        let r = client
+            .status(req)
+            .await
+            .map_err(|s| RaftError::Unavailable {
+                reason: format!("{addr}: {}", s.message()),
+            })?;
         decode(&r.into_inner().data)
     }
 

@@ -14,7 +14,7 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use mailbox_state::{apply, CommandResult, KvRead, Overlay, StateError};
+use mailbox_state::{apply, ApplyCtx, CommandResult, KvRead, Overlay, StateError};
 use mailbox_storage::{Batch, Cf, Store};
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -56,9 +56,11 @@ impl StateView {
 
 impl KvRead for StateView {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        self.store.get(Cf::State, key).map_err(|e| StateError::Read {
-            reason: e.to_string(),
-        })
+        self.store
+            .get(Cf::State, key)
+            .map_err(|e| StateError::Read {
+                reason: e.to_string(),
+            })
     }
 
     fn scan(
@@ -66,7 +68,7 @@ impl KvRead for StateView {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    ) -> Result<mailbox_state::KvPairs, StateError> {
         self.store
             .scan(Cf::State, prefix, after, limit)
             .map_err(|e| StateError::Read {
@@ -80,19 +82,34 @@ impl KvRead for StateView {
 pub struct StateMachineStore {
     store: Store,
     snapshot_dir: PathBuf,
+    ctx: ApplyCtx,
+    applied_tx: tokio::sync::watch::Sender<u64>,
 }
 
 type Meta = SnapshotMeta<NodeId, BasicNode>;
 
 impl StateMachineStore {
-    /// A state machine over `store`, keeping snapshots in `snapshot_dir`.
-    pub fn new(store: Store, snapshot_dir: impl Into<PathBuf>) -> Result<Self, std::io::Error> {
+    /// A state machine of DC `ctx.local_dc` over `store`, keeping
+    /// snapshots in `snapshot_dir`.
+    pub fn new(
+        store: Store,
+        snapshot_dir: impl Into<PathBuf>,
+        ctx: ApplyCtx,
+    ) -> Result<Self, std::io::Error> {
         let snapshot_dir = snapshot_dir.into();
         std::fs::create_dir_all(&snapshot_dir)?;
         Ok(Self {
             store,
             snapshot_dir,
+            ctx,
+            applied_tx: tokio::sync::watch::channel(0).0,
         })
+    }
+
+    /// Notified with the last applied log index after every apply batch
+    /// (feed streams and waiters wake on it instead of polling).
+    pub fn applied_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
     }
 
     /// A query view of the same state.
@@ -238,7 +255,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<mailbox_state::CommandResponse>, StorageError>
+    async fn apply<I>(
+        &mut self,
+        entries: I,
+    ) -> Result<Vec<mailbox_state::CommandResponse>, StorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -252,7 +272,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last = Some(e.log_id);
             match &e.payload {
                 EntryPayload::Blank => out.push(Ok(CommandResult::None)),
-                EntryPayload::Normal(cmd) => out.push(apply(&view, &mut ov, cmd)),
+                EntryPayload::Normal(cmd) => out.push(apply(&view, &mut ov, &self.ctx, cmd)),
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(e.log_id), m.clone()));
                     out.push(Ok(CommandResult::None));
@@ -267,13 +287,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 None => b.delete(Cf::State, k),
             }
         }
-        b.put(Cf::State, APPLIED, bincode::serialize(&Some(last)).map_err(sm_write_err)?);
+        b.put(
+            Cf::State,
+            APPLIED,
+            bincode::serialize(&Some(last)).map_err(sm_write_err)?,
+        );
         if let Some(m) = membership {
-            b.put(Cf::State, MEMBERSHIP, bincode::serialize(&m).map_err(sm_write_err)?);
+            b.put(
+                Cf::State,
+                MEMBERSHIP,
+                bincode::serialize(&m).map_err(sm_write_err)?,
+            );
         }
         // Not fsynced: the log entries are durable and replay this batch after
         // a crash; LogStore::purge syncs before dropping them.
         self.store.write(b, false).map_err(sm_write_err)?;
+        self.applied_tx.send_replace(last.index);
         Ok(out)
     }
 
@@ -311,6 +340,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         );
         self.store.write(b, true).map_err(sm_write_err)?;
         self.save_snapshot_file(meta, &data)?;
+        if let Some(l) = meta.last_log_id {
+            self.applied_tx.send_replace(l.index);
+        }
         tracing::info!(bytes = data.len(), last = ?meta.last_log_id, "snapshot installed");
         Ok(())
     }
@@ -343,8 +375,12 @@ mod tests {
         ) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
             let dir = tempfile::tempdir().expect("tempdir");
             let store = Store::open(&dir.path().join("db")).expect("open store");
-            let sm = StateMachineStore::new(store.clone(), snapshot_dir(dir.path()))
-                .expect("snapshot dir");
+            let sm = StateMachineStore::new(
+                store.clone(),
+                snapshot_dir(dir.path()),
+                ApplyCtx::new("test"),
+            )
+            .expect("snapshot dir");
             Ok((dir, LogStore::new(store), sm))
         }
     }

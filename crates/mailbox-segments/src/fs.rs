@@ -16,7 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
 
 use crate::{SegmentError, SegmentStore, SegmentWriter};
 
-fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> SegmentError + 'a {
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> SegmentError + 'a {
     move |source| SegmentError::Io {
         op,
         path: path.display().to_string(),
@@ -58,7 +61,8 @@ async fn fsync_dir(dir: &Path) -> Result<(), SegmentError> {
 /// Latest modification time of a directory or any file in it.
 async fn newest_mtime(dir: &Path) -> SystemTime {
     let mtime = |m: std::io::Result<std::fs::Metadata>| {
-        m.and_then(|m| m.modified()).unwrap_or(SystemTime::UNIX_EPOCH)
+        m.and_then(|m| m.modified())
+            .unwrap_or(SystemTime::UNIX_EPOCH)
     };
     let mut newest = mtime(fs::metadata(dir).await);
     if let Ok(mut rd) = fs::read_dir(dir).await {
@@ -176,7 +180,9 @@ impl SegmentStore for FsSegmentStore {
             .await
             .map_err(io_err("seek", &path))?;
         let mut buf = BytesMut::zeroed(len as usize);
-        f.read_exact(&mut buf).await.map_err(io_err("read", &path))?;
+        f.read_exact(&mut buf)
+            .await
+            .map_err(io_err("read", &path))?;
         Ok(buf.freeze())
     }
 
@@ -194,7 +200,11 @@ impl SegmentStore for FsSegmentStore {
         let mut fan = fs::read_dir(&self.root)
             .await
             .map_err(io_err("read_dir", &self.root))?;
-        while let Some(f) = fan.next_entry().await.map_err(io_err("read_dir", &self.root))? {
+        while let Some(f) = fan
+            .next_entry()
+            .await
+            .map_err(io_err("read_dir", &self.root))?
+        {
             let Ok(mut msgs) = fs::read_dir(f.path()).await else {
                 continue;
             };
@@ -242,7 +252,13 @@ mod tests {
             store.read(id2, 0, 0, 1).await,
             Err(SegmentError::NotFound { .. })
         ));
-        let mut ids: Vec<_> = store.list_messages().await.unwrap().into_iter().map(|(id, _)| id).collect();
+        let mut ids: Vec<_> = store
+            .list_messages()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         ids.sort();
         assert_eq!(ids, vec![id, id2]);
         store.delete_message(id).await.unwrap();

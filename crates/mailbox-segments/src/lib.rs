@@ -73,8 +73,11 @@ pub trait SegmentWriter: Send {
 #[async_trait]
 pub trait SegmentStore: Send + Sync + 'static {
     /// Starts writing segment `index` of message `id`.
-    async fn create(&self, id: MessageId, index: u32)
-        -> Result<Box<dyn SegmentWriter>, SegmentError>;
+    async fn create(
+        &self,
+        id: MessageId,
+        index: u32,
+    ) -> Result<Box<dyn SegmentWriter>, SegmentError>;
     /// Reads `len` bytes at `offset` of a segment.
     async fn read(
         &self,

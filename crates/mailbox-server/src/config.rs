@@ -45,6 +45,79 @@ pub struct NodeConfig {
     pub gc_interval: HumanDuration,
     /// Raft timing and log compaction.
     pub raft: RaftConfig,
+    /// The other data centers and the acknowledgement policy.
+    pub cluster: ClusterConfig,
+}
+
+/// Multi-DC settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Every other DC of the cluster and how to reach its nodes.
+    pub remotes: Vec<RemoteDcConfig>,
+    /// When uploads are acknowledged: `delayed` (after the local DC
+    /// committed) or `immediate` (after other DCs hold the payload too).
+    pub ack: AckMode,
+    /// For `immediate`: `one` other DC, a `majority` of all DCs (origin
+    /// included), or `all` DCs.
+    pub immediate_quorum: Quorum,
+    /// For `immediate`: give up waiting (retryable error) after this long.
+    pub immediate_timeout: HumanDuration,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            remotes: Vec::new(),
+            ack: AckMode::Delayed,
+            immediate_quorum: Quorum::Majority,
+            immediate_timeout: ms(30_000),
+        }
+    }
+}
+
+/// Another DC.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct RemoteDcConfig {
+    /// Its name.
+    pub name: String,
+    /// `host:port` of its nodes (any node serves the feed and payloads).
+    pub endpoints: Vec<String>,
+}
+
+/// Acknowledgement policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AckMode {
+    /// After the local DC committed.
+    Delayed,
+    /// After the required number of other DCs hold the whole payload.
+    Immediate,
+}
+
+/// How many DCs `immediate` waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Quorum {
+    /// One other DC.
+    One,
+    /// A majority of all DCs, the origin included.
+    Majority,
+    /// Every DC.
+    All,
+}
+
+impl Quorum {
+    /// Other DCs that must hold a message, given `total` DCs in the cluster.
+    pub fn others_required(self, total: usize) -> usize {
+        let others = total.saturating_sub(1);
+        match self {
+            Quorum::One => others.min(1),
+            Quorum::Majority => (total / 2 + 1).saturating_sub(1),
+            Quorum::All => others,
+        }
+    }
 }
 
 /// One member of the DC log.
@@ -122,6 +195,7 @@ impl Default for NodeConfig {
             orphan_grace: ms(3_600_000),
             gc_interval: ms(60_000),
             raft: RaftConfig::default(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -156,13 +230,22 @@ impl NodeConfig {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return bad("dc", format!("{:?} must be non-empty [A-Za-z0-9_-]", self.dc));
+            return bad(
+                "dc",
+                format!("{:?} must be non-empty [A-Za-z0-9_-]", self.dc),
+            );
         }
         if self.listen.parse::<SocketAddr>().is_err() {
-            return bad("listen", format!("{:?} is not host:port (an IP address)", self.listen));
+            return bad(
+                "listen",
+                format!("{:?} is not host:port (an IP address)", self.listen),
+            );
         }
         if self.members.is_empty() {
-            return bad("members", "at least one member (this node) is required".into());
+            return bad(
+                "members",
+                "at least one member (this node) is required".into(),
+            );
         }
         let mut ids = HashSet::new();
         for m in &self.members {
@@ -170,11 +253,17 @@ impl NodeConfig {
                 return bad("members", format!("node id {} appears twice", m.id));
             }
             if !m.addr.contains(':') {
-                return bad("members", format!("address {:?} of node {} is not host:port", m.addr, m.id));
+                return bad(
+                    "members",
+                    format!("address {:?} of node {} is not host:port", m.addr, m.id),
+                );
             }
         }
         if !ids.contains(&self.node_id) {
-            return bad("node-id", format!("{} is not among members {:?}", self.node_id, ids));
+            return bad(
+                "node-id",
+                format!("{} is not among members {:?}", self.node_id, ids),
+            );
         }
         if !matches!(self.members.len(), 1 | 3 | 5) {
             return bad(
@@ -191,24 +280,40 @@ impl NodeConfig {
         if self.inline_threshold.0 > MAX_INLINE_THRESHOLD {
             return bad(
                 "inline-threshold",
-                format!("{} exceeds the maximum {}", self.inline_threshold, ByteSize(MAX_INLINE_THRESHOLD)),
+                format!(
+                    "{} exceeds the maximum {}",
+                    self.inline_threshold,
+                    ByteSize(MAX_INLINE_THRESHOLD)
+                ),
             );
         }
         if !(4096..=(1u64 << 30)).contains(&self.segment_size.0) {
-            return bad("segment-size", format!("{} must be between 4KiB and 1GiB", self.segment_size));
+            return bad(
+                "segment-size",
+                format!("{} must be between 4KiB and 1GiB", self.segment_size),
+            );
         }
         if self.segment_size.0 < self.inline_threshold.0 {
-            return bad("segment-size", "must not be smaller than inline-threshold".into());
+            return bad(
+                "segment-size",
+                "must not be smaller than inline-threshold".into(),
+            );
         }
         let r = &self.raft;
         if r.heartbeat.0.is_zero() || r.election_timeout_min.0 <= r.heartbeat.0 * 2 {
             return bad(
                 "raft.election-timeout-min",
-                format!("{} must exceed twice the heartbeat {}", r.election_timeout_min, r.heartbeat),
+                format!(
+                    "{} must exceed twice the heartbeat {}",
+                    r.election_timeout_min, r.heartbeat
+                ),
             );
         }
         if r.election_timeout_max.0 <= r.election_timeout_min.0 {
-            return bad("raft.election-timeout-max", "must exceed election-timeout-min".into());
+            return bad(
+                "raft.election-timeout-max",
+                "must exceed election-timeout-min".into(),
+            );
         }
         if r.snapshot_every == 0 {
             return bad("raft.snapshot-every", "must be positive".into());
@@ -225,7 +330,35 @@ impl NodeConfig {
         if self.gc_interval.0.is_zero() {
             return bad("gc-interval", "must be positive".into());
         }
+        let mut names = HashSet::new();
+        for r in &self.cluster.remotes {
+            if r.name == self.dc || !names.insert(&r.name) {
+                return bad(
+                    "cluster.remotes",
+                    format!("DC {:?} is this DC or listed twice", r.name),
+                );
+            }
+            if r.endpoints.is_empty() {
+                return bad(
+                    "cluster.remotes",
+                    format!("DC {:?} has no endpoints", r.name),
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// Names of every DC of the cluster, this one included, sorted.
+    pub fn cluster_dcs(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .cluster
+            .remotes
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
+        v.push(self.dc.clone());
+        v.sort();
+        v
     }
 }
 
@@ -272,10 +405,24 @@ snapshot-every = 100
         assert!(e.contains("node-id"), "{e}");
         let mut c: NodeConfig = toml::from_str(MIN).unwrap();
         c.inline_threshold = ByteSize(16 << 20);
-        assert!(c.validate().unwrap_err().to_string().contains("inline-threshold"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("inline-threshold"));
         let mut c: NodeConfig = toml::from_str(MIN).unwrap();
         c.members.pop();
         assert!(c.validate().unwrap_err().to_string().contains("1, 3 or 5"));
         assert!(toml::from_str::<NodeConfig>("nod-id = 1").is_err());
+    }
+
+    #[test]
+    fn quorum_counts_other_dcs() {
+        assert_eq!(Quorum::Majority.others_required(2), 1);
+        assert_eq!(Quorum::Majority.others_required(3), 1);
+        assert_eq!(Quorum::Majority.others_required(5), 2);
+        assert_eq!(Quorum::All.others_required(3), 2);
+        assert_eq!(Quorum::One.others_required(3), 1);
+        assert_eq!(Quorum::One.others_required(1), 0);
     }
 }

@@ -116,7 +116,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             .with_context(|| format!("start node {i}"))?;
         children.push(child);
     }
-    println!("Starting data center '{}' with {} nodes; data under {}", args.dc, args.nodes, dir.display());
+    println!(
+        "Starting data center '{}' with {} nodes; data under {}",
+        args.dc,
+        args.nodes,
+        dir.display()
+    );
     let leader = match wait_for_leader(&addrs[0]).await {
         Ok(l) => l,
         Err(e) => {
@@ -149,9 +154,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!();
     println!("Data center '{}' is up; leader is node {leader}.", args.dc);
     for (i, a) in addrs.iter().enumerate() {
-        println!("  node {}  grpc://{a}   log: {}", i + 1, dir.join(format!("node{}/mailboxd.log", i + 1)).display());
+        println!(
+            "  node {}  grpc://{a}   log: {}",
+            i + 1,
+            dir.join(format!("node{}/mailboxd.log", i + 1)).display()
+        );
     }
-    println!("Client config: {} (the `mailbox` CLI finds it from this directory)", args.client_config.display());
+    println!(
+        "Client config: {} (the `mailbox` CLI finds it from this directory)",
+        args.client_config.display()
+    );
     println!();
     println!("Try, in another terminal from this directory:");
     println!("  mailbox put README.md /inbox");

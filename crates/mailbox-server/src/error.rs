@@ -129,10 +129,14 @@ impl ServiceError {
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         let code = match &e {
-            ServiceError::InvalidArgument { .. } | ServiceError::Truncated { .. } => Code::InvalidArgument,
+            ServiceError::InvalidArgument { .. } | ServiceError::Truncated { .. } => {
+                Code::InvalidArgument
+            }
             ServiceError::NotFound { .. } => Code::NotFound,
             ServiceError::AlreadyExists { .. } => Code::AlreadyExists,
-            ServiceError::ChecksumMismatch { .. } | ServiceError::PayloadDamaged { .. } => Code::DataLoss,
+            ServiceError::ChecksumMismatch { .. } | ServiceError::PayloadDamaged { .. } => {
+                Code::DataLoss
+            }
             ServiceError::Unavailable { .. } | ServiceError::NotLeader { .. } => Code::Unavailable,
             ServiceError::Internal { .. } => Code::Internal,
         };
@@ -186,7 +190,13 @@ impl From<RaftError> for ServiceError {
     fn from(e: RaftError) -> Self {
         match e {
             RaftError::Unavailable { reason } => ServiceError::Unavailable { reason },
-            RaftError::NotLeader { leader, leader_addr } => ServiceError::NotLeader { leader, leader_addr },
+            RaftError::NotLeader {
+                leader,
+                leader_addr,
+            } => ServiceError::NotLeader {
+                leader,
+                leader_addr,
+            },
             e => ServiceError::Internal {
                 reason: e.to_string(),
             },

@@ -14,9 +14,14 @@ use std::sync::Arc;
 use mailbox_raft::RaftNode;
 use mailbox_segments::{SegmentStore, SegmentWriter};
 use mailbox_state::{Command, CommandResult};
-use mailbox_types::{validate_message_name, Digest, MailboxPath, MessageId, MessageMeta, Payload, SegmentMeta};
+use mailbox_types::{
+    validate_message_name, Digest, MailboxPath, MessageId, MessageMeta, Payload, SegmentMeta,
+};
 use sha2::{Digest as _, Sha256};
 
+use std::time::Duration;
+
+use crate::config::AckMode;
 use crate::error::ServiceError;
 
 /// Largest idempotency key accepted, in bytes.
@@ -39,6 +44,19 @@ pub struct UploadRequest {
     pub sha256: Option<String>,
     /// User attributes.
     pub attributes: BTreeMap<String, String>,
+    /// Per-upload acknowledgement override.
+    pub ack: Option<AckMode>,
+}
+
+/// When an upload is acknowledged.
+#[derive(Debug, Clone)]
+pub struct AckPolicy {
+    /// Default mode.
+    pub mode: AckMode,
+    /// Other DCs that must hold the payload for `immediate`.
+    pub others_required: usize,
+    /// How long `immediate` waits.
+    pub timeout: Duration,
 }
 
 /// Node-wide things an upload needs.
@@ -54,6 +72,8 @@ pub struct IngestContext {
     pub inline_threshold: u64,
     /// Segment size in bytes.
     pub segment_size: u64,
+    /// Acknowledgement policy.
+    pub ack: AckPolicy,
 }
 
 /// An upload in progress.
@@ -65,6 +85,7 @@ pub struct Upload {
     idempotency_key: Option<String>,
     declared: Option<Digest>,
     attributes: BTreeMap<String, String>,
+    ack: AckMode,
     whole: Sha256,
     size: u64,
     inline: Vec<u8>,
@@ -97,13 +118,13 @@ impl Upload {
         }
         let declared = req.sha256.as_deref().map(Digest::from_hex).transpose()?;
         if req.attributes.len() > MAX_ATTRIBUTES {
-            return Err(ServiceError::invalid(format!("at most {MAX_ATTRIBUTES} attributes")));
+            return Err(ServiceError::invalid(format!(
+                "at most {MAX_ATTRIBUTES} attributes"
+            )));
         }
-        if req
-            .attributes
-            .iter()
-            .any(|(k, v)| k.is_empty() || k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN)
-        {
+        if req.attributes.iter().any(|(k, v)| {
+            k.is_empty() || k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN
+        }) {
             return Err(ServiceError::invalid(format!(
                 "attribute keys must be 1..={MAX_ATTRIBUTE_LEN} bytes, values at most {MAX_ATTRIBUTE_LEN}"
             )));
@@ -115,8 +136,10 @@ impl Upload {
                 what: format!("mailbox {mailbox}"),
             });
         }
+        let ack = req.ack.unwrap_or(ctx.ack.mode);
         Ok(Upload {
             ctx,
+            ack,
             id: MessageId::new(),
             mailbox,
             name: req.name,
@@ -197,7 +220,12 @@ impl Upload {
     #[tracing::instrument(level = "debug", skip(self), fields(id = %self.id, size = self.size))]
     pub async fn finish(mut self, expected_size: Option<u64>) -> Result<Stored, ServiceError> {
         match self.commit(expected_size).await {
-            Ok(s) => Ok(s),
+            Ok(s) => {
+                if self.ack == AckMode::Immediate {
+                    wait_replicated(&self.ctx, &s.meta).await?;
+                }
+                Ok(s)
+            }
             Err((e, cleanup)) => {
                 if cleanup {
                     self.abort().await;
@@ -262,7 +290,12 @@ impl Upload {
         };
         // A proposal that times out may still commit: keep the segments and
         // let the orphan collector decide against the committed state.
-        let res = self.ctx.raft.propose(cmd).await.map_err(|e| (e.into(), false))?;
+        let res = self
+            .ctx
+            .raft
+            .propose(cmd)
+            .await
+            .map_err(|e| (e.into(), false))?;
         match res {
             Ok(CommandResult::Message { meta, deduplicated }) => {
                 if deduplicated && self.spilled {
@@ -278,6 +311,45 @@ impl Upload {
                 false,
             )),
             Err(e) => Err((e.into(), true)),
+        }
+    }
+}
+
+/// Waits until the required number of other DCs hold `meta` in full, as
+/// reported in this DC's applied state (their replica acks arrive through
+/// their feeds). Times out with a retryable error; the message stays and
+/// keeps replicating.
+pub async fn wait_replicated(ctx: &IngestContext, meta: &MessageMeta) -> Result<(), ServiceError> {
+    let need = ctx.ack.others_required;
+    if need == 0 {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + ctx.ack.timeout;
+    let mut applied = ctx.raft.applied_watch();
+    loop {
+        applied.mark_unchanged();
+        let holders = mailbox_state::replication::holders(ctx.raft.view(), &meta.id)?;
+        let others = holders.iter().filter(|(dc, _)| dc != &ctx.dc).count();
+        if others >= need {
+            return Ok(());
+        }
+        match tokio::time::timeout_at(deadline, applied.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(ServiceError::Unavailable {
+                    reason: "node shutting down".into(),
+                })
+            }
+            Err(_) => {
+                return Err(ServiceError::Unavailable {
+                    reason: format!(
+                        "message {} is stored in DC {} but only {others} of the {need} other DCs required \
+                         for immediate acknowledgement hold it after {:?}; it keeps replicating, retry with \
+                         the same idempotency key to wait again",
+                        meta.id, ctx.dc, ctx.ack.timeout
+                    ),
+                })
+            }
         }
     }
 }

@@ -15,11 +15,14 @@ use std::future::Future;
 use std::sync::Arc;
 
 use mailbox_proto::raft::raft_internal_server::RaftInternalServer;
+use mailbox_proto::replication::replication_server::ReplicationServer;
 use mailbox_proto::v1::mailbox_server::MailboxServer;
 use mailbox_proto::MAX_MESSAGE_SIZE;
 use mailbox_raft::network::InternalService;
 use mailbox_raft::{BasicNode, RaftNode};
+use mailbox_replication::{FeedService, RemoteDc, Replicator};
 use mailbox_segments::{FsSegmentStore, SegmentStore};
+use mailbox_state::Command;
 use mailbox_storage::Store;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -27,7 +30,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use config::NodeConfig;
 pub use error::{ConfigError, ServiceError};
 
-use crate::ingest::IngestContext;
+use crate::ingest::{AckPolicy, IngestContext};
 use crate::service::MailboxService;
 
 /// Errors that stop a node.
@@ -70,7 +73,14 @@ pub async fn serve(
         reason: e.to_string(),
     })?;
     let store = Store::open(&cfg.data_dir.join("db"))?;
-    let raft = RaftNode::start(cfg.node_id, store, &cfg.data_dir, &cfg.raft.tuning()).await?;
+    let raft = RaftNode::start(
+        cfg.node_id,
+        &cfg.dc,
+        store,
+        &cfg.data_dir,
+        &cfg.raft.tuning(),
+    )
+    .await?;
     let segments: Arc<dyn SegmentStore> = Arc::new(FsSegmentStore::open(&cfg.segment_dir).await?);
     let ctx = IngestContext {
         raft: raft.clone(),
@@ -78,9 +88,39 @@ pub async fn serve(
         dc: cfg.dc.clone(),
         inline_threshold: cfg.inline_threshold.0,
         segment_size: cfg.segment_size.0,
+        ack: AckPolicy {
+            mode: cfg.cluster.ack,
+            others_required: cfg
+                .cluster
+                .immediate_quorum
+                .others_required(cfg.cluster_dcs().len()),
+            timeout: cfg.cluster.immediate_timeout.0,
+        },
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let remotes: Vec<RemoteDc> = cfg
+        .cluster
+        .remotes
+        .iter()
+        .map(|r| RemoteDc {
+            name: r.name.clone(),
+            endpoints: r.endpoints.clone(),
+        })
+        .collect();
+    let replicator = Replicator::new(
+        raft.clone(),
+        cfg.dc.clone(),
+        remotes.clone(),
+        segments.clone(),
+    );
+    let repl_status = replicator.status();
+    replicator.spawn(stop_rx.clone());
+    tokio::spawn(publish_cluster_dcs(
+        raft.clone(),
+        cfg.cluster_dcs(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(gc::run(
         raft.clone(),
         segments,
@@ -112,7 +152,9 @@ pub async fn serve(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "mailboxd serving"
     );
-    let api = MailboxServer::new(MailboxService::new(ctx))
+    let feed = ReplicationServer::new(FeedService::new(raft.clone(), cfg.dc.clone()))
+        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let api = MailboxServer::new(MailboxService::new(ctx, remotes, repl_status))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let internal = RaftInternalServer::new(InternalService::new(raft.clone()))
@@ -123,10 +165,43 @@ pub async fn serve(
         .concurrency_limit_per_connection(256)
         .add_service(api)
         .add_service(internal)
+        .add_service(feed)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     let _ = stop_tx.send(true);
     raft.shutdown().await;
     tracing::info!(node = cfg.node_id, "mailboxd stopped");
     result.map_err(NodeError::from)
+}
+
+/// Keeps the DC log's list of cluster DCs equal to the configuration: the
+/// leader proposes it whenever it differs (completion means "held by all").
+async fn publish_cluster_dcs(
+    raft: RaftNode,
+    dcs: Vec<String>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        if raft.report().leader == Some(raft.id()) {
+            let current = mailbox_state::replication::configured_dcs(raft.view())
+                .ok()
+                .flatten();
+            if current.as_ref() != Some(&dcs) {
+                match raft
+                    .propose(Command::SetClusterDcs { dcs: dcs.clone() })
+                    .await
+                {
+                    Ok(_) => tracing::info!(?dcs, "cluster DCs recorded in the DC log"),
+                    Err(e) => tracing::warn!("cannot record cluster DCs: {e}"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = stop.changed() => {}
+        }
+    }
 }

@@ -57,7 +57,9 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         None => {
-            let path = cli.config.context("--config FILE is required (or use `mailboxd dev`)")?;
+            let path = cli
+                .config
+                .context("--config FILE is required (or use `mailboxd dev`)")?;
             let cfg = NodeConfig::load(&path)?;
             let listener = tokio::net::TcpListener::bind(&cfg.listen)
                 .await

@@ -12,10 +12,12 @@ use mailbox_proto::v1::mailbox_server::Mailbox;
 use mailbox_proto::v1::{
     put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
     CreateMailboxResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
-    ListMailboxesRequest, ListMailboxesResponse, ListRequest, ListResponse, MessageInfo, NodeStatus,
-    PutRequest, PutResponse, StatRequest, StatResponse,
+    ListMailboxesRequest, ListMailboxesResponse, ListRequest, ListResponse, MessageInfo,
+    NodeStatus, PutRequest, PutResponse, RemoteDcStatus, ReplicaInfo, ReplicationStatusRequest,
+    ReplicationStatusResponse, StatRequest, StatResponse,
 };
 use mailbox_raft::RaftNode;
+use mailbox_replication::{RemoteDc, StatusHandle};
 use mailbox_state::{Command, CommandResult};
 use mailbox_types::{MailboxPath, MessageId, MessageMeta, Payload};
 use tokio::sync::mpsc;
@@ -23,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::config::AckMode;
 use crate::error::ServiceError;
 use crate::ingest::{IngestContext, Upload, UploadRequest};
 
@@ -35,12 +38,32 @@ pub const MAX_LIST_PAGE: u32 = 1000;
 #[derive(Clone)]
 pub struct MailboxService {
     ctx: IngestContext,
+    remotes: Vec<RemoteDc>,
+    status: StatusHandle,
 }
 
 impl MailboxService {
-    /// A service over the node's ingest context.
-    pub fn new(ctx: IngestContext) -> Self {
-        Self { ctx }
+    /// A service over the node's ingest context; `remotes` and `status`
+    /// come from the replicator.
+    pub fn new(ctx: IngestContext, remotes: Vec<RemoteDc>, status: StatusHandle) -> Self {
+        Self {
+            ctx,
+            remotes,
+            status,
+        }
+    }
+
+    /// Metadata plus this DC's view of where the message is held.
+    fn info(&self, meta: &MessageMeta) -> Result<MessageInfo, ServiceError> {
+        let view = self.raft().view();
+        let mut info = MessageInfo::from(meta);
+        info.replicas = mailbox_state::replication::holders(view, &meta.id)?
+            .into_iter()
+            .map(|(dc, held_since_ms)| ReplicaInfo { dc, held_since_ms })
+            .collect();
+        info.complete_ms = mailbox_state::replication::complete_ms(view, &meta.id)?.unwrap_or(0);
+        info.payload_pending = !info.replicas.iter().any(|r| r.dc == self.ctx.dc);
+        Ok(info)
     }
 
     fn raft(&self) -> &RaftNode {
@@ -54,12 +77,19 @@ impl MailboxService {
         })
     }
 
-    async fn receive_upload(&self, mut stream: Streaming<PutRequest>) -> Result<PutResponse, ServiceError> {
+    async fn receive_upload(
+        &self,
+        mut stream: Streaming<PutRequest>,
+    ) -> Result<PutResponse, ServiceError> {
         let header = match stream.next().await {
             Some(Ok(PutRequest {
                 part: Some(put_request::Part::Header(h)),
             })) => h,
-            Some(Ok(_)) => return Err(ServiceError::invalid("the first upload message must be a header")),
+            Some(Ok(_)) => {
+                return Err(ServiceError::invalid(
+                    "the first upload message must be a header",
+                ))
+            }
             Some(Err(s)) => {
                 return Err(ServiceError::Truncated {
                     reason: format!("stream failed before the header: {}", s.message()),
@@ -76,6 +106,16 @@ impl MailboxService {
                 idempotency_key: opt(header.idempotency_key),
                 sha256: opt(header.sha256),
                 attributes: header.attributes.into_iter().collect(),
+                ack: match header.ack.as_str() {
+                    "" => None,
+                    "delayed" => Some(AckMode::Delayed),
+                    "immediate" => Some(AckMode::Immediate),
+                    other => {
+                        return Err(ServiceError::invalid(format!(
+                            "ack must be \"delayed\" or \"immediate\", not {other:?}"
+                        )))
+                    }
+                },
             },
         )?;
         let trailer = loop {
@@ -111,13 +151,61 @@ impl MailboxService {
         };
         let stored = upload.finish(Some(trailer.size)).await?;
         Ok(PutResponse {
-            message: Some(MessageInfo::from(&stored.meta)),
+            message: Some(self.info(&stored.meta)?),
             deduplicated: stored.deduplicated,
         })
     }
 }
 
 type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
+
+impl MailboxService {
+    /// Serves a download whose payload has not reached this DC yet from a DC
+    /// that holds it (origin first), so a file that exists is never "not
+    /// found" here.
+    async fn proxy_get(
+        &self,
+        meta: &MessageMeta,
+        r: GetRequest,
+    ) -> Result<Response<GetStream>, Status> {
+        let holders = mailbox_state::replication::holders(self.raft().view(), &meta.id)
+            .map_err(ServiceError::from)?;
+        let mut sources: Vec<&RemoteDc> = self
+            .remotes
+            .iter()
+            .filter(|d| d.name == meta.origin_dc)
+            .collect();
+        sources.extend(
+            self.remotes
+                .iter()
+                .filter(|d| d.name != meta.origin_dc && holders.iter().any(|(h, _)| h == &d.name)),
+        );
+        let mut last = String::from("no DC holding the payload is configured");
+        for dc in sources {
+            for ep in &dc.endpoints {
+                let Ok(mut client) = mailbox_proto::v1::mailbox_client::MailboxClient::connect(
+                    format!("http://{ep}"),
+                )
+                .await
+                else {
+                    last = format!("{}: {ep} unreachable", dc.name);
+                    continue;
+                };
+                match client.get(r.clone()).await {
+                    Ok(stream) => {
+                        tracing::info!(id = %meta.id, from = %dc.name, "proxying download of a payload still replicating");
+                        return Ok(Response::new(Box::pin(stream.into_inner()) as GetStream));
+                    }
+                    Err(e) => last = format!("{}: {}", dc.name, e.message()),
+                }
+            }
+        }
+        Err(ServiceError::Unavailable {
+            reason: format!("payload of {} is still replicating to this DC and no other DC could serve it: {last}", meta.id),
+        }
+        .into())
+    }
+}
 
 #[tonic::async_trait]
 impl Mailbox for MailboxService {
@@ -135,10 +223,12 @@ impl Mailbox for MailboxService {
         };
         let res = self.raft().propose(cmd).await.map_err(ServiceError::from)?;
         match res.map_err(ServiceError::from)? {
-            CommandResult::Mailbox { record, created } => Ok(Response::new(CreateMailboxResponse {
-                path: record.path.to_string(),
-                created,
-            })),
+            CommandResult::Mailbox { record, created } => {
+                Ok(Response::new(CreateMailboxResponse {
+                    path: record.path.to_string(),
+                    created,
+                }))
+            }
             other => Err(ServiceError::Internal {
                 reason: format!("unexpected result {other:?}"),
             }
@@ -151,14 +241,18 @@ impl Mailbox for MailboxService {
         req: Request<ListMailboxesRequest>,
     ) -> Result<Response<ListMailboxesResponse>, Status> {
         let prefix = req.into_inner().prefix;
-        let list = mailbox_state::list_mailboxes(self.raft().view(), &prefix).map_err(ServiceError::from)?;
+        let list = mailbox_state::list_mailboxes(self.raft().view(), &prefix)
+            .map_err(ServiceError::from)?;
         Ok(Response::new(ListMailboxesResponse {
             mailboxes: list.iter().map(Into::into).collect(),
         }))
     }
 
     #[tracing::instrument(level = "info", skip_all)]
-    async fn put(&self, req: Request<Streaming<PutRequest>>) -> Result<Response<PutResponse>, Status> {
+    async fn put(
+        &self,
+        req: Request<Streaming<PutRequest>>,
+    ) -> Result<Response<PutResponse>, Status> {
         let resp = self.receive_upload(req.into_inner()).await?;
         Ok(Response::new(resp))
     }
@@ -181,6 +275,15 @@ impl Mailbox for MailboxService {
         } else {
             r.offset.saturating_add(r.length).min(meta.size)
         };
+        if !meta.segments().is_empty() {
+            let held_here = mailbox_state::replication::holders(self.raft().view(), &meta.id)
+                .map_err(ServiceError::from)?
+                .iter()
+                .any(|(dc, _)| dc == &self.ctx.dc);
+            if !held_here {
+                return self.proxy_get(&meta, r).await;
+            }
+        }
         let inline = match meta.payload {
             Payload::Inline => Some(
                 mailbox_state::inline_payload(self.raft().view(), &meta.id)
@@ -262,8 +365,9 @@ impl Mailbox for MailboxService {
             0 => 100,
             n => n.min(MAX_LIST_PAGE),
         } as usize;
-        let page = mailbox_state::list_messages(self.raft().view(), &mailbox, after.as_ref(), limit)
-            .map_err(ServiceError::from)?;
+        let page =
+            mailbox_state::list_messages(self.raft().view(), &mailbox, after.as_ref(), limit)
+                .map_err(ServiceError::from)?;
         let next_after = match page.last() {
             Some(m) if page.len() == limit => m.id.to_string(),
             _ => String::new(),
@@ -277,16 +381,22 @@ impl Mailbox for MailboxService {
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
         let meta = self.message(&req.into_inner().id)?;
         Ok(Response::new(StatResponse {
-            message: Some((&meta).into()),
+            message: Some(self.info(&meta)?),
         }))
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(id = %req.get_ref().id))]
-    async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
         let id: MessageId = req.into_inner().id.parse().map_err(ServiceError::from)?;
         let res = self
             .raft()
-            .propose(Command::DeleteMessage { id })
+            .propose(Command::DeleteMessage {
+                id,
+                at_ms: mailbox_types::now_ms(),
+            })
             .await
             .map_err(ServiceError::from)?;
         if let CommandResult::Deleted { meta } = res.map_err(ServiceError::from)? {
@@ -298,6 +408,57 @@ impl Mailbox for MailboxService {
             }
         }
         Ok(Response::new(DeleteResponse {}))
+    }
+
+    async fn replication_status(
+        &self,
+        _req: Request<ReplicationStatusRequest>,
+    ) -> Result<Response<ReplicationStatusResponse>, Status> {
+        let view = self.raft().view();
+        let pending = mailbox_state::replication::missing_payloads(view, usize::MAX)
+            .map_err(ServiceError::from)?;
+        let now = mailbox_types::now_ms();
+        let oldest = pending.iter().map(|m| m.created_ms).min();
+        let remotes = self.status.remotes.lock().expect("status lock").clone();
+        let fetch = self.status.fetch.lock().expect("status lock").clone();
+        let mut out = Vec::new();
+        for r in &self.remotes {
+            let s = remotes.get(&r.name).cloned().unwrap_or_default();
+            // The cursor in the applied state is authoritative (followers
+            // have no live pull); the live status adds the remote head.
+            let cursor =
+                mailbox_state::replication::cursor(view, &r.name).map_err(ServiceError::from)?;
+            let head = s.remote_head.max(cursor);
+            out.push(RemoteDcStatus {
+                dc: r.name.clone(),
+                state: if s.state.is_empty() {
+                    "idle".into()
+                } else {
+                    s.state
+                },
+                cursor,
+                remote_head: head,
+                lag_records: head - cursor,
+                lag_seconds: s
+                    .behind_since_ms
+                    .map(|t| (now - t).max(0) as f64 / 1000.0)
+                    .unwrap_or(0.0),
+                retries: s.retries,
+                last_error: s.last_error,
+            });
+        }
+        Ok(Response::new(ReplicationStatusResponse {
+            dc: self.ctx.dc.clone(),
+            remotes: out,
+            pending_messages: pending.len() as u64,
+            pending_bytes: pending.iter().map(|m| m.size).sum(),
+            oldest_pending_seconds: oldest
+                .map(|t| (now - t).max(0) as f64 / 1000.0)
+                .unwrap_or(0.0),
+            fetch_retries: fetch.retries,
+            corrupt_copies: fetch.corrupt,
+            feed_head: mailbox_state::replication::feed_head(view).map_err(ServiceError::from)?,
+        }))
     }
 
     async fn cluster_status(

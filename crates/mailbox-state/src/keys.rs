@@ -12,6 +12,14 @@
 //! | `l` | path NUL id                 | empty (listing index)   |
 //! | `k` | path NUL idempotency-key    | id                      |
 //! | `K` | id                          | idempotency key         |
+//! | `f` | seq (u64 BE)                | `FeedRecord` (own feed) |
+//! | `F` |                             | last own feed seq       |
+//! | `c` | origin DC                   | last applied remote seq |
+//! | `h` | id dc                       | held-since ms           |
+//! | `x` | id                          | empty: payload missing  |
+//! | `q` | id                          | all-DCs-complete ms     |
+//! | `t` | id                          | tombstone: deleted ms   |
+//! | `C` |                             | cluster DC names        |
 
 use mailbox_types::{MailboxPath, MessageId};
 
@@ -82,4 +90,51 @@ pub fn decode_id(key: &[u8], v: &[u8]) -> Result<MessageId, StateError> {
 /// Hex dump of a key, for error messages.
 pub fn hex(k: &[u8]) -> String {
     k.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Own feed record `seq`.
+pub fn feed(seq: u64) -> Vec<u8> {
+    tagged(b'f', &[&seq.to_be_bytes()])
+}
+
+/// Prefix of the own feed.
+pub const FEED_PREFIX: &[u8] = b"f";
+
+/// Last assigned own feed sequence number.
+pub const FEED_SEQ: &[u8] = b"F";
+
+/// Cluster DC list.
+pub const CLUSTER_DCS: &[u8] = b"C";
+
+/// Cursor of a remote DC's feed.
+pub fn cursor(origin: &str) -> Vec<u8> {
+    tagged(b'c', &[origin.as_bytes()])
+}
+
+/// Prefix of the holders of a message.
+pub fn holders_prefix(id: &MessageId) -> Vec<u8> {
+    tagged(b'h', &[id.as_bytes()])
+}
+
+/// "DC `dc` holds message `id`".
+pub fn holder(id: &MessageId, dc: &str) -> Vec<u8> {
+    tagged(b'h', &[id.as_bytes(), dc.as_bytes()])
+}
+
+/// Prefix of the missing-payload index.
+pub const MISSING_PREFIX: &[u8] = b"x";
+
+/// Missing-payload index entry.
+pub fn missing(id: &MessageId) -> Vec<u8> {
+    tagged(b'x', &[id.as_bytes()])
+}
+
+/// All-DCs-complete time of a message.
+pub fn complete(id: &MessageId) -> Vec<u8> {
+    tagged(b'q', &[id.as_bytes()])
+}
+
+/// Tombstone of a deleted message.
+pub fn tombstone(id: &MessageId) -> Vec<u8> {
+    tagged(b't', &[id.as_bytes()])
 }

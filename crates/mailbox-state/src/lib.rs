@@ -17,6 +17,7 @@
 
 pub mod keys;
 mod query;
+pub mod replication;
 
 use std::collections::BTreeMap;
 
@@ -24,8 +25,12 @@ use mailbox_types::{MailboxPath, MailboxRecord, MessageId, MessageMeta};
 use serde::{Deserialize, Serialize};
 
 pub use query::{get_mailbox, get_message, inline_payload, list_mailboxes, list_messages};
+pub use replication::{ApplyCtx, FeedRecord};
 
 /// A write to the DC log.
+// Commands are built once per upload and moved into a log entry; boxing the
+// large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Create a mailbox; with `parents`, also its missing ancestors, and an
@@ -52,6 +57,28 @@ pub enum Command {
     DeleteMessage {
         /// Message to remove.
         id: MessageId,
+        /// When, ms since the epoch (proposer's clock).
+        at_ms: i64,
+    },
+    /// Records from another DC's feed, in feed order. Each record applies at
+    /// most once: the per-origin cursor is advanced in the same write.
+    ApplyRemote {
+        /// The DC whose feed these records come from.
+        origin: String,
+        /// `(sequence number, record)` pairs, ascending.
+        records: Vec<(u64, FeedRecord)>,
+    },
+    /// This DC now holds every segment of a replicated message durably.
+    PayloadHeld {
+        /// The message.
+        id: MessageId,
+        /// When, ms since the epoch (proposer's clock).
+        at_ms: i64,
+    },
+    /// The set of DCs in the cluster (completion means "held by all of them").
+    SetClusterDcs {
+        /// DC names.
+        dcs: Vec<String>,
     },
 }
 
@@ -78,6 +105,13 @@ pub enum CommandResult {
     Deleted {
         /// The deleted message's metadata (its segments are now garbage).
         meta: MessageMeta,
+    },
+    /// Remote feed records were applied.
+    Remote {
+        /// How many were new.
+        applied: u64,
+        /// The origin's cursor afterwards.
+        cursor: u64,
     },
 }
 
@@ -146,14 +180,20 @@ pub trait KvRead {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError>;
+    ) -> Result<KvPairs, StateError>;
 }
+
+/// Key/value pairs returned by a scan, in key order.
+pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// Pending writes of one apply batch: later commands in the same batch must
 /// see the writes of earlier ones, so reads go through this overlay first.
 #[derive(Debug, Default)]
 pub struct Overlay {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// Previous overlay values of keys touched by the command being
+    /// applied, so a refused command can be rolled back.
+    undo: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
 }
 
 impl Overlay {
@@ -162,19 +202,30 @@ impl Overlay {
         Self::default()
     }
 
-    fn get(&self, base: &dyn KvRead, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+    pub(crate) fn get(&self, base: &dyn KvRead, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
         match self.writes.get(key) {
             Some(v) => Ok(v.clone()),
             None => base.get(key),
         }
     }
 
-    fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
-        self.writes.insert(key, Some(value));
+    pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        let prev = self.writes.insert(key.clone(), Some(value));
+        self.undo.push((key, prev));
     }
 
-    fn delete(&mut self, key: Vec<u8>) {
-        self.writes.insert(key, None);
+    pub(crate) fn delete(&mut self, key: Vec<u8>) {
+        let prev = self.writes.insert(key.clone(), None);
+        self.undo.push((key, prev));
+    }
+
+    fn rollback(&mut self) {
+        while let Some((k, prev)) = self.undo.pop() {
+            match prev {
+                Some(v) => self.writes.insert(k, v),
+                None => self.writes.remove(&k),
+            };
+        }
     }
 
     /// The accumulated writes, `None` meaning delete, in key order.
@@ -206,28 +257,103 @@ pub(crate) fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> Resu
 
 /// Applies one command against `base` + `overlay`, recording its writes in
 /// `overlay`. A refused command leaves `overlay` untouched.
-pub fn apply(base: &dyn KvRead, overlay: &mut Overlay, cmd: &Command) -> CommandResponse {
+pub fn apply(
+    base: &dyn KvRead,
+    overlay: &mut Overlay,
+    ctx: &ApplyCtx,
+    cmd: &Command,
+) -> CommandResponse {
+    overlay.undo.clear();
+    let r = apply_inner(base, overlay, ctx, cmd);
+    if r.is_err() {
+        overlay.rollback();
+    }
+    overlay.undo.clear();
+    r
+}
+
+fn apply_inner(
+    base: &dyn KvRead,
+    overlay: &mut Overlay,
+    ctx: &ApplyCtx,
+    cmd: &Command,
+) -> CommandResponse {
     match cmd {
         Command::CreateMailbox {
             path,
             parents,
             created_ms,
-        } => create_mailbox(base, overlay, path, *parents, *created_ms),
+        } => {
+            let mut created = Vec::new();
+            let r = create_mailbox(base, overlay, path, *parents, *created_ms, &mut created)?;
+            for record in created {
+                replication::feed_append(base, overlay, &FeedRecord::Mailbox { record })?;
+            }
+            Ok(r)
+        }
         Command::PutMessage {
             meta,
             inline,
             idempotency_key,
-        } => put_message(base, overlay, meta, inline.as_deref(), idempotency_key.as_deref()),
-        Command::DeleteMessage { id } => delete_message(base, overlay, id),
+        } => {
+            let r = put_message(
+                base,
+                overlay,
+                meta,
+                inline.as_deref(),
+                idempotency_key.as_deref(),
+            )?;
+            if let CommandResult::Message {
+                meta: stored,
+                deduplicated: false,
+            } = &r
+            {
+                if stored == meta && replication::mark_new_local(base, overlay, ctx, meta)? {
+                    replication::feed_append(
+                        base,
+                        overlay,
+                        &FeedRecord::Message {
+                            meta: meta.clone(),
+                            inline: inline.clone(),
+                        },
+                    )?;
+                }
+            }
+            Ok(r)
+        }
+        Command::DeleteMessage { id, at_ms } => {
+            let r = delete_message(base, overlay, id)?;
+            replication::tombstone(overlay, id, *at_ms);
+            replication::feed_append(
+                base,
+                overlay,
+                &FeedRecord::Deleted {
+                    id: *id,
+                    at_ms: *at_ms,
+                },
+            )?;
+            Ok(r)
+        }
+        Command::ApplyRemote { origin, records } => {
+            replication::apply_remote(base, overlay, ctx, origin, records)
+        }
+        Command::PayloadHeld { id, at_ms } => {
+            replication::payload_held(base, overlay, ctx, id, *at_ms)
+        }
+        Command::SetClusterDcs { dcs } => {
+            overlay.put(keys::CLUSTER_DCS.to_vec(), encode(dcs));
+            Ok(CommandResult::None)
+        }
     }
 }
 
-fn create_mailbox(
+pub(crate) fn create_mailbox(
     base: &dyn KvRead,
     ov: &mut Overlay,
     path: &MailboxPath,
     parents: bool,
     created_ms: i64,
+    created: &mut Vec<MailboxRecord>,
 ) -> CommandResponse {
     let key = keys::mailbox(path);
     if let Some(v) = ov.get(base, &key)? {
@@ -263,6 +389,7 @@ fn create_mailbox(
             created_ms,
         };
         ov.put(keys::mailbox(&p), encode(&r));
+        created.push(r.clone());
         record = Some(r);
     }
     Ok(CommandResult::Mailbox {
@@ -271,7 +398,7 @@ fn create_mailbox(
     })
 }
 
-fn put_message(
+pub(crate) fn put_message(
     base: &dyn KvRead,
     ov: &mut Overlay,
     meta: &MessageMeta,
@@ -317,7 +444,10 @@ fn put_message(
         ov.put(keys::inline(&meta.id), data.to_vec());
     }
     if let Some(k) = idem {
-        ov.put(keys::idempotency(&meta.mailbox, k), meta.id.as_bytes().to_vec());
+        ov.put(
+            keys::idempotency(&meta.mailbox, k),
+            meta.id.as_bytes().to_vec(),
+        );
         // Remember the key on the message so a delete can drop it.
         ov.put(keys::message_idempotency(&meta.id), k.as_bytes().to_vec());
     }
@@ -327,7 +457,11 @@ fn put_message(
     })
 }
 
-fn delete_message(base: &dyn KvRead, ov: &mut Overlay, id: &MessageId) -> CommandResponse {
+pub(crate) fn delete_message(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    id: &MessageId,
+) -> CommandResponse {
     let mkey = keys::message(id);
     let Some(v) = ov.get(base, &mkey)? else {
         return Err(StateError::MessageNotFound { id: id.to_string() });
@@ -338,7 +472,10 @@ fn delete_message(base: &dyn KvRead, ov: &mut Overlay, id: &MessageId) -> Comman
     ov.delete(keys::inline(id));
     let ik = keys::message_idempotency(id);
     if let Some(k) = ov.get(base, &ik)? {
-        ov.delete(keys::idempotency(&meta.mailbox, &String::from_utf8_lossy(&k)));
+        ov.delete(keys::idempotency(
+            &meta.mailbox,
+            &String::from_utf8_lossy(&k),
+        ));
         ov.delete(ik);
     }
     Ok(CommandResult::Deleted { meta })
@@ -370,7 +507,7 @@ impl KvRead for MemKv {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StateError> {
+    ) -> Result<KvPairs, StateError> {
         use std::ops::Bound;
         let start = match after {
             Some(a) => Bound::Excluded(a.to_vec()),

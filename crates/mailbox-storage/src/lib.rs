@@ -61,7 +61,9 @@ pub enum StoreError {
         source: rocksdb::Error,
     },
     /// The directory holds data in a format this binary does not understand.
-    #[error("storage format version {found} in {path} is not supported (expected {FORMAT_VERSION})")]
+    #[error(
+        "storage format version {found} in {path} is not supported (expected {FORMAT_VERSION})"
+    )]
     Format {
         /// The data directory.
         path: String,
@@ -82,7 +84,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.db.path()).finish()
+        f.debug_struct("Store")
+            .field("path", &self.db.path())
+            .finish()
     }
 }
 
@@ -237,9 +241,11 @@ impl Store {
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(to.to_vec());
-        let it = self
-            .db
-            .iterator_cf_opt(self.cf(cf), ro, IteratorMode::From(from, Direction::Forward));
+        let it = self.db.iterator_cf_opt(
+            self.cf(cf),
+            ro,
+            IteratorMode::From(from, Direction::Forward),
+        );
         let mut out = Vec::new();
         for kv in it.take(limit) {
             let (k, v) = kv.map_err(rerr("range"))?;
@@ -307,7 +313,10 @@ mod tests {
             s.write(b, true).unwrap();
             let r = s.range(Cf::Log, &index_key(2), &index_key(4), 10).unwrap();
             assert_eq!(r.len(), 2);
-            assert_eq!(parse_index_key(&s.last(Cf::Log).unwrap().unwrap().0), Some(5));
+            assert_eq!(
+                parse_index_key(&s.last(Cf::Log).unwrap().unwrap().0),
+                Some(5)
+            );
             let sc = s.scan(Cf::State, b"l", None, 10).unwrap();
             assert_eq!(sc.len(), 2);
             let sc = s.scan(Cf::State, b"l", Some(b"la"), 10).unwrap();
@@ -317,7 +326,9 @@ mod tests {
             s.write(b, true).unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        let r = s.range(Cf::Log, &index_key(0), &index_key(u64::MAX), 10).unwrap();
+        let r = s
+            .range(Cf::Log, &index_key(0), &index_key(u64::MAX), 10)
+            .unwrap();
         assert_eq!(r.len(), 3);
         let mut n = 0;
         s.for_each_consistent(Cf::State, |_, _| n += 1).unwrap();

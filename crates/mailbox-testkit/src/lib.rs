@@ -104,7 +104,9 @@ fn mailboxd_bin() -> anyhow::Result<PathBuf> {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl TestDc {
@@ -161,11 +163,17 @@ impl TestDc {
     fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
         let bin = self.bin.clone();
         let n = self.node_mut(id);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)?;
         let child = Command::new(bin)
             .arg("--config")
             .arg(&n.config)
-            .env("RUST_LOG", std::env::var("MAILBOX_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("MAILBOX_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
@@ -226,13 +234,14 @@ impl TestDc {
             let live_ids = live_ids.clone();
             async move {
                 for (_, addr) in &live {
-                    let Ok(c) = Client::connect(std::slice::from_ref(addr)).await else { continue };
+                    let Ok(c) = Client::connect(std::slice::from_ref(addr)).await else {
+                        continue;
+                    };
                     if let Ok(s) = c.cluster_status().await {
                         if s.has_leader && live_ids.contains(&s.leader_id) {
-                            let leader_ok = s
-                                .nodes
-                                .iter()
-                                .any(|n| n.node_id == s.leader_id && n.reachable && n.state == "Leader");
+                            let leader_ok = s.nodes.iter().any(|n| {
+                                n.node_id == s.leader_id && n.reachable && n.state == "Leader"
+                            });
                             if leader_ok {
                                 return Some(s.leader_id);
                             }
@@ -318,7 +327,14 @@ impl TestDc {
     /// Tail of a node's log, for failure messages.
     pub fn log_tail(&self, id: u64) -> String {
         let s = std::fs::read_to_string(&self.nodes[id as usize - 1].log).unwrap_or_default();
-        s.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
+        s.lines()
+            .rev()
+            .take(30)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -461,7 +477,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {

@@ -136,8 +136,15 @@ mod tests {
         assert_eq!(MailboxPath::parse("/inbox").unwrap().as_str(), "/inbox");
         assert_eq!(MailboxPath::parse("/a/b/").unwrap().as_str(), "/a/b");
         let p = MailboxPath::parse("/partners/acme/inbox").unwrap();
-        let chain: Vec<_> = p.ancestors_and_self().iter().map(|p| p.to_string()).collect();
-        assert_eq!(chain, ["/partners", "/partners/acme", "/partners/acme/inbox"]);
+        let chain: Vec<_> = p
+            .ancestors_and_self()
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(
+            chain,
+            ["/partners", "/partners/acme", "/partners/acme/inbox"]
+        );
     }
 
     #[test]

@@ -1,0 +1,134 @@
+//! Replication between data centers.
+//!
+//! - [`FeedService`]: every node serves its DC's feed (records that originate
+//!   in the DC) from its applied state, as a long-lived gRPC stream that
+//!   pushes new records as soon as they are applied (no polling interval).
+//! - [`Replicator`]: in every DC, the current Raft leader keeps one stream
+//!   open per remote DC, starting at the persisted cursor, and proposes what
+//!   arrives as `ApplyRemote`; the state machine advances the cursor in the
+//!   same write, so records apply exactly once across crashes and leader
+//!   changes. A new leader simply resumes from the cursor.
+//! - The fetcher (also leader-only) copies segments of messages whose
+//!   metadata arrived without payload from a DC that has them, verifies each
+//!   segment's SHA-256 before writing it to the local segment store, then
+//!   proposes `PayloadHeld`. The missing-payload index lives in the state
+//!   machine, so pending work survives any crash; failed fetches are retried
+//!   with capped exponential backoff and jitter, never dropped.
+//!
+//! Known gap: the backoff schedule of failed fetches is kept in memory
+//! (the work itself is persisted in the missing-payload index), so a
+//! restart retries pending fetches immediately instead of at their
+//! scheduled time.
+
+mod feed;
+mod fetcher;
+mod replicator;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use feed::FeedService;
+pub use replicator::Replicator;
+
+/// How to reach another DC.
+#[derive(Debug, Clone)]
+pub struct RemoteDc {
+    /// DC name.
+    pub name: String,
+    /// `host:port` of its nodes, tried in order.
+    pub endpoints: Vec<String>,
+}
+
+/// Errors of the replication layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    /// No endpoint of a remote DC answered.
+    #[error("DC {dc} unreachable: {reason}")]
+    Unreachable {
+        /// The DC.
+        dc: String,
+        /// Last failure.
+        reason: String,
+    },
+    /// The remote answered with an error.
+    #[error("DC {dc}: {status}")]
+    Remote {
+        /// The DC.
+        dc: String,
+        /// gRPC status.
+        status: tonic::Status,
+    },
+    /// A copied segment did not match its SHA-256.
+    #[error("segment {index} of {id} from DC {dc} is corrupt")]
+    Corrupt {
+        /// Source DC.
+        dc: String,
+        /// Message id.
+        id: String,
+        /// Segment index.
+        index: u32,
+    },
+    /// Local failure (state, raft, segment store).
+    #[error("local: {0}")]
+    Local(String),
+}
+
+/// Live status of one remote DC's feed pull.
+#[derive(Debug, Clone, Default)]
+pub struct RemoteStatus {
+    /// connected | connecting | disconnected | idle.
+    pub state: String,
+    /// Last applied sequence number of its feed.
+    pub cursor: u64,
+    /// Its feed's head when last heard.
+    pub remote_head: u64,
+    /// When the oldest unapplied record was first seen behind (ms epoch).
+    pub behind_since_ms: Option<i64>,
+    /// Reconnects so far.
+    pub retries: u64,
+    /// Last error.
+    pub last_error: String,
+}
+
+/// Counters of the segment fetcher.
+#[derive(Debug, Clone, Default)]
+pub struct FetchStatus {
+    /// Failed fetch attempts (retried).
+    pub retries: u64,
+    /// Copies discarded for a SHA-256 mismatch.
+    pub corrupt: u64,
+    /// Segments copied.
+    pub segments_copied: u64,
+}
+
+/// Shared, always-current replication status of this node.
+#[derive(Debug, Default)]
+pub struct Status {
+    /// Per remote DC.
+    pub remotes: Mutex<BTreeMap<String, RemoteStatus>>,
+    /// Fetcher counters.
+    pub fetch: Mutex<FetchStatus>,
+}
+
+/// Shared handle to [`Status`].
+pub type StatusHandle = Arc<Status>;
+
+/// Exponential backoff with full jitter, capped.
+pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let jitter = rand::random::<f64>();
+    exp.mul_f64(0.5 + jitter / 2.0)
+}
+
+pub(crate) async fn connect(
+    ep: &str,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{ep}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}

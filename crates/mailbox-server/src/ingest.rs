@@ -106,7 +106,7 @@ pub struct Stored {
 
 impl Upload {
     /// Validates the request and starts an upload. Nothing is written yet.
-    pub fn begin(ctx: IngestContext, req: UploadRequest) -> Result<Self, ServiceError> {
+    pub async fn begin(ctx: IngestContext, req: UploadRequest) -> Result<Self, ServiceError> {
         let mailbox = MailboxPath::parse(&req.mailbox)?;
         validate_message_name(&req.name)?;
         if let Some(k) = &req.idempotency_key {
@@ -128,6 +128,21 @@ impl Upload {
             return Err(ServiceError::invalid(format!(
                 "attribute keys must be 1..={MAX_ATTRIBUTE_LEN} bytes, values at most {MAX_ATTRIBUTE_LEN}"
             )));
+        }
+        // Completion tracking needs the cluster's DC list in the log; the
+        // leader records it moments after the first election.
+        let mut applied = ctx.raft.applied_watch();
+        let ready_by = tokio::time::Instant::now() + Duration::from_secs(5);
+        while mailbox_state::replication::configured_dcs(ctx.raft.view())?.is_none() {
+            if tokio::time::timeout_at(ready_by, applied.changed())
+                .await
+                .is_err()
+            {
+                return Err(ServiceError::Unavailable {
+                    reason: "this DC has not recorded its cluster membership yet; retry shortly"
+                        .into(),
+                });
+            }
         }
         // Fail fast on a missing mailbox before any byte is stored; the state
         // machine checks again at commit.

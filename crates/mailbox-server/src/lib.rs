@@ -181,6 +181,7 @@ async fn publish_cluster_dcs(
     dcs: Vec<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut metrics = raft.raft().metrics();
     loop {
         if *stop.borrow() {
             return;
@@ -200,7 +201,8 @@ async fn publish_cluster_dcs(
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            _ = metrics.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
             _ = stop.changed() => {}
         }
     }

@@ -117,7 +117,8 @@ impl MailboxService {
                     }
                 },
             },
-        )?;
+        )
+        .await?;
         let trailer = loop {
             let next = match stream.next().await {
                 Some(Ok(m)) => m.part,

@@ -92,11 +92,12 @@ pub(crate) fn tombstone(ov: &mut Overlay, id: &MessageId, at_ms: i64) {
     ov.put(keys::tombstone(id), encode(&at_ms));
 }
 
-fn cluster_dcs(base: &dyn KvRead, ov: &Overlay, ctx: &ApplyCtx) -> Result<Vec<String>, StateError> {
-    match ov.get(base, keys::CLUSTER_DCS)? {
-        Some(v) => decode(keys::CLUSTER_DCS, &v),
-        None => Ok(vec![ctx.local_dc.clone()]),
-    }
+/// The cluster's DCs; `None` until the leader recorded them, and then no
+/// message can be complete (we would not know whom to wait for).
+fn cluster_dcs(base: &dyn KvRead, ov: &Overlay) -> Result<Option<Vec<String>>, StateError> {
+    ov.get(base, keys::CLUSTER_DCS)?
+        .map(|v| decode(keys::CLUSTER_DCS, &v))
+        .transpose()
 }
 
 /// Records a new local message as held here; false if it already was (a
@@ -126,8 +127,11 @@ fn maybe_complete(
     if meta.origin_dc != ctx.local_dc || ov.get(base, &keys::complete(&meta.id))?.is_some() {
         return Ok(());
     }
+    let Some(dcs) = cluster_dcs(base, ov)? else {
+        return Ok(());
+    };
     let mut latest = i64::MIN;
-    for dc in cluster_dcs(base, ov, ctx)? {
+    for dc in dcs {
         let k = keys::holder(&meta.id, &dc);
         match ov.get(base, &k)? {
             Some(v) => latest = latest.max(decode(&k, &v)?),

@@ -21,6 +21,9 @@ use mailbox_client::Client;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+mod cluster;
+pub use cluster::{LinkProxy, TestCluster};
+
 /// Knobs for a test DC.
 #[derive(Debug, Clone)]
 pub struct DcOptions {
@@ -81,6 +84,8 @@ pub struct TestDc {
     /// The nodes, index = id - 1.
     pub nodes: Vec<NodeProc>,
     bin: PathBuf,
+    /// DC name.
+    pub name: String,
 }
 
 fn mailboxd_bin() -> anyhow::Result<PathBuf> {
@@ -103,6 +108,13 @@ fn mailboxd_bin() -> anyhow::Result<PathBuf> {
     Ok(candidate)
 }
 
+/// `n` currently free loopback addresses.
+pub fn free_addrs(n: usize) -> anyhow::Result<Vec<String>> {
+    (0..n)
+        .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
+        .collect()
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
@@ -110,14 +122,26 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl TestDc {
-    /// Starts a DC and waits until it has a leader.
+    /// Starts a single-DC cluster and waits until it has a leader.
     pub async fn start(opts: DcOptions) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("mailbox-test-").tempdir()?;
+        let addrs = free_addrs(opts.nodes)?;
+        let dc = Self::launch("test", &opts, addrs, "").await?;
+        Ok(dc)
+    }
+
+    /// Starts DC `name` on `addrs` with an extra config tail (the
+    /// `[cluster]` section) and waits until it has a leader.
+    pub async fn launch(
+        name: &str,
+        opts: &DcOptions,
+        addrs: Vec<String>,
+        cluster_toml: &str,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("mailbox-{name}-"))
+            .tempdir()?;
         let bin = mailboxd_bin()?;
         let mut nodes = Vec::new();
-        let addrs: Vec<String> = (0..opts.nodes)
-            .map(|_| free_port().map(|p| format!("127.0.0.1:{p}")))
-            .collect::<Result<_, _>>()?;
         let members: String = addrs
             .iter()
             .enumerate()
@@ -128,10 +152,10 @@ impl TestDc {
             let ndir = dir.path().join(format!("node{id}"));
             std::fs::create_dir_all(&ndir)?;
             let cfg = format!(
-                "node-id = {id}\ndc = \"test\"\nlisten = \"{addr}\"\ndata-dir = \"{data}\"\nsegment-dir = \"{seg}\"\n\
+                "node-id = {id}\ndc = \"{name}\"\nlisten = \"{addr}\"\ndata-dir = \"{data}\"\nsegment-dir = \"{seg}\"\n\
                  inline-threshold = \"{it}\"\nsegment-size = \"{ss}\"\norphan-grace = \"{og}\"\ngc-interval = \"{gi}\"\n\n\
                  [raft]\nheartbeat = \"50ms\"\nelection-timeout-min = \"300ms\"\nelection-timeout-max = \"600ms\"\n\
-                 snapshot-every = {se}\nkeep-logs = {kl}\npropose-timeout = \"{pt}\"\n\n{members}",
+                 snapshot-every = {se}\nkeep-logs = {kl}\npropose-timeout = \"{pt}\"\n\n{members}\n{cluster_toml}",
                 data = ndir.join("data").display(),
                 seg = dir.path().join("segments").display(),
                 it = opts.inline_threshold,
@@ -152,8 +176,13 @@ impl TestDc {
                 child: None,
             });
         }
-        let mut dc = TestDc { dir, nodes, bin };
-        for id in 1..=opts.nodes as u64 {
+        let mut dc = TestDc {
+            dir,
+            nodes,
+            bin,
+            name: name.to_string(),
+        };
+        for id in 1..=addrs.len() as u64 {
             dc.spawn(id)?;
         }
         dc.wait_leader(Duration::from_secs(30)).await?;

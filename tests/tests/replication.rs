@@ -1,0 +1,292 @@
+//! Cross-DC replication (invariants 1–3): DCs cut off from each other keep
+//! accepting uploads and converge once healed; `immediate` never
+//! acknowledges before other DCs hold the payload and fails retryably when
+//! they cannot; deletes during a partition stay deleted.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use mailbox_client::{Client, PutOptions};
+use mailbox_testkit::{wait_for, DcOptions, HashSink, PatternReader, TestCluster};
+use tonic::Code;
+
+fn small_dcs() -> DcOptions {
+    DcOptions {
+        nodes: 1,
+        inline_threshold: "16KiB".into(),
+        segment_size: "256KiB".into(),
+        ..Default::default()
+    }
+}
+
+async fn put(
+    c: &Client,
+    name: &str,
+    seed: u64,
+    len: u64,
+    key: Option<&str>,
+) -> Result<mailbox_proto::v1::PutResponse, mailbox_client::ClientError> {
+    c.put(
+        PutOptions {
+            mailbox: "/inbox".into(),
+            name: name.into(),
+            idempotency_key: key.map(String::from),
+            ..Default::default()
+        },
+        PatternReader::new(seed, len),
+        |_| {},
+    )
+    .await
+}
+
+/// id -> sha256 of everything a DC lists in /inbox, with every payload
+/// downloaded from that DC and checked against its digest.
+async fn content_digest(c: &Client) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for m in c.list_all("/inbox").await? {
+        let mut sink = HashSink::default();
+        c.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
+        let got = sink.hex();
+        anyhow::ensure!(
+            got == m.sha256,
+            "{} downloads with a different digest",
+            m.id
+        );
+        out.insert(m.id, got);
+    }
+    Ok(out)
+}
+
+async fn wait_caught_up(c: &Client, timeout: Duration) -> anyhow::Result<()> {
+    wait_for(timeout, "replication caught up", || {
+        let c = c.clone();
+        async move {
+            let s = c.replication_status().await.ok()?;
+            let ok = s.pending_messages == 0
+                && s.remotes
+                    .iter()
+                    .all(|r| r.lag_records == 0 && r.state == "connected");
+            ok.then_some(())
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_dcs_converge_with_identical_bytes() -> anyhow::Result<()> {
+    let mut cl = TestCluster::start(&["east", "west"], small_dcs(), "").await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    west.mkdir("/inbox", true).await?;
+    // Before the cut: a message replicates and completes.
+    let m = put(&east, "before", 1, 600_000, None)
+        .await?
+        .message
+        .unwrap();
+    wait_for(Duration::from_secs(20), "complete in both DCs", || {
+        let east = east.clone();
+        let id = m.id.clone();
+        async move { east.stat(&id).await.ok().filter(|s| s.complete_ms != 0) }
+    })
+    .await?;
+    let ws = west.stat(&m.id).await?;
+    assert!(!ws.payload_pending && ws.replicas.len() == 2, "{ws:?}");
+
+    cl.cut("east", "west");
+    let mut acked = BTreeMap::new();
+    for i in 0..20u64 {
+        // Both sides keep accepting uploads (delayed ack) while cut off.
+        let len = if i % 4 == 0 { 700_000 } else { 100 + i * 997 };
+        for (c, side) in [(&east, "e"), (&west, "w")] {
+            let r = put(
+                c,
+                &format!("{side}{i}"),
+                i * 2 + (side == "w") as u64,
+                len,
+                None,
+            )
+            .await?;
+            let m = r.message.unwrap();
+            acked.insert(m.id.clone(), m.sha256.clone());
+        }
+    }
+    // While cut, the other side does not have them.
+    assert!(east.list_all("/inbox").await?.len() < acked.len());
+    cl.heal("east", "west");
+    wait_caught_up(&east, Duration::from_secs(60)).await?;
+    wait_caught_up(&west, Duration::from_secs(60)).await?;
+    wait_for(Duration::from_secs(30), "both DCs list everything", || {
+        let (east, west) = (east.clone(), west.clone());
+        let n = acked.len() + 1;
+        async move {
+            let a = east.list_all("/inbox").await.ok()?.len();
+            let b = west.list_all("/inbox").await.ok()?.len();
+            (a == n && b == n).then_some(())
+        }
+    })
+    .await?;
+    let de = content_digest(&east).await?;
+    let dw = content_digest(&west).await?;
+    assert_eq!(de, dw, "DCs differ after healing");
+    for (id, sha) in &acked {
+        assert_eq!(
+            de.get(id),
+            Some(sha),
+            "acknowledged {id} missing or different"
+        );
+    }
+    // Every message eventually completes at its origin.
+    for (id, _) in &acked {
+        let origin = if east.stat(id).await?.origin_dc == "east" {
+            &east
+        } else {
+            &west
+        };
+        let id = id.clone();
+        wait_for(Duration::from_secs(20), "complete at origin", || {
+            let (c, id) = (origin.clone(), id.clone());
+            async move { c.stat(&id).await.ok().filter(|s| s.complete_ms != 0) }
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_fails_retryably_when_cut_off_and_retry_with_key_succeeds() -> anyhow::Result<()>
+{
+    let mut cl = TestCluster::start(
+        &["east", "west"],
+        small_dcs(),
+        "ack = \"immediate\"\nimmediate-timeout = \"2s\"\n",
+    )
+    .await?;
+    let east = cl.dc("east").client().await?;
+    east.mkdir("/inbox", true).await?;
+    let west = cl.dc("west").client().await?;
+    wait_caught_up(&east, Duration::from_secs(30)).await?;
+    wait_caught_up(&west, Duration::from_secs(30)).await?;
+    // Connected: immediate works and the remote holds the payload at ack time.
+    for (i, len) in [(1u64, 10u64), (2, 600_000)] {
+        let r = put(&east, &format!("ok{i}"), i, len, None).await?;
+        let id = r.message.unwrap().id;
+        let ws = west.stat(&id).await?;
+        assert!(
+            !ws.payload_pending,
+            "acknowledged before west held {id}: {ws:?}"
+        );
+    }
+    cl.cut("east", "west");
+    let t0 = std::time::Instant::now();
+    let err = put(&east, "cut", 9, 500_000, Some("order-9"))
+        .await
+        .unwrap_err();
+    let took = t0.elapsed();
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(
+        took < Duration::from_secs(3),
+        "took {took:?}, want < timeout + 1s"
+    );
+    assert!(err.to_string().contains("retry"), "{err}");
+    cl.heal("east", "west");
+    let r = put(&east, "cut", 9, 500_000, Some("order-9")).await?;
+    assert!(r.deduplicated, "retry must find the stored message");
+    let id = r.message.unwrap().id;
+    assert!(!west.stat(&id).await?.payload_pending);
+    let named: Vec<_> = east
+        .list_all("/inbox")
+        .await?
+        .into_iter()
+        .filter(|m| m.name == "cut")
+        .collect();
+    assert_eq!(named.len(), 1, "exactly one message for the key");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_never_acknowledges_before_remote_holds_payload() -> anyhow::Result<()> {
+    let mut cl =
+        TestCluster::start(&["east", "west"], small_dcs(), "ack = \"immediate\"\n").await?;
+    cl.set_delay(Duration::from_millis(10));
+    let east = cl.dc("east").client().await?;
+    east.mkdir("/inbox", true).await?;
+    let west = cl.dc("west").client().await?;
+    wait_caught_up(&east, Duration::from_secs(30)).await?;
+    wait_caught_up(&west, Duration::from_secs(30)).await?;
+    let mut tasks = Vec::new();
+    for w in 0..6u64 {
+        let (east, west) = (east.clone(), west.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..5u64 {
+                let len = if (w + i) % 2 == 0 { 300_000 } else { 2_000 };
+                let r = put(&east, &format!("w{w}-{i}"), w * 100 + i, len, None).await?;
+                let id = r.message.unwrap().id;
+                // Checked against west's own state right after the ack.
+                let ws = west.stat(&id).await?;
+                anyhow::ensure!(!ws.payload_pending, "ack before west held {id}");
+                let mut sink = HashSink::default();
+                west.get_to(&id, 0, 0, &mut sink, |_, _| {}).await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_during_partition_stays_deleted_and_pending_downloads_are_proxied(
+) -> anyhow::Result<()> {
+    let mut cl = TestCluster::start(&["east", "west"], small_dcs(), "").await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    let keep = put(&east, "keep", 1, 900_000, None).await?.message.unwrap();
+    let doomed = put(&east, "doomed", 2, 900_000, None)
+        .await?
+        .message
+        .unwrap();
+    wait_caught_up(&west, Duration::from_secs(30)).await?;
+    cl.cut("east", "west");
+    east.delete(&doomed.id).await?;
+    // West still has it during the partition; east never will again.
+    assert!(west.stat(&doomed.id).await.is_ok());
+    cl.heal("east", "west");
+    wait_for(Duration::from_secs(30), "delete reaches west", || {
+        let west = west.clone();
+        let id = doomed.id.clone();
+        async move { (west.stat(&id).await.err()?.code() == Some(Code::NotFound)).then_some(()) }
+    })
+    .await?;
+    wait_caught_up(&east, Duration::from_secs(30)).await?;
+    assert_eq!(
+        east.stat(&doomed.id).await.unwrap_err().code(),
+        Some(Code::NotFound)
+    );
+    assert!(west.stat(&keep.id).await.is_ok());
+
+    // Proxying: slow the link so west has the metadata before the segments,
+    // then download from west while its copy is still pending.
+    cl.set_delay(Duration::from_millis(300));
+    let big = put(&east, "big", 3, 2_000_000, None)
+        .await?
+        .message
+        .unwrap();
+    let pending = wait_for(Duration::from_secs(20), "metadata in west", || {
+        let west = west.clone();
+        let id = big.id.clone();
+        async move { west.stat(&id).await.ok() }
+    })
+    .await?;
+    let mut sink = HashSink::default();
+    west.get_to(&big.id, 0, 0, &mut sink, |_, _| {}).await?;
+    assert_eq!(sink.hex(), big.sha256);
+    eprintln!(
+        "west payload pending at download time: {}",
+        pending.payload_pending
+    );
+    Ok(())
+}

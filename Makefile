@@ -27,11 +27,11 @@ deps:
 build: deps
 	$(CARGO) build --workspace --all-targets
 
-# A local data center `east` of 3 nodes on 127.0.0.1:7101-7103.
+# A local cluster: DCs `east` (127.0.0.1:7101-7103) and `west` (7201-7203), 3 nodes each.
 run: build
 	@mkdir -p "$$HOME/.cargo/bin" && ln -sf "$(BIN)/mailbox" "$$HOME/.cargo/bin/mailbox" && \
 	  echo "Installed the CLI as $$HOME/.cargo/bin/mailbox (-> $(BIN)/mailbox)"
-	$(BIN)/mailboxd dev --dir .run --dc east --nodes 3
+	$(BIN)/mailboxd dev --dir .run --dcs east,west --nodes 3
 
 # Every test: unit, openraft's storage suite, integration and fault suites.
 test: build

@@ -22,7 +22,7 @@ trap cleanup EXIT
 log() { echo "# $*" >&2; }
 
 # --- mailbox DC of 3 nodes -------------------------------------------------
-"$BIN/mailboxd" dev --dir "$WORK/mb" --dc bench --base-port 17100 \
+"$BIN/mailboxd" dev --dir "$WORK/mb" --dcs bench --base-port 17000 \
   --client-config "$WORK/client.toml" >"$WORK/dev.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 300); do grep -q "is up" "$WORK/dev.log" && break; sleep 0.2; done

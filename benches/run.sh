@@ -27,7 +27,7 @@ log() { echo "# $*" >&2; }
 PIDS+=($!)
 for _ in $(seq 1 300); do grep -q "is up" "$WORK/dev.log" && break; sleep 0.2; done
 grep -q "is up" "$WORK/dev.log" || { cat "$WORK/dev.log"; exit 1; }
-MB_EPS="127.0.0.1:17101,127.0.0.1:17102,127.0.0.1:17103"
+MB_EPS="127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003"
 log "mailbox DC up"
 
 # --- etcd cluster of 3 members ---------------------------------------------
@@ -63,7 +63,7 @@ DD_OUT=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fsync 2>&1 | ta
 rm -f "$WORK/dd.bin"
 DD_SECS=$(echo "$DD_OUT" | sed -E 's/.*copied, ([0-9.]+) s.*/\1/')
 echo "{\"kind\":\"dd\",\"size_bytes\":1073741824,\"seconds\":$DD_SECS,\"mb_per_sec\":$(python3 -c "print(1073741824/$DD_SECS/1e6)")}"
-LARGE=$("$BIN/mailbox-bench" large --endpoints 127.0.0.1:17101 --size 1GiB)
+LARGE=$("$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 1GiB)
 echo "$LARGE"
 
 # --- rss: 4 GiB upload, sample every node's RSS ----------------------------
@@ -71,7 +71,7 @@ NODE_PIDS=$(pgrep -f "$WORK/mb/bench/node[0-9]/node.toml" | tr '\n' ' ')
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 declare -A IDLE PEAK
 for p in $NODE_PIDS; do IDLE[$p]=$(rss "$p"); PEAK[$p]=${IDLE[$p]}; done
-"$BIN/mailbox-bench" large --endpoints 127.0.0.1:17101 --size 4GiB >"$WORK/rss-upload.json" &
+"$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 4GiB >"$WORK/rss-upload.json" &
 UP=$!
 while kill -0 "$UP" 2>/dev/null; do
   for p in $NODE_PIDS; do r=$(rss "$p"); [ "$r" -gt "${PEAK[$p]}" ] && PEAK[$p]=$r; done

@@ -52,7 +52,7 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
                 seq += 1;
                 let seed = w * 1_000_000 + seq;
                 // Mix inline and segmented payloads.
-                let len = if seq % 3 == 0 {
+                let len = if seq.is_multiple_of(3) {
                     600 << 10
                 } else {
                     1 + (seed % 8000)
@@ -140,7 +140,11 @@ async fn full_restart_keeps_everything() -> anyhow::Result<()> {
     c.mkdir("/inbox", false).await?;
     let acked: Acked = Arc::default();
     for i in 0..120u64 {
-        let len = if i % 10 == 0 { 2 << 20 } else { 100 + i };
+        let len = if i.is_multiple_of(10) {
+            2 << 20
+        } else {
+            100 + i
+        };
         let r = c
             .put(
                 PutOptions {

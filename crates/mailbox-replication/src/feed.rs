@@ -23,12 +23,15 @@ const KEEPALIVE: Duration = Duration::from_secs(2);
 pub struct FeedService {
     raft: RaftNode,
     dc: String,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl FeedService {
-    /// Serves `raft`'s applied feed, tagged as DC `dc`.
-    pub fn new(raft: RaftNode, dc: String) -> Self {
-        Self { raft, dc }
+    /// Serves `raft`'s applied feed, tagged as DC `dc`. Open streams end
+    /// when `shutdown` turns true, so a graceful server stop is not held up
+    /// by the other DCs' long-lived pulls.
+    pub fn new(raft: RaftNode, dc: String, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { raft, dc, shutdown }
     }
 }
 
@@ -44,6 +47,7 @@ impl Replication for FeedService {
         let raft = self.raft.clone();
         let origin = self.dc.clone();
         let (tx, rx) = mpsc::channel(4);
+        let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut applied = raft.applied_watch();
             loop {
@@ -73,7 +77,14 @@ impl Replication for FeedService {
                     }
                 }
                 // Caught up: sleep until the next apply (or a keep-alive).
-                match tokio::time::timeout(KEEPALIVE, applied.changed()).await {
+                if *shutdown.borrow() {
+                    return;
+                }
+                let wake = tokio::select! {
+                    r = tokio::time::timeout(KEEPALIVE, applied.changed()) => r,
+                    _ = shutdown.changed() => return,
+                };
+                match wake {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
                     Err(_) => {

@@ -43,13 +43,21 @@ pub struct DevArgs {
 impl DevArgs {
     fn addrs(&self, dc_index: usize) -> Vec<String> {
         (1..=self.nodes)
-            .map(|i| format!("127.0.0.1:{}", self.base_port as u64 + 100 * dc_index as u64 + i))
+            .map(|i| {
+                format!(
+                    "127.0.0.1:{}",
+                    self.base_port as u64 + 100 * dc_index as u64 + i
+                )
+            })
             .collect()
     }
 }
 
 fn quoted(v: &[String]) -> String {
-    v.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(|a| format!("\"{a}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn node_toml(args: &DevArgs, k: usize, dir: &Path, id: u64) -> String {
@@ -129,7 +137,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         for (i, addr) in (1..=args.nodes).zip(args.addrs(k)) {
             if std::net::TcpListener::bind(&addr).is_err() {
                 terminate(&children);
-                bail!("port {addr} is in use (another `make run`?); pass --base-port to use others");
+                bail!(
+                    "port {addr} is in use (another `make run`?); pass --base-port to use others"
+                );
             }
             let node_dir = dir.join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir)?;
@@ -182,7 +192,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.dcs[0]
     );
     for (k, dc) in args.dcs.iter().enumerate() {
-        client_cfg.push_str(&format!("\n[dcs.{dc}]\nendpoints = [{}]\n", quoted(&args.addrs(k))));
+        client_cfg.push_str(&format!(
+            "\n[dcs.{dc}]\nendpoints = [{}]\n",
+            quoted(&args.addrs(k))
+        ));
     }
     std::fs::write(&args.client_config, client_cfg)?;
 
@@ -193,7 +206,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             println!(
                 "  node {}  grpc://{a}   log: {}",
                 i + 1,
-                root.join(dc).join(format!("node{}/mailboxd.log", i + 1)).display()
+                root.join(dc)
+                    .join(format!("node{}/mailboxd.log", i + 1))
+                    .display()
             );
         }
     }
@@ -203,13 +218,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     );
     println!();
     println!("Try, in another terminal from this directory:");
-    println!("  mailbox put README.md /inbox                    # into {} (the default DC)", args.dcs[0]);
+    println!(
+        "  mailbox put README.md /inbox                    # into {} (the default DC)",
+        args.dcs[0]
+    );
     if let Some(other) = args.dcs.get(1) {
         println!("  mailbox --dc {other} put Makefile /inbox          # into {other}");
         println!("  mailbox --dc {other} ls /inbox                    # both files, replicated");
-        println!("  mailbox stat <ID>                               # which DCs hold it, since when");
+        println!(
+            "  mailbox stat <ID>                               # which DCs hold it, since when"
+        );
         println!("  mailbox replication status                      # cursor, lag, pending per remote DC");
-        println!("  mailbox put --ack immediate README.md /inbox    # wait until {other} holds it too");
+        println!(
+            "  mailbox put --ack immediate README.md /inbox    # wait until {other} holds it too"
+        );
     }
     println!("  mailbox get <ID> -o /tmp/copy");
     println!("  mailbox cluster status");

@@ -99,6 +99,7 @@ pub async fn serve(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stop_tx = std::sync::Arc::new(stop_tx);
     let remotes: Vec<RemoteDc> = cfg
         .cluster
         .remotes
@@ -126,7 +127,7 @@ pub async fn serve(
         segments,
         cfg.orphan_grace.0,
         cfg.gc_interval.0,
-        stop_rx,
+        stop_rx.clone(),
     ));
 
     // The lowest id forms the group on first start; the others wait to be
@@ -152,14 +153,25 @@ pub async fn serve(
         addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         "mailboxd serving"
     );
-    let feed = ReplicationServer::new(FeedService::new(raft.clone(), cfg.dc.clone()))
-        .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let feed = ReplicationServer::new(FeedService::new(
+        raft.clone(),
+        cfg.dc.clone(),
+        stop_rx.clone(),
+    ))
+    .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let api = MailboxServer::new(MailboxService::new(ctx, remotes, repl_status))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let internal = RaftInternalServer::new(InternalService::new(raft.clone()))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    // Background tasks and open feed streams stop as soon as shutdown is
+    // requested, so the graceful stop does not wait on other DCs' pulls.
+    let stopper = stop_tx.clone();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stopper.send(true);
+    };
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(256)

@@ -186,6 +186,9 @@ pub trait KvRead {
 /// Key/value pairs returned by a scan, in key order.
 pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// A key and its overlay value before the current command touched it.
+type UndoEntry = (Vec<u8>, Option<Option<Vec<u8>>>);
+
 /// Pending writes of one apply batch: later commands in the same batch must
 /// see the writes of earlier ones, so reads go through this overlay first.
 #[derive(Debug, Default)]
@@ -193,7 +196,7 @@ pub struct Overlay {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Previous overlay values of keys touched by the command being
     /// applied, so a refused command can be rolled back.
-    undo: Vec<(Vec<u8>, Option<Option<Vec<u8>>>)>,
+    undo: Vec<UndoEntry>,
 }
 
 impl Overlay {

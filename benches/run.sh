@@ -29,6 +29,11 @@ for _ in $(seq 1 300); do grep -q "is up" "$WORK/dev.log" && break; sleep 0.2; d
 grep -q "is up" "$WORK/dev.log" || { cat "$WORK/dev.log"; exit 1; }
 MB_EPS="127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003"
 log "mailbox DC up"
+# Idle RSS of every node, before any load.
+NODE_PIDS=$(pgrep -f "$WORK/mb/bench/node[0-9]/node.toml" | tr '\n' ' ')
+rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+declare -A IDLE PEAK
+for p in $NODE_PIDS; do IDLE[$p]=$(rss "$p"); PEAK[$p]=${IDLE[$p]}; done
 
 # --- etcd cluster of 3 members ---------------------------------------------
 ETCD_EPS=""
@@ -67,10 +72,8 @@ LARGE=$("$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 1GiB)
 echo "$LARGE"
 
 # --- rss: 4 GiB upload, sample every node's RSS ----------------------------
-NODE_PIDS=$(pgrep -f "$WORK/mb/bench/node[0-9]/node.toml" | tr '\n' ' ')
-rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-declare -A IDLE PEAK
-for p in $NODE_PIDS; do IDLE[$p]=$(rss "$p"); PEAK[$p]=${IDLE[$p]}; done
+# Peak is sampled during the 4 GiB upload only; growth is against the idle
+# figure taken before any load (so it includes what the small run left).
 "$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 4GiB >"$WORK/rss-upload.json" &
 UP=$!
 while kill -0 "$UP" 2>/dev/null; do

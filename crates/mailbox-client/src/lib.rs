@@ -149,7 +149,8 @@ impl Client {
                 Ok(e) => e
                     .connect_timeout(Duration::from_secs(3))
                     .tcp_nodelay(true)
-                    .http2_adaptive_window(true),
+                    .initial_stream_window_size(mailbox_proto::STREAM_WINDOW)
+                    .initial_connection_window_size(mailbox_proto::CONNECTION_WINDOW),
                 Err(e) => {
                     last = format!("{ep}: {e}");
                     continue;

@@ -24,6 +24,12 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+/// HTTP/2 stream window for bulk transfers (uploads, downloads, segment
+/// copies): the default 64 KiB makes throughput latency-bound.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 connection window (several streams share a connection).
+pub const CONNECTION_WINDOW: u32 = 32 << 20;
+
 /// Largest gRPC message either side accepts; upload chunks are far below it,
 /// Raft append batches and snapshot chunks may approach it.
 pub const MAX_MESSAGE_SIZE: usize = 64 * 1024 * 1024;

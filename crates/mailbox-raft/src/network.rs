@@ -31,6 +31,8 @@ pub fn channel(addr: &str, timeout: Option<Duration>) -> Result<Channel, tonic::
     let mut ep = Endpoint::from_shared(format!("http://{addr}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        .initial_stream_window_size(mailbox_proto::STREAM_WINDOW)
+        .initial_connection_window_size(mailbox_proto::CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
     if let Some(t) = timeout {

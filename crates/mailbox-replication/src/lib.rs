@@ -127,6 +127,8 @@ pub(crate) async fn connect(
     tonic::transport::Endpoint::from_shared(format!("http://{ep}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
+        .initial_stream_window_size(mailbox_proto::STREAM_WINDOW)
+        .initial_connection_window_size(mailbox_proto::CONNECTION_WINDOW)
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()

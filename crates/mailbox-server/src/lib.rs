@@ -17,7 +17,7 @@ use std::sync::Arc;
 use mailbox_proto::raft::raft_internal_server::RaftInternalServer;
 use mailbox_proto::replication::replication_server::ReplicationServer;
 use mailbox_proto::v1::mailbox_server::MailboxServer;
-use mailbox_proto::MAX_MESSAGE_SIZE;
+use mailbox_proto::{CONNECTION_WINDOW, MAX_MESSAGE_SIZE, STREAM_WINDOW};
 use mailbox_raft::network::InternalService;
 use mailbox_raft::{BasicNode, RaftNode};
 use mailbox_replication::{FeedService, RemoteDc, Replicator};
@@ -174,6 +174,10 @@ pub async fn serve(
     };
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // HTTP/2's default 64 KiB windows turn a bulk upload into thousands
+        // of window-update round trips; let a stream have 8 MiB in flight.
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .concurrency_limit_per_connection(256)
         .add_service(api)
         .add_service(internal)

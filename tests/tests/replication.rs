@@ -137,7 +137,7 @@ async fn partitioned_dcs_converge_with_identical_bytes() -> anyhow::Result<()> {
         );
     }
     // Every message eventually completes at its origin.
-    for (id, _) in &acked {
+    for id in acked.keys() {
         let origin = if east.stat(id).await?.origin_dc == "east" {
             &east
         } else {

@@ -10,6 +10,10 @@
 //! - [`network`]: the node-to-node transport over tonic, and [`RaftNode`],
 //!   which proposes from any node by forwarding to the leader.
 
+// openraft's trait methods return its `StorageError` (224 bytes); our helpers
+// return the same type so `?` works without conversions.
+#![allow(clippy::result_large_err)]
+
 pub mod log_store;
 pub mod network;
 pub mod node;

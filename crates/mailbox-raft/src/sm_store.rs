@@ -87,6 +87,8 @@ pub struct StateMachineStore {
 }
 
 type Meta = SnapshotMeta<NodeId, BasicNode>;
+/// Last applied log id and membership.
+type ApplyPoint = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
 
 impl StateMachineStore {
     /// A state machine of DC `ctx.local_dc` over `store`, keeping
@@ -117,9 +119,7 @@ impl StateMachineStore {
         StateView::new(self.store.clone())
     }
 
-    fn read_apply_point(
-        &self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError> {
+    fn read_apply_point(&self) -> Result<ApplyPoint, StorageError> {
         let applied = match self.store.get(Cf::State, APPLIED).map_err(sm_read_err)? {
             Some(v) => bincode::deserialize(&v).map_err(sm_read_err)?,
             None => None,
@@ -177,7 +177,10 @@ fn put_frame(out: &mut Vec<u8>, b: &[u8]) {
 }
 
 /// Splits snapshot data into key/value pairs.
-fn parse_frames(data: &[u8]) -> Result<Vec<(&[u8], &[u8])>, std::io::Error> {
+/// A key and value borrowed from snapshot data.
+type Frame<'a> = (&'a [u8], &'a [u8]);
+
+fn parse_frames(data: &[u8]) -> Result<Vec<Frame<'_>>, std::io::Error> {
     let mut out = Vec::new();
     let mut pos = 0;
     let take = |pos: &mut usize| -> Result<&[u8], std::io::Error> {
@@ -248,9 +251,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>), StorageError> {
+    async fn applied_state(&mut self) -> Result<ApplyPoint, StorageError> {
         self.read_apply_point()
     }
 

@@ -25,6 +25,9 @@ use rocksdb::{
 pub const FORMAT_VERSION: u32 = 1;
 const FORMAT_KEY: &[u8] = b"format-version";
 
+/// A key and its value.
+pub type KvPair = (Vec<u8>, Vec<u8>);
+
 /// A column family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cf {
@@ -212,7 +215,7 @@ impl Store {
         prefix: &[u8],
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<KvPair>, StoreError> {
         let start = after.unwrap_or(prefix);
         let mut it = self.db.raw_iterator_cf(self.cf(cf));
         it.seek(start);
@@ -238,7 +241,7 @@ impl Store {
         from: &[u8],
         to: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<KvPair>, StoreError> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(to.to_vec());
         let it = self.db.iterator_cf_opt(
@@ -255,7 +258,7 @@ impl Store {
     }
 
     /// The entry with the greatest key, if any.
-    pub fn last(&self, cf: Cf) -> Result<Option<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn last(&self, cf: Cf) -> Result<Option<KvPair>, StoreError> {
         let mut it = self.db.iterator_cf(self.cf(cf), IteratorMode::End);
         match it.next() {
             None => Ok(None),

@@ -36,7 +36,7 @@ run: build
 # Every test: unit, openraft's storage suite, integration and fault suites.
 test: build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=2
-	$(CARGO) test --workspace --benches
+	$(CARGO) test --workspace --bench '*'
 
 # clippy builds RocksDB's C++ again in check mode; a separate target
 # directory keeps that from invalidating the test build and lets both be cached.

@@ -290,3 +290,107 @@ async fn delete_during_partition_stays_deleted_and_pending_downloads_are_proxied
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_dcs_one_down_majority_acks_and_all_times_out() -> anyhow::Result<()> {
+    for (quorum, expect_ok) in [("majority", true), ("all", false)] {
+        let mut cl = TestCluster::start(
+            &["east", "north", "west"],
+            small_dcs(),
+            &format!("ack = \"immediate\"\nimmediate-quorum = \"{quorum}\"\nimmediate-timeout = \"2s\"\n"),
+        )
+        .await?;
+        let east = cl.dc("east").client().await?;
+        east.mkdir("/inbox", true).await?;
+        wait_caught_up(&east, Duration::from_secs(30)).await?;
+        cl.isolate("north");
+        let t0 = std::time::Instant::now();
+        let res = put(&east, "m", 1, 400_000, Some("k")).await;
+        match (expect_ok, res) {
+            (true, Ok(r)) => {
+                let id = r.message.unwrap().id;
+                let west = cl.dc("west").client().await?;
+                assert!(
+                    !west.stat(&id).await?.payload_pending,
+                    "majority ack before west held it"
+                );
+            }
+            (false, Err(e)) => {
+                assert_eq!(e.code(), Some(Code::Unavailable), "{e}");
+                assert!(
+                    t0.elapsed() < Duration::from_secs(3),
+                    "took {:?}",
+                    t0.elapsed()
+                );
+            }
+            (want, got) => panic!("quorum {quorum}: expected ok={want}, got {got:?}"),
+        }
+        if !expect_ok {
+            // Healing lets the same upload complete in every DC.
+            cl.rejoin("north");
+            let r = put(&east, "m", 1, 400_000, Some("k")).await?;
+            assert!(r.deduplicated);
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kills_in_both_dcs_during_replication_lose_and_duplicate_nothing(
+) -> anyhow::Result<()> {
+    let opts = DcOptions {
+        nodes: 3,
+        inline_threshold: "16KiB".into(),
+        segment_size: "256KiB".into(),
+        ..Default::default()
+    };
+    let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
+    // Slow the inter-DC link so segments are in flight when leaders die.
+    cl.set_delay(Duration::from_millis(20));
+    let east = cl.dc("east").client().await?;
+    east.mkdir("/inbox", true).await?;
+    let mut acked = BTreeMap::new();
+    for i in 0..12u64 {
+        let len = if i % 2 == 0 { 1_500_000 } else { 5_000 };
+        let m = put(&east, &format!("f{i}"), i, len, None)
+            .await?
+            .message
+            .unwrap();
+        acked.insert(m.id, m.sha256);
+    }
+    // Kill both leaders while west is still copying segments.
+    let el = cl.dc("east").wait_leader(Duration::from_secs(10)).await?;
+    let wl = cl.dc("west").wait_leader(Duration::from_secs(10)).await?;
+    cl.dc("east").kill(el);
+    cl.dc("west").kill(wl);
+    cl.dc("east").wait_leader(Duration::from_secs(20)).await?;
+    cl.dc("west").wait_leader(Duration::from_secs(20)).await?;
+    cl.dc("east").restart(el)?;
+    cl.dc("west").restart(wl)?;
+    cl.set_delay(Duration::ZERO);
+    let west = cl.dc("west").client().await?;
+    let east = cl.dc("east").client().await?;
+    wait_caught_up(&west, Duration::from_secs(60)).await?;
+    let dw = content_digest(&west).await?;
+    assert_eq!(dw.len(), acked.len(), "west has duplicates or misses");
+    for (id, sha) in &acked {
+        assert_eq!(dw.get(id), Some(sha), "{id}");
+    }
+    // Every message completes at the origin exactly once.
+    for id in acked.keys() {
+        let id = id.clone();
+        wait_for(Duration::from_secs(30), "complete at east", || {
+            let (c, id) = (east.clone(), id.clone());
+            async move { c.stat(&id).await.ok().filter(|s| s.complete_ms != 0) }
+        })
+        .await?;
+    }
+    // West's own feed carries exactly one replica ack per message.
+    let ws = west.replication_status().await?;
+    assert_eq!(
+        ws.feed_head,
+        acked.len() as u64,
+        "west's feed: one Held per message, no duplicates"
+    );
+    Ok(())
+}

@@ -72,6 +72,33 @@ async fn wait_caught_up(c: &Client, timeout: Duration) -> anyhow::Result<()> {
     .await
 }
 
+/// Waits until every DC has applied every other DC's whole feed (cursor at
+/// the other's own feed head) and holds every payload.
+async fn wait_synced(dcs: &[&Client], timeout: Duration) -> anyhow::Result<()> {
+    wait_for(timeout, "all DCs synced", || {
+        let dcs: Vec<Client> = dcs.iter().map(|c| (*c).clone()).collect();
+        async move {
+            let mut st = Vec::new();
+            for c in &dcs {
+                st.push(c.replication_status().await.ok()?);
+            }
+            for a in &st {
+                if a.pending_messages != 0 {
+                    return None;
+                }
+                for b in st.iter().filter(|b| b.dc != a.dc) {
+                    let r = a.remotes.iter().find(|r| r.dc == b.dc)?;
+                    if r.cursor < b.feed_head {
+                        return None;
+                    }
+                }
+            }
+            Some(())
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_dcs_converge_with_identical_bytes() -> anyhow::Result<()> {
     let mut cl = TestCluster::start(&["east", "west"], small_dcs(), "").await?;
@@ -114,8 +141,7 @@ async fn partitioned_dcs_converge_with_identical_bytes() -> anyhow::Result<()> {
     // While cut, the other side does not have them.
     assert!(east.list_all("/inbox").await?.len() < acked.len());
     cl.heal("east", "west");
-    wait_caught_up(&east, Duration::from_secs(60)).await?;
-    wait_caught_up(&west, Duration::from_secs(60)).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(60)).await?;
     wait_for(Duration::from_secs(30), "both DCs list everything", || {
         let (east, west) = (east.clone(), west.clone());
         let n = acked.len() + 1;
@@ -165,8 +191,7 @@ async fn immediate_fails_retryably_when_cut_off_and_retry_with_key_succeeds() ->
     let east = cl.dc("east").client().await?;
     east.mkdir("/inbox", true).await?;
     let west = cl.dc("west").client().await?;
-    wait_caught_up(&east, Duration::from_secs(30)).await?;
-    wait_caught_up(&west, Duration::from_secs(30)).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
     // Connected: immediate works and the remote holds the payload at ack time.
     for (i, len) in [(1u64, 10u64), (2, 600_000)] {
         let r = put(&east, &format!("ok{i}"), i, len, None).await?;
@@ -190,6 +215,8 @@ async fn immediate_fails_retryably_when_cut_off_and_retry_with_key_succeeds() ->
     );
     assert!(err.to_string().contains("retry"), "{err}");
     cl.heal("east", "west");
+    // Wait for the links to be back (state, not time), then retry.
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
     let r = put(&east, "cut", 9, 500_000, Some("order-9")).await?;
     assert!(r.deduplicated, "retry must find the stored message");
     let id = r.message.unwrap().id;
@@ -212,8 +239,7 @@ async fn immediate_never_acknowledges_before_remote_holds_payload() -> anyhow::R
     let east = cl.dc("east").client().await?;
     east.mkdir("/inbox", true).await?;
     let west = cl.dc("west").client().await?;
-    wait_caught_up(&east, Duration::from_secs(30)).await?;
-    wait_caught_up(&west, Duration::from_secs(30)).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
     let mut tasks = Vec::new();
     for w in 0..6u64 {
         let (east, west) = (east.clone(), west.clone());
@@ -249,7 +275,7 @@ async fn delete_during_partition_stays_deleted_and_pending_downloads_are_proxied
         .await?
         .message
         .unwrap();
-    wait_caught_up(&west, Duration::from_secs(30)).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
     cl.cut("east", "west");
     east.delete(&doomed.id).await?;
     // West still has it during the partition; east never will again.
@@ -261,7 +287,7 @@ async fn delete_during_partition_stays_deleted_and_pending_downloads_are_proxied
         async move { (west.stat(&id).await.err()?.code() == Some(Code::NotFound)).then_some(()) }
     })
     .await?;
-    wait_caught_up(&east, Duration::from_secs(30)).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
     assert_eq!(
         east.stat(&doomed.id).await.unwrap_err().code(),
         Some(Code::NotFound)
@@ -328,6 +354,9 @@ async fn three_dcs_one_down_majority_acks_and_all_times_out() -> anyhow::Result<
         if !expect_ok {
             // Healing lets the same upload complete in every DC.
             cl.rejoin("north");
+            let north = cl.dc("north").client().await?;
+            let west = cl.dc("west").client().await?;
+            wait_synced(&[&east, &north, &west], Duration::from_secs(30)).await?;
             let r = put(&east, "m", 1, 400_000, Some("k")).await?;
             assert!(r.deduplicated);
         }
@@ -370,7 +399,7 @@ async fn leader_kills_in_both_dcs_during_replication_lose_and_duplicate_nothing(
     cl.set_delay(Duration::ZERO);
     let west = cl.dc("west").client().await?;
     let east = cl.dc("east").client().await?;
-    wait_caught_up(&west, Duration::from_secs(60)).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(60)).await?;
     let dw = content_digest(&west).await?;
     assert_eq!(dw.len(), acked.len(), "west has duplicates or misses");
     for (id, sha) in &acked {
@@ -392,5 +421,29 @@ async fn leader_kills_in_both_dcs_during_replication_lose_and_duplicate_nothing(
         acked.len() as u64,
         "west's feed: one Held per message, no duplicates"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_flipped_in_transit_is_detected_and_fetched_again() -> anyhow::Result<()> {
+    let mut cl = TestCluster::start(&["east", "west"], small_dcs(), "").await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
+    // West's next download stream from east gets one bit flipped 100 KB in:
+    // inside the first segment's bytes (the feed carries only metadata here).
+    cl.corrupt_once("west", "east", 100_000);
+    let m = put(&east, "big", 5, 1_000_000, None)
+        .await?
+        .message
+        .unwrap();
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
+    let s = west.replication_status().await?;
+    assert!(s.corrupt_copies >= 1, "corruption not detected: {s:?}");
+    let mut sink = HashSink::default();
+    west.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
+    assert_eq!(sink.hex(), m.sha256, "west stored the corrupt copy");
+    assert!(!west.stat(&m.id).await?.payload_pending);
     Ok(())
 }

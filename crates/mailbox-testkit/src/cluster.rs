@@ -22,6 +22,9 @@ use crate::{free_addrs, DcOptions, TestDc};
 struct ProxyState {
     cut: AtomicBool,
     delay_ms: AtomicU64,
+    /// When non-zero: flip one bit of the byte at this offset of the next
+    /// connection's server-to-client stream that gets that far, once.
+    corrupt_at: AtomicU64,
     conns: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -56,8 +59,8 @@ impl LinkProxy {
                     let _ = outbound.set_nodelay(true);
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
-                    let a = pump(ri, wo, st2.clone());
-                    let b = pump(ro, wi, st2);
+                    let a = pump(ri, wo, st2.clone(), false);
+                    let b = pump(ro, wi, st2, true);
                     let _ = tokio::join!(a, b);
                 });
                 st.conns.lock().expect("lock").push(h);
@@ -79,6 +82,12 @@ impl LinkProxy {
         self.state.cut.store(false, Ordering::SeqCst);
     }
 
+    /// Flips one bit at byte `offset` of the next server-to-client stream
+    /// that reaches it (once), emulating corruption in transit.
+    pub fn corrupt_once_at(&self, offset: u64) {
+        self.state.corrupt_at.store(offset, Ordering::SeqCst);
+    }
+
     /// Delays every forwarded chunk by `d` (one way).
     pub fn set_delay(&self, d: Duration) {
         self.state
@@ -91,13 +100,28 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     st: Arc<ProxyState>,
+    downstream: bool,
 ) {
     let mut buf = vec![0u8; 64 << 10];
+    let mut seen = 0u64;
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if downstream {
+            let at = st.corrupt_at.load(Ordering::SeqCst);
+            if at != 0 && seen <= at && at < seen + n as u64 {
+                if st
+                    .corrupt_at
+                    .compare_exchange(at, 0, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    buf[(at - seen) as usize] ^= 0x01;
+                }
+            }
+            seen += n as u64;
+        }
         let delay = st.delay_ms.load(Ordering::SeqCst);
         if delay > 0 {
             tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -197,6 +221,14 @@ impl TestCluster {
     pub fn rejoin(&self, a: &str) {
         for b in self.dcs.keys().filter(|b| b.as_str() != a) {
             self.heal(a, b);
+        }
+    }
+
+    /// Flips one bit at `offset` of the next response stream from DC `to`
+    /// to DC `from` that gets that far (once per proxy).
+    pub fn corrupt_once(&self, from: &str, to: &str, offset: u64) {
+        if let Some(ps) = self.links.get(&(from.to_string(), to.to_string())) {
+            ps.iter().for_each(|p| p.corrupt_once_at(offset));
         }
     }
 

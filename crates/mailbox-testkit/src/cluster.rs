@@ -111,14 +111,15 @@ async fn pump(
         };
         if downstream {
             let at = st.corrupt_at.load(Ordering::SeqCst);
-            if at != 0 && seen <= at && at < seen + n as u64 {
-                if st
+            if at != 0
+                && seen <= at
+                && at < seen + n as u64
+                && st
                     .corrupt_at
                     .compare_exchange(at, 0, Ordering::SeqCst, Ordering::SeqCst)
                     .is_ok()
-                {
-                    buf[(at - seen) as usize] ^= 0x01;
-                }
+            {
+                buf[(at - seen) as usize] ^= 0x01;
             }
             seen += n as u64;
         }

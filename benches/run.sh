@@ -29,11 +29,23 @@ for _ in $(seq 1 300); do grep -q "is up" "$WORK/dev.log" && break; sleep 0.2; d
 grep -q "is up" "$WORK/dev.log" || { cat "$WORK/dev.log"; exit 1; }
 MB_EPS="127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003"
 log "mailbox DC up"
-# Idle RSS of every node, before any load.
+# --- rss first, on the fresh DC: idle, then peak during a 4 GiB upload -----
 NODE_PIDS=$(pgrep -f "$WORK/mb/bench/node[0-9]/node.toml" | tr '\n' ' ')
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 declare -A IDLE PEAK
 for p in $NODE_PIDS; do IDLE[$p]=$(rss "$p"); PEAK[$p]=${IDLE[$p]}; done
+"$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 4GiB >"$WORK/rss-upload.json" &
+UP=$!
+while kill -0 "$UP" 2>/dev/null; do
+  for p in $NODE_PIDS; do r=$(rss "$p"); [ "$r" -gt "${PEAK[$p]}" ] && PEAK[$p]=$r; done
+  sleep 0.1
+done
+wait "$UP"
+MAXD=0
+for p in $NODE_PIDS; do d=$(( (PEAK[$p] - IDLE[$p]) / 1024 )); [ "$d" -gt "$MAXD" ] && MAXD=$d; \
+  echo "{\"kind\":\"rss\",\"pid\":$p,\"idle_mib\":$((IDLE[$p]/1024)),\"peak_mib\":$((PEAK[$p]/1024)),\"growth_mib\":$d}"; done
+cat "$WORK/rss-upload.json"
+
 
 # --- etcd cluster of 3 members ---------------------------------------------
 ETCD_EPS=""
@@ -70,21 +82,6 @@ DD_SECS=$(echo "$DD_OUT" | sed -E 's/.*copied, ([0-9.]+) s.*/\1/')
 echo "{\"kind\":\"dd\",\"size_bytes\":1073741824,\"seconds\":$DD_SECS,\"mb_per_sec\":$(python3 -c "print(1073741824/$DD_SECS/1e6)")}"
 LARGE=$("$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 1GiB)
 echo "$LARGE"
-
-# --- rss: 4 GiB upload, sample every node's RSS ----------------------------
-# Peak is sampled during the 4 GiB upload only; growth is against the idle
-# figure taken before any load (so it includes what the small run left).
-"$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 4GiB >"$WORK/rss-upload.json" &
-UP=$!
-while kill -0 "$UP" 2>/dev/null; do
-  for p in $NODE_PIDS; do r=$(rss "$p"); [ "$r" -gt "${PEAK[$p]}" ] && PEAK[$p]=$r; done
-  sleep 0.1
-done
-wait "$UP"
-MAXD=0
-for p in $NODE_PIDS; do d=$(( (PEAK[$p] - IDLE[$p]) / 1024 )); [ "$d" -gt "$MAXD" ] && MAXD=$d; \
-  echo "{\"kind\":\"rss\",\"pid\":$p,\"idle_mib\":$((IDLE[$p]/1024)),\"peak_mib\":$((PEAK[$p]/1024)),\"growth_mib\":$d}"; done
-cat "$WORK/rss-upload.json"
 
 python3 - "$OURS" "${THEIRS:-{\}}" "$LARGE" "$DD_SECS" "$MAXD" <<'PY'
 import json, sys

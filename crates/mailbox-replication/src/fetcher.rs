@@ -18,6 +18,7 @@ use mailbox_state::Command;
 use mailbox_types::{Digest, MessageId, MessageMeta, Payload};
 use tokio::sync::{watch, Semaphore};
 use tokio_stream::StreamExt;
+use tonic::transport::Channel;
 
 use crate::replicator::{is_leader, wait_leadership};
 use crate::{backoff, connect, RemoteDc, ReplicationError, StatusHandle};
@@ -126,6 +127,7 @@ async fn fetch_message(
         .filter(|r| r.name == meta.origin_dc)
         .collect();
     sources.extend(remotes.iter().filter(|r| r.name != meta.origin_dc));
+    let mut clients = Clients::new();
     for seg in segs {
         // Resumable: a segment already stored whole (verified) is kept.
         if let Ok(b) = segments.read(meta.id, seg.index, 0, seg.size).await {
@@ -136,7 +138,7 @@ async fn fetch_message(
         let mut last_err = None;
         let mut done = false;
         for src in &sources {
-            match fetch_segment(src, meta, seg.index, *segment_size, seg.size).await {
+            match fetch_segment(&mut clients, src, meta, seg.index, *segment_size, seg.size).await {
                 Ok(data) => {
                     if Digest::of(&data) != seg.sha256 {
                         last_err = Some(ReplicationError::Corrupt {
@@ -184,7 +186,11 @@ async fn fetch_message(
     Ok(())
 }
 
+/// Connections opened while copying one message, reused across its segments.
+type Clients = HashMap<String, MailboxClient<Channel>>;
+
 async fn fetch_segment(
+    clients: &mut Clients,
     src: &RemoteDc,
     meta: &MessageMeta,
     index: u32,
@@ -193,15 +199,21 @@ async fn fetch_segment(
 ) -> Result<Vec<u8>, ReplicationError> {
     let mut last = String::from("no endpoints");
     for ep in &src.endpoints {
-        let ch = match connect(ep).await {
-            Ok(c) => c,
-            Err(e) => {
-                last = format!("{ep}: {e}");
-                continue;
-            }
+        let mut client = match clients.get(ep) {
+            Some(c) => c.clone(),
+            None => match connect(ep).await {
+                Ok(ch) => {
+                    let c = MailboxClient::new(ch)
+                        .max_decoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE);
+                    clients.insert(ep.clone(), c.clone());
+                    c
+                }
+                Err(e) => {
+                    last = format!("{ep}: {e}");
+                    continue;
+                }
+            },
         };
-        let mut client =
-            MailboxClient::new(ch).max_decoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE);
         let req = GetRequest {
             id: meta.id.to_string(),
             offset: index as u64 * segment_size,
@@ -211,6 +223,7 @@ async fn fetch_segment(
             Ok(s) => s.into_inner(),
             Err(e) => {
                 last = format!("{ep}: {}", e.message());
+                clients.remove(ep);
                 continue;
             }
         };
@@ -221,6 +234,7 @@ async fn fetch_segment(
                 Ok(p) => buf.extend_from_slice(&p.chunk),
                 Err(e) => {
                     last = format!("{ep}: {}", e.message());
+                    clients.remove(ep);
                     ok = false;
                     break;
                 }

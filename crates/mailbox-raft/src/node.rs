@@ -321,6 +321,12 @@ impl RaftNode {
         Ok(m.current_leader.expect("checked"))
     }
 
+    /// Whether this node currently leads the DC log (reads the metrics
+    /// watch in place; no clone of the membership).
+    pub fn is_leader(&self) -> bool {
+        self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
+    }
+
     /// This node's current Raft state.
     pub fn report(&self) -> NodeReport {
         let m = self.inner.raft.metrics().borrow().clone();

@@ -121,9 +121,9 @@ pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     exp.mul_f64(0.5 + jitter / 2.0)
 }
 
-pub(crate) async fn connect(
-    ep: &str,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+/// Connects to a node of another DC with the settings bulk transfers need
+/// (8 MiB HTTP/2 windows, connect timeout, keep-alives).
+pub async fn connect(ep: &str) -> Result<tonic::transport::Channel, tonic::transport::Error> {
     tonic::transport::Endpoint::from_shared(format!("http://{ep}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)

@@ -67,7 +67,7 @@ impl Replicator {
 }
 
 pub(crate) fn is_leader(raft: &RaftNode) -> bool {
-    raft.report().leader == Some(raft.id())
+    raft.is_leader()
 }
 
 /// Waits until this node leads (true) or shutdown (false).

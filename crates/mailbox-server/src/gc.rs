@@ -54,7 +54,7 @@ pub async fn run(
             _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
-        if raft.report().leader != Some(raft.id()) {
+        if !raft.is_leader() {
             continue;
         }
         if let Err(e) = collect_once(&raft, segments.as_ref(), grace).await {

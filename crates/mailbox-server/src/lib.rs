@@ -202,7 +202,7 @@ async fn publish_cluster_dcs(
         if *stop.borrow() {
             return;
         }
-        if raft.report().leader == Some(raft.id()) {
+        if raft.is_leader() {
             let current = mailbox_state::replication::configured_dcs(raft.view())
                 .ok()
                 .flatten();

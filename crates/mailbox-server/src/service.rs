@@ -184,14 +184,12 @@ impl MailboxService {
         let mut last = String::from("no DC holding the payload is configured");
         for dc in sources {
             for ep in &dc.endpoints {
-                let Ok(mut client) = mailbox_proto::v1::mailbox_client::MailboxClient::connect(
-                    format!("http://{ep}"),
-                )
-                .await
-                else {
+                let Ok(ch) = mailbox_replication::connect(ep).await else {
                     last = format!("{}: {ep} unreachable", dc.name);
                     continue;
                 };
+                let mut client = mailbox_proto::v1::mailbox_client::MailboxClient::new(ch)
+                    .max_decoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE);
                 match client.get(r.clone()).await {
                     Ok(stream) => {
                         tracing::info!(id = %meta.id, from = %dc.name, "proxying download of a payload still replicating");

@@ -13,10 +13,11 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 all: build
 
-# libclang for RocksDB's bindgen, a C++ compiler for RocksDB itself.
+# libclang for RocksDB's bindgen, a C++ compiler for RocksDB itself. Look for
+# libclang.so itself: libclang-cpp, which other packages pull in, is not enough.
 deps:
 	@missing=""; \
-	ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
+	ls /usr/lib/llvm-*/lib/libclang.so /usr/lib/*/libclang.so 2>/dev/null | grep -q . || missing="$$missing libclang-dev"; \
 	command -v g++ >/dev/null 2>&1 || missing="$$missing g++"; \
 	command -v make >/dev/null 2>&1 || missing="$$missing make"; \
 	if [ -n "$$missing" ]; then \
@@ -27,7 +28,8 @@ deps:
 build: deps
 	$(CARGO) build --workspace --all-targets
 
-# A local cluster: DCs `east` (127.0.0.1:7101-7103) and `west` (7201-7203), 3 nodes each.
+# A local cluster: DCs `east` (127.0.0.1:7101-7103) and `west` (7201-7203), 3 nodes each;
+# /metrics and /healthz on 7151-7153 and 7251-7253.
 run: build
 	@mkdir -p "$$HOME/.cargo/bin" && ln -sf "$(BIN)/mailbox" "$$HOME/.cargo/bin/mailbox" && \
 	  echo "Installed the CLI as $$HOME/.cargo/bin/mailbox (-> $(BIN)/mailbox)"

@@ -6,10 +6,23 @@
 #   large: one 1 GiB upload                       vs  dd bs=1M conv=fsync, same size, same disk
 #   rss:   peak RSS growth of each node during a 4 GiB upload
 # Prints one JSON object per measurement and a summary line with the ratios.
+#
+# Then the cross-DC replication benchmarks (issue #3); each starts its own
+# two DCs of 3 nodes whose link has an emulated RTT (REPL_RTT, 20ms):
+#   repl-latency: 1 MiB uploads, delayed vs immediate ack (REPL_COUNT of each)
+#   repl-lag:     replication lag at half the measured maximum throughput
+#                 (REPL_LAG_DURATION of steady load)
+#   catch-up:     backlog of outages under load vs one stream through the link;
+#                 REPL_OUTAGE is 20s here for a quick run (rounds of 20s, 20s,
+#                 40s); REPL_OUTAGE=10m is the issue's full figure: ~50 min, and
+#                 at REPL_RATE=8 uploads/s with REPL_HELD_FACTOR=3 ~40 GB of disk
+#                 (REPL_RATE=4 REPL_HELD_FACTOR=1: ~15 GB).
+# BENCH_ONLY=single or BENCH_ONLY=repl runs one part.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${CARGO_TARGET_DIR:-target}/debug"
 DURATION="${BENCH_DURATION:-20s}"
+ONLY="${BENCH_ONLY:-all}"
 WORK="$(mktemp -d "${BENCH_DIR:-/var/tmp}/mailbox-bench.XXXXXX")"
 PIDS=()
 cleanup() {
@@ -20,6 +33,8 @@ cleanup() {
 trap cleanup EXIT
 
 log() { echo "# $*" >&2; }
+
+if [ "$ONLY" != repl ]; then
 
 # --- mailbox DC of 3 nodes -------------------------------------------------
 "$BIN/mailboxd" dev --dir "$WORK/mb" --dcs bench --base-port 17000 \
@@ -93,3 +108,22 @@ out = {"summary": True,
        "rss_growth_mib_max": int(sys.argv[5])}
 print(json.dumps(out))
 PY
+# Stop the single DC and etcd: the replication benchmarks start their own.
+for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+wait 2>/dev/null || true
+PIDS=()
+fi
+
+# --- cross-DC replication (issue #3) ---------------------------------------
+if [ "$ONLY" != single ]; then
+  RTT="${REPL_RTT:-20ms}"
+  # The test kit puts each DC's data under $TMPDIR: keep it in $WORK.
+  export TMPDIR="$WORK" MAILBOXD_BIN="$BIN/mailboxd"
+  log "repl-latency"
+  "$BIN/mailbox-bench" repl-latency --rtt "$RTT" --count "${REPL_COUNT:-30}"
+  log "repl-lag"
+  "$BIN/mailbox-bench" repl-lag --rtt "$RTT" --duration "${REPL_LAG_DURATION:-20s}"
+  log "catch-up"
+  "$BIN/mailbox-bench" catch-up --rtt "$RTT" --outage "${REPL_OUTAGE:-20s}" \
+    --rate "${REPL_RATE:-8}" --held-factor "${REPL_HELD_FACTOR:-3}"
+fi

@@ -1,6 +1,9 @@
 //! `mailbox-bench`: load generator for a running DC (or, as a baseline in
-//! the same run, an etcd cluster). Prints one JSON object per run:
-//! ops/s, MB/s and p50/p99/p999 latency.
+//! the same run, an etcd cluster), and cross-DC replication benchmarks that
+//! start their own two-DC cluster (`repl-latency`, `repl-lag`, `catch-up`).
+//! Prints one JSON object per run.
+
+mod repl;
 
 use std::time::{Duration, Instant};
 
@@ -67,6 +70,14 @@ enum Cmd {
         #[arg(long, default_value = "/bench")]
         mailbox: String,
     },
+    /// Two DCs over an emulated RTT: ack latency, `delayed` vs `immediate`.
+    ReplLatency(repl::LatencyArgs),
+    /// Two DCs over an emulated RTT: replication lag (ack → complete in
+    /// all DCs) at half the maximum upload throughput.
+    ReplLag(repl::LagArgs),
+    /// Two DCs over an emulated RTT: catching up the backlog of an outage
+    /// under load, against one stream through the same link.
+    CatchUp(repl::CatchUpArgs),
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -253,6 +264,9 @@ async fn main() -> anyhow::Result<()> {
             size,
             mailbox,
         } => large(endpoints, size.0, mailbox).await?,
+        Cmd::ReplLatency(a) => repl::latency(a).await?,
+        Cmd::ReplLag(a) => repl::lag(a).await?,
+        Cmd::CatchUp(a) => repl::catch_up(a).await?,
     };
     println!("{out}");
     Ok(())

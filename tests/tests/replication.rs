@@ -185,11 +185,14 @@ async fn immediate_fails_retryably_when_cut_off_and_retry_with_key_succeeds() ->
     let mut cl = TestCluster::start(
         &["east", "west"],
         small_dcs(),
-        "ack = \"immediate\"\nimmediate-timeout = \"2s\"\n",
+        // A per-mailbox rule relaxes the cluster default for bulk drops.
+        "ack = \"immediate\"\nimmediate-timeout = \"2s\"\n\
+         ack-rules = [{ mailbox = \"/bulk/**\", ack = \"delayed\" }]\n",
     )
     .await?;
     let east = cl.dc("east").client().await?;
     east.mkdir("/inbox", true).await?;
+    east.mkdir("/bulk/daily", true).await?;
     let west = cl.dc("west").client().await?;
     wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
     // Connected: immediate works and the remote holds the payload at ack time.
@@ -214,6 +217,19 @@ async fn immediate_fails_retryably_when_cut_off_and_retry_with_key_succeeds() ->
         "took {took:?}, want < timeout + 1s"
     );
     assert!(err.to_string().contains("retry"), "{err}");
+    // The rule for /bulk/** applies: acknowledged at once despite the cut.
+    let bulk = east
+        .put(
+            PutOptions {
+                mailbox: "/bulk/daily".into(),
+                name: "b".into(),
+                ..Default::default()
+            },
+            PatternReader::new(5, 500_000),
+            |_| {},
+        )
+        .await?;
+    assert!(bulk.message.is_some());
     cl.heal("east", "west");
     // Wait for the links to be back (state, not time), then retry.
     wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
@@ -264,7 +280,7 @@ async fn immediate_never_acknowledges_before_remote_holds_payload() -> anyhow::R
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_during_partition_stays_deleted_and_pending_downloads_are_proxied(
+async fn delete_and_attribute_conflicts_during_partition_converge_and_pending_downloads_are_proxied(
 ) -> anyhow::Result<()> {
     let mut cl = TestCluster::start(&["east", "west"], small_dcs(), "").await?;
     let east = cl.dc("east").client().await?;
@@ -278,8 +294,32 @@ async fn delete_during_partition_stays_deleted_and_pending_downloads_are_proxied
     wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
     cl.cut("east", "west");
     east.delete(&doomed.id).await?;
-    // West still has it during the partition; east never will again.
-    assert!(west.stat(&doomed.id).await.is_ok());
+    // West still has it during the partition; east never will again. A
+    // change west makes to it meanwhile must not bring it back.
+    let during = west.stat(&doomed.id).await?;
+    let east_copy = during.copies.iter().find(|c| c.dc == "east").unwrap();
+    assert!(
+        !east_copy.error.is_empty(),
+        "east is cut off: {east_copy:?}"
+    );
+    let attrs = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    west.set_attributes(&doomed.id, attrs(&[("late", "change")]), vec![])
+        .await?;
+    // Conflicting changes to the same attribute on both sides, plus one
+    // attribute each: west writes last, so west's value wins everywhere.
+    east.set_attributes(&keep.id, attrs(&[("status", "east"), ("e", "1")]), vec![])
+        .await?;
+    let before = mailbox_types::now_ms();
+    wait_for(Duration::from_secs(5), "wall clock moves", || async move {
+        (mailbox_types::now_ms() > before + 2).then_some(())
+    })
+    .await?;
+    west.set_attributes(&keep.id, attrs(&[("status", "west"), ("w", "1")]), vec![])
+        .await?;
     cl.heal("east", "west");
     wait_for(Duration::from_secs(30), "delete reaches west", || {
         let west = west.clone();
@@ -292,24 +332,68 @@ async fn delete_during_partition_stays_deleted_and_pending_downloads_are_proxied
         east.stat(&doomed.id).await.unwrap_err().code(),
         Some(Code::NotFound)
     );
-    assert!(west.stat(&keep.id).await.is_ok());
+    let (e, w) = (east.stat(&keep.id).await?, west.stat(&keep.id).await?);
+    assert_eq!(e.attributes, w.attributes, "both DCs agree");
+    // Stat asks every DC what it holds.
+    for st in [&e, &w] {
+        let dcs: Vec<_> = st.copies.iter().map(|c| c.dc.as_str()).collect();
+        assert_eq!(dcs.len(), 2, "{:?}", st.copies);
+        for c in &st.copies {
+            assert!(c.error.is_empty(), "{c:?}");
+            assert!(c.metadata_held && c.payload_held, "{c:?}");
+            assert!(c.metadata_since_ms > 0 && c.payload_since_ms > 0, "{c:?}");
+        }
+    }
+    assert_eq!(
+        e.attributes.into_iter().collect::<BTreeMap<_, _>>(),
+        attrs(&[("status", "west"), ("e", "1"), ("w", "1")])
+    );
+    // Every DC acknowledged the delete, so both purged the tombstone; the
+    // message stays gone.
+    wait_for(Duration::from_secs(30), "tombstones purged", || {
+        let (east, west) = (east.clone(), west.clone());
+        async move {
+            let a = east.replication_status().await.ok()?.tombstones;
+            let b = west.replication_status().await.ok()?.tombstones;
+            (a == 0 && b == 0).then_some(())
+        }
+    })
+    .await?;
+    for c in [&east, &west] {
+        assert_eq!(
+            c.stat(&doomed.id).await.unwrap_err().code(),
+            Some(Code::NotFound)
+        );
+        assert!(c
+            .list_all("/inbox")
+            .await?
+            .iter()
+            .all(|m| m.id != doomed.id));
+    }
 
-    // Proxying: slow the link so west has the metadata before the segments,
-    // then download from west while its copy is still pending.
+    // Proxying: slow the link so west has the metadata before the segments
+    // (too big to travel with its feed record), then download from west
+    // while its copy is still pending.
     cl.set_delay(Duration::from_millis(300));
-    let big = put(&east, "big", 3, 2_000_000, None)
+    let big = put(&east, "big", 3, 6_000_000, None)
         .await?
         .message
         .unwrap();
-    let pending = wait_for(Duration::from_secs(20), "metadata in west", || {
-        let west = west.clone();
-        let id = big.id.clone();
-        async move { west.stat(&id).await.ok() }
-    })
-    .await?;
+    let pending = first_stat(&west, &big.id).await?;
     let mut sink = HashSink::default();
     west.get_to(&big.id, 0, 0, &mut sink, |_, _| {}).await?;
     assert_eq!(sink.hex(), big.sha256);
+    // A message small enough travels with its feed record: the moment west
+    // has the metadata it has the payload too (no second round trip).
+    let small = put(&east, "pushed", 4, 1_000_000, None)
+        .await?
+        .message
+        .unwrap();
+    let first_seen = first_stat(&west, &small.id).await?;
+    assert!(
+        !first_seen.payload_pending,
+        "payload should arrive with the record: {first_seen:?}"
+    );
     eprintln!(
         "west payload pending at download time: {}",
         pending.payload_pending
@@ -445,5 +529,96 @@ async fn a_byte_flipped_in_transit_is_detected_and_fetched_again() -> anyhow::Re
     west.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
     assert_eq!(sink.hex(), m.sha256, "west stored the corrupt copy");
     assert!(!west.stat(&m.id).await?.payload_pending);
+    Ok(())
+}
+
+/// Waits until `c`'s DC knows message `id` and returns that first stat.
+async fn first_stat(c: &Client, id: &str) -> anyhow::Result<mailbox_proto::v1::MessageInfo> {
+    wait_for(Duration::from_secs(20), "message known in the DC", || {
+        let (c, id) = (c.clone(), id.to_string());
+        async move { c.stat(&id).await.ok() }
+    })
+    .await
+}
+
+/// Segment files of message `id` in a DC's segment store.
+fn segment_files(dir: &std::path::Path, id: &str) -> usize {
+    mailbox_testkit::files_under(dir)
+        .iter()
+        .filter(|p| {
+            p.parent()
+                .and_then(|d| d.file_name())
+                .and_then(|n| n.to_str())
+                == Some(id)
+                && p.extension().and_then(|e| e.to_str()) == Some("seg")
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_fetching_node_mid_message_resumes_and_duplicates_nothing() -> anyhow::Result<()>
+{
+    let opts = DcOptions {
+        nodes: 3,
+        inline_threshold: "16KiB".into(),
+        segment_size: "256KiB".into(),
+        ..Default::default()
+    };
+    let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
+    let east = cl.dc("east").client().await?;
+    east.mkdir("/inbox", true).await?;
+    let west = cl.dc("west").client().await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
+    // 64 segments over a slow link: west's fetcher (on west's leader) copies
+    // them one by one, so there is a wide window with some but not all here.
+    cl.set_delay(Duration::from_millis(40));
+    const SEGS: usize = 64;
+    let m = put(&east, "big", 77, (SEGS as u64) * 256 * 1024, None)
+        .await?
+        .message
+        .unwrap();
+    let seg_dir = cl.dc("west").segment_dir();
+    let at_kill = wait_for(Duration::from_secs(60), "west mid-copy", || {
+        let (dir, id) = (seg_dir.clone(), m.id.clone());
+        async move {
+            let n = segment_files(&dir, &id);
+            (2..SEGS / 2).contains(&n).then_some(n)
+        }
+    })
+    .await?;
+    let wl = cl.dc("west").wait_leader(Duration::from_secs(10)).await?;
+    cl.dc("west").kill(wl);
+    let after_kill = segment_files(&seg_dir, &m.id);
+    assert!(
+        after_kill < SEGS,
+        "the copy finished before the kill ({at_kill} then {after_kill} segments)"
+    );
+    let new_leader = cl.dc("west").wait_leader(Duration::from_secs(20)).await?;
+    assert_ne!(new_leader, wl);
+    cl.dc("west").restart(wl)?;
+    cl.set_delay(Duration::ZERO);
+    let west = cl.dc("west").client().await?;
+    wait_synced(&[&east, &west], Duration::from_secs(90)).await?;
+    assert_eq!(segment_files(&seg_dir, &m.id), SEGS);
+    let tmp_left: Vec<_> = mailbox_testkit::files_under(&seg_dir)
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(
+        tmp_left.is_empty(),
+        "half-written segments left: {tmp_left:?}"
+    );
+    let mut sink = HashSink::default();
+    west.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
+    assert_eq!(sink.hex(), m.sha256);
+    wait_for(Duration::from_secs(30), "complete at east", || {
+        let (c, id) = (east.clone(), m.id.clone());
+        async move { c.stat(&id).await.ok().filter(|s| s.complete_ms != 0) }
+    })
+    .await?;
+    // Exactly one replica ack from west, and exactly one message.
+    assert_eq!(west.replication_status().await?.feed_head, 1);
+    assert_eq!(west.list_all("/inbox").await?.len(), 1);
+    eprintln!("killed west's leader with {at_kill}..{after_kill} of {SEGS} segments copied");
     Ok(())
 }

@@ -15,7 +15,7 @@ use mailbox_proto::v1::{
     put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
     CreateMailboxResponse, DeleteRequest, GetRequest, ListMailboxesRequest, ListRequest,
     ListResponse, MailboxInfo, MessageInfo, PutHeader, PutRequest, PutResponse, PutTrailer,
-    ReplicationStatusRequest, ReplicationStatusResponse, StatRequest,
+    ReplicationStatusRequest, ReplicationStatusResponse, SetAttributesRequest, StatRequest,
 };
 use mailbox_proto::MAX_MESSAGE_SIZE;
 use mailbox_types::Digest;
@@ -406,7 +406,10 @@ impl Client {
         let r = self
             .inner
             .clone()
-            .stat(StatRequest { id: id.into() })
+            .stat(StatRequest {
+                id: id.into(),
+                local: false,
+            })
             .await?;
         r.into_inner()
             .message
@@ -420,6 +423,28 @@ impl Client {
             .delete(DeleteRequest { id: id.into() })
             .await?;
         Ok(())
+    }
+
+    /// Sets and removes attributes of a message (last writer wins across
+    /// DCs); returns the message afterwards.
+    pub async fn set_attributes(
+        &self,
+        id: &str,
+        set: BTreeMap<String, String>,
+        remove: Vec<String>,
+    ) -> Result<MessageInfo, ClientError> {
+        let r = self
+            .inner
+            .clone()
+            .set_attributes(SetAttributesRequest {
+                id: id.into(),
+                set: set.into_iter().collect(),
+                remove,
+            })
+            .await?;
+        r.into_inner()
+            .message
+            .ok_or_else(|| ClientError::Protocol("set-attributes without message".into()))
     }
 
     /// Replication state of this DC: per remote DC and pending payloads.

@@ -89,6 +89,17 @@ enum Cmd {
         /// Message id.
         id: String,
     },
+    /// Set or remove attributes of a message (last writer wins across DCs).
+    Attr {
+        /// Message id.
+        id: String,
+        /// Attribute to set, KEY=VALUE (repeatable).
+        #[arg(long = "set", value_parser = parse_attr)]
+        set: Vec<(String, String)>,
+        /// Attribute to remove (repeatable).
+        #[arg(long = "rm")]
+        remove: Vec<String>,
+    },
     /// Delete a message.
     Rm {
         /// Message id.
@@ -172,6 +183,11 @@ fn message_json(m: &MessageInfo) -> serde_json::Value {
         "replicas": m.replicas.iter().map(|r| json!({"dc": r.dc, "held_since_ms": r.held_since_ms})).collect::<Vec<_>>(),
         "complete_ms": (m.complete_ms != 0).then_some(m.complete_ms),
         "payload_pending": m.payload_pending,
+        "copies": m.copies.iter().map(|c| json!({
+            "dc": c.dc, "metadata_held": c.metadata_held, "metadata_since_ms": c.metadata_since_ms,
+            "payload_held": c.payload_held, "payload_since_ms": c.payload_since_ms,
+            "error": (!c.error.is_empty()).then_some(&c.error),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -387,23 +403,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 for (k, v) in &m.attributes {
                     println!("attr:      {k}={v}");
                 }
-                println!(
-                    "held by:   {}",
-                    if m.replicas.is_empty() {
-                        "-".to_string()
-                    } else {
-                        m.replicas
-                            .iter()
-                            .map(|r| format!("{} (since {})", r.dc, human_time(r.held_since_ms)))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    }
-                );
+                println!("{:<10} {:<30} {:<30} NOTE", "DC", "METADATA", "PAYLOAD");
+                let since = |held: bool, t: i64| match (held, t) {
+                    (false, _) => "-".to_string(),
+                    (true, 0) => "yes".to_string(),
+                    (true, t) => format!("since {}", human_time(t)),
+                };
+                for c in &m.copies {
+                    println!(
+                        "{:<10} {:<30} {:<30} {}",
+                        c.dc,
+                        if c.error.is_empty() {
+                            since(c.metadata_held, c.metadata_since_ms)
+                        } else {
+                            "?".to_string()
+                        },
+                        since(c.payload_held, c.payload_since_ms),
+                        if c.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!("not reachable ({}); payload as last acknowledged", c.error)
+                        }
+                    );
+                }
                 if m.payload_pending {
                     println!("here:      metadata only, payload still replicating (downloads are proxied)");
                 }
                 if m.complete_ms != 0 {
                     println!("complete:  in all DCs since {}", human_time(m.complete_ms));
+                }
+            }
+        }
+        Cmd::Attr { id, set, remove } => {
+            let m = client
+                .set_attributes(id, set.iter().cloned().collect(), remove.clone())
+                .await?;
+            if cli.json {
+                println!("{}", message_json(&m));
+            } else {
+                for (k, v) in &m.attributes {
+                    println!("{k}={v}");
                 }
             }
         }
@@ -434,7 +473,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "dc": s.dc, "feed_head": s.feed_head, "remotes": remotes,
                         "pending_messages": s.pending_messages, "pending_bytes": s.pending_bytes,
                         "oldest_pending_seconds": s.oldest_pending_seconds, "fetch_retries": s.fetch_retries,
-                        "corrupt_copies": s.corrupt_copies,
+                        "corrupt_copies": s.corrupt_copies, "tombstones": s.tombstones,
                     })
                 );
             } else {
@@ -459,6 +498,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "payloads pending here: {} ({}), oldest {:.1}s; fetch retries {}, corrupt copies {}",
                     s.pending_messages, human_size(s.pending_bytes), s.oldest_pending_seconds, s.fetch_retries, s.corrupt_copies
+                );
+                println!(
+                    "tombstones awaiting acknowledgement by every DC: {}",
+                    s.tombstones
                 );
                 if s.remotes.iter().any(|r| r.state == "idle") {
                     println!(

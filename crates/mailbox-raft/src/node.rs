@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use mailbox_proto::raft::raft_internal_client::RaftInternalClient;
 use mailbox_proto::raft::RaftBytes;
-use mailbox_state::{ApplyCtx, Command, CommandResponse};
+use mailbox_state::{ApplyCtx, Command, CommandResponse, CommandResult};
 use mailbox_storage::Store;
 use openraft::error::{ClientWriteError, RaftError as OrError};
 use openraft::{Config, SnapshotPolicy};
@@ -103,8 +103,21 @@ pub struct NodeReport {
     pub purged_index: Option<u64>,
 }
 
+/// Commands merged into one log entry at most (group commit).
+const MAX_BATCH: usize = 128;
+/// Inline payload bytes merged into one log entry at most.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Log entries being committed at once; while they are, new proposals queue
+/// up and go out together in the next entry.
+const BATCHES_IN_FLIGHT: usize = 4;
+/// Proposals waiting for a batch at most (then callers wait: backpressure).
+const PROPOSAL_QUEUE: usize = 4096;
+
+type Proposal = (Command, tokio::sync::oneshot::Sender<ForwardReply>);
+
 struct Inner {
     id: NodeId,
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
     applied: tokio::sync::watch::Receiver<u64>,
     raft: Raft,
     view: StateView,
@@ -152,9 +165,12 @@ impl RaftNode {
             .map_err(|e| RaftError::Fatal {
                 reason: e.to_string(),
             })?;
+        let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
+        tokio::spawn(group_commit(raft.clone(), queue));
         Ok(Self {
             inner: Arc::new(Inner {
                 id,
+                proposals,
                 applied,
                 raft,
                 view,
@@ -202,7 +218,86 @@ impl RaftNode {
 
     /// Proposes on this node's Raft only; a follower answers `NotLeader`.
     pub async fn propose_local(&self, cmd: Command) -> ForwardReply {
-        match self.inner.raft.client_write(cmd).await {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.inner.proposals.send((cmd, tx)).await.is_err() {
+            return ForwardReply::Fatal("raft stopped".into());
+        }
+        rx.await
+            .unwrap_or_else(|_| ForwardReply::Fatal("raft stopped".into()))
+    }
+}
+
+/// Group commit: proposals that queue up while earlier log entries are being
+/// committed go out together as one `Command::Batch` entry, so one WAL fsync
+/// and one replication round serve them all. A lone proposal is sent as is.
+async fn group_commit(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Proposal>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = queue.recv().await else {
+            return;
+        };
+        let mut bytes = inline_bytes(&first.0);
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(p) => {
+                    bytes += inline_bytes(&p.0);
+                    group.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            if group.len() == 1 {
+                let (cmd, tx) = group.pop().expect("one proposal");
+                let _ = tx.send(client_write(&raft, cmd).await);
+            } else {
+                let (cmds, txs): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+                let n = cmds.len();
+                match client_write(&raft, Command::Batch(cmds)).await {
+                    ForwardReply::Applied {
+                        index,
+                        response: Ok(CommandResult::Batch(results)),
+                    } if results.len() == n => {
+                        for (tx, response) in txs.into_iter().zip(results) {
+                            let _ = tx.send(ForwardReply::Applied { index, response });
+                        }
+                    }
+                    ForwardReply::Applied { response, .. } => {
+                        let reason =
+                            format!("batch applied with an unexpected result: {response:?}");
+                        for tx in txs {
+                            let _ = tx.send(ForwardReply::Fatal(reason.clone()));
+                        }
+                    }
+                    other => {
+                        for tx in txs {
+                            let _ = tx.send(other.clone());
+                        }
+                    }
+                }
+            }
+            drop(slot);
+        });
+    }
+}
+
+fn inline_bytes(cmd: &Command) -> usize {
+    match cmd {
+        Command::PutMessage {
+            inline: Some(b), ..
+        } => b.len(),
+        _ => 256,
+    }
+}
+
+async fn client_write(raft: &Raft, cmd: Command) -> ForwardReply {
+    {
+        match raft.client_write(cmd).await {
             Ok(r) => ForwardReply::Applied {
                 index: r.log_id.index,
                 response: r.data,
@@ -219,7 +314,9 @@ impl RaftNode {
             Err(OrError::Fatal(f)) => ForwardReply::Fatal(f.to_string()),
         }
     }
+}
 
+impl RaftNode {
     fn peer(&self, addr: &str) -> Result<RaftInternalClient<Channel>, RaftError> {
         let mut peers = self.inner.peers.lock().expect("peer map lock");
         if let Some(c) = peers.get(addr) {

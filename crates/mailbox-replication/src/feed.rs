@@ -1,13 +1,23 @@
 //! Serving this DC's feed to the other DCs.
+//!
+//! Segmented messages up to [`PUSH_MAX_MESSAGE`] travel with their record
+//! (segments read from the local store, at most [`PUSH_MAX_BATCH`] bytes per
+//! batch), so the receiving DC stores the payload before proposing the
+//! record and acknowledges in one step: one round trip from commit to
+//! replica ack, which is what `immediate` waits for. Larger messages, and
+//! any segment that cannot be read here, are fetched by the receiver.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
 use mailbox_proto::replication::replication_server::Replication;
-use mailbox_proto::replication::{FeedBatch, FeedRequest};
+use mailbox_proto::replication::{FeedBatch, FeedRequest, PushedSegment};
 use mailbox_raft::RaftNode;
+use mailbox_segments::SegmentStore;
 use mailbox_state::replication::{feed_head, feed_since};
+use mailbox_state::FeedRecord;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -17,22 +27,76 @@ const BATCH: usize = 256;
 /// A keep-alive batch is sent when nothing happened for this long, so the
 /// puller can tell an idle feed from a dead connection.
 const KEEPALIVE: Duration = Duration::from_secs(2);
+/// Segmented messages up to this size are pushed with their record.
+pub const PUSH_MAX_MESSAGE: u64 = 4 << 20;
+/// Pushed payload bytes per batch at most (the rest is fetched).
+pub const PUSH_MAX_BATCH: u64 = 16 << 20;
 
 /// gRPC service streaming this DC's feed.
 #[derive(Clone)]
 pub struct FeedService {
     raft: RaftNode,
     dc: String,
+    segments: Arc<dyn SegmentStore>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl FeedService {
-    /// Serves `raft`'s applied feed, tagged as DC `dc`. Open streams end
-    /// when `shutdown` turns true, so a graceful server stop is not held up
-    /// by the other DCs' long-lived pulls.
-    pub fn new(raft: RaftNode, dc: String, shutdown: tokio::sync::watch::Receiver<bool>) -> Self {
-        Self { raft, dc, shutdown }
+    /// Serves `raft`'s applied feed, tagged as DC `dc`, pushing small
+    /// payloads from `segments`. Open streams end when `shutdown` turns
+    /// true, so a graceful server stop is not held up by the other DCs'
+    /// long-lived pulls.
+    pub fn new(
+        raft: RaftNode,
+        dc: String,
+        segments: Arc<dyn SegmentStore>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            raft,
+            dc,
+            segments,
+            shutdown,
+        }
     }
+}
+
+/// Reads the segments of small segmented messages among `records`, within
+/// the batch budget. A segment that cannot be read is simply not pushed.
+async fn payloads(
+    segments: &dyn SegmentStore,
+    records: &[(u64, FeedRecord)],
+) -> Vec<PushedSegment> {
+    let mut out = Vec::new();
+    let mut budget = PUSH_MAX_BATCH;
+    for (_, rec) in records {
+        let FeedRecord::Message { meta, inline: None } = rec else {
+            continue;
+        };
+        if meta.segments().is_empty() || meta.size > PUSH_MAX_MESSAGE || meta.size > budget {
+            continue;
+        }
+        let mut segs = Vec::new();
+        for s in meta.segments() {
+            match segments.read(meta.id, s.index, 0, s.size).await {
+                Ok(data) => segs.push(PushedSegment {
+                    id: meta.id.as_bytes().to_vec(),
+                    index: s.index,
+                    data: data.to_vec(),
+                }),
+                Err(e) => {
+                    tracing::debug!(id = %meta.id, "not pushing: {e}");
+                    segs.clear();
+                    break;
+                }
+            }
+        }
+        if !segs.is_empty() {
+            budget -= meta.size;
+            out.extend(segs);
+        }
+    }
+    out
 }
 
 type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedBatch, Status>> + Send>>;
@@ -46,6 +110,7 @@ impl Replication for FeedService {
         let mut since = req.into_inner().since;
         let raft = self.raft.clone();
         let origin = self.dc.clone();
+        let segments = self.segments.clone();
         let (tx, rx) = mpsc::channel(4);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
@@ -68,6 +133,7 @@ impl Replication for FeedService {
                         records: bincode::serialize(&records).expect("feed records serialize"),
                         head,
                         origin: origin.clone(),
+                        payloads: payloads(segments.as_ref(), &records).await,
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
@@ -92,6 +158,7 @@ impl Replication for FeedService {
                             records: Vec::new(),
                             head,
                             origin: origin.clone(),
+                            payloads: Vec::new(),
                         };
                         if tx.send(Ok(ka)).await.is_err() {
                             return;

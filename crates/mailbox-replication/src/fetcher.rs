@@ -4,11 +4,13 @@
 //! lost across crashes. Each message is fetched segment by segment from its
 //! origin DC first, then any other DC; every segment is verified against its
 //! SHA-256 before it is written (a corrupt copy is discarded, counted and
-//! fetched again). Concurrency is capped; failures back off per message.
+//! fetched again). Concurrency is capped; failures back off per message
+//! on the schedule kept in the persisted [`RetryTable`], so a restarted
+//! leader neither forgets attempt counts nor retries everything at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mailbox_proto::v1::mailbox_client::MailboxClient;
 use mailbox_proto::v1::GetRequest;
@@ -21,23 +23,30 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 
 use crate::replicator::{is_leader, wait_leadership};
-use crate::{backoff, connect, RemoteDc, ReplicationError, StatusHandle};
+use crate::retry::{RetryKind, RetryTable};
+use crate::{connect, RemoteDc, ReplicationError, StatusHandle};
 
 /// Messages fetched at once.
 const CONCURRENCY: usize = 4;
+/// First retry delay of a failed fetch.
+const RETRY_BASE: Duration = Duration::from_millis(200);
+/// Longest retry delay of a failed fetch.
+const RETRY_CAP: Duration = Duration::from_secs(30);
+/// How often the fetcher looks at the index without a new apply.
+const IDLE_POLL: Duration = Duration::from_millis(500);
 
 pub(crate) async fn run(
     raft: RaftNode,
     remotes: Vec<RemoteDc>,
     segments: Arc<dyn SegmentStore>,
     status: StatusHandle,
+    retry: RetryTable,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sem = Arc::new(Semaphore::new(CONCURRENCY));
     let in_flight: Arc<Mutex<HashSet<MessageId>>> = Arc::default();
-    // Per message: failed attempts and when to try again.
-    let retry: Arc<Mutex<HashMap<MessageId, (u32, Instant)>>> = Arc::default();
     let mut applied = raft.applied_watch();
+    let mut passes = 0u64;
     loop {
         if !wait_leadership(&raft, &mut shutdown).await {
             return;
@@ -49,18 +58,19 @@ pub(crate) async fn run(
                 Vec::new()
             }
         };
-        let now = Instant::now();
+        passes += 1;
+        if passes % 64 == 1 {
+            forget_finished(&raft, &retry);
+        }
+        let now = mailbox_types::now_ms();
         for meta in pending {
             if in_flight.lock().expect("lock").contains(&meta.id) {
                 continue;
             }
-            if retry
-                .lock()
-                .expect("lock")
-                .get(&meta.id)
-                .is_some_and(|(_, at)| *at > now)
-            {
-                continue;
+            match retry.get(RetryKind::Fetch, meta.id.as_bytes()) {
+                Ok(Some(e)) if e.due_ms > now => continue,
+                Ok(_) => {}
+                Err(e) => tracing::error!("{e}"),
             }
             let Ok(permit) = sem.clone().try_acquire_owned() else {
                 break;
@@ -79,30 +89,65 @@ pub(crate) async fn run(
                 let res = fetch_message(&raft, &remotes, segments.as_ref(), &status, &meta).await;
                 match res {
                     Ok(()) => {
-                        retry.lock().expect("lock").remove(&id);
+                        if let Err(e) = retry.clear(RetryKind::Fetch, id.as_bytes()) {
+                            tracing::error!("{e}");
+                        }
                     }
                     Err(e) => {
                         status.fetch.lock().expect("lock").retries += 1;
                         if matches!(e, ReplicationError::Corrupt { .. }) {
                             status.fetch.lock().expect("lock").corrupt += 1;
                         }
-                        let mut r = retry.lock().expect("lock");
-                        let entry = r.entry(id).or_insert((0, Instant::now()));
-                        entry.0 += 1;
-                        entry.1 = Instant::now()
-                            + backoff(entry.0, Duration::from_millis(200), Duration::from_secs(30));
-                        tracing::warn!(%id, attempt = entry.0, "segment fetch failed, will retry: {e}");
+                        match retry.record_failure(
+                            RetryKind::Fetch,
+                            id.as_bytes(),
+                            &e.to_string(),
+                            mailbox_types::now_ms(),
+                            RETRY_BASE,
+                            RETRY_CAP,
+                        ) {
+                            Ok(r) => tracing::warn!(
+                                %id, attempt = r.attempts, retry_in_ms = r.due_ms - mailbox_types::now_ms(),
+                                "segment fetch failed, will retry: {e}"
+                            ),
+                            Err(te) => tracing::error!(%id, "segment fetch failed ({e}) and {te}"),
+                        }
                     }
                 }
                 in_flight.lock().expect("lock").remove(&id);
                 drop(permit);
             });
         }
-        // Wake on new applies (new missing payloads) or periodically for retries.
+        // Wake on new applies (new missing payloads), when the next retry
+        // is due, or after a while in any case.
+        let until_due = retry
+            .next_due_ms()
+            .ok()
+            .flatten()
+            .map(|due| Duration::from_millis((due - mailbox_types::now_ms()).clamp(10, 500) as u64))
+            .unwrap_or(IDLE_POLL);
         tokio::select! {
             _ = applied.changed() => {}
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            _ = tokio::time::sleep(until_due.min(IDLE_POLL)) => {}
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Drops retry entries of messages that no longer miss their payload
+/// (fetched by an earlier leader, or deleted).
+fn forget_finished(raft: &RaftNode, retry: &RetryTable) {
+    let Ok(entries) = retry.entries(RetryKind::Fetch, 4096) else {
+        return;
+    };
+    for (subject, _) in entries {
+        let Ok(bytes) = <[u8; 16]>::try_from(subject.as_slice()) else {
+            let _ = retry.clear(RetryKind::Fetch, &subject);
+            continue;
+        };
+        let id = MessageId::from_bytes(bytes);
+        if !mailbox_state::replication::is_missing(raft.view(), &id).unwrap_or(true) {
+            let _ = retry.clear(RetryKind::Fetch, &subject);
         }
     }
 }
@@ -148,16 +193,7 @@ async fn fetch_message(
                         });
                         continue;
                     }
-                    let mut w = segments
-                        .create(meta.id, seg.index)
-                        .await
-                        .map_err(|e| ReplicationError::Local(e.to_string()))?;
-                    w.write(&data)
-                        .await
-                        .map_err(|e| ReplicationError::Local(e.to_string()))?;
-                    w.finish()
-                        .await
-                        .map_err(|e| ReplicationError::Local(e.to_string()))?;
+                    write_segment(segments, meta.id, seg.index, &data).await?;
                     status.fetch.lock().expect("lock").segments_copied += 1;
                     done = true;
                     break;
@@ -183,6 +219,20 @@ async fn fetch_message(
     .await
     .map_err(|e| ReplicationError::Local(e.to_string()))?
     .map_err(|e| ReplicationError::Local(e.to_string()))?;
+    Ok(())
+}
+
+/// Stores one verified segment durably (temp file, fsync, rename).
+pub(crate) async fn write_segment(
+    segments: &dyn SegmentStore,
+    id: MessageId,
+    index: u32,
+    data: &[u8],
+) -> Result<(), ReplicationError> {
+    let local = |e: mailbox_segments::SegmentError| ReplicationError::Local(e.to_string());
+    let mut w = segments.create(id, index).await.map_err(local)?;
+    w.write(data).await.map_err(local)?;
+    w.finish().await.map_err(local)?;
     Ok(())
 }
 

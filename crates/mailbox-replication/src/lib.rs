@@ -15,21 +15,24 @@
 //!   machine, so pending work survives any crash; failed fetches are retried
 //!   with capped exponential backoff and jitter, never dropped.
 //!
-//! Known gap: the backoff schedule of failed fetches is kept in memory
-//! (the work itself is persisted in the missing-payload index), so a
-//! restart retries pending fetches immediately instead of at their
-//! scheduled time.
+//! - [`RetryTable`]: when each failed fetch or pull is tried next, with
+//!   capped exponential backoff and jitter, persisted in the node's local
+//!   column family so the schedule and attempt counts survive restarts.
 
 mod feed;
 mod fetcher;
 mod replicator;
+pub mod retry;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mailbox_types::MessageId;
+
 pub use feed::FeedService;
 pub use replicator::Replicator;
+pub use retry::{RetryKind, RetryTable};
 
 /// How to reach another DC.
 #[derive(Debug, Clone)]
@@ -109,10 +112,59 @@ pub struct Status {
     pub remotes: Mutex<BTreeMap<String, RemoteStatus>>,
     /// Fetcher counters.
     pub fetch: Mutex<FetchStatus>,
+    /// Replica acks for uploads waiting on `immediate`.
+    pub acks: AckWaiters,
 }
 
 /// Shared handle to [`Status`].
 pub type StatusHandle = Arc<Status>;
+
+/// Replica acks seen arriving on other DCs' feeds, for uploads waiting on
+/// `immediate` on this node. A replica ack in a DC's feed is committed
+/// there, so that DC holds the payload durably the moment the record
+/// arrives; waiting for this DC to commit the record as well would only add
+/// a local commit to every `immediate` upload. Only ids someone waits for
+/// are tracked, so memory stays bounded by the uploads in flight.
+#[derive(Debug, Default)]
+pub struct AckWaiters {
+    seen: Mutex<BTreeMap<MessageId, BTreeSet<String>>>,
+    notify: tokio::sync::Notify,
+}
+
+impl AckWaiters {
+    /// Starts tracking acks for `id`.
+    pub fn register(&self, id: MessageId) {
+        self.seen.lock().expect("acks lock").entry(id).or_default();
+    }
+
+    /// Stops tracking `id`.
+    pub fn unregister(&self, id: &MessageId) {
+        self.seen.lock().expect("acks lock").remove(id);
+    }
+
+    /// DCs whose replica ack for `id` arrived so far.
+    pub fn seen(&self, id: &MessageId) -> BTreeSet<String> {
+        self.seen
+            .lock()
+            .expect("acks lock")
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Resolves at the next observed ack of any tracked id.
+    pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {
+        self.notify.notified()
+    }
+
+    pub(crate) fn observe(&self, id: &MessageId, dc: &str) {
+        let mut seen = self.seen.lock().expect("acks lock");
+        if let Some(dcs) = seen.get_mut(id) {
+            dcs.insert(dc.to_string());
+            self.notify.notify_waiters();
+        }
+    }
+}
 
 /// Exponential backoff with full jitter, capped.
 pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {

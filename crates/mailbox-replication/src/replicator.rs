@@ -1,17 +1,25 @@
 //! Pulling other DCs' feeds into this DC's log (leader only).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mailbox_proto::replication::replication_client::ReplicationClient;
-use mailbox_proto::replication::FeedRequest;
+use mailbox_proto::replication::{FeedRequest, PushedSegment};
 use mailbox_raft::RaftNode;
 use mailbox_segments::SegmentStore;
 use mailbox_state::{Command, CommandResult, FeedRecord};
+use mailbox_types::{Digest, MessageId, MessageMeta};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
-use crate::{backoff, connect, fetcher, RemoteDc, RemoteStatus, ReplicationError, StatusHandle};
+use crate::retry::{RetryKind, RetryTable};
+use crate::{connect, fetcher, RemoteDc, RemoteStatus, ReplicationError, StatusHandle};
+
+/// First reconnect delay of a failed feed pull.
+const PULL_RETRY_BASE: Duration = Duration::from_millis(100);
+/// Longest reconnect delay of a failed feed pull.
+const PULL_RETRY_CAP: Duration = Duration::from_secs(5);
 
 /// Runs the feed pulls and the segment fetcher of one node.
 pub struct Replicator {
@@ -20,22 +28,27 @@ pub struct Replicator {
     remotes: Vec<RemoteDc>,
     segments: Arc<dyn SegmentStore>,
     status: StatusHandle,
+    retry: RetryTable,
 }
 
 impl Replicator {
-    /// A replicator for DC `local_dc` pulling from `remotes`.
+    /// A replicator for DC `local_dc` pulling from `remotes`, keeping its
+    /// retry schedule in `retry` and reporting into `status`.
     pub fn new(
         raft: RaftNode,
         local_dc: String,
         remotes: Vec<RemoteDc>,
         segments: Arc<dyn SegmentStore>,
+        retry: RetryTable,
+        status: StatusHandle,
     ) -> Self {
         Self {
             raft,
             local_dc,
             remotes,
             segments,
-            status: StatusHandle::default(),
+            status,
+            retry,
         }
     }
 
@@ -53,6 +66,8 @@ impl Replicator {
                 self.local_dc.clone(),
                 remote.clone(),
                 self.status.clone(),
+                self.retry.clone(),
+                self.segments.clone(),
                 shutdown.clone(),
             ));
         }
@@ -61,6 +76,7 @@ impl Replicator {
             self.remotes.clone(),
             self.segments.clone(),
             self.status.clone(),
+            self.retry,
             shutdown,
         ));
     }
@@ -98,17 +114,37 @@ async fn pull_loop(
     local_dc: String,
     remote: RemoteDc,
     status: StatusHandle,
+    retry: RetryTable,
+    segments: Arc<dyn SegmentStore>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut attempt = 0u32;
+    let subject = remote.name.as_bytes();
+    // Attempts survive restarts, so the status keeps counting.
+    if let Ok(Some(e)) = retry.get(RetryKind::Pull, subject) {
+        set_status(&status, &remote.name, |s| {
+            s.retries = e.attempts as u64;
+            s.last_error = e.last_error.clone();
+        });
+    }
     loop {
         set_status(&status, &remote.name, |s| s.state = "idle".into());
         if !wait_leadership(&raft, &mut shutdown).await {
             return;
         }
+        // Honour the persisted schedule (e.g. right after a restart).
+        if let Ok(Some(e)) = retry.get(RetryKind::Pull, subject) {
+            let wait = (e.due_ms - mailbox_types::now_ms()).clamp(0, 60_000) as u64;
+            if wait > 0 {
+                set_status(&status, &remote.name, |s| s.state = "disconnected".into());
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
         set_status(&status, &remote.name, |s| s.state = "connecting".into());
         let result = tokio::select! {
-            r = pull_once(&raft, &local_dc, &remote, &status, &mut attempt) => r,
+            r = pull_once(&raft, &local_dc, &remote, &status, &retry, segments.as_ref()) => r,
             _ = shutdown.changed() => return,
         };
         if let Err(e) = result {
@@ -118,11 +154,20 @@ async fn pull_loop(
                 s.retries += 1;
                 s.last_error = e.to_string();
             });
-            attempt += 1;
-            let wait = backoff(attempt, Duration::from_millis(100), Duration::from_secs(5));
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.changed() => return,
+            if let Err(te) = retry.record_failure(
+                RetryKind::Pull,
+                subject,
+                &e.to_string(),
+                mailbox_types::now_ms(),
+                PULL_RETRY_BASE,
+                PULL_RETRY_CAP,
+            ) {
+                tracing::error!(dc = %remote.name, "{te}");
+                // Still back off, from memory.
+                tokio::select! {
+                    _ = tokio::time::sleep(PULL_RETRY_CAP) => {}
+                    _ = shutdown.changed() => return,
+                }
             }
         }
     }
@@ -133,7 +178,8 @@ async fn pull_once(
     local_dc: &str,
     remote: &RemoteDc,
     status: &StatusHandle,
-    attempt: &mut u32,
+    retry: &RetryTable,
+    segments: &dyn SegmentStore,
 ) -> Result<(), ReplicationError> {
     let cursor = mailbox_state::replication::cursor(raft.view(), &remote.name)
         .map_err(|e| ReplicationError::Local(e.to_string()))?;
@@ -171,6 +217,7 @@ async fn pull_once(
         s.last_error.clear();
     });
     let mut applied_cursor = cursor;
+    let mut connected = false;
     loop {
         // Idle feeds send keep-alives every 2s; silence for longer means the
         // link is dead even if TCP has not noticed.
@@ -199,17 +246,32 @@ async fn pull_once(
             // A new leader resumes from the persisted cursor.
             return Ok(());
         }
-        *attempt = 0;
+        if !connected {
+            // Connected and serving: the failure streak is over.
+            connected = true;
+            if let Err(e) = retry.clear(RetryKind::Pull, remote.name.as_bytes()) {
+                tracing::error!("{e}");
+            }
+        }
         let head = batch.head;
         if !batch.records.is_empty() {
             let records: Vec<(u64, FeedRecord)> =
                 bincode::deserialize(&batch.records).map_err(|e| {
                     ReplicationError::Local(format!("bad feed batch from {}: {e}", remote.name))
                 })?;
+            for (_, rec) in &records {
+                if let FeedRecord::Held { id, dc, .. } = rec {
+                    status.acks.observe(id, dc);
+                }
+            }
+            let payload_here =
+                store_pushed(segments, status, &remote.name, &records, batch.payloads).await;
             let res = raft
                 .propose(Command::ApplyRemote {
                     origin: remote.name.clone(),
                     records,
+                    received_ms: mailbox_types::now_ms(),
+                    payload_here,
                 })
                 .await
                 .map_err(|e| ReplicationError::Local(e.to_string()))?;
@@ -229,4 +291,56 @@ async fn pull_once(
             };
         });
     }
+}
+
+/// Stores the segments pushed with a feed batch, each verified against its
+/// record's SHA-256 first, and returns the messages now held in full here.
+/// Anything missing, corrupt or unwritable is left to the fetcher.
+async fn store_pushed(
+    segments: &dyn SegmentStore,
+    status: &StatusHandle,
+    dc: &str,
+    records: &[(u64, FeedRecord)],
+    pushed: Vec<PushedSegment>,
+) -> Vec<MessageId> {
+    if pushed.is_empty() {
+        return Vec::new();
+    }
+    let metas: HashMap<MessageId, &MessageMeta> = records
+        .iter()
+        .filter_map(|(_, r)| match r {
+            FeedRecord::Message { meta, .. } => Some((meta.id, meta)),
+            _ => None,
+        })
+        .collect();
+    let mut stored: HashMap<MessageId, HashSet<u32>> = HashMap::new();
+    for p in pushed {
+        let Ok(bytes) = <[u8; 16]>::try_from(p.id.as_slice()) else {
+            continue;
+        };
+        let id = MessageId::from_bytes(bytes);
+        let Some(seg) = metas
+            .get(&id)
+            .and_then(|m| m.segments().iter().find(|s| s.index == p.index))
+        else {
+            continue;
+        };
+        if p.data.len() as u64 != seg.size || Digest::of(&p.data) != seg.sha256 {
+            status.fetch.lock().expect("lock").corrupt += 1;
+            tracing::warn!(%id, index = p.index, from = dc, "pushed segment is corrupt; it will be fetched");
+            continue;
+        }
+        match fetcher::write_segment(segments, id, p.index, &p.data).await {
+            Ok(()) => {
+                stored.entry(id).or_default().insert(p.index);
+                status.fetch.lock().expect("lock").segments_copied += 1;
+            }
+            Err(e) => tracing::warn!(%id, index = p.index, "cannot store pushed segment: {e}"),
+        }
+    }
+    stored
+        .into_iter()
+        .filter(|(id, idx)| metas[id].segments().len() == idx.len())
+        .map(|(id, _)| id)
+        .collect()
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use mailbox_raft::RaftTuning;
-use mailbox_types::{ByteSize, HumanDuration};
+use mailbox_types::{ByteSize, HumanDuration, PathPattern};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
@@ -29,6 +29,9 @@ pub struct NodeConfig {
     pub listen: String,
     /// Address other nodes use to reach this one (defaults to `listen`).
     pub advertise: Option<String>,
+    /// Address of the HTTP server for `/metrics` (Prometheus) and
+    /// `/healthz`, e.g. "127.0.0.1:7180"; none when unset.
+    pub http_listen: Option<String>,
     /// Directory for this node's RocksDB and snapshots.
     pub data_dir: PathBuf,
     /// The DC's shared segment store directory (the same for every node of the DC).
@@ -63,6 +66,25 @@ pub struct ClusterConfig {
     pub immediate_quorum: Quorum,
     /// For `immediate`: give up waiting (retryable error) after this long.
     pub immediate_timeout: HumanDuration,
+    /// Per-mailbox overrides of the three settings above; the first rule
+    /// whose pattern matches the upload's mailbox applies.
+    pub ack_rules: Vec<AckRuleConfig>,
+}
+
+/// Acknowledgement policy for mailboxes matching a pattern, e.g.
+/// `{ mailbox = "/partners/*/urgent/**", ack = "immediate" }`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct AckRuleConfig {
+    /// Mailbox path pattern: `*` and `?` within a segment, `**` for any
+    /// number of segments.
+    pub mailbox: String,
+    /// Mode for matching mailboxes (default: the cluster's).
+    pub ack: Option<AckMode>,
+    /// Quorum for matching mailboxes (default: the cluster's).
+    pub immediate_quorum: Option<Quorum>,
+    /// Timeout for matching mailboxes (default: the cluster's).
+    pub immediate_timeout: Option<HumanDuration>,
 }
 
 impl Default for ClusterConfig {
@@ -72,6 +94,7 @@ impl Default for ClusterConfig {
             ack: AckMode::Delayed,
             immediate_quorum: Quorum::Majority,
             immediate_timeout: ms(30_000),
+            ack_rules: Vec::new(),
         }
     }
 }
@@ -187,6 +210,7 @@ impl Default for NodeConfig {
             dc: "east".into(),
             listen: "127.0.0.1:7101".into(),
             advertise: None,
+            http_listen: None,
             data_dir: PathBuf::from("data/node1"),
             segment_dir: PathBuf::from("data/segments"),
             members: Vec::new(),
@@ -240,6 +264,25 @@ impl NodeConfig {
                 "listen",
                 format!("{:?} is not host:port (an IP address)", self.listen),
             );
+        }
+        if let Some(http) = &self.http_listen {
+            match http.parse::<SocketAddr>() {
+                Err(_) => {
+                    return bad(
+                        "http-listen",
+                        format!("{http:?} is not host:port (an IP address)"),
+                    )
+                }
+                // Port 0 on both would be two different ports; equal fixed
+                // ports would make the second bind fail at startup.
+                Ok(a) if a.port() != 0 && self.listen.parse::<SocketAddr>().ok() == Some(a) => {
+                    return bad(
+                        "http-listen",
+                        format!("{http:?} is the gRPC `listen` address too"),
+                    )
+                }
+                Ok(_) => {}
+            }
         }
         if self.members.is_empty() {
             return bad(
@@ -345,6 +388,20 @@ impl NodeConfig {
                 );
             }
         }
+        for (i, rule) in self.cluster.ack_rules.iter().enumerate() {
+            if let Err(e) = PathPattern::parse(&rule.mailbox) {
+                return bad("cluster.ack-rules", format!("rule {}: {e}", i + 1));
+            }
+            if rule.immediate_timeout.is_some_and(|t| t.0.is_zero()) {
+                return bad(
+                    "cluster.ack-rules",
+                    format!("rule {}: immediate-timeout must be positive", i + 1),
+                );
+            }
+        }
+        if self.cluster.immediate_timeout.0.is_zero() {
+            return bad("cluster.immediate-timeout", "must be positive".into());
+        }
         Ok(())
     }
 
@@ -414,6 +471,44 @@ snapshot-every = 100
         c.members.pop();
         assert!(c.validate().unwrap_err().to_string().contains("1, 3 or 5"));
         assert!(toml::from_str::<NodeConfig>("nod-id = 1").is_err());
+    }
+
+    #[test]
+    fn ack_rules_parse_and_validate() {
+        let c: NodeConfig = toml::from_str(&format!(
+            "{MIN}\n[cluster]\nack-rules = [{{ mailbox = \"/partners/*/urgent/**\", ack = \"immediate\", immediate-timeout = \"5s\" }}]\n"
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.cluster.ack_rules[0].ack, Some(AckMode::Immediate));
+        let mut bad_rule = c.clone();
+        bad_rule.cluster.ack_rules[0].mailbox = "partners".into();
+        let e = bad_rule.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("cluster.ack-rules") && e.contains("rule 1"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn http_listen_is_optional_and_validated() {
+        let c: NodeConfig = toml::from_str(MIN).unwrap();
+        assert_eq!(c.http_listen, None);
+        let c: NodeConfig =
+            toml::from_str(&format!("http-listen = \"127.0.0.1:7180\"\n{MIN}")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.http_listen.as_deref(), Some("127.0.0.1:7180"));
+        // It survives `check-config`'s round trip.
+        let again: NodeConfig = toml::from_str(&toml::to_string_pretty(&c).unwrap()).unwrap();
+        assert_eq!(again.http_listen, c.http_listen);
+        let mut bad = c.clone();
+        bad.http_listen = Some("localhost:7180".into());
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("http-listen"), "{e}");
+        let mut same = c.clone();
+        same.http_listen = Some(same.listen.clone());
+        let e = same.validate().unwrap_err().to_string();
+        assert!(e.contains("http-listen"), "{e}");
     }
 
     #[test]

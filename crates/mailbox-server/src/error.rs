@@ -2,7 +2,8 @@
 //!
 //! Every variant has a stable machine-readable code, sent in the
 //! `x-mailbox-error` metadata next to the gRPC status, so clients can act on
-//! it without parsing messages.
+//! it without parsing messages. The conversion also counts every failed
+//! request by that code (`mailbox_requests_failed_total`).
 
 use mailbox_raft::RaftError;
 use mailbox_segments::SegmentError;
@@ -140,6 +141,7 @@ impl From<ServiceError> for Status {
             ServiceError::Unavailable { .. } | ServiceError::NotLeader { .. } => Code::Unavailable,
             ServiceError::Internal { .. } => Code::Internal,
         };
+        crate::metrics::COUNTERS.request_failed(e.code());
         let mut s = Status::new(code, e.to_string());
         let md = s.metadata_mut();
         md.insert("x-mailbox-error", e.code().parse().expect("ascii code"));

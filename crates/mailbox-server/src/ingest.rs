@@ -12,16 +12,18 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use mailbox_raft::RaftNode;
+use mailbox_replication::StatusHandle;
 use mailbox_segments::{SegmentStore, SegmentWriter};
 use mailbox_state::{Command, CommandResult};
 use mailbox_types::{
-    validate_message_name, Digest, MailboxPath, MessageId, MessageMeta, Payload, SegmentMeta,
+    validate_message_name, Digest, MailboxPath, MessageId, MessageMeta, PathPattern, Payload,
+    SegmentMeta,
 };
 use sha2::{Digest as _, Sha256};
 
 use std::time::Duration;
 
-use crate::config::AckMode;
+use crate::config::{AckMode, ClusterConfig};
 use crate::error::ServiceError;
 
 /// Largest idempotency key accepted, in bytes.
@@ -30,6 +32,25 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 256;
 pub const MAX_ATTRIBUTES: usize = 64;
 /// Longest attribute key or value, in bytes.
 pub const MAX_ATTRIBUTE_LEN: usize = 1024;
+
+/// Checks a message's attributes: count, key and value lengths.
+pub fn validate_attributes<'a>(
+    attrs: impl ExactSizeIterator<Item = (&'a String, &'a String)>,
+) -> Result<(), ServiceError> {
+    if attrs.len() > MAX_ATTRIBUTES {
+        return Err(ServiceError::invalid(format!(
+            "at most {MAX_ATTRIBUTES} attributes"
+        )));
+    }
+    for (k, v) in attrs {
+        if k.is_empty() || k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN {
+            return Err(ServiceError::invalid(format!(
+                "attribute keys must be 1..={MAX_ATTRIBUTE_LEN} bytes, values at most {MAX_ATTRIBUTE_LEN}"
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// What a client declares before sending bytes.
 #[derive(Debug, Clone)]
@@ -59,6 +80,50 @@ pub struct AckPolicy {
     pub timeout: Duration,
 }
 
+/// The cluster's acknowledgement policy and its per-mailbox overrides.
+#[derive(Debug, Clone)]
+pub struct AckRules {
+    /// Policy where no rule matches.
+    pub default: AckPolicy,
+    /// `(pattern, policy)`, first match wins.
+    pub rules: Vec<(PathPattern, AckPolicy)>,
+}
+
+impl AckRules {
+    /// Builds the rules from the `[cluster]` config (already validated).
+    pub fn from_config(c: &ClusterConfig, total_dcs: usize) -> Result<Self, ServiceError> {
+        let default = AckPolicy {
+            mode: c.ack,
+            others_required: c.immediate_quorum.others_required(total_dcs),
+            timeout: c.immediate_timeout.0,
+        };
+        let mut rules = Vec::new();
+        for r in &c.ack_rules {
+            rules.push((
+                PathPattern::parse(&r.mailbox)?,
+                AckPolicy {
+                    mode: r.ack.unwrap_or(c.ack),
+                    others_required: r
+                        .immediate_quorum
+                        .unwrap_or(c.immediate_quorum)
+                        .others_required(total_dcs),
+                    timeout: r.immediate_timeout.unwrap_or(c.immediate_timeout).0,
+                },
+            ));
+        }
+        Ok(AckRules { default, rules })
+    }
+
+    /// The policy for uploads into `mailbox`.
+    pub fn for_mailbox(&self, mailbox: &MailboxPath) -> &AckPolicy {
+        self.rules
+            .iter()
+            .find(|(p, _)| p.matches(mailbox))
+            .map(|(_, a)| a)
+            .unwrap_or(&self.default)
+    }
+}
+
 /// Node-wide things an upload needs.
 #[derive(Clone)]
 pub struct IngestContext {
@@ -73,7 +138,9 @@ pub struct IngestContext {
     /// Segment size in bytes.
     pub segment_size: u64,
     /// Acknowledgement policy.
-    pub ack: AckPolicy,
+    pub ack: AckRules,
+    /// Replication status, including replica acks seen on incoming feeds.
+    pub replication: StatusHandle,
 }
 
 /// An upload in progress.
@@ -85,7 +152,7 @@ pub struct Upload {
     idempotency_key: Option<String>,
     declared: Option<Digest>,
     attributes: BTreeMap<String, String>,
-    ack: AckMode,
+    ack: AckPolicy,
     whole: Sha256,
     size: u64,
     inline: Vec<u8>,
@@ -117,18 +184,7 @@ impl Upload {
             }
         }
         let declared = req.sha256.as_deref().map(Digest::from_hex).transpose()?;
-        if req.attributes.len() > MAX_ATTRIBUTES {
-            return Err(ServiceError::invalid(format!(
-                "at most {MAX_ATTRIBUTES} attributes"
-            )));
-        }
-        if req.attributes.iter().any(|(k, v)| {
-            k.is_empty() || k.len() > MAX_ATTRIBUTE_LEN || v.len() > MAX_ATTRIBUTE_LEN
-        }) {
-            return Err(ServiceError::invalid(format!(
-                "attribute keys must be 1..={MAX_ATTRIBUTE_LEN} bytes, values at most {MAX_ATTRIBUTE_LEN}"
-            )));
-        }
+        validate_attributes(req.attributes.iter())?;
         // Completion tracking needs the cluster's DC list in the log; the
         // leader records it moments after the first election.
         let mut applied = ctx.raft.applied_watch();
@@ -151,7 +207,11 @@ impl Upload {
                 what: format!("mailbox {mailbox}"),
             });
         }
-        let ack = req.ack.unwrap_or(ctx.ack.mode);
+        // Per upload beats per mailbox beats the cluster default.
+        let mut ack = ctx.ack.for_mailbox(&mailbox).clone();
+        if let Some(mode) = req.ack {
+            ack.mode = mode;
+        }
         Ok(Upload {
             ctx,
             ack,
@@ -236,9 +296,12 @@ impl Upload {
     pub async fn finish(mut self, expected_size: Option<u64>) -> Result<Stored, ServiceError> {
         match self.commit(expected_size).await {
             Ok(s) => {
-                if self.ack == AckMode::Immediate {
-                    wait_replicated(&self.ctx, &s.meta).await?;
+                if self.ack.mode == AckMode::Immediate {
+                    wait_replicated(&self.ctx, &s.meta, &self.ack).await?;
                 }
+                // Here rather than in the gRPC service: every protocol's
+                // uploads pass through `finish`.
+                crate::metrics::COUNTERS.upload_acked(self.ack.mode, self.size);
                 Ok(s)
             }
             Err((e, cleanup)) => {
@@ -330,40 +393,67 @@ impl Upload {
     }
 }
 
-/// Waits until the required number of other DCs hold `meta` in full, as
-/// reported in this DC's applied state (their replica acks arrive through
-/// their feeds). Times out with a retryable error; the message stays and
+/// Waits until the required number of other DCs hold `meta` in full: their
+/// replica acks, committed in their DCs, either applied here already or
+/// just arrived on their feeds (see `AckWaiters`). Times out with a retryable error; the message stays and
 /// keeps replicating.
-pub async fn wait_replicated(ctx: &IngestContext, meta: &MessageMeta) -> Result<(), ServiceError> {
-    let need = ctx.ack.others_required;
+pub async fn wait_replicated(
+    ctx: &IngestContext,
+    meta: &MessageMeta,
+    policy: &AckPolicy,
+) -> Result<(), ServiceError> {
+    let need = policy.others_required;
     if need == 0 {
         return Ok(());
     }
-    let deadline = tokio::time::Instant::now() + ctx.ack.timeout;
+    let deadline = tokio::time::Instant::now() + policy.timeout;
     let mut applied = ctx.raft.applied_watch();
+    let acks = &ctx.replication.acks;
+    acks.register(meta.id);
+    // Unregister however this function returns.
+    struct Tracked<'a>(&'a mailbox_replication::AckWaiters, MessageId);
+    impl Drop for Tracked<'_> {
+        fn drop(&mut self) {
+            self.0.unregister(&self.1);
+        }
+    }
+    let _tracked = Tracked(acks, meta.id);
     loop {
         applied.mark_unchanged();
-        let holders = mailbox_state::replication::holders(ctx.raft.view(), &meta.id)?;
-        let others = holders.iter().filter(|(dc, _)| dc != &ctx.dc).count();
+        // Arm the ack notification before looking, so none is missed.
+        let ack_arrived = acks.notified();
+        tokio::pin!(ack_arrived);
+        ack_arrived.as_mut().enable();
+        // Replica acks already applied here, plus those that just arrived
+        // on a feed (committed in their DC, not yet here).
+        let mut holders: std::collections::BTreeSet<String> =
+            mailbox_state::replication::holders(ctx.raft.view(), &meta.id)?
+                .into_iter()
+                .map(|(dc, _)| dc)
+                .collect();
+        holders.extend(acks.seen(&meta.id));
+        let others = holders.iter().filter(|dc| *dc != &ctx.dc).count();
         if others >= need {
             return Ok(());
         }
-        match tokio::time::timeout_at(deadline, applied.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => {
-                return Err(ServiceError::Unavailable {
-                    reason: "node shutting down".into(),
-                })
+        tokio::select! {
+            r = applied.changed() => {
+                if r.is_err() {
+                    return Err(ServiceError::Unavailable {
+                        reason: "node shutting down".into(),
+                    });
+                }
             }
-            Err(_) => {
+            _ = &mut ack_arrived => {}
+            _ = tokio::time::sleep_until(deadline) => {
                 return Err(ServiceError::Unavailable {
                     reason: format!(
                         "message {} is stored in DC {} but only {others} of the {need} other DCs required \
                          for immediate acknowledgement hold it after {:?}; it keeps replicating, retry with \
                          the same idempotency key to wait again",
-                        meta.id, ctx.dc, ctx.ack.timeout
+                        meta.id, ctx.dc, policy.timeout
                     ),
-                })
+                });
             }
         }
     }

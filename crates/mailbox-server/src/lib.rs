@@ -3,11 +3,15 @@
 //! [`serve`] takes an already bound listener and a shutdown future, so tests
 //! bind port 0 and the binary binds its configured address. One gRPC server
 //! carries both the public API and the node-to-node Raft service.
+//! [`serve_with`] also takes the listener of the HTTP endpoint (`/metrics`,
+//! `/healthz`; see [`http`]).
 
 pub mod config;
 pub mod error;
 pub mod gc;
+pub mod http;
 pub mod ingest;
+pub mod metrics;
 pub mod service;
 
 use std::collections::BTreeMap;
@@ -20,7 +24,7 @@ use mailbox_proto::v1::mailbox_server::MailboxServer;
 use mailbox_proto::{CONNECTION_WINDOW, MAX_MESSAGE_SIZE, STREAM_WINDOW};
 use mailbox_raft::network::InternalService;
 use mailbox_raft::{BasicNode, RaftNode};
-use mailbox_replication::{FeedService, RemoteDc, Replicator};
+use mailbox_replication::{FeedService, RemoteDc, Replicator, RetryTable, StatusHandle};
 use mailbox_segments::{FsSegmentStore, SegmentStore};
 use mailbox_state::Command;
 use mailbox_storage::Store;
@@ -30,7 +34,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 pub use config::NodeConfig;
 pub use error::{ConfigError, ServiceError};
 
-use crate::ingest::{AckPolicy, IngestContext};
+use crate::ingest::{AckRules, IngestContext};
 use crate::service::MailboxService;
 
 /// Errors that stop a node.
@@ -59,12 +63,49 @@ pub enum NodeError {
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A configured address could not be bound.
+    #[error("cannot listen on {field} {addr}: {reason}")]
+    Bind {
+        /// Kebab-case config field.
+        field: &'static str,
+        /// The address.
+        addr: String,
+        /// OS error.
+        reason: String,
+    },
 }
 
-/// Runs a node until `shutdown` resolves, then stops Raft cleanly.
+/// Runs a node until `shutdown` resolves, then stops Raft cleanly. Binds
+/// `http-listen` itself when it is configured; [`serve_with`] takes that
+/// listener pre-bound instead.
 pub async fn serve(
     cfg: NodeConfig,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let http = match &cfg.http_listen {
+        Some(addr) => Some(bind_http(addr).await?),
+        None => None,
+    };
+    serve_with(cfg, listener, http, shutdown).await
+}
+
+/// Binds the address of the `http-listen` setting.
+pub async fn bind_http(addr: &str) -> Result<TcpListener, NodeError> {
+    TcpListener::bind(addr).await.map_err(|e| NodeError::Bind {
+        field: "http-listen",
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+/// Runs a node until `shutdown` resolves: the gRPC server on `listener`, and
+/// when `http_listener` is given, `/metrics` and `/healthz` on it (whatever
+/// `http-listen` says; the caller bound it).
+pub async fn serve_with(
+    cfg: NodeConfig,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     cfg.validate()?;
@@ -73,6 +114,7 @@ pub async fn serve(
         reason: e.to_string(),
     })?;
     let store = Store::open(&cfg.data_dir.join("db"))?;
+    let retry = RetryTable::new(store.clone());
     let raft = RaftNode::start(
         cfg.node_id,
         &cfg.dc,
@@ -82,20 +124,20 @@ pub async fn serve(
     )
     .await?;
     let segments: Arc<dyn SegmentStore> = Arc::new(FsSegmentStore::open(&cfg.segment_dir).await?);
+    let repl_status = StatusHandle::default();
     let ctx = IngestContext {
+        replication: repl_status.clone(),
         raft: raft.clone(),
         segments: segments.clone(),
         dc: cfg.dc.clone(),
         inline_threshold: cfg.inline_threshold.0,
         segment_size: cfg.segment_size.0,
-        ack: AckPolicy {
-            mode: cfg.cluster.ack,
-            others_required: cfg
-                .cluster
-                .immediate_quorum
-                .others_required(cfg.cluster_dcs().len()),
-            timeout: cfg.cluster.immediate_timeout.0,
-        },
+        ack: AckRules::from_config(&cfg.cluster, cfg.cluster_dcs().len()).map_err(|e| {
+            ConfigError::Invalid {
+                field: "cluster.ack-rules",
+                reason: e.to_string(),
+            }
+        })?,
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -114,9 +156,26 @@ pub async fn serve(
         cfg.dc.clone(),
         remotes.clone(),
         segments.clone(),
+        retry,
+        repl_status.clone(),
     );
-    let repl_status = replicator.status();
     replicator.spawn(stop_rx.clone());
+    let http_task = match http_listener {
+        Some(l) => {
+            tracing::info!(
+                addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                "serving /metrics and /healthz over HTTP"
+            );
+            let app = http::router(metrics::MetricsSource {
+                raft: raft.clone(),
+                dc: cfg.dc.clone(),
+                remotes: remotes.clone(),
+                status: repl_status.clone(),
+            });
+            Some(tokio::spawn(http::run(l, app, stop_rx.clone())))
+        }
+        None => None,
+    };
     tokio::spawn(publish_cluster_dcs(
         raft.clone(),
         cfg.cluster_dcs(),
@@ -124,7 +183,7 @@ pub async fn serve(
     ));
     tokio::spawn(gc::run(
         raft.clone(),
-        segments,
+        segments.clone(),
         cfg.orphan_grace.0,
         cfg.gc_interval.0,
         stop_rx.clone(),
@@ -156,6 +215,7 @@ pub async fn serve(
     let feed = ReplicationServer::new(FeedService::new(
         raft.clone(),
         cfg.dc.clone(),
+        segments.clone(),
         stop_rx.clone(),
     ))
     .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -185,6 +245,10 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;
     let _ = stop_tx.send(true);
+    if let Some(t) = http_task {
+        // Bounded: the HTTP server gives its connections 5 s at most.
+        let _ = t.await;
+    }
     raft.shutdown().await;
     tracing::info!(node = cfg.node_id, "mailboxd stopped");
     result.map_err(NodeError::from)

@@ -64,7 +64,11 @@ async fn main() -> anyhow::Result<()> {
             let listener = tokio::net::TcpListener::bind(&cfg.listen)
                 .await
                 .with_context(|| format!("cannot listen on {}", cfg.listen))?;
-            mailbox_server::serve(cfg, listener, shutdown_signal()).await?;
+            let http = match &cfg.http_listen {
+                Some(addr) => Some(mailbox_server::bind_http(addr).await?),
+                None => None,
+            };
+            mailbox_server::serve_with(cfg, listener, http, shutdown_signal()).await?;
             Ok(())
         }
     }

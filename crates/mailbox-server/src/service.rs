@@ -6,15 +6,17 @@
 //! `ServiceError -> Status`, the one conversion at this boundary.
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use futures::Stream;
 use mailbox_proto::v1::mailbox_server::Mailbox;
 use mailbox_proto::v1::{
     put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
-    CreateMailboxResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    CreateMailboxResponse, DcCopy, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
     ListMailboxesRequest, ListMailboxesResponse, ListRequest, ListResponse, MessageInfo,
     NodeStatus, PutRequest, PutResponse, RemoteDcStatus, ReplicaInfo, ReplicationStatusRequest,
-    ReplicationStatusResponse, StatRequest, StatResponse,
+    ReplicationStatusResponse, SetAttributesRequest, SetAttributesResponse, StatRequest,
+    StatResponse,
 };
 use mailbox_raft::RaftNode;
 use mailbox_replication::{RemoteDc, StatusHandle};
@@ -63,7 +65,88 @@ impl MailboxService {
             .collect();
         info.complete_ms = mailbox_state::replication::complete_ms(view, &meta.id)?.unwrap_or(0);
         info.payload_pending = !info.replicas.iter().any(|r| r.dc == self.ctx.dc);
+        info.metadata_since_ms = mailbox_state::replication::metadata_since(view, meta)?;
         Ok(info)
+    }
+
+    /// Every DC's copy of a message, each asked directly (in parallel, with
+    /// a short timeout); a DC that cannot be asked is shown with the error
+    /// and what this DC learned of it through replica acks.
+    async fn copies(&self, info: &MessageInfo) -> Vec<DcCopy> {
+        let held = |dc: &str| {
+            info.replicas
+                .iter()
+                .find(|r| r.dc == dc)
+                .map(|r| r.held_since_ms)
+        };
+        let mut out = vec![DcCopy {
+            dc: self.ctx.dc.clone(),
+            metadata_held: true,
+            metadata_since_ms: info.metadata_since_ms,
+            payload_held: !info.payload_pending,
+            payload_since_ms: held(&self.ctx.dc).unwrap_or(0),
+            error: String::new(),
+        }];
+        let asks = self.remotes.iter().map(|dc| {
+            let id = info.id.clone();
+            async move {
+                let ask = async {
+                    let mut last = Status::unavailable("no endpoints");
+                    for ep in &dc.endpoints {
+                        let ch = match mailbox_replication::connect(ep).await {
+                            Ok(ch) => ch,
+                            Err(e) => {
+                                last = Status::unavailable(format!("{ep}: {e}"));
+                                continue;
+                            }
+                        };
+                        let mut c = mailbox_proto::v1::mailbox_client::MailboxClient::new(ch);
+                        match c
+                            .stat(StatRequest {
+                                id: id.clone(),
+                                local: true,
+                            })
+                            .await
+                        {
+                            Ok(r) => return Ok(r.into_inner().message),
+                            Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+                            Err(s) => last = s,
+                        }
+                    }
+                    Err(last)
+                };
+                (dc, tokio::time::timeout(Duration::from_secs(2), ask).await)
+            }
+        });
+        for (dc, res) in futures::future::join_all(asks).await {
+            let mut copy = DcCopy {
+                dc: dc.name.clone(),
+                ..Default::default()
+            };
+            match res {
+                Ok(Ok(Some(m))) => {
+                    copy.metadata_held = true;
+                    copy.metadata_since_ms = m.metadata_since_ms;
+                    copy.payload_held = !m.payload_pending;
+                    copy.payload_since_ms = m
+                        .replicas
+                        .iter()
+                        .find(|r| r.dc == dc.name)
+                        .map_or(0, |r| r.held_since_ms);
+                }
+                Ok(Ok(None)) => {}
+                Ok(Err(s)) => copy.error = s.message().to_string(),
+                Err(_) => copy.error = "no answer within 2s".into(),
+            }
+            if !copy.error.is_empty() {
+                if let Some(t) = held(&dc.name) {
+                    copy.payload_held = true;
+                    copy.payload_since_ms = t;
+                }
+            }
+            out.push(copy);
+        }
+        out
     }
 
     fn raft(&self) -> &RaftNode {
@@ -378,9 +461,14 @@ impl Mailbox for MailboxService {
     }
 
     async fn stat(&self, req: Request<StatRequest>) -> Result<Response<StatResponse>, Status> {
-        let meta = self.message(&req.into_inner().id)?;
+        let req = req.into_inner();
+        let meta = self.message(&req.id)?;
+        let mut info = self.info(&meta)?;
+        if !req.local {
+            info.copies = self.copies(&info).await;
+        }
         Ok(Response::new(StatResponse {
-            message: Some(self.info(&meta)?),
+            message: Some(info),
         }))
     }
 
@@ -409,55 +497,56 @@ impl Mailbox for MailboxService {
         Ok(Response::new(DeleteResponse {}))
     }
 
+    #[tracing::instrument(level = "info", skip_all, fields(id = %req.get_ref().id))]
+    async fn set_attributes(
+        &self,
+        req: Request<SetAttributesRequest>,
+    ) -> Result<Response<SetAttributesResponse>, Status> {
+        let req = req.into_inner();
+        let id: MessageId = req.id.parse().map_err(ServiceError::from)?;
+        if let Some(k) = req.remove.iter().find(|k| req.set.contains_key(*k)) {
+            return Err(
+                ServiceError::invalid(format!("attribute {k:?} is both set and removed")).into(),
+            );
+        }
+        // The result must stay within the per-message limits too.
+        let mut after = self.message(&req.id)?.attributes;
+        for k in &req.remove {
+            after.remove(k);
+        }
+        after.extend(req.set.iter().map(|(k, v)| (k.clone(), v.clone())));
+        crate::ingest::validate_attributes(after.iter())?;
+        let res = self
+            .raft()
+            .propose(Command::SetAttributes {
+                id,
+                set: req.set.into_iter().collect(),
+                remove: req.remove,
+                wall_ms: mailbox_types::now_ms(),
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        match res.map_err(ServiceError::from)? {
+            CommandResult::Updated { meta } => Ok(Response::new(SetAttributesResponse {
+                message: Some(self.info(&meta)?),
+            })),
+            other => Err(ServiceError::Internal {
+                reason: format!("unexpected result of SetAttributes: {other:?}"),
+            }
+            .into()),
+        }
+    }
+
     async fn replication_status(
         &self,
         _req: Request<ReplicationStatusRequest>,
     ) -> Result<Response<ReplicationStatusResponse>, Status> {
-        let view = self.raft().view();
-        let pending = mailbox_state::replication::missing_payloads(view, usize::MAX)
-            .map_err(ServiceError::from)?;
-        let now = mailbox_types::now_ms();
-        let oldest = pending.iter().map(|m| m.created_ms).min();
-        let remotes = self.status.remotes.lock().expect("status lock").clone();
-        let fetch = self.status.fetch.lock().expect("status lock").clone();
-        let mut out = Vec::new();
-        for r in &self.remotes {
-            let s = remotes.get(&r.name).cloned().unwrap_or_default();
-            // The cursor in the applied state is authoritative (followers
-            // have no live pull); the live status adds the remote head.
-            let cursor =
-                mailbox_state::replication::cursor(view, &r.name).map_err(ServiceError::from)?;
-            let head = s.remote_head.max(cursor);
-            out.push(RemoteDcStatus {
-                dc: r.name.clone(),
-                state: if s.state.is_empty() {
-                    "idle".into()
-                } else {
-                    s.state
-                },
-                cursor,
-                remote_head: head,
-                lag_records: head - cursor,
-                lag_seconds: s
-                    .behind_since_ms
-                    .map(|t| (now - t).max(0) as f64 / 1000.0)
-                    .unwrap_or(0.0),
-                retries: s.retries,
-                last_error: s.last_error,
-            });
-        }
-        Ok(Response::new(ReplicationStatusResponse {
-            dc: self.ctx.dc.clone(),
-            remotes: out,
-            pending_messages: pending.len() as u64,
-            pending_bytes: pending.iter().map(|m| m.size).sum(),
-            oldest_pending_seconds: oldest
-                .map(|t| (now - t).max(0) as f64 / 1000.0)
-                .unwrap_or(0.0),
-            fetch_retries: fetch.retries,
-            corrupt_copies: fetch.corrupt,
-            feed_head: mailbox_state::replication::feed_head(view).map_err(ServiceError::from)?,
-        }))
+        Ok(Response::new(replication_report(
+            self.raft(),
+            &self.ctx.dc,
+            &self.remotes,
+            &self.status,
+        )?))
     }
 
     async fn cluster_status(
@@ -500,4 +589,59 @@ impl Mailbox for MailboxService {
             nodes,
         }))
     }
+}
+
+/// This node's view of replication: per remote DC (connection, cursor, lag,
+/// reconnects) and of the payloads still missing here. What the
+/// `ReplicationStatus` RPC answers and `/metrics` exports.
+pub fn replication_report(
+    raft: &RaftNode,
+    dc: &str,
+    remotes: &[RemoteDc],
+    status: &StatusHandle,
+) -> Result<ReplicationStatusResponse, ServiceError> {
+    let view = raft.view();
+    let pending = mailbox_state::replication::missing_payloads(view, usize::MAX)?;
+    let now = mailbox_types::now_ms();
+    let oldest = pending.iter().map(|m| m.created_ms).min();
+    let live = status.remotes.lock().expect("status lock").clone();
+    let fetch = status.fetch.lock().expect("status lock").clone();
+    let mut out = Vec::new();
+    for r in remotes {
+        let s = live.get(&r.name).cloned().unwrap_or_default();
+        // The cursor in the applied state is authoritative (followers
+        // have no live pull); the live status adds the remote head.
+        let cursor = mailbox_state::replication::cursor(view, &r.name)?;
+        let head = s.remote_head.max(cursor);
+        out.push(RemoteDcStatus {
+            dc: r.name.clone(),
+            state: if s.state.is_empty() {
+                "idle".into()
+            } else {
+                s.state
+            },
+            cursor,
+            remote_head: head,
+            lag_records: head - cursor,
+            lag_seconds: s
+                .behind_since_ms
+                .map(|t| (now - t).max(0) as f64 / 1000.0)
+                .unwrap_or(0.0),
+            retries: s.retries,
+            last_error: s.last_error,
+        });
+    }
+    Ok(ReplicationStatusResponse {
+        dc: dc.to_string(),
+        remotes: out,
+        pending_messages: pending.len() as u64,
+        pending_bytes: pending.iter().map(|m| m.size).sum(),
+        oldest_pending_seconds: oldest
+            .map(|t| (now - t).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0),
+        fetch_retries: fetch.retries,
+        corrupt_copies: fetch.corrupt,
+        feed_head: mailbox_state::replication::feed_head(view)?,
+        tombstones: mailbox_state::replication::tombstone_count(view, 1_000_000)? as u64,
+    })
 }

@@ -18,7 +18,10 @@
 //! | `h` | id dc                       | held-since ms           |
 //! | `x` | id                          | empty: payload missing  |
 //! | `q` | id                          | all-DCs-complete ms     |
-//! | `t` | id                          | tombstone: deleted ms   |
+//! | `t` | id                          | `Tombstone`             |
+//! | `a` | id                          | attribute LWW registers |
+//! | `H` |                             | largest HLC seen        |
+//! | `s` | id                          | metadata arrived (ms)   |
 //! | `C` |                             | cluster DC names        |
 
 use mailbox_types::{MailboxPath, MessageId};
@@ -137,4 +140,20 @@ pub fn complete(id: &MessageId) -> Vec<u8> {
 /// Tombstone of a deleted message.
 pub fn tombstone(id: &MessageId) -> Vec<u8> {
     tagged(b't', &[id.as_bytes()])
+}
+
+/// Prefix of all tombstones.
+pub const TOMBSTONE_PREFIX: &[u8] = b"t";
+
+/// Last-writer-wins registers of a message's attributes.
+pub fn attributes(id: &MessageId) -> Vec<u8> {
+    tagged(b'a', &[id.as_bytes()])
+}
+
+/// Largest hybrid logical clock reading this DC has seen.
+pub const MAX_HLC: &[u8] = b"H";
+
+/// When a replicated message's metadata arrived here.
+pub fn metadata_since(id: &MessageId) -> Vec<u8> {
+    tagged(b's', &[id.as_bytes()])
 }

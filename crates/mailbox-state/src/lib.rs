@@ -25,7 +25,7 @@ use mailbox_types::{MailboxPath, MailboxRecord, MessageId, MessageMeta};
 use serde::{Deserialize, Serialize};
 
 pub use query::{get_mailbox, get_message, inline_payload, list_mailboxes, list_messages};
-pub use replication::{ApplyCtx, FeedRecord};
+pub use replication::{ApplyCtx, AttrRegister, FeedRecord, Tombstone};
 
 /// A write to the DC log.
 // Commands are built once per upload and moved into a log entry; boxing the
@@ -67,6 +67,11 @@ pub enum Command {
         origin: String,
         /// `(sequence number, record)` pairs, ascending.
         records: Vec<(u64, FeedRecord)>,
+        /// When the records arrived, ms since the epoch (proposer's clock).
+        received_ms: i64,
+        /// Messages among `records` whose every segment arrived with them
+        /// and is already durable in this DC's segment store.
+        payload_here: Vec<MessageId>,
     },
     /// This DC now holds every segment of a replicated message durably.
     PayloadHeld {
@@ -75,6 +80,23 @@ pub enum Command {
         /// When, ms since the epoch (proposer's clock).
         at_ms: i64,
     },
+    /// Change user attributes of a message. Each attribute is a
+    /// last-writer-wins register across DCs (hybrid logical clock, then DC
+    /// name); the state machine stamps the change above every stamp this DC
+    /// has seen, so a local change always supersedes what it could observe.
+    SetAttributes {
+        /// The message.
+        id: MessageId,
+        /// Attributes to set.
+        set: BTreeMap<String, String>,
+        /// Attributes to remove (applied before `set`).
+        remove: Vec<String>,
+        /// The proposer's wall clock, ms since the epoch.
+        wall_ms: i64,
+    },
+    /// Several commands in one log entry (group commit). Each applies as if
+    /// alone, in order: a refused one writes nothing and the rest go on.
+    Batch(Vec<Command>),
     /// The set of DCs in the cluster (completion means "held by all of them").
     SetClusterDcs {
         /// DC names.
@@ -106,6 +128,13 @@ pub enum CommandResult {
         /// The deleted message's metadata (its segments are now garbage).
         meta: MessageMeta,
     },
+    /// A message's mutable fields changed.
+    Updated {
+        /// The message's metadata afterwards.
+        meta: MessageMeta,
+    },
+    /// One result per command of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResponse>),
     /// Remote feed records were applied.
     Remote {
         /// How many were new.
@@ -266,6 +295,11 @@ pub fn apply(
     ctx: &ApplyCtx,
     cmd: &Command,
 ) -> CommandResponse {
+    if let Command::Batch(cmds) = cmd {
+        // Each command keeps its own undo scope.
+        let results = cmds.iter().map(|c| apply(base, overlay, ctx, c)).collect();
+        return Ok(CommandResult::Batch(results));
+    }
     overlay.undo.clear();
     let r = apply_inner(base, overlay, ctx, cmd);
     if r.is_err() {
@@ -326,7 +360,6 @@ fn apply_inner(
         }
         Command::DeleteMessage { id, at_ms } => {
             let r = delete_message(base, overlay, id)?;
-            replication::tombstone(overlay, id, *at_ms);
             replication::feed_append(
                 base,
                 overlay,
@@ -335,16 +368,40 @@ fn apply_inner(
                     at_ms: *at_ms,
                 },
             )?;
+            // The Deleted record is this DC's acknowledgement of its own
+            // tombstone; the other DCs acknowledge through their feeds.
+            replication::local_tombstone(base, overlay, ctx, id, *at_ms)?;
             Ok(r)
         }
-        Command::ApplyRemote { origin, records } => {
-            replication::apply_remote(base, overlay, ctx, origin, records)
-        }
+        Command::SetAttributes {
+            id,
+            set,
+            remove,
+            wall_ms,
+        } => replication::set_attributes_local(base, overlay, ctx, id, set, remove, *wall_ms),
+        Command::ApplyRemote {
+            origin,
+            records,
+            received_ms,
+            payload_here,
+        } => replication::apply_remote(
+            base,
+            overlay,
+            ctx,
+            origin,
+            records,
+            *received_ms,
+            payload_here,
+        ),
         Command::PayloadHeld { id, at_ms } => {
             replication::payload_held(base, overlay, ctx, id, *at_ms)
         }
+        Command::Batch(_) => unreachable!("batches are unpacked in apply"),
         Command::SetClusterDcs { dcs } => {
             overlay.put(keys::CLUSTER_DCS.to_vec(), encode(dcs));
+            // A DC leaving the cluster may have been the last one whose
+            // acknowledgement some tombstones waited for.
+            replication::purge_acknowledged_tombstones(base, overlay)?;
             Ok(CommandResult::None)
         }
     }
@@ -473,6 +530,9 @@ pub(crate) fn delete_message(
     ov.delete(mkey);
     ov.delete(keys::listing(&meta.mailbox, id));
     ov.delete(keys::inline(id));
+    ov.delete(keys::attributes(id));
+    ov.delete(keys::missing(id));
+    ov.delete(keys::metadata_since(id));
     let ik = keys::message_idempotency(id);
     if let Some(k) = ov.get(base, &ik)? {
         ov.delete(keys::idempotency(

@@ -15,9 +15,21 @@
 //! - The origin DC records the moment every cluster DC holds a message
 //!   (`complete`), deterministically: the latest of the holders' times.
 //! - Deletes leave tombstones, so a late copy of a deleted message's record
-//!   never brings it back.
+//!   never brings it back. Every DC acknowledges a tombstone in its own feed
+//!   once it has also seen the message's creation (the deleting DC's
+//!   `Deleted` record is its acknowledgement). A DC purges its tombstone when
+//!   it knows every cluster DC acknowledged: by then it has applied the
+//!   creation (its cursor on the origin's feed is past it) and every other
+//!   DC's records about the message (each DC's feed orders them before its
+//!   acknowledgement), so no record that could resurrect it is still due.
+//! - Attributes are last-writer-wins registers per attribute name, stamped
+//!   with a hybrid logical clock and the writing DC ([`Stamp`]); every DC
+//!   keeps, per attribute, the greatest stamp seen and its value, so all DCs
+//!   converge whatever order changes arrive in. A delete beats any change.
 
-use mailbox_types::{MailboxRecord, MessageId, MessageMeta};
+use std::collections::{BTreeMap, BTreeSet};
+
+use mailbox_types::{Hlc, MailboxRecord, MessageId, MessageMeta, Stamp};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -72,7 +84,49 @@ pub enum FeedRecord {
         /// Since when.
         at_ms: i64,
     },
+    /// Attributes of a message were changed in the origin DC.
+    Attributes {
+        /// The message.
+        id: MessageId,
+        /// New values; `None` removes the attribute.
+        changes: BTreeMap<String, Option<String>>,
+        /// The change's stamp (last writer wins).
+        stamp: Stamp,
+    },
+    /// DC `dc` (the feed's origin) holds the tombstone of message `id` and
+    /// has seen its creation, so it will never store it again.
+    TombstoneAck {
+        /// The deleted message.
+        id: MessageId,
+        /// The acknowledging DC.
+        dc: String,
+        /// When the message was deleted.
+        at_ms: i64,
+    },
 }
+
+/// What remains of a deleted message until every DC acknowledged the delete.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tombstone {
+    /// When the message was deleted (earliest delete seen).
+    pub at_ms: i64,
+    /// Whether this DC has applied the message's creation (or never will
+    /// have to, being its origin), i.e. no late record can recreate it.
+    pub seen_creation: bool,
+    /// DCs known to hold this tombstone having seen the creation.
+    pub acks: BTreeSet<String>,
+}
+
+/// Last-writer-wins register of one attribute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AttrRegister {
+    /// Current value; `None` when the attribute was removed.
+    pub value: Option<String>,
+    /// Stamp of the write that set it.
+    pub stamp: Stamp,
+}
+
+type AttrRegisters = BTreeMap<String, AttrRegister>;
 
 pub(crate) fn feed_append(
     base: &dyn KvRead,
@@ -88,8 +142,254 @@ pub(crate) fn feed_append(
     Ok(seq)
 }
 
-pub(crate) fn tombstone(ov: &mut Overlay, id: &MessageId, at_ms: i64) {
-    ov.put(keys::tombstone(id), encode(&at_ms));
+fn load_tombstone(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    id: &MessageId,
+) -> Result<Option<Tombstone>, StateError> {
+    let k = keys::tombstone(id);
+    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
+}
+
+/// A message this DC held was deleted here.
+pub(crate) fn local_tombstone(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    id: &MessageId,
+    at_ms: i64,
+) -> Result<(), StateError> {
+    let t = Tombstone {
+        at_ms,
+        seen_creation: true,
+        acks: BTreeSet::from([ctx.local_dc.clone()]),
+    };
+    settle_tombstone(base, ov, ctx, id, t)
+}
+
+/// DC `from` holds a tombstone for `id`: the message is gone everywhere.
+fn remote_tombstone(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    id: &MessageId,
+    from: &str,
+    at_ms: i64,
+) -> Result<(), StateError> {
+    let present = message(base, ov, id)?.is_some();
+    if present {
+        delete_message(base, ov, id)?;
+    }
+    let mut t = load_tombstone(base, ov, id)?.unwrap_or(Tombstone {
+        at_ms,
+        ..Tombstone::default()
+    });
+    t.at_ms = t.at_ms.min(at_ms);
+    t.seen_creation |= present;
+    t.acks.insert(from.to_string());
+    settle_tombstone(base, ov, ctx, id, t)
+}
+
+/// Acknowledges `t` in our feed when we can, then stores it, or purges it
+/// when every cluster DC has acknowledged.
+fn settle_tombstone(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    id: &MessageId,
+    mut t: Tombstone,
+) -> Result<(), StateError> {
+    if t.seen_creation && t.acks.insert(ctx.local_dc.clone()) {
+        feed_append(
+            base,
+            ov,
+            &FeedRecord::TombstoneAck {
+                id: *id,
+                dc: ctx.local_dc.clone(),
+                at_ms: t.at_ms,
+            },
+        )?;
+    }
+    if let Some(dcs) = cluster_dcs(base, ov)? {
+        if dcs.iter().all(|d| t.acks.contains(d)) {
+            return purge(base, ov, id, &dcs);
+        }
+    }
+    ov.put(keys::tombstone(id), encode(&t));
+    Ok(())
+}
+
+/// Forgets a deleted message entirely: tombstone, holders, completion.
+fn purge(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    id: &MessageId,
+    dcs: &[String],
+) -> Result<(), StateError> {
+    ov.delete(keys::tombstone(id));
+    ov.delete(keys::complete(id));
+    ov.delete(keys::attributes(id));
+    ov.delete(keys::missing(id));
+    for dc in dcs {
+        ov.delete(keys::holder(id, dc));
+    }
+    // Holders recorded by DCs that have since left the cluster.
+    for (k, _) in base.scan(&keys::holders_prefix(id), None, 1024)? {
+        ov.delete(k);
+    }
+    Ok(())
+}
+
+/// After the cluster's DC list changed: purges tombstones that every
+/// remaining DC has acknowledged.
+pub(crate) fn purge_acknowledged_tombstones(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+) -> Result<(), StateError> {
+    let Some(dcs) = cluster_dcs(base, ov)? else {
+        return Ok(());
+    };
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let rows = base.scan(keys::TOMBSTONE_PREFIX, after.as_deref(), 1024)?;
+        let Some((last, _)) = rows.last() else {
+            return Ok(());
+        };
+        after = Some(last.clone());
+        for (k, v) in &rows {
+            let t: Tombstone = decode(k, v)?;
+            if dcs.iter().all(|d| t.acks.contains(d)) {
+                let id = keys::decode_id(k, &k[1..])?;
+                purge(base, ov, &id, &dcs)?;
+            }
+        }
+    }
+}
+
+fn load_attrs(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    id: &MessageId,
+) -> Result<AttrRegisters, StateError> {
+    let k = keys::attributes(id);
+    Ok(ov
+        .get(base, &k)?
+        .map(|v| decode(&k, &v))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// Merges `changes` written at `stamp` into `regs`; returns the changes that
+/// won (their stamp is newer than the register's).
+fn merge_attrs(
+    regs: &mut AttrRegisters,
+    changes: &BTreeMap<String, Option<String>>,
+    stamp: &Stamp,
+) -> Vec<(String, Option<String>)> {
+    let mut won = Vec::new();
+    for (name, value) in changes {
+        if regs.get(name).is_some_and(|r| r.stamp >= *stamp) {
+            continue;
+        }
+        regs.insert(
+            name.clone(),
+            AttrRegister {
+                value: value.clone(),
+                stamp: stamp.clone(),
+            },
+        );
+        won.push((name.clone(), value.clone()));
+    }
+    won
+}
+
+fn apply_attr_values<'a>(
+    attrs: &mut BTreeMap<String, String>,
+    values: impl IntoIterator<Item = (&'a String, &'a Option<String>)>,
+) {
+    for (name, value) in values {
+        match value {
+            Some(v) => attrs.insert(name.clone(), v.clone()),
+            None => attrs.remove(name),
+        };
+    }
+}
+
+fn max_hlc(base: &dyn KvRead, ov: &Overlay) -> Result<Hlc, StateError> {
+    Ok(ov
+        .get(base, keys::MAX_HLC)?
+        .map(|v| decode(keys::MAX_HLC, &v))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// A local attribute change: stamped above everything this DC has seen
+/// (the message's creation included), so it wins over what the writer could
+/// observe, and concurrent changes elsewhere are ordered by clock then DC.
+pub(crate) fn set_attributes_local(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    id: &MessageId,
+    set: &BTreeMap<String, String>,
+    remove: &[String],
+    wall_ms: i64,
+) -> CommandResponse {
+    let Some(mut meta) = message(base, ov, id)? else {
+        return Err(StateError::MessageNotFound { id: id.to_string() });
+    };
+    let hlc = max_hlc(base, ov)?
+        .max(Hlc::at(meta.created_ms))
+        .tick(wall_ms);
+    ov.put(keys::MAX_HLC.to_vec(), encode(&hlc));
+    let stamp = Stamp::new(hlc, ctx.local_dc.clone());
+    let mut changes: BTreeMap<String, Option<String>> =
+        remove.iter().map(|k| (k.clone(), None)).collect();
+    changes.extend(set.iter().map(|(k, v)| (k.clone(), Some(v.clone()))));
+    let mut regs = load_attrs(base, ov, id)?;
+    let won = merge_attrs(&mut regs, &changes, &stamp);
+    apply_attr_values(&mut meta.attributes, won.iter().map(|(k, v)| (k, v)));
+    ov.put(keys::attributes(id), encode(&regs));
+    ov.put(keys::message(id), encode(&meta));
+    feed_append(
+        base,
+        ov,
+        &FeedRecord::Attributes {
+            id: *id,
+            changes,
+            stamp,
+        },
+    )?;
+    Ok(CommandResult::Updated { meta })
+}
+
+fn remote_attributes(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    id: &MessageId,
+    changes: &BTreeMap<String, Option<String>>,
+    stamp: &Stamp,
+) -> Result<(), StateError> {
+    // The "receive" step of the hybrid logical clock.
+    if stamp.hlc > max_hlc(base, ov)? {
+        ov.put(keys::MAX_HLC.to_vec(), encode(&stamp.hlc));
+    }
+    if load_tombstone(base, ov, id)?.is_some() {
+        return Ok(()); // a delete beats any attribute change
+    }
+    let mut regs = load_attrs(base, ov, id)?;
+    let won = merge_attrs(&mut regs, changes, stamp);
+    if won.is_empty() {
+        return Ok(());
+    }
+    ov.put(keys::attributes(id), encode(&regs));
+    // Without the message yet (its creation comes from a third DC's feed),
+    // the registers wait and are merged into it on arrival.
+    if let Some(mut meta) = message(base, ov, id)? {
+        apply_attr_values(&mut meta.attributes, won.iter().map(|(k, v)| (k, v)));
+        ov.put(keys::message(id), encode(&meta));
+    }
+    Ok(())
 }
 
 /// The cluster's DCs; `None` until the leader recorded them, and then no
@@ -157,6 +457,8 @@ pub(crate) fn apply_remote(
     ctx: &ApplyCtx,
     origin: &str,
     records: &[(u64, FeedRecord)],
+    received_ms: i64,
+    payload_here: &[MessageId],
 ) -> CommandResponse {
     if origin == ctx.local_dc {
         return Err(StateError::Read {
@@ -173,7 +475,7 @@ pub(crate) fn apply_remote(
         if *seq <= cursor {
             continue;
         }
-        apply_one(base, ov, ctx, origin, rec)?;
+        apply_one(base, ov, ctx, origin, rec, received_ms, payload_here)?;
         cursor = *seq;
         applied += 1;
     }
@@ -187,6 +489,8 @@ fn apply_one(
     ctx: &ApplyCtx,
     origin: &str,
     rec: &FeedRecord,
+    received_ms: i64,
+    payload_here: &[MessageId],
 ) -> Result<(), StateError> {
     match rec {
         FeedRecord::Mailbox { record } => {
@@ -200,11 +504,29 @@ fn apply_one(
             )?;
         }
         FeedRecord::Message { meta, inline } => {
-            if ov.get(base, &keys::tombstone(&meta.id))?.is_some()
-                || message(base, ov, &meta.id)?.is_some()
-            {
+            if let Some(mut t) = load_tombstone(base, ov, &meta.id)? {
+                // Deleted before we saw it: now we have, and can acknowledge.
+                if !t.seen_creation {
+                    t.seen_creation = true;
+                    settle_tombstone(base, ov, ctx, &meta.id, t)?;
+                }
                 return Ok(());
             }
+            if message(base, ov, &meta.id)?.is_some() {
+                return Ok(());
+            }
+            let regs = load_attrs(base, ov, &meta.id)?;
+            let merged;
+            let meta = if regs.is_empty() {
+                meta
+            } else {
+                // Attribute changes from another DC arrived first; every
+                // change is newer than the creation, so they all apply.
+                let mut m = meta.clone();
+                apply_attr_values(&mut m.attributes, regs.iter().map(|(k, r)| (k, &r.value)));
+                merged = m;
+                &merged
+            };
             // The mailbox may have been created in a third DC whose feed we
             // have not seen yet: create it implicitly.
             create_mailbox(
@@ -217,19 +539,25 @@ fn apply_one(
             )?;
             crate::put_message(base, ov, meta, inline.as_deref(), None)?;
             ov.put(keys::holder(&meta.id, origin), encode(&meta.created_ms));
+            ov.put(keys::metadata_since(&meta.id), encode(&received_ms));
             if inline.is_some() || meta.segments().is_empty() {
                 // Arrived in full with the record.
                 hold_locally(base, ov, ctx, meta, meta.created_ms)?;
+            } else if payload_here.contains(&meta.id) {
+                // Segments were pushed with the record and stored first.
+                hold_locally(base, ov, ctx, meta, received_ms)?;
             } else {
                 ov.put(keys::missing(&meta.id), Vec::new());
             }
         }
         FeedRecord::Deleted { id, at_ms } => {
-            if message(base, ov, id)?.is_some() {
-                delete_message(base, ov, id)?;
-            }
-            ov.delete(keys::missing(id));
-            tombstone(ov, id, *at_ms);
+            remote_tombstone(base, ov, ctx, id, origin, *at_ms)?;
+        }
+        FeedRecord::TombstoneAck { id, dc, at_ms } => {
+            remote_tombstone(base, ov, ctx, id, dc, *at_ms)?;
+        }
+        FeedRecord::Attributes { id, changes, stamp } => {
+            remote_attributes(base, ov, id, changes, stamp)?;
         }
         FeedRecord::Held { id, dc, at_ms } => {
             ov.put(keys::holder(id, dc), encode(at_ms));
@@ -337,6 +665,22 @@ pub fn missing_payloads(kv: &dyn KvRead, limit: usize) -> Result<Vec<MessageMeta
     Ok(out)
 }
 
+/// When this DC got a message's metadata: its arrival for replicated
+/// messages, its creation for local ones.
+pub fn metadata_since(kv: &dyn KvRead, meta: &MessageMeta) -> Result<i64, StateError> {
+    let k = keys::metadata_since(&meta.id);
+    Ok(kv
+        .get(&k)?
+        .map(|v| decode(&k, &v))
+        .transpose()?
+        .unwrap_or(meta.created_ms))
+}
+
+/// Whether `id` is in the missing-payload index.
+pub fn is_missing(kv: &dyn KvRead, id: &MessageId) -> Result<bool, StateError> {
+    Ok(kv.get(&keys::missing(id))?.is_some())
+}
+
 /// DCs holding a message in full, with the time since when.
 pub fn holders(kv: &dyn KvRead, id: &MessageId) -> Result<Vec<(String, i64)>, StateError> {
     let prefix = keys::holders_prefix(id);
@@ -364,7 +708,26 @@ pub fn configured_dcs(kv: &dyn KvRead) -> Result<Option<Vec<String>>, StateError
         .transpose()
 }
 
-/// Whether a message id was deleted.
+/// Whether a message id was deleted and not every DC has acknowledged it yet.
 pub fn is_tombstoned(kv: &dyn KvRead, id: &MessageId) -> Result<bool, StateError> {
     Ok(kv.get(&keys::tombstone(id))?.is_some())
+}
+
+/// A message's tombstone, while it is kept.
+pub fn tombstone(kv: &dyn KvRead, id: &MessageId) -> Result<Option<Tombstone>, StateError> {
+    load_tombstone(kv, &Overlay::new(), id)
+}
+
+/// Tombstones still waiting for some DC's acknowledgement (counted up to
+/// `limit`).
+pub fn tombstone_count(kv: &dyn KvRead, limit: usize) -> Result<usize, StateError> {
+    Ok(kv.scan(keys::TOMBSTONE_PREFIX, None, limit)?.len())
+}
+
+/// The last-writer-wins registers of a message's changed attributes.
+pub fn attribute_registers(
+    kv: &dyn KvRead,
+    id: &MessageId,
+) -> Result<BTreeMap<String, AttrRegister>, StateError> {
+    load_attrs(kv, &Overlay::new(), id)
 }

@@ -223,10 +223,56 @@ fn apply_is_deterministic() {
     assert_eq!(replay(), replay());
 }
 
+#[test]
+fn batch_applies_each_command_alone_in_order() {
+    let mut kv = MemKv::default();
+    let m = meta("/inbox", "a");
+    let r = run(
+        &mut kv,
+        Command::Batch(vec![
+            Command::CreateMailbox {
+                path: mb("/inbox"),
+                parents: false,
+                created_ms: 1,
+            },
+            // Refused: writes nothing, the others still apply.
+            Command::CreateMailbox {
+                path: mb("/inbox"),
+                parents: false,
+                created_ms: 2,
+            },
+            Command::PutMessage {
+                meta: m.clone(),
+                inline: Some(b"abc".to_vec()),
+                idempotency_key: Some("k".into()),
+            },
+        ]),
+    )
+    .unwrap();
+    let CommandResult::Batch(rs) = r else {
+        panic!("{r:?}")
+    };
+    assert!(rs[0].is_ok());
+    assert!(matches!(rs[1], Err(StateError::MailboxExists { .. })));
+    assert!(matches!(
+        rs[2],
+        Ok(CommandResult::Message {
+            deduplicated: false,
+            ..
+        })
+    ));
+    assert_eq!(
+        get_mailbox(&kv, &mb("/inbox")).unwrap().unwrap().created_ms,
+        1
+    );
+    assert_eq!(get_message(&kv, &m.id).unwrap().unwrap(), m);
+}
+
 mod replication {
     use super::*;
     use crate::replication::{
-        complete_ms, cursor, feed_head, feed_since, holders, missing_payloads,
+        attribute_registers, complete_ms, cursor, feed_head, feed_since, holders, missing_payloads,
+        tombstone, tombstone_count,
     };
     use mailbox_types::SegmentMeta;
 
@@ -237,12 +283,15 @@ mod replication {
 
     impl Dc {
         fn new(name: &str) -> Self {
+            Self::in_cluster(name, &["east", "west"])
+        }
+        fn in_cluster(name: &str, dcs: &[&str]) -> Self {
             let mut dc = Dc {
                 kv: MemKv::default(),
                 ctx: ApplyCtx::new(name),
             };
             dc.run(Command::SetClusterDcs {
-                dcs: vec!["east".into(), "west".into()],
+                dcs: dcs.iter().map(|d| d.to_string()).collect(),
             })
             .unwrap();
             dc
@@ -264,6 +313,8 @@ mod replication {
                 .run(Command::ApplyRemote {
                     origin: from.ctx.local_dc.clone(),
                     records,
+                    received_ms: 1000,
+                    payload_here: vec![],
                 })
                 .unwrap()
             {
@@ -271,6 +322,24 @@ mod replication {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    /// Creates `/in` in `dc` and stores a segmented message there.
+    fn put_segmented(dc: &mut Dc) -> MessageMeta {
+        dc.run(Command::CreateMailbox {
+            path: mb("/in"),
+            parents: false,
+            created_ms: 1,
+        })
+        .unwrap();
+        let m = segmented("/in");
+        dc.run(Command::PutMessage {
+            meta: m.clone(),
+            inline: None,
+            idempotency_key: None,
+        })
+        .unwrap();
+        m
     }
 
     fn segmented(mailbox: &str) -> MessageMeta {
@@ -332,19 +401,7 @@ mod replication {
     #[test]
     fn segmented_message_waits_for_payload_held() {
         let (mut east, mut west) = (Dc::new("east"), Dc::new("west"));
-        east.run(Command::CreateMailbox {
-            path: mb("/in"),
-            parents: false,
-            created_ms: 1,
-        })
-        .unwrap();
-        let m = segmented("/in");
-        east.run(Command::PutMessage {
-            meta: m.clone(),
-            inline: None,
-            idempotency_key: None,
-        })
-        .unwrap();
+        let m = put_segmented(&mut east);
         west.pull(&east);
         assert_eq!(missing_payloads(&west.kv, 10).unwrap(), vec![m.clone()]);
         assert_eq!(
@@ -370,21 +427,27 @@ mod replication {
     }
 
     #[test]
+    fn payload_pushed_with_the_record_is_held_on_arrival() {
+        let (mut east, mut west) = (Dc::new("east"), Dc::new("west"));
+        let m = put_segmented(&mut east);
+        let records = feed_since(&east.kv, 0, 100).unwrap();
+        west.run(Command::ApplyRemote {
+            origin: "east".into(),
+            records,
+            received_ms: 77,
+            payload_here: vec![m.id],
+        })
+        .unwrap();
+        assert!(missing_payloads(&west.kv, 10).unwrap().is_empty());
+        assert_eq!(feed_head(&west.kv).unwrap(), 1, "replica ack at once");
+        east.pull(&west);
+        assert_eq!(complete_ms(&east.kv, &m.id).unwrap(), Some(77));
+    }
+
+    #[test]
     fn deletes_replicate_and_tombstones_prevent_resurrection() {
         let (mut east, mut west) = (Dc::new("east"), Dc::new("west"));
-        east.run(Command::CreateMailbox {
-            path: mb("/in"),
-            parents: false,
-            created_ms: 1,
-        })
-        .unwrap();
-        let m = segmented("/in");
-        east.run(Command::PutMessage {
-            meta: m.clone(),
-            inline: None,
-            idempotency_key: None,
-        })
-        .unwrap();
+        let m = put_segmented(&mut east);
         west.pull(&east);
         east.run(Command::DeleteMessage { id: m.id, at_ms: 9 })
             .unwrap();
@@ -397,24 +460,22 @@ mod replication {
         assert!(list_messages(&west.kv, &mb("/in"), None, 10)
             .unwrap()
             .is_empty());
-        // A late record of the deleted message (e.g. replayed from a backup
-        // feed) does not bring it back.
-        let mut ov = Overlay::new();
-        crate::replication::apply_remote(
-            &west.kv,
-            &mut ov,
-            &west.ctx,
-            "east",
-            &[(
-                100,
-                FeedRecord::Message {
-                    meta: m.clone(),
-                    inline: None,
-                },
-            )],
-        )
-        .unwrap();
-        west.kv.commit(ov);
+        // A re-delivered copy of the message's record (a replicator retry
+        // after a lost reply) does not bring it back.
+        let records = feed_since(&east.kv, 0, 100).unwrap();
+        assert_eq!(
+            west.run(Command::ApplyRemote {
+                origin: "east".into(),
+                records,
+                received_ms: 1000,
+                payload_here: vec![],
+            })
+            .unwrap(),
+            CommandResult::Remote {
+                applied: 0,
+                cursor: 3
+            }
+        );
         assert!(get_message(&west.kv, &m.id).unwrap().is_none());
         // PayloadHeld for a deleted message is a no-op.
         west.run(Command::PayloadHeld { id: m.id, at_ms: 1 })
@@ -427,7 +488,9 @@ mod replication {
         assert!(east
             .run(Command::ApplyRemote {
                 origin: "east".into(),
-                records: vec![]
+                records: vec![],
+                received_ms: 1000,
+                payload_here: vec![],
             })
             .is_err());
         // A put into a missing mailbox writes nothing, feed included.
@@ -439,5 +502,284 @@ mod replication {
             })
             .is_err());
         assert_eq!(feed_head(&east.kv).unwrap(), 0);
+    }
+
+    /// Pulls between every pair until nothing new moves; returns the DCs.
+    fn converge(dcs: &mut [Dc]) {
+        loop {
+            let mut moved = 0;
+            for i in 0..dcs.len() {
+                for j in 0..dcs.len() {
+                    if i != j {
+                        let from = Dc {
+                            kv: dcs[j].kv.clone(),
+                            ctx: dcs[j].ctx.clone(),
+                        };
+                        moved += dcs[i].pull(&from);
+                    }
+                }
+            }
+            if moved == 0 {
+                return;
+            }
+        }
+    }
+
+    fn pull_from(dcs: &mut [Dc], to: usize, from: usize) -> u64 {
+        let src = Dc {
+            kv: dcs[from].kv.clone(),
+            ctx: dcs[from].ctx.clone(),
+        };
+        dcs[to].pull(&src)
+    }
+
+    fn put_inline(dc: &mut Dc, mailbox: &str) -> MessageMeta {
+        dc.run(Command::CreateMailbox {
+            path: mb(mailbox),
+            parents: true,
+            created_ms: 1,
+        })
+        .unwrap();
+        let mut m = meta(mailbox, "x");
+        m.origin_dc = dc.ctx.local_dc.clone();
+        m.attributes.insert("from".into(), "upload".into());
+        dc.run(Command::PutMessage {
+            meta: m.clone(),
+            inline: Some(b"abc".to_vec()),
+            idempotency_key: None,
+        })
+        .unwrap();
+        m
+    }
+
+    fn set_attr(dc: &mut Dc, id: MessageId, k: &str, v: &str, wall_ms: i64) -> MessageMeta {
+        match dc
+            .run(Command::SetAttributes {
+                id,
+                set: BTreeMap::from([(k.to_string(), v.to_string())]),
+                remove: vec![],
+                wall_ms,
+            })
+            .unwrap()
+        {
+            CommandResult::Updated { meta } => meta,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn tombstones_are_purged_once_every_dc_acknowledged() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let m = put_inline(&mut dcs[0], "/in");
+        converge(&mut dcs);
+        dcs[0]
+            .run(Command::DeleteMessage { id: m.id, at_ms: 9 })
+            .unwrap();
+        assert!(tombstone(&dcs[0].kv, &m.id).unwrap().is_some());
+        // West applies the delete, acknowledges it, and (knowing east deleted
+        // it) purges at once; east purges when it reads west's ack.
+        assert_eq!(pull_from(&mut dcs, 1, 0), 1);
+        assert_eq!(tombstone_count(&dcs[1].kv, 10).unwrap(), 0);
+        assert!(
+            matches!(
+                feed_since(&dcs[1].kv, 0, 10).unwrap().last(),
+                Some((_, FeedRecord::TombstoneAck { .. }))
+            ),
+            "west acknowledged in its feed"
+        );
+        assert_eq!(tombstone_count(&dcs[0].kv, 10).unwrap(), 1);
+        converge(&mut dcs);
+        for dc in &dcs {
+            assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0);
+            assert!(get_message(&dc.kv, &m.id).unwrap().is_none());
+            assert!(holders(&dc.kv, &m.id).unwrap().is_empty());
+            assert_eq!(complete_ms(&dc.kv, &m.id).unwrap(), None);
+        }
+        // Nothing left for the message at all: no key mentions its id.
+        for dc in &dcs {
+            let id = m.id.as_bytes();
+            let left: Vec<_> = dc
+                .kv
+                .0
+                .keys()
+                .filter(|k| k.windows(16).any(|w| w == id))
+                .map(|k| keys::hex(k))
+                .collect();
+            assert!(left.is_empty(), "{}: {left:?}", dc.ctx.local_dc);
+        }
+    }
+
+    #[test]
+    fn delete_that_overtakes_the_creation_is_kept_until_the_creation_is_seen() {
+        let all = ["east", "west", "north"];
+        let mut dcs = [
+            Dc::in_cluster("east", &all),
+            Dc::in_cluster("west", &all),
+            Dc::in_cluster("north", &all),
+        ];
+        let m = put_inline(&mut dcs[0], "/in");
+        pull_from(&mut dcs, 1, 0);
+        dcs[1]
+            .run(Command::DeleteMessage { id: m.id, at_ms: 9 })
+            .unwrap();
+        // North hears of the delete (from west) before the creation (from east).
+        pull_from(&mut dcs, 2, 1);
+        let t = tombstone(&dcs[2].kv, &m.id).unwrap().expect("tombstone");
+        assert!(!t.seen_creation);
+        assert_eq!(
+            feed_head(&dcs[2].kv).unwrap(),
+            0,
+            "north must not acknowledge before it saw the creation"
+        );
+        // Everyone else acknowledges; north still keeps its tombstone.
+        pull_from(&mut dcs, 0, 1);
+        pull_from(&mut dcs, 1, 0);
+        assert!(tombstone(&dcs[2].kv, &m.id).unwrap().is_some());
+        // The creation arrives: it is not stored, north acknowledges.
+        pull_from(&mut dcs, 2, 0);
+        assert!(get_message(&dcs[2].kv, &m.id).unwrap().is_none());
+        assert!(matches!(
+            feed_since(&dcs[2].kv, 0, 10).unwrap().last(),
+            Some((_, FeedRecord::TombstoneAck { .. }))
+        ));
+        converge(&mut dcs);
+        for dc in &dcs {
+            assert!(get_message(&dc.kv, &m.id).unwrap().is_none());
+            assert_eq!(
+                tombstone_count(&dc.kv, 10).unwrap(),
+                0,
+                "{}",
+                dc.ctx.local_dc
+            );
+        }
+        // Re-pulling every feed from the start after the purge applies
+        // nothing (cursors) and brings nothing back.
+        converge(&mut dcs);
+        for dc in &dcs {
+            assert!(list_messages(&dc.kv, &mb("/in"), None, 10)
+                .unwrap()
+                .is_empty());
+        }
+    }
+
+    #[test]
+    fn concurrent_deletes_in_two_dcs_converge_and_purge() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let m = put_inline(&mut dcs[0], "/in");
+        converge(&mut dcs);
+        dcs[0]
+            .run(Command::DeleteMessage { id: m.id, at_ms: 5 })
+            .unwrap();
+        dcs[1]
+            .run(Command::DeleteMessage { id: m.id, at_ms: 6 })
+            .unwrap();
+        converge(&mut dcs);
+        for dc in &dcs {
+            assert!(get_message(&dc.kv, &m.id).unwrap().is_none());
+            assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0);
+        }
+    }
+
+    #[test]
+    fn attributes_are_last_writer_wins_by_hlc_then_dc() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let m = put_inline(&mut dcs[0], "/in");
+        converge(&mut dcs);
+        // Concurrent changes while partitioned: same key, same wall clock
+        // (the DC name decides: west > east), plus one key each.
+        set_attr(&mut dcs[0], m.id, "status", "east-says", 100);
+        set_attr(&mut dcs[1], m.id, "status", "west-says", 100);
+        set_attr(&mut dcs[0], m.id, "e", "1", 101);
+        set_attr(&mut dcs[1], m.id, "w", "1", 99);
+        converge(&mut dcs);
+        let a = get_message(&dcs[0].kv, &m.id).unwrap().unwrap();
+        let b = get_message(&dcs[1].kv, &m.id).unwrap().unwrap();
+        assert_eq!(a, b, "both DCs agree");
+        assert_eq!(a.attributes["status"], "west-says");
+        assert_eq!(a.attributes["e"], "1");
+        assert_eq!(a.attributes["w"], "1");
+        assert_eq!(a.attributes["from"], "upload");
+        // East's clock is behind, but having seen west's write, its next
+        // write is stamped after it and wins.
+        let after = set_attr(&mut dcs[0], m.id, "status", "east-later", 50);
+        assert_eq!(after.attributes["status"], "east-later");
+        let reg = &attribute_registers(&dcs[0].kv, &m.id).unwrap()["status"];
+        assert_eq!(
+            reg.stamp.hlc,
+            mailbox_types::Hlc {
+                wall_ms: 101,
+                logical: 1
+            }
+        );
+        converge(&mut dcs);
+        for dc in &dcs {
+            let got = get_message(&dc.kv, &m.id).unwrap().unwrap();
+            assert_eq!(got.attributes["status"], "east-later");
+        }
+        // Removal is a write like any other.
+        dcs[1]
+            .run(Command::SetAttributes {
+                id: m.id,
+                set: BTreeMap::new(),
+                remove: vec!["from".into()],
+                wall_ms: 200,
+            })
+            .unwrap();
+        converge(&mut dcs);
+        for dc in &dcs {
+            let got = get_message(&dc.kv, &m.id).unwrap().unwrap();
+            assert!(!got.attributes.contains_key("from"));
+        }
+        // Unknown message: refused, nothing written.
+        assert!(matches!(
+            dcs[0].run(Command::SetAttributes {
+                id: MessageId::new(),
+                set: BTreeMap::new(),
+                remove: vec![],
+                wall_ms: 1
+            }),
+            Err(StateError::MessageNotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn attribute_change_that_overtakes_the_creation_is_merged_on_arrival() {
+        let all = ["east", "west", "north"];
+        let mut dcs = [
+            Dc::in_cluster("east", &all),
+            Dc::in_cluster("west", &all),
+            Dc::in_cluster("north", &all),
+        ];
+        let m = put_inline(&mut dcs[0], "/in");
+        pull_from(&mut dcs, 1, 0);
+        set_attr(&mut dcs[1], m.id, "from", "west", 10);
+        pull_from(&mut dcs, 2, 1);
+        assert!(get_message(&dcs[2].kv, &m.id).unwrap().is_none());
+        pull_from(&mut dcs, 2, 0);
+        let got = get_message(&dcs[2].kv, &m.id).unwrap().unwrap();
+        assert_eq!(got.attributes["from"], "west");
+        converge(&mut dcs);
+        let metas: Vec<_> = dcs
+            .iter()
+            .map(|d| get_message(&d.kv, &m.id).unwrap().unwrap())
+            .collect();
+        assert!(metas.iter().all(|x| x == &metas[0]));
+    }
+
+    #[test]
+    fn delete_beats_a_concurrent_attribute_change() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let m = put_inline(&mut dcs[0], "/in");
+        converge(&mut dcs);
+        set_attr(&mut dcs[1], m.id, "k", "v", i64::MAX / 2);
+        dcs[0]
+            .run(Command::DeleteMessage { id: m.id, at_ms: 1 })
+            .unwrap();
+        converge(&mut dcs);
+        for dc in &dcs {
+            assert!(get_message(&dc.kv, &m.id).unwrap().is_none());
+            assert!(attribute_registers(&dc.kv, &m.id).unwrap().is_empty());
+            assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0);
+        }
     }
 }

@@ -37,16 +37,20 @@ pub enum Cf {
     Raft,
     /// Mailbox state.
     State,
+    /// This node's own background work (retry schedules): never replicated
+    /// nor part of snapshots.
+    Local,
 }
 
 impl Cf {
-    const ALL: [Cf; 3] = [Cf::Log, Cf::Raft, Cf::State];
+    const ALL: [Cf; 4] = [Cf::Log, Cf::Raft, Cf::State, Cf::Local];
 
     fn name(self) -> &'static str {
         match self {
             Cf::Log => "log",
             Cf::Raft => "raft",
             Cf::State => "state",
+            Cf::Local => "local",
         }
     }
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::{free_addrs, DcOptions, TestDc};
 
@@ -51,6 +53,13 @@ impl LinkProxy {
                 }
                 let target = target.clone();
                 let st2 = st.clone();
+                // The handshake's round trip: through a link of one-way
+                // delay d the client's connect returns after 2d and its
+                // first bytes arrive at 3d, the server accepts at 3d and
+                // its first bytes arrive at 4d. Here both ends connect at
+                // once, so the first bytes are held back until then.
+                let d = Duration::from_millis(st.delay_ms.load(Ordering::SeqCst));
+                let opened = Instant::now();
                 let h = tokio::spawn(async move {
                     let Ok(outbound) = TcpStream::connect(&target).await else {
                         return;
@@ -59,8 +68,8 @@ impl LinkProxy {
                     let _ = outbound.set_nodelay(true);
                     let (ri, wi) = inbound.into_split();
                     let (ro, wo) = outbound.into_split();
-                    let a = pump(ri, wo, st2.clone(), false);
-                    let b = pump(ro, wi, st2, true);
+                    let a = pump(ri, wo, st2.clone(), false, opened + 3 * d);
+                    let b = pump(ro, wi, st2, true, opened + 4 * d);
                     let _ = tokio::join!(a, b);
                 });
                 st.conns.lock().expect("lock").push(h);
@@ -88,7 +97,9 @@ impl LinkProxy {
         self.state.corrupt_at.store(offset, Ordering::SeqCst);
     }
 
-    /// Delays every forwarded chunk by `d` (one way).
+    /// Delays every forwarded byte by `d` in each direction (one-way
+    /// latency; a round trip through the proxy takes `2 d`). Chunks are
+    /// pipelined, so bandwidth is not reduced.
     pub fn set_delay(&self, d: Duration) {
         self.state
             .delay_ms
@@ -96,40 +107,82 @@ impl LinkProxy {
     }
 }
 
+/// Bytes a proxy direction holds in flight (read, not yet written): like
+/// a link's buffer, it bounds memory and lets TCP flow control push back on
+/// the sender. 32 MiB covers the bandwidth-delay product of a 1 GB/s link at
+/// 30 ms one-way delay, so the delay does not cap throughput on loopback.
+const IN_FLIGHT: usize = 32 << 20;
+/// Largest chunk read at once.
+const CHUNK: usize = 64 << 10;
+
+/// Forwards `from` to `to`. With a delay, every chunk is written `delay`
+/// after it was read (and not before `not_before`), while later chunks are
+/// read meanwhile: the delay is pipelined like a real link's latency and
+/// does not cap bandwidth (a sleep before each write would limit a stream
+/// to one buffer per delay).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     st: Arc<ProxyState>,
     downstream: bool,
+    not_before: Instant,
 ) {
-    let mut buf = vec![0u8; 64 << 10];
-    let mut seen = 0u64;
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if downstream {
-            let at = st.corrupt_at.load(Ordering::SeqCst);
-            if at != 0
-                && seen <= at
-                && at < seen + n as u64
-                && st
-                    .corrupt_at
-                    .compare_exchange(at, 0, Ordering::SeqCst, Ordering::SeqCst)
-                    .is_ok()
-            {
-                buf[(at - seen) as usize] ^= 0x01;
+    let budget = Arc::new(Semaphore::new(IN_FLIGHT));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>, OwnedSemaphorePermit)>();
+    let reader_st = st.clone();
+    let reader = async move {
+        let st = reader_st;
+        let mut seen = 0u64;
+        let mut read_buf = vec![0u8; CHUNK];
+        loop {
+            let Ok(mut permit) = budget.clone().acquire_many_owned(CHUNK as u32).await else {
+                return;
+            };
+            let n = match from.read(&mut read_buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // Only what was read counts against the in-flight budget.
+            drop(permit.split(CHUNK - n));
+            let mut buf = read_buf[..n].to_vec();
+            if downstream {
+                let at = st.corrupt_at.load(Ordering::SeqCst);
+                if at != 0
+                    && seen <= at
+                    && at < seen + n as u64
+                    && st
+                        .corrupt_at
+                        .compare_exchange(at, 0, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok()
+                {
+                    buf[(at - seen) as usize] ^= 0x01;
+                }
+                seen += n as u64;
             }
-            seen += n as u64;
+            let delay = Duration::from_millis(st.delay_ms.load(Ordering::SeqCst));
+            let due = (Instant::now() + delay).max(not_before);
+            if tx.send((due, buf, permit)).is_err() {
+                return;
+            }
         }
-        let delay = st.delay_ms.load(Ordering::SeqCst);
-        if delay > 0 {
-            tokio::time::sleep(Duration::from_millis(delay)).await;
+    };
+    let writer = async {
+        while let Some((due, buf, permit)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if st.cut.load(Ordering::SeqCst) || to.write_all(&buf).await.is_err() {
+                return;
+            }
+            drop(permit);
         }
-        if st.cut.load(Ordering::SeqCst) || to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
+        // The reader saw EOF: pass the half-close on.
+        let _ = to.shutdown().await;
+    };
+    // The reader ending (EOF) drops the sender, so the writer drains what
+    // is in flight and ends; the writer ending (write error, cut) drops the
+    // reader too.
+    tokio::select! {
+        _ = async { reader.await; std::future::pending::<()>().await } => {}
+        _ = writer => {}
     }
 }
 
@@ -231,6 +284,18 @@ impl TestCluster {
         if let Some(ps) = self.links.get(&(from.to_string(), to.to_string())) {
             ps.iter().for_each(|p| p.corrupt_once_at(offset));
         }
+    }
+
+    /// Addresses of the proxies DC `from` uses to reach DC `to`, one per
+    /// node of `to`: a client connected there sees `to` through the same
+    /// emulated link as `from`'s replicator does.
+    pub fn link_endpoints(&self, from: &str, to: &str) -> Vec<String> {
+        self.links
+            .get(&(from.to_string(), to.to_string()))
+            .into_iter()
+            .flatten()
+            .map(|p| p.listen.clone())
+            .collect()
     }
 
     /// Adds one-way delay `d` on every inter-DC proxy (RTT = 2d).

@@ -5,10 +5,12 @@
 //! Nodes can be killed (SIGKILL, no chance to flush anything), stopped
 //! (SIGTERM) and restarted with their data. Helpers wait on observable state
 //! (cluster status, applied indexes, directory contents), never on fixed
-//! sleeps.
+//! sleeps. Every node also serves `/metrics` and `/healthz` on its own HTTP
+//! port ([`TestDc::scrape`], [`TestDc::healthz`]).
 //!
-//! The `mailboxd` binary is found via `$MAILBOXD_BIN`, or next to the test
-//! executable's parent directory (`target/<profile>/mailboxd`), which is where
+//! The `mailboxd` binary is found via `$MAILBOXD_BIN`, or in the directory
+//! of the running executable or its parent (`target/<profile>/mailboxd`, next
+//! to `mailbox-bench`, one level above a test in `deps/`), which is where
 //! `cargo build --workspace` puts it.
 
 use std::future::Future;
@@ -22,7 +24,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 mod cluster;
+mod http;
 pub use cluster::{LinkProxy, TestCluster};
+pub use http::{http_get, HttpResponse, Sample, Scrape};
 
 /// Knobs for a test DC.
 #[derive(Debug, Clone)]
@@ -66,6 +70,8 @@ pub struct NodeProc {
     pub id: u64,
     /// `127.0.0.1:port`.
     pub addr: String,
+    /// `127.0.0.1:port` of its HTTP endpoint (`/metrics`, `/healthz`).
+    pub http_addr: String,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -93,19 +99,20 @@ fn mailboxd_bin() -> anyhow::Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> -> target/<profile>/mailboxd
-    let candidate = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|p| p.join("mailboxd"))
-        .context("test executable has no parent")?;
-    if !candidate.is_file() {
-        bail!(
-            "{} not found: run `cargo build --workspace --bins` first (make test does), or set MAILBOXD_BIN",
-            candidate.display()
-        );
+    // A binary (target/<profile>/mailbox-bench) sits next to mailboxd; a
+    // test (target/<profile>/deps/<test>) one level below it.
+    let dir = exe.parent().context("executable has no parent")?;
+    let candidates = [Some(dir), dir.parent()];
+    for c in candidates.into_iter().flatten() {
+        let p = c.join("mailboxd");
+        if p.is_file() {
+            return Ok(p);
+        }
     }
-    Ok(candidate)
+    bail!(
+        "mailboxd not found next to {}: run `cargo build --workspace --bins` first (make test does), or set MAILBOXD_BIN",
+        exe.display()
+    )
 }
 
 /// `n` currently free loopback addresses.
@@ -147,12 +154,13 @@ impl TestDc {
             .enumerate()
             .map(|(i, a)| format!("[[members]]\nid = {}\naddr = \"{a}\"\n", i + 1))
             .collect();
-        for (i, addr) in addrs.iter().enumerate() {
+        let http_addrs = free_addrs(addrs.len())?;
+        for (i, (addr, http)) in addrs.iter().zip(&http_addrs).enumerate() {
             let id = i as u64 + 1;
             let ndir = dir.path().join(format!("node{id}"));
             std::fs::create_dir_all(&ndir)?;
             let cfg = format!(
-                "node-id = {id}\ndc = \"{name}\"\nlisten = \"{addr}\"\ndata-dir = \"{data}\"\nsegment-dir = \"{seg}\"\n\
+                "node-id = {id}\ndc = \"{name}\"\nlisten = \"{addr}\"\nhttp-listen = \"{http}\"\ndata-dir = \"{data}\"\nsegment-dir = \"{seg}\"\n\
                  inline-threshold = \"{it}\"\nsegment-size = \"{ss}\"\norphan-grace = \"{og}\"\ngc-interval = \"{gi}\"\n\n\
                  [raft]\nheartbeat = \"50ms\"\nelection-timeout-min = \"300ms\"\nelection-timeout-max = \"600ms\"\n\
                  snapshot-every = {se}\nkeep-logs = {kl}\npropose-timeout = \"{pt}\"\n\n{members}\n{cluster_toml}",
@@ -171,6 +179,7 @@ impl TestDc {
             nodes.push(NodeProc {
                 id,
                 addr: addr.clone(),
+                http_addr: http.clone(),
                 config,
                 log: ndir.join("mailboxd.log"),
                 child: None,
@@ -236,6 +245,30 @@ impl TestDc {
             .iter_mut()
             .filter_map(|n| n.is_running().then(|| n.addr.clone()))
             .collect()
+    }
+
+    /// URL of node `id`'s Prometheus endpoint.
+    pub fn metrics_url(&self, id: u64) -> String {
+        format!("http://{}/metrics", self.nodes[id as usize - 1].http_addr)
+    }
+
+    /// Scrapes node `id`'s `/metrics` and parses it; fails unless it
+    /// answers 200 with the Prometheus text content type.
+    pub async fn scrape(&self, id: u64) -> anyhow::Result<Scrape> {
+        let r = http_get(&self.nodes[id as usize - 1].http_addr, "/metrics").await?;
+        if r.status != 200 {
+            bail!("/metrics of node {id}: status {}: {}", r.status, r.body);
+        }
+        let ct = r.headers.get("content-type").cloned().unwrap_or_default();
+        if !ct.starts_with("text/plain") || !ct.contains("version=0.0.4") {
+            bail!("/metrics of node {id}: content type {ct:?}");
+        }
+        Scrape::parse(&r.body)
+    }
+
+    /// GET `/healthz` of node `id`.
+    pub async fn healthz(&self, id: u64) -> anyhow::Result<HttpResponse> {
+        http_get(&self.nodes[id as usize - 1].http_addr, "/healthz").await
     }
 
     /// A client of one node.

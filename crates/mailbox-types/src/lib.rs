@@ -5,15 +5,19 @@
 //! that every entry point (gRPC, CLI, later SFTP/FTP/HTTP) rejects the same bad
 //! input with the same message before anything is written.
 
+pub mod hlc;
 pub mod human;
 pub mod message;
 pub mod path;
+pub mod pattern;
 
+pub use hlc::{Hlc, Stamp};
 pub use human::{ByteSize, HumanDuration};
 pub use message::{
     Digest, MailboxRecord, MessageId, MessageMeta, Payload, SegmentMeta, DIGEST_LEN,
 };
 pub use path::{validate_message_name, MailboxPath, MAX_NAME_LEN, MAX_PATH_LEN};
+pub use pattern::PathPattern;
 
 /// Identifier of a node inside one data center's Raft group.
 pub type NodeId = u64;

@@ -6,6 +6,14 @@
 //! fsyncs before returning, and `purge` fsyncs the WAL first so that the
 //! state-machine writes produced by the purged entries are on disk before the
 //! entries that could replay them are gone.
+//!
+//! `append` writes the entries without syncing (so they are readable at
+//! once, as openraft requires) and hands the completion callback to the
+//! node's WAL flusher thread, which fsyncs the WAL and only then reports the
+//! entries durable. While one fsync runs, later appends queue up and the
+//! next fsync covers them all (group commit at the WAL), and neither the
+//! Raft core nor the async runtime's worker threads wait on the disk: a
+//! leader sends entries to its followers while its own fsync is under way.
 
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
@@ -28,16 +36,28 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_logs(&e).into()
 }
 
-/// The Raft log of one node. Cheap to clone; clones share the database.
+/// Most appends waiting for the flusher before `append` itself waits.
+const FLUSH_QUEUE: usize = 4096;
+
+/// The Raft log of one node. Cheap to clone; clones share the database and
+/// the WAL flusher.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     store: Store,
+    flusher: std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>,
 }
 
 impl LogStore {
-    /// A log store over `store`.
+    /// A log store over `store`, with its WAL flusher thread (which ends
+    /// when the last clone is dropped).
     pub fn new(store: Store) -> Self {
-        Self { store }
+        let (tx, rx) = std::sync::mpsc::sync_channel(FLUSH_QUEUE);
+        let wal = store.clone();
+        std::thread::Builder::new()
+            .name("raft-wal-flush".into())
+            .spawn(move || flush_loop(wal, rx))
+            .expect("spawn the WAL flusher thread");
+        Self { store, flusher: tx }
     }
 
     fn get_meta<T: for<'de> serde::Deserialize<'de>>(
@@ -151,12 +171,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 bincode::serialize(&e).map_err(write_err)?,
             );
         }
-        // A synced write fsyncs the WAL: the entries are durable before
-        // openraft may count this node towards a commit quorum.
-        let res = self.store.write(b, true);
-        match res {
+        // Readable now, durable when the flusher has fsynced the WAL: only
+        // then may openraft count this node towards a commit quorum.
+        match self.store.write(b, false) {
             Ok(()) => {
-                callback.log_io_completed(Ok(()));
+                if let Err(e) = self.flusher.send(callback) {
+                    // The flusher is gone (it only stops with the store):
+                    // fall back to flushing here.
+                    let callback = e.0;
+                    let res = self.store.sync_wal();
+                    let io = res
+                        .as_ref()
+                        .map(|_| ())
+                        .map_err(|e| std::io::Error::other(e.to_string()));
+                    callback.log_io_completed(io);
+                    res.map_err(write_err)?;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -194,5 +224,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             index_key(log_id.index.saturating_add(1)).to_vec(),
         );
         self.store.write(b, true).map_err(write_err)
+    }
+}
+
+/// Fsyncs the WAL for every append queued since the last fsync, then tells
+/// openraft those entries are durable, in order. An fsync error is reported
+/// to each waiting append (openraft then stops the node: a log it cannot
+/// make durable must not vote or count toward commits).
+fn flush_loop(store: Store, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiting = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            waiting.push(more);
+        }
+        let res = store.sync_wal();
+        for callback in waiting {
+            callback.log_io_completed(
+                res.as_ref()
+                    .map(|_| ())
+                    .map_err(|e| std::io::Error::other(e.to_string())),
+            );
+        }
     }
 }

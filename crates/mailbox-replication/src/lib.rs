@@ -55,12 +55,14 @@ pub enum ReplicationError {
         reason: String,
     },
     /// The remote answered with an error.
-    #[error("DC {dc}: {status}")]
+    #[error("DC {dc}: {code:?}: {message}")]
     Remote {
         /// The DC.
         dc: String,
-        /// gRPC status.
-        status: tonic::Status,
+        /// gRPC status code.
+        code: tonic::Code,
+        /// gRPC status message.
+        message: String,
     },
     /// A copied segment did not match its SHA-256.
     #[error("segment {index} of {id} from DC {dc} is corrupt")]

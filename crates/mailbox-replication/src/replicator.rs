@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use mailbox_proto::replication::replication_client::ReplicationClient;
 use mailbox_proto::replication::{FeedRequest, PushedSegment};
 use mailbox_raft::RaftNode;
@@ -11,7 +12,6 @@ use mailbox_segments::SegmentStore;
 use mailbox_state::{Command, CommandResult, FeedRecord};
 use mailbox_types::{Digest, MessageId, MessageMeta};
 use tokio::sync::watch;
-use tokio_stream::StreamExt;
 
 use crate::retry::{RetryKind, RetryTable};
 use crate::{connect, fetcher, RemoteDc, RemoteStatus, ReplicationError, StatusHandle};
@@ -20,6 +20,10 @@ use crate::{connect, fetcher, RemoteDc, RemoteStatus, ReplicationError, StatusHa
 const PULL_RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest reconnect delay of a failed feed pull.
 const PULL_RETRY_CAP: Duration = Duration::from_secs(5);
+/// Received batches (segments stored) waiting for their commit.
+const PIPELINE_DEPTH: usize = 2;
+/// Pushed segments written at once.
+const STORE_CONCURRENCY: usize = 4;
 
 /// Runs the feed pulls and the segment fetcher of one node.
 pub struct Replicator {
@@ -216,81 +220,106 @@ async fn pull_once(
         s.cursor = cursor;
         s.last_error.clear();
     });
-    let mut applied_cursor = cursor;
-    let mut connected = false;
-    loop {
-        // Idle feeds send keep-alives every 2s; silence for longer means the
-        // link is dead even if TCP has not noticed.
-        let next = tokio::time::timeout(Duration::from_secs(6), stream.next())
-            .await
-            .map_err(|_| ReplicationError::Unreachable {
-                dc: remote.name.clone(),
-                reason: "feed stream silent for 6s".into(),
-            })?;
-        let batch = match next {
-            None => {
-                return Err(ReplicationError::Unreachable {
+    // Two stages: the receiver takes a batch off the stream and stores its
+    // pushed segments while the proposer commits the previous batch, so the
+    // link, the segment fsyncs and the Raft commit overlap. The proposer is
+    // one task committing in stream order; the state machine also refuses a
+    // batch that does not follow the cursor, so no record is ever skipped.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Option<Command>)>(PIPELINE_DEPTH);
+    let receiver = async {
+        let mut connected = false;
+        loop {
+            // Idle feeds send keep-alives every 2s; silence for longer means the
+            // link is dead even if TCP has not noticed.
+            let next = tokio::time::timeout(Duration::from_secs(6), stream.next())
+                .await
+                .map_err(|_| ReplicationError::Unreachable {
                     dc: remote.name.clone(),
-                    reason: "feed stream ended".into(),
-                })
-            }
-            Some(Err(status)) => {
-                return Err(ReplicationError::Remote {
-                    dc: remote.name.clone(),
-                    status,
-                })
-            }
-            Some(Ok(b)) => b,
-        };
-        if !is_leader(raft) {
-            // A new leader resumes from the persisted cursor.
-            return Ok(());
-        }
-        if !connected {
-            // Connected and serving: the failure streak is over.
-            connected = true;
-            if let Err(e) = retry.clear(RetryKind::Pull, remote.name.as_bytes()) {
-                tracing::error!("{e}");
-            }
-        }
-        let head = batch.head;
-        if !batch.records.is_empty() {
-            let records: Vec<(u64, FeedRecord)> =
-                bincode::deserialize(&batch.records).map_err(|e| {
-                    ReplicationError::Local(format!("bad feed batch from {}: {e}", remote.name))
+                    reason: "feed stream silent for 6s".into(),
                 })?;
-            for (_, rec) in &records {
-                if let FeedRecord::Held { id, dc, .. } = rec {
-                    status.acks.observe(id, dc);
+            let batch = match next {
+                None => {
+                    return Err(ReplicationError::Unreachable {
+                        dc: remote.name.clone(),
+                        reason: "feed stream ended".into(),
+                    })
+                }
+                Some(Err(status)) => {
+                    return Err(ReplicationError::Remote {
+                        dc: remote.name.clone(),
+                        code: status.code(),
+                        message: status.message().to_string(),
+                    })
+                }
+                Some(Ok(b)) => b,
+            };
+            if !is_leader(raft) {
+                // A new leader resumes from the persisted cursor.
+                return Ok::<(), ReplicationError>(());
+            }
+            if !connected {
+                // Connected and serving: the failure streak is over.
+                connected = true;
+                if let Err(e) = retry.clear(RetryKind::Pull, remote.name.as_bytes()) {
+                    tracing::error!("{e}");
                 }
             }
-            let payload_here =
-                store_pushed(segments, status, &remote.name, &records, batch.payloads).await;
-            let res = raft
-                .propose(Command::ApplyRemote {
+            let mut cmd = None;
+            if !batch.records.is_empty() {
+                let records: Vec<(u64, FeedRecord)> = bincode::deserialize(&batch.records)
+                    .map_err(|e| {
+                        ReplicationError::Local(format!("bad feed batch from {}: {e}", remote.name))
+                    })?;
+                for (_, rec) in &records {
+                    if let FeedRecord::Held { id, dc, .. } = rec {
+                        status.acks.observe(id, dc);
+                    }
+                }
+                let payload_here =
+                    store_pushed(segments, status, &remote.name, &records, batch.payloads).await;
+                cmd = Some(Command::ApplyRemote {
                     origin: remote.name.clone(),
                     records,
                     received_ms: mailbox_types::now_ms(),
                     payload_here,
-                })
-                .await
-                .map_err(|e| ReplicationError::Local(e.to_string()))?;
-            match res {
-                Ok(CommandResult::Remote { cursor, .. }) => applied_cursor = cursor,
-                Ok(other) => return Err(ReplicationError::Local(format!("unexpected {other:?}"))),
-                Err(e) => return Err(ReplicationError::Local(e.to_string())),
+                });
+            }
+            if tx.send((batch.head, cmd)).await.is_err() {
+                return Ok(());
             }
         }
-        set_status(status, &remote.name, |s| {
-            s.cursor = applied_cursor;
-            s.remote_head = head.max(applied_cursor);
-            s.behind_since_ms = if applied_cursor >= head {
-                None
-            } else {
-                s.behind_since_ms.or(Some(mailbox_types::now_ms()))
-            };
-        });
-    }
+    };
+    let proposer = async {
+        let mut applied_cursor = cursor;
+        while let Some((head, cmd)) = rx.recv().await {
+            if let Some(cmd) = cmd {
+                let res = raft
+                    .propose(cmd)
+                    .await
+                    .map_err(|e| ReplicationError::Local(e.to_string()))?;
+                match res {
+                    Ok(CommandResult::Remote { cursor, .. }) => applied_cursor = cursor,
+                    Ok(other) => {
+                        return Err(ReplicationError::Local(format!("unexpected {other:?}")))
+                    }
+                    Err(e) => return Err(ReplicationError::Local(e.to_string())),
+                }
+            }
+            set_status(status, &remote.name, |s| {
+                s.cursor = applied_cursor;
+                s.remote_head = head.max(applied_cursor);
+                s.behind_since_ms = if applied_cursor >= head {
+                    None
+                } else {
+                    s.behind_since_ms.or(Some(mailbox_types::now_ms()))
+                };
+            });
+        }
+        Ok(())
+    };
+    // Either stage failing ends the pull; the next one starts from the
+    // persisted cursor.
+    tokio::try_join!(receiver, proposer).map(|_| ())
 }
 
 /// Stores the segments pushed with a feed batch, each verified against its
@@ -313,30 +342,38 @@ async fn store_pushed(
             _ => None,
         })
         .collect();
-    let mut stored: HashMap<MessageId, HashSet<u32>> = HashMap::new();
-    for p in pushed {
-        let Ok(bytes) = <[u8; 16]>::try_from(p.id.as_slice()) else {
-            continue;
-        };
-        let id = MessageId::from_bytes(bytes);
-        let Some(seg) = metas
-            .get(&id)
-            .and_then(|m| m.segments().iter().find(|s| s.index == p.index))
-        else {
-            continue;
-        };
-        if p.data.len() as u64 != seg.size || Digest::of(&p.data) != seg.sha256 {
-            status.fetch.lock().expect("lock").corrupt += 1;
-            tracing::warn!(%id, index = p.index, from = dc, "pushed segment is corrupt; it will be fetched");
-            continue;
-        }
-        match fetcher::write_segment(segments, id, p.index, &p.data).await {
-            Ok(()) => {
-                stored.entry(id).or_default().insert(p.index);
-                status.fetch.lock().expect("lock").segments_copied += 1;
+    // Verify and write concurrently: each write ends in fsyncs, which
+    // overlap instead of queueing one behind the other.
+    let metas = &metas;
+    let results: Vec<Option<(MessageId, u32)>> = futures::stream::iter(pushed)
+        .map(|p| async move {
+            let bytes = <[u8; 16]>::try_from(p.id.as_slice()).ok()?;
+            let id = MessageId::from_bytes(bytes);
+            let seg = metas
+                .get(&id)
+                .and_then(|m| m.segments().iter().find(|s| s.index == p.index))?;
+            if p.data.len() as u64 != seg.size || Digest::of(&p.data) != seg.sha256 {
+                status.fetch.lock().expect("lock").corrupt += 1;
+                tracing::warn!(%id, index = p.index, from = dc, "pushed segment is corrupt; it will be fetched");
+                return None;
             }
-            Err(e) => tracing::warn!(%id, index = p.index, "cannot store pushed segment: {e}"),
-        }
+            match fetcher::write_segment(segments, id, p.index, &p.data).await {
+                Ok(()) => {
+                    status.fetch.lock().expect("lock").segments_copied += 1;
+                    Some((id, p.index))
+                }
+                Err(e) => {
+                    tracing::warn!(%id, index = p.index, "cannot store pushed segment: {e}");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(STORE_CONCURRENCY)
+        .collect()
+        .await;
+    let mut stored: HashMap<MessageId, HashSet<u32>> = HashMap::new();
+    for (id, index) in results.into_iter().flatten() {
+        stored.entry(id).or_default().insert(index);
     }
     stored
         .into_iter()

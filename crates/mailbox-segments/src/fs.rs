@@ -12,7 +12,7 @@ use bytes::{Bytes, BytesMut};
 use mailbox_types::{Digest, MessageId, SegmentMeta};
 use sha2::{Digest as _, Sha256};
 use tokio::fs;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::{SegmentError, SegmentStore, SegmentWriter};
 
@@ -40,6 +40,21 @@ impl FsSegmentStore {
         fs::create_dir_all(&root)
             .await
             .map_err(io_err("create_dir", &root))?;
+        // The 256 fan-out directories exist from the start, so a new
+        // message costs one directory fsync (its fan-out directory), not two.
+        let mut created = false;
+        for i in 0..=255u8 {
+            let fan = root.join(format!("{i:02x}"));
+            if fs::metadata(&fan).await.is_err() {
+                fs::create_dir_all(&fan)
+                    .await
+                    .map_err(io_err("create_dir", &fan))?;
+                created = true;
+            }
+        }
+        if created {
+            fsync_dir(&root).await?;
+        }
         Ok(Self { root })
     }
 
@@ -73,46 +88,102 @@ async fn newest_mtime(dir: &Path) -> SystemTime {
     newest
 }
 
+/// Bytes gathered before they go to the writer thread: large enough that
+/// the per-job overhead vanishes, small enough to bound memory per upload.
+const WRITE_BUF: usize = 1 << 20;
+
+/// The file and running hash, owned by whichever side holds them: the
+/// writer between jobs, a blocking-pool job while it hashes and writes.
+struct Sink {
+    file: std::fs::File,
+    hasher: Sha256,
+}
+
+/// Writes a segment on the blocking pool, one job in flight: while a job
+/// hashes and writes the previous megabyte, the caller (an upload hashing
+/// the whole payload as it receives it) fills the next. The segment hash is
+/// computed on the writer thread, so the two SHA-256 passes run in parallel.
 struct FsWriter {
     tmp: PathBuf,
     dest: PathBuf,
-    file: BufWriter<fs::File>,
-    hasher: Sha256,
+    buf: Vec<u8>,
+    sink: Option<Sink>,
+    job: Option<tokio::task::JoinHandle<std::io::Result<Sink>>>,
     size: u64,
     index: u32,
 }
 
-#[async_trait]
-impl SegmentWriter for FsWriter {
-    async fn write(&mut self, data: &[u8]) -> Result<(), SegmentError> {
-        self.hasher.update(data);
-        self.size += data.len() as u64;
-        self.file
-            .write_all(data)
-            .await
-            .map_err(io_err("write", &self.tmp))
+impl FsWriter {
+    /// Waits for the job in flight and takes the sink back.
+    async fn settle(&mut self) -> Result<(), SegmentError> {
+        if let Some(job) = self.job.take() {
+            let sink = job
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))
+                .and_then(|r| r)
+                .map_err(io_err("write", &self.tmp))?;
+            self.sink = Some(sink);
+        }
+        Ok(())
     }
 
-    async fn finish(self: Box<Self>) -> Result<SegmentMeta, SegmentError> {
-        let FsWriter {
-            tmp,
-            dest,
-            mut file,
-            hasher,
-            size,
-            index,
-        } = *self;
-        file.flush().await.map_err(io_err("flush", &tmp))?;
-        let file = file.into_inner();
-        file.sync_all().await.map_err(io_err("fsync", &tmp))?;
-        drop(file);
-        fs::rename(&tmp, &dest)
-            .await
-            .map_err(io_err("rename", &dest))?;
-        fsync_dir(dest.parent().expect("segment has a directory")).await?;
+    /// Hands the gathered bytes to a writer job.
+    async fn ship(&mut self) -> Result<(), SegmentError> {
+        self.settle().await?;
+        let mut sink = self.sink.take().expect("sink is back after settle");
+        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(WRITE_BUF));
+        self.job = Some(tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            sink.hasher.update(&buf);
+            sink.file.write_all(&buf)?;
+            Ok(sink)
+        }));
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SegmentWriter for FsWriter {
+    async fn write(&mut self, mut data: &[u8]) -> Result<(), SegmentError> {
+        self.size += data.len() as u64;
+        while !data.is_empty() {
+            let n = (WRITE_BUF - self.buf.len()).min(data.len());
+            self.buf.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.buf.len() == WRITE_BUF {
+                self.ship().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<SegmentMeta, SegmentError> {
+        if !self.buf.is_empty() {
+            self.ship().await?;
+        }
+        self.settle().await?;
+        let Sink { file, hasher } = self.sink.take().expect("sink is back after settle");
+        let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
+        // fsync the data, rename into place, fsync the directory: a segment
+        // under its final name is always whole and durable.
+        tokio::task::spawn_blocking(move || -> Result<(), SegmentError> {
+            file.sync_all().map_err(io_err("fsync", &tmp))?;
+            drop(file);
+            std::fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
+            let dir = dest.parent().expect("segment has a directory");
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_err("fsync_dir", dir))
+        })
+        .await
+        .map_err(|e| SegmentError::Io {
+            op: "join",
+            path: self.dest.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
         Ok(SegmentMeta {
-            index,
-            size,
+            index: self.index,
+            size: self.size,
             sha256: Digest::from(hasher),
         })
     }
@@ -127,24 +198,35 @@ impl SegmentStore for FsSegmentStore {
         index: u32,
     ) -> Result<Box<dyn SegmentWriter>, SegmentError> {
         let dir = self.message_dir(&id);
-        if fs::metadata(&dir).await.is_err() {
-            fs::create_dir_all(&dir)
-                .await
-                .map_err(io_err("create_dir", &dir))?;
-            // Make the new directory entries durable before segments rely on them.
-            fsync_dir(dir.parent().expect("fan-out dir")).await?;
-            fsync_dir(&self.root).await?;
-        }
         let dest = self.segment_path(&id, index);
         let tmp = dir.join(format!("{index:08}.seg.tmp"));
-        let file = fs::File::create(&tmp)
-            .await
-            .map_err(io_err("create", &tmp))?;
+        let t = tmp.clone();
+        let file = tokio::task::spawn_blocking(move || -> Result<_, SegmentError> {
+            if std::fs::metadata(&dir).is_err() {
+                std::fs::create_dir_all(&dir).map_err(io_err("create_dir", &dir))?;
+                // The new directory's entry is durable before segments rely on it.
+                let fan = dir.parent().expect("fan-out dir");
+                std::fs::File::open(fan)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err("fsync_dir", fan))?;
+            }
+            std::fs::File::create(&t).map_err(io_err("create", &t))
+        })
+        .await
+        .map_err(|e| SegmentError::Io {
+            op: "join",
+            path: tmp.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })??;
         Ok(Box::new(FsWriter {
             tmp,
             dest,
-            file: BufWriter::with_capacity(1 << 20, file),
-            hasher: Sha256::new(),
+            buf: Vec::with_capacity(WRITE_BUF),
+            sink: Some(Sink {
+                file,
+                hasher: Sha256::new(),
+            }),
+            job: None,
             size: 0,
             index,
         }))

@@ -181,7 +181,9 @@ impl From<StateError> for ServiceError {
             StateError::MessageExists { id } => ServiceError::AlreadyExists {
                 what: format!("message {id}"),
             },
-            e @ (StateError::Corrupt { .. } | StateError::Read { .. }) => ServiceError::Internal {
+            e @ (StateError::Corrupt { .. }
+            | StateError::Read { .. }
+            | StateError::FeedGap { .. }) => ServiceError::Internal {
                 reason: e.to_string(),
             },
         }

@@ -185,6 +185,17 @@ pub enum StateError {
         /// Decoder message.
         reason: String,
     },
+    /// Remote feed records that do not continue where this DC's cursor on
+    /// that feed stands (an out-of-order or stale proposal).
+    #[error("records of DC {origin}'s feed start at {next}, but its cursor here is {cursor}")]
+    FeedGap {
+        /// The remote DC.
+        origin: String,
+        /// Last applied sequence number of its feed.
+        cursor: u64,
+        /// First new sequence number offered.
+        next: u64,
+    },
     /// Reading the underlying store failed.
     #[error("state read failed: {reason}")]
     Read {

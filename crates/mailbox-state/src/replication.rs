@@ -475,6 +475,16 @@ pub(crate) fn apply_remote(
         if *seq <= cursor {
             continue;
         }
+        // A feed is gap-free: applying past a gap would skip records for
+        // good, since the cursor only moves forward. Refuse the batch (the
+        // whole command rolls back); the replicator reconnects from the cursor.
+        if *seq != cursor + 1 {
+            return Err(StateError::FeedGap {
+                origin: origin.to_string(),
+                cursor,
+                next: *seq,
+            });
+        }
         apply_one(base, ov, ctx, origin, rec, received_ms, payload_here)?;
         cursor = *seq;
         applied += 1;

@@ -504,6 +504,42 @@ mod replication {
         assert_eq!(feed_head(&east.kv).unwrap(), 0);
     }
 
+    #[test]
+    fn a_batch_that_skips_feed_records_is_refused_whole() {
+        let (mut east, mut west) = (Dc::new("east"), Dc::new("west"));
+        east.run(Command::CreateMailbox {
+            path: mb("/a/b/c"),
+            parents: true,
+            created_ms: 1,
+        })
+        .unwrap();
+        let records = feed_since(&east.kv, 0, 10).unwrap();
+        assert_eq!(records.len(), 3);
+        // Records 2..3 arrive before record 1 (a stale or reordered proposal).
+        let late = Command::ApplyRemote {
+            origin: "east".into(),
+            records: records[1..].to_vec(),
+            received_ms: 1000,
+            payload_here: vec![],
+        };
+        assert!(matches!(
+            west.run(late.clone()),
+            Err(StateError::FeedGap {
+                cursor: 0,
+                next: 2,
+                ..
+            })
+        ));
+        assert_eq!(cursor(&west.kv, "east").unwrap(), 0);
+        assert!(get_mailbox(&west.kv, &mb("/a/b")).unwrap().is_none());
+        // In order, all three apply once; the late batch is then a no-op.
+        assert_eq!(west.pull(&east), 3);
+        match west.run(late).unwrap() {
+            CommandResult::Remote { applied, cursor } => assert_eq!((applied, cursor), (0, 3)),
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// Pulls between every pair until nothing new moves; returns the DCs.
     fn converge(dcs: &mut [Dc]) {
         loop {

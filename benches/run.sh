@@ -17,7 +17,8 @@
 #                 40s); REPL_OUTAGE=10m is the issue's full figure: ~50 min, and
 #                 at REPL_RATE=8 uploads/s with REPL_HELD_FACTOR=3 ~40 GB of disk
 #                 (REPL_RATE=4 REPL_HELD_FACTOR=1: ~15 GB).
-# BENCH_ONLY=single or BENCH_ONLY=repl runs one part.
+# BENCH_ONLY=single or BENCH_ONLY=repl runs one part; BENCH_ONLY=small only
+# the small-upload comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${CARGO_TARGET_DIR:-target}/debug"
@@ -45,6 +46,8 @@ grep -q "is up" "$WORK/dev.log" || { cat "$WORK/dev.log"; exit 1; }
 MB_EPS="127.0.0.1:17001,127.0.0.1:17002,127.0.0.1:17003"
 log "mailbox DC up"
 # --- rss first, on the fresh DC: idle, then peak during a 4 GiB upload -----
+MAXD=0
+if [ "$ONLY" != small ]; then
 NODE_PIDS=$(pgrep -f "$WORK/mb/bench/node[0-9]/node.toml" | tr '\n' ' ')
 rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
 declare -A IDLE PEAK
@@ -60,6 +63,7 @@ MAXD=0
 for p in $NODE_PIDS; do d=$(( (PEAK[$p] - IDLE[$p]) / 1024 )); [ "$d" -gt "$MAXD" ] && MAXD=$d; \
   echo "{\"kind\":\"rss\",\"pid\":$p,\"idle_mib\":$((IDLE[$p]/1024)),\"peak_mib\":$((PEAK[$p]/1024)),\"growth_mib\":$d}"; done
 cat "$WORK/rss-upload.json"
+fi
 
 
 # --- etcd cluster of 3 members ---------------------------------------------
@@ -83,28 +87,38 @@ else
 fi
 
 # --- small: ours vs etcd ---------------------------------------------------
+# Our client sends writes to the leader it finds; --spread keeps each
+# connection on the node it was given (followers forward), as a second figure.
 OURS=$("$BIN/mailbox-bench" small --target mailbox --endpoints "$MB_EPS" --duration "$DURATION")
 echo "$OURS"
+SPREAD=$("$BIN/mailbox-bench" small --target mailbox --spread --endpoints "$MB_EPS" --duration "$DURATION")
+echo "$SPREAD"
 if [ -n "$ETCD_EPS" ]; then
   THEIRS=$("$BIN/mailbox-bench" small --target etcd --endpoints "$ETCD_EPS" --duration "$DURATION")
   echo "$THEIRS"
 fi
 
 # --- large: ours vs dd on the same disk ------------------------------------
+LARGE='{}'
+DD_SECS=0
+if [ "$ONLY" != small ]; then
 DD_OUT=$(dd if=/dev/zero of="$WORK/dd.bin" bs=1M count=1024 conv=fsync 2>&1 | tail -1)
 rm -f "$WORK/dd.bin"
 DD_SECS=$(echo "$DD_OUT" | sed -E 's/.*copied, ([0-9.]+) s.*/\1/')
 echo "{\"kind\":\"dd\",\"size_bytes\":1073741824,\"seconds\":$DD_SECS,\"mb_per_sec\":$(python3 -c "print(1073741824/$DD_SECS/1e6)")}"
 LARGE=$("$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 1GiB)
 echo "$LARGE"
+fi
 
-python3 - "$OURS" "${THEIRS:-{\}}" "$LARGE" "$DD_SECS" "$MAXD" <<'PY'
+python3 - "$OURS" "${THEIRS:-{\}}" "$LARGE" "$DD_SECS" "$MAXD" "$SPREAD" <<'PY'
 import json, sys
 ours, theirs, large = (json.loads(a) for a in sys.argv[1:4])
-dd_mbps = 1073741824 / float(sys.argv[4]) / 1e6
+spread = json.loads(sys.argv[6])
+dd_secs = float(sys.argv[4])
 out = {"summary": True,
        "small_ops_ratio_vs_etcd": round(ours["ops_per_sec"] / theirs["ops_per_sec"], 3) if theirs else None,
-       "large_mbps_ratio_vs_dd": round(large["mb_per_sec"] / dd_mbps, 3),
+       "small_spread_ops_ratio_vs_etcd": round(spread["ops_per_sec"] / theirs["ops_per_sec"], 3) if theirs else None,
+       "large_mbps_ratio_vs_dd": round(large["mb_per_sec"] / (1073741824 / dd_secs / 1e6), 3) if large else None,
        "rss_growth_mib_max": int(sys.argv[5])}
 print(json.dumps(out))
 PY
@@ -115,7 +129,7 @@ PIDS=()
 fi
 
 # --- cross-DC replication (issue #3) ---------------------------------------
-if [ "$ONLY" != single ]; then
+if [ "$ONLY" != single ] && [ "$ONLY" != small ]; then
   RTT="${REPL_RTT:-20ms}"
   # The test kit puts each DC's data under $TMPDIR: keep it in $WORK.
   export TMPDIR="$WORK" MAILBOXD_BIN="$BIN/mailboxd"

@@ -57,6 +57,10 @@ enum Cmd {
         /// Mailbox to upload into (created if missing).
         #[arg(long, default_value = "/bench")]
         mailbox: String,
+        /// Keep each connection on the node it was given instead of the
+        /// leader the client finds (measures followers forwarding writes).
+        #[arg(long)]
+        spread: bool,
     },
     /// One large streamed upload.
     Large {
@@ -93,9 +97,11 @@ enum Conn {
     Etcd(KvClient<tonic::transport::Channel>),
 }
 
-async fn connect(target: Target, ep: &str) -> anyhow::Result<Conn> {
+async fn connect(target: Target, ep: &str, spread: bool) -> anyhow::Result<Conn> {
+    let eps = [ep.to_string()];
     Ok(match target {
-        Target::Mailbox => Conn::Mailbox(Client::connect(&[ep.to_string()]).await?),
+        Target::Mailbox if spread => Conn::Mailbox(Client::connect_any(&eps).await?),
+        Target::Mailbox => Conn::Mailbox(Client::connect(&eps).await?),
         Target::Etcd => Conn::Etcd(KvClient::connect(format!("http://{ep}")).await?),
     })
 }
@@ -135,12 +141,13 @@ async fn small(
     connections: usize,
     duration: Duration,
     mailbox: String,
+    spread: bool,
 ) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(!endpoints.is_empty(), "--endpoints is required");
     let mut conns = Vec::new();
     for i in 0..connections.max(1) {
         conns.push(std::sync::Arc::new(
-            connect(target, &endpoints[i % endpoints.len()]).await?,
+            connect(target, &endpoints[i % endpoints.len()], spread).await?,
         ));
     }
     if let Conn::Mailbox(c) = conns[0].as_ref() {
@@ -191,6 +198,7 @@ async fn small(
     Ok(json!({
         "kind": "small",
         "target": if target == Target::Mailbox { "mailbox" } else { "etcd" },
+        "routing": if target == Target::Etcd || spread { "spread" } else { "leader" },
         "size_bytes": size,
         "concurrency": concurrency,
         "seconds": secs,
@@ -247,6 +255,7 @@ async fn main() -> anyhow::Result<()> {
             connections,
             duration,
             mailbox,
+            spread,
         } => {
             small(
                 endpoints,
@@ -256,6 +265,7 @@ async fn main() -> anyhow::Result<()> {
                 connections,
                 duration.0,
                 mailbox,
+                spread,
             )
             .await?
         }

@@ -135,37 +135,74 @@ pub struct Client {
     endpoint: String,
 }
 
+/// Opens a channel to one endpoint (`host:port` or a URI).
+async fn open(ep: &str, timeout: Duration) -> Result<MailboxClient<Channel>, String> {
+    let uri = if ep.contains("://") {
+        ep.to_string()
+    } else {
+        format!("http://{ep}")
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| format!("{ep}: {e}"))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(mailbox_proto::STREAM_WINDOW)
+        .initial_connection_window_size(mailbox_proto::CONNECTION_WINDOW);
+    let ch = endpoint.connect().await.map_err(|e| format!("{ep}: {e}"))?;
+    Ok(MailboxClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        .max_encoding_message_size(MAX_MESSAGE_SIZE))
+}
+
 impl Client {
-    /// Connects to the first reachable endpoint, in order.
+    /// Connects to the DC's leader, found through the first reachable
+    /// endpoint. Any node accepts every request (followers forward writes),
+    /// but the leader answers writes without the extra hop; when the leader
+    /// is unknown or unreachable from here, the client stays on the node it
+    /// reached.
     pub async fn connect(endpoints: &[String]) -> Result<Self, ClientError> {
+        let first = Self::connect_any(endpoints).await?;
+        let Ok(status) = first
+            .inner
+            .clone()
+            .cluster_status(ClusterStatusRequest { local: true })
+            .await
+        else {
+            return Ok(first);
+        };
+        let status = status.into_inner();
+        let leader = status
+            .nodes
+            .iter()
+            .find(|n| status.has_leader && n.node_id == status.leader_id)
+            .map(|n| n.addr.clone());
+        match leader {
+            Some(addr) if addr != first.endpoint => {
+                match open(&addr, Duration::from_secs(1)).await {
+                    Ok(inner) => Ok(Client {
+                        inner,
+                        endpoint: addr,
+                    }),
+                    Err(_) => Ok(first),
+                }
+            }
+            _ => Ok(first),
+        }
+    }
+
+    /// Connects to the first reachable endpoint, in order, and stays there
+    /// (no leader lookup): for talking to one particular node.
+    pub async fn connect_any(endpoints: &[String]) -> Result<Self, ClientError> {
         let mut last = String::from("no endpoints configured");
         for ep in endpoints {
-            let uri = if ep.contains("://") {
-                ep.clone()
-            } else {
-                format!("http://{ep}")
-            };
-            let endpoint = match Endpoint::from_shared(uri) {
-                Ok(e) => e
-                    .connect_timeout(Duration::from_secs(3))
-                    .tcp_nodelay(true)
-                    .initial_stream_window_size(mailbox_proto::STREAM_WINDOW)
-                    .initial_connection_window_size(mailbox_proto::CONNECTION_WINDOW),
-                Err(e) => {
-                    last = format!("{ep}: {e}");
-                    continue;
-                }
-            };
-            match endpoint.connect().await {
-                Ok(ch) => {
+            match open(ep, Duration::from_secs(3)).await {
+                Ok(inner) => {
                     return Ok(Client {
-                        inner: MailboxClient::new(ch)
-                            .max_decoding_message_size(MAX_MESSAGE_SIZE)
-                            .max_encoding_message_size(MAX_MESSAGE_SIZE),
+                        inner,
                         endpoint: ep.clone(),
                     })
                 }
-                Err(e) => last = format!("{ep}: {e}"),
+                Err(e) => last = e,
             }
         }
         Err(ClientError::Connect {
@@ -462,7 +499,7 @@ impl Client {
         Ok(self
             .inner
             .clone()
-            .cluster_status(ClusterStatusRequest {})
+            .cluster_status(ClusterStatusRequest::default())
             .await?
             .into_inner())
     }

@@ -19,7 +19,7 @@ use crate::{connect, fetcher, RemoteDc, RemoteStatus, ReplicationError, StatusHa
 /// First reconnect delay of a failed feed pull.
 const PULL_RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest reconnect delay of a failed feed pull.
-const PULL_RETRY_CAP: Duration = Duration::from_secs(5);
+const PULL_RETRY_CAP: Duration = Duration::from_secs(2);
 /// Received batches (segments stored) waiting for their commit.
 const PIPELINE_DEPTH: usize = 2;
 /// Pushed segments written at once.
@@ -262,6 +262,14 @@ async fn pull_once(
                 connected = true;
                 if let Err(e) = retry.clear(RetryKind::Pull, remote.name.as_bytes()) {
                     tracing::error!("{e}");
+                }
+                // Fetches that backed off while the link was down go now.
+                match retry.expedite(RetryKind::Fetch, mailbox_types::now_ms(), 4096) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(dc = %remote.name, "link up: {n} backed-off fetches retried now")
+                    }
+                    Err(e) => tracing::error!("{e}"),
                 }
             }
             let mut cmd = None;

@@ -147,6 +147,37 @@ impl RetryTable {
             .collect()
     }
 
+    /// Makes every scheduled retry of `kind` due at `now_ms` (attempt counts
+    /// stay): when a link comes back, work that backed off while it was down
+    /// should not wait out the rest of a long backoff. Returns how many moved.
+    pub fn expedite(
+        &self,
+        kind: RetryKind,
+        now_ms: i64,
+        limit: usize,
+    ) -> Result<usize, ReplicationError> {
+        let mut b = Batch::new();
+        let mut moved = 0;
+        for (subject, mut e) in self.entries(kind, limit)? {
+            if e.due_ms <= now_ms {
+                continue;
+            }
+            b.delete(Cf::Local, due_key(e.due_ms, kind, &subject));
+            e.due_ms = now_ms;
+            b.put(Cf::Local, due_key(e.due_ms, kind, &subject), Vec::new());
+            b.put(
+                Cf::Local,
+                entry_key(kind, &subject),
+                bincode::serialize(&e).map_err(local)?,
+            );
+            moved += 1;
+        }
+        if moved > 0 {
+            self.store.write(b, false).map_err(local)?;
+        }
+        Ok(moved)
+    }
+
     /// The earliest scheduled retry of any kind, ms since the epoch.
     pub fn next_due_ms(&self) -> Result<Option<i64>, ReplicationError> {
         Ok(self
@@ -188,6 +219,12 @@ mod tests {
         assert_eq!(fetches, vec![(b"m1".to_vec(), e2.clone())]);
         let next = t.next_due_ms().unwrap().unwrap();
         assert!(next <= e2.due_ms, "earliest of both kinds");
+        // A healed link makes backed-off fetches due now; pulls untouched.
+        assert_eq!(t.expedite(RetryKind::Fetch, 1_800, 10).unwrap(), 1);
+        let e3 = t.get(RetryKind::Fetch, b"m1").unwrap().unwrap();
+        assert_eq!((e3.attempts, e3.due_ms), (2, 1_800));
+        assert_eq!(t.next_due_ms().unwrap(), Some(1_800));
+        assert_eq!(t.expedite(RetryKind::Fetch, 1_800, 10).unwrap(), 0);
         t.clear(RetryKind::Fetch, b"m1").unwrap();
         t.clear(RetryKind::Pull, b"west").unwrap();
         assert_eq!(t.get(RetryKind::Fetch, b"m1").unwrap(), None);

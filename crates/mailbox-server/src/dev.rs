@@ -111,7 +111,7 @@ async fn wait_for_leader(addr: &str) -> anyhow::Result<u64> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(mut c) = MailboxClient::connect(format!("http://{addr}")).await {
-            if let Ok(s) = c.cluster_status(ClusterStatusRequest {}).await {
+            if let Ok(s) = c.cluster_status(ClusterStatusRequest::default()).await {
                 let s = s.into_inner();
                 if s.has_leader {
                     return Ok(s.leader_id);

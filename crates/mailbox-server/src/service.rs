@@ -551,15 +551,20 @@ impl Mailbox for MailboxService {
 
     async fn cluster_status(
         &self,
-        _req: Request<ClusterStatusRequest>,
+        req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let local = req.into_inner().local;
         let me = self.raft().report();
         let mut nodes = Vec::new();
         for (id, addr) in &me.members {
             let report = if *id == me.id {
                 Ok(me.clone())
+            } else if local {
+                Err(ServiceError::Unavailable {
+                    reason: "not asked (local view)".into(),
+                })
             } else {
-                self.raft().remote_report(addr).await
+                self.raft().remote_report(addr).await.map_err(Into::into)
             };
             nodes.push(match report {
                 Ok(r) => NodeStatus {

@@ -273,7 +273,7 @@ impl TestDc {
 
     /// A client of one node.
     pub async fn client_of(&self, id: u64) -> anyhow::Result<Client> {
-        Ok(Client::connect(&[self.nodes[id as usize - 1].addr.clone()]).await?)
+        Ok(Client::connect_any(&[self.nodes[id as usize - 1].addr.clone()]).await?)
     }
 
     /// A client of any running node.
@@ -296,7 +296,7 @@ impl TestDc {
             let live_ids = live_ids.clone();
             async move {
                 for (_, addr) in &live {
-                    let Ok(c) = Client::connect(std::slice::from_ref(addr)).await else {
+                    let Ok(c) = Client::connect_any(std::slice::from_ref(addr)).await else {
                         continue;
                     };
                     if let Ok(s) = c.cluster_status().await {
@@ -334,7 +334,7 @@ impl TestDc {
             let eps = eps.clone();
             async move {
                 for ep in &eps {
-                    let c = Client::connect(std::slice::from_ref(ep)).await.ok()?;
+                    let c = Client::connect_any(std::slice::from_ref(ep)).await.ok()?;
                     let s = c.cluster_status().await.ok()?;
                     let me = s.nodes.iter().find(|n| &n.addr == ep)?;
                     if me.applied_index < target {

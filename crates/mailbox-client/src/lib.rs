@@ -275,19 +275,18 @@ impl Client {
             }
             let mut total = 0u64;
             loop {
-                let mut buf = vec![0u8; UPLOAD_CHUNK];
-                let mut filled = 0;
-                while filled < buf.len() {
-                    let n = reader.read(&mut buf[filled..]).await?;
-                    if n == 0 {
+                // Read into spare capacity: no zero-filling a fresh chunk
+                // buffer for every megabyte (or every small upload).
+                let mut buf = Vec::with_capacity(UPLOAD_CHUNK);
+                while buf.len() < UPLOAD_CHUNK {
+                    if reader.read_buf(&mut buf).await? == 0 {
                         break;
                     }
-                    filled += n;
                 }
+                let filled = buf.len();
                 if filled == 0 {
                     break;
                 }
-                buf.truncate(filled);
                 total += filled as u64;
                 let msg = PutRequest {
                     part: Some(put_request::Part::Chunk(buf)),
@@ -317,13 +316,43 @@ impl Client {
         Ok(result?.into_inner())
     }
 
-    /// Uploads an in-memory payload.
+    /// Uploads an in-memory payload: the bytes go out as they are (moved,
+    /// not copied, when they fit in one chunk), with no reader task.
     pub async fn put_bytes(
         &self,
         opts: PutOptions,
         data: Vec<u8>,
     ) -> Result<PutResponse, ClientError> {
-        self.put(opts, std::io::Cursor::new(data), |_| {}).await
+        let size = data.len() as u64;
+        let mut parts = Vec::with_capacity(2 + data.len() / UPLOAD_CHUNK + 1);
+        parts.push(PutRequest {
+            part: Some(put_request::Part::Header(PutHeader {
+                mailbox: opts.mailbox,
+                name: opts.name,
+                idempotency_key: opts.idempotency_key.unwrap_or_default(),
+                sha256: opts.sha256.unwrap_or_default(),
+                attributes: opts.attributes.into_iter().collect(),
+                ack: opts.ack.unwrap_or_default(),
+            })),
+        });
+        if data.len() <= UPLOAD_CHUNK {
+            if !data.is_empty() {
+                parts.push(PutRequest {
+                    part: Some(put_request::Part::Chunk(data)),
+                });
+            }
+        } else {
+            for c in data.chunks(UPLOAD_CHUNK) {
+                parts.push(PutRequest {
+                    part: Some(put_request::Part::Chunk(c.to_vec())),
+                });
+            }
+        }
+        parts.push(PutRequest {
+            part: Some(put_request::Part::Trailer(PutTrailer { size })),
+        });
+        let r = self.inner.clone().put(tokio_stream::iter(parts)).await?;
+        Ok(r.into_inner())
     }
 
     /// Downloads a message (or a range) into `out`, computing the SHA-256 of

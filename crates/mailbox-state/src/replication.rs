@@ -65,7 +65,8 @@ pub enum FeedRecord {
     Message {
         /// Its metadata (segment list included).
         meta: MessageMeta,
-        /// The payload when inline.
+        /// The payload when inline (encoded as bytes, see `PutMessage`).
+        #[serde(with = "serde_bytes")]
         inline: Option<Vec<u8>>,
     },
     /// A message was deleted in the origin DC.

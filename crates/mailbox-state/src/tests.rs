@@ -819,3 +819,23 @@ mod replication {
         }
     }
 }
+
+/// Inline payloads are (de)serialized as bytes for speed; the encoding must
+/// stay what logs and snapshots written before hold.
+#[test]
+fn inline_payload_encoding_is_unchanged_by_serde_bytes() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Plain {
+        v: Option<Vec<u8>>,
+    }
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct AsBytes {
+        #[serde(with = "serde_bytes")]
+        v: Option<Vec<u8>>,
+    }
+    for v in [None, Some(vec![]), Some(vec![1u8, 2, 3, 255])] {
+        let old = bincode::serialize(&Plain { v: v.clone() }).unwrap();
+        assert_eq!(old, bincode::serialize(&AsBytes { v: v.clone() }).unwrap());
+        assert_eq!(bincode::deserialize::<AsBytes>(&old).unwrap().v, v);
+    }
+}

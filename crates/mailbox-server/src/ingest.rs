@@ -159,8 +159,17 @@ pub struct Upload {
     spilled: bool,
     writer: Option<Box<dyn SegmentWriter>>,
     writer_len: u64,
+    /// Full segments being made durable (fsync, rename, directory fsync)
+    /// while the next one is received, oldest first.
+    finishing: std::collections::VecDeque<FinishJob>,
     segments: Vec<SegmentMeta>,
 }
+
+type FinishJob = tokio::task::JoinHandle<Result<SegmentMeta, mailbox_segments::SegmentError>>;
+
+/// Full segments allowed to be finishing at once: bounds the dirty page
+/// cache an upload holds to about this many segments.
+const FINISHING_MAX: usize = 2;
 
 /// The committed message and whether it was an idempotent repeat.
 #[derive(Debug, Clone)]
@@ -227,6 +236,7 @@ impl Upload {
             spilled: false,
             writer: None,
             writer_len: 0,
+            finishing: std::collections::VecDeque::new(),
             segments: Vec::new(),
         })
     }
@@ -264,7 +274,8 @@ impl Upload {
     /// Writes as much of `data` as fits in the current segment.
     async fn write_segments_some(&mut self, data: &[u8]) -> Result<usize, ServiceError> {
         if self.writer.is_none() {
-            let index = self.segments.len() as u32;
+            // Finishing segments come before this one.
+            let index = (self.segments.len() + self.finishing.len()) as u32;
             self.writer = Some(self.ctx.segments.create(self.id, index).await?);
             self.writer_len = 0;
         }
@@ -274,15 +285,34 @@ impl Upload {
         w.write(&data[..n]).await?;
         self.writer_len += n as u64;
         if self.writer_len == self.ctx.segment_size {
+            // Make it durable in the background; the upload goes on.
             let w = self.writer.take().expect("opened above");
-            self.segments.push(w.finish().await?);
+            self.finishing.push_back(tokio::spawn(w.finish()));
+            while self.finishing.len() > FINISHING_MAX {
+                self.settle_oldest().await?;
+            }
         }
         Ok(n)
+    }
+
+    /// Waits for the oldest finishing segment and records it.
+    async fn settle_oldest(&mut self) -> Result<(), ServiceError> {
+        if let Some(job) = self.finishing.pop_front() {
+            let seg = job.await.map_err(|e| ServiceError::Internal {
+                reason: format!("segment finish task: {e}"),
+            })??;
+            self.segments.push(seg);
+        }
+        Ok(())
     }
 
     /// Drops everything written so far.
     pub async fn abort(mut self) {
         self.writer = None;
+        // Let finishing segments end before their directory is removed.
+        while let Some(job) = self.finishing.pop_front() {
+            let _ = job.await;
+        }
         if self.spilled {
             if let Err(e) = self.ctx.segments.delete_message(self.id).await {
                 tracing::warn!(id = %self.id, "could not remove aborted upload's segments: {e}");
@@ -325,6 +355,9 @@ impl Upload {
                     true,
                 ));
             }
+        }
+        while !self.finishing.is_empty() {
+            self.settle_oldest().await.map_err(|e| (e, true))?;
         }
         if let Some(w) = self.writer.take() {
             let seg = w.finish().await.map_err(|e| (e.into(), true))?;

@@ -20,6 +20,8 @@ use crate::{connect, fetcher, RemoteDc, RemoteStatus, ReplicationError, StatusHa
 const PULL_RETRY_BASE: Duration = Duration::from_millis(100);
 /// Longest reconnect delay of a failed feed pull.
 const PULL_RETRY_CAP: Duration = Duration::from_secs(2);
+/// Longest wait for a remote node to accept a feed request.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Received batches (segments stored) waiting for their commit.
 const PIPELINE_DEPTH: usize = 2;
 /// Pushed segments written at once.
@@ -190,25 +192,28 @@ async fn pull_once(
     let mut last_err = String::from("no endpoints");
     let mut stream = None;
     for ep in &remote.endpoints {
-        match connect(ep).await {
-            Ok(ch) => {
-                let mut client = ReplicationClient::new(ch)
-                    .max_decoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE);
-                match client
-                    .feed(FeedRequest {
-                        since: cursor,
-                        dc: local_dc.to_string(),
-                    })
-                    .await
-                {
-                    Ok(s) => {
-                        stream = Some(s.into_inner());
-                        break;
-                    }
-                    Err(e) => last_err = format!("{ep}: {}", e.message()),
-                }
+        // Bounded: a link that accepts but never answers must not hold
+        // the pull (and with it the whole DC's replication) indefinitely.
+        let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
+            let ch = connect(ep).await.map_err(|e| format!("{ep}: {e}"))?;
+            ReplicationClient::new(ch)
+                .max_decoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE)
+                .feed(FeedRequest {
+                    since: cursor,
+                    dc: local_dc.to_string(),
+                })
+                .await
+                .map_err(|e| format!("{ep}: {}", e.message()))
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("{ep}: no answer within {OPEN_TIMEOUT:?}")));
+        match opened {
+            Ok(s) => {
+                tracing::info!(dc = %remote.name, endpoint = %ep, cursor, "feed pull connected");
+                stream = Some(s.into_inner());
+                break;
             }
-            Err(e) => last_err = format!("{ep}: {e}"),
+            Err(e) => last_err = e,
         }
     }
     let mut stream = stream.ok_or_else(|| ReplicationError::Unreachable {

@@ -109,6 +109,9 @@ struct FsWriter {
     buf: Vec<u8>,
     sink: Option<Sink>,
     job: Option<tokio::task::JoinHandle<std::io::Result<Sink>>>,
+    /// fsync of the fan-out directory after creating the message's
+    /// directory, running while the data is written; awaited in `finish`.
+    dir_sync: Option<tokio::task::JoinHandle<Result<(), SegmentError>>>,
     size: u64,
     index: u32,
 }
@@ -162,6 +165,13 @@ impl SegmentWriter for FsWriter {
             self.ship().await?;
         }
         self.settle().await?;
+        if let Some(job) = self.dir_sync.take() {
+            job.await.map_err(|e| SegmentError::Io {
+                op: "join",
+                path: self.dest.display().to_string(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+        }
         let Sink { file, hasher } = self.sink.take().expect("sink is back after settle");
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
         // fsync the data, rename into place, fsync the directory: a segment
@@ -201,16 +211,15 @@ impl SegmentStore for FsSegmentStore {
         let dest = self.segment_path(&id, index);
         let tmp = dir.join(format!("{index:08}.seg.tmp"));
         let t = tmp.clone();
-        let file = tokio::task::spawn_blocking(move || -> Result<_, SegmentError> {
-            if std::fs::metadata(&dir).is_err() {
+        let (file, created) = tokio::task::spawn_blocking(move || -> Result<_, SegmentError> {
+            let created = std::fs::metadata(&dir).is_err();
+            if created {
                 std::fs::create_dir_all(&dir).map_err(io_err("create_dir", &dir))?;
-                // The new directory's entry is durable before segments rely on it.
-                let fan = dir.parent().expect("fan-out dir");
-                std::fs::File::open(fan)
-                    .and_then(|d| d.sync_all())
-                    .map_err(io_err("fsync_dir", fan))?;
             }
-            std::fs::File::create(&t).map_err(io_err("create", &t))
+            Ok((
+                std::fs::File::create(&t).map_err(io_err("create", &t))?,
+                created,
+            ))
         })
         .await
         .map_err(|e| SegmentError::Io {
@@ -218,9 +227,24 @@ impl SegmentStore for FsSegmentStore {
             path: tmp.display().to_string(),
             source: std::io::Error::other(e.to_string()),
         })??;
+        // The new directory's entry must be durable before the segment is
+        // reported durable; its fsync overlaps the data's.
+        let dir_sync = created.then(|| {
+            let fan = self
+                .message_dir(&id)
+                .parent()
+                .expect("fan-out dir")
+                .to_path_buf();
+            tokio::task::spawn_blocking(move || {
+                std::fs::File::open(&fan)
+                    .and_then(|d| d.sync_all())
+                    .map_err(io_err("fsync_dir", &fan))
+            })
+        });
         Ok(Box::new(FsWriter {
             tmp,
             dest,
+            dir_sync,
             buf: Vec::with_capacity(WRITE_BUF),
             sink: Some(Sink {
                 file,

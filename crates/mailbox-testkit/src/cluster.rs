@@ -47,6 +47,10 @@ impl LinkProxy {
         let st = state.clone();
         tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
+                // Decide under the lock `cut` drains: a connection accepted
+                // while the link is being cut is either refused here or
+                // registered before the drain, never left running.
+                let mut conns = st.conns.lock().expect("lock");
                 if st.cut.load(Ordering::SeqCst) {
                     drop(inbound);
                     continue;
@@ -72,7 +76,7 @@ impl LinkProxy {
                     let b = pump(ro, wi, st2, true, opened + 4 * d);
                     let _ = tokio::join!(a, b);
                 });
-                st.conns.lock().expect("lock").push(h);
+                conns.push(h);
             }
         });
         Ok(Self { listen, state })
@@ -80,8 +84,9 @@ impl LinkProxy {
 
     /// Closes every connection and refuses new ones.
     pub fn cut(&self) {
+        let mut conns = self.state.conns.lock().expect("lock");
         self.state.cut.store(true, Ordering::SeqCst);
-        for h in self.state.conns.lock().expect("lock").drain(..) {
+        for h in conns.drain(..) {
             h.abort();
         }
     }

@@ -408,6 +408,13 @@ impl Drop for TestDc {
                 let _ = c.wait();
             }
         }
+        // MAILBOX_TESTKIT_KEEP=1 keeps data and logs for a post-mortem.
+        if std::env::var_os("MAILBOX_TESTKIT_KEEP").is_some_and(|v| v == "1") {
+            if let Ok(dir) = tempfile::Builder::new().tempdir() {
+                let kept = std::mem::replace(&mut self.dir, dir).keep();
+                eprintln!("# kept {}", kept.display());
+            }
+        }
     }
 }
 

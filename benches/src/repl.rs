@@ -266,7 +266,7 @@ impl Bench {
     /// `complete_ms`.
     async fn wait_complete(&self, id: &str, timeout: Duration) -> anyhow::Result<i64> {
         wait_for(timeout, "message complete in all DCs", move || async move {
-            let s = self.origin[0].stat(id).await.ok()?;
+            let s = self.origin[0].stat_local(id).await.ok()?;
             (s.complete_ms != 0).then_some(s.complete_ms)
         })
         .await
@@ -764,7 +764,10 @@ impl CatchUp {
             // Payloads: walk the backlog in order; a message counts once
             // the remote holds it whole, at the remote's own holder time.
             while let Some(a) = backlog.get(frontier) {
-                let Ok(s) = self.b.remote.stat(&a.id).await else {
+                // Local: asking every DC per message would make this walk,
+                // not the replication, the slow part (and starve the
+                // status poll above).
+                let Ok(s) = self.b.remote.stat_local(&a.id).await else {
                     break;
                 };
                 if s.payload_pending {

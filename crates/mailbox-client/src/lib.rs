@@ -469,12 +469,23 @@ impl Client {
 
     /// A message's metadata.
     pub async fn stat(&self, id: &str) -> Result<MessageInfo, ClientError> {
+        self.stat_with(id, false).await
+    }
+
+    /// Metadata of a message as this DC knows it, without asking the other
+    /// DCs for their copies (`copies` stays empty): one local read, for
+    /// polling many messages.
+    pub async fn stat_local(&self, id: &str) -> Result<MessageInfo, ClientError> {
+        self.stat_with(id, true).await
+    }
+
+    async fn stat_with(&self, id: &str, local: bool) -> Result<MessageInfo, ClientError> {
         let r = self
             .inner
             .clone()
             .stat(StatRequest {
                 id: id.into(),
-                local: false,
+                local,
             })
             .await?;
         r.into_inner()

@@ -30,7 +30,7 @@ const KEEPALIVE: Duration = Duration::from_secs(2);
 /// Segmented messages up to this size are pushed with their record.
 pub const PUSH_MAX_MESSAGE: u64 = 4 << 20;
 /// Pushed payload bytes per batch at most (the rest is fetched).
-pub const PUSH_MAX_BATCH: u64 = 16 << 20;
+pub const PUSH_MAX_BATCH: u64 = 32 << 20;
 
 /// gRPC service streaming this DC's feed.
 #[derive(Clone)]

@@ -27,7 +27,7 @@ use crate::retry::{RetryKind, RetryTable};
 use crate::{connect, RemoteDc, ReplicationError, StatusHandle};
 
 /// Messages fetched at once.
-const CONCURRENCY: usize = 4;
+const CONCURRENCY: usize = 8;
 /// First retry delay of a failed fetch.
 const RETRY_BASE: Duration = Duration::from_millis(200);
 /// Longest retry delay of a failed fetch.

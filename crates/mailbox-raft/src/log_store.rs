@@ -44,7 +44,26 @@ const FLUSH_QUEUE: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct LogStore {
     store: Store,
-    flusher: std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>,
+    flusher: std::sync::Arc<Flusher>,
+}
+
+/// The WAL flusher thread and its queue. Dropping the last handle closes
+/// the queue and joins the thread, so the thread's database handle is gone
+/// before the owner's: the database never closes on a detached thread
+/// (racing process exit, which aborts inside RocksDB).
+#[derive(Debug)]
+struct Flusher {
+    tx: Option<std::sync::mpsc::SyncSender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl LogStore {
@@ -53,11 +72,17 @@ impl LogStore {
     pub fn new(store: Store) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel(FLUSH_QUEUE);
         let wal = store.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-wal-flush".into())
             .spawn(move || flush_loop(wal, rx))
             .expect("spawn the WAL flusher thread");
-        Self { store, flusher: tx }
+        Self {
+            store,
+            flusher: std::sync::Arc::new(Flusher {
+                tx: Some(tx),
+                thread: Some(thread),
+            }),
+        }
     }
 
     fn get_meta<T: for<'de> serde::Deserialize<'de>>(
@@ -175,7 +200,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // then may openraft count this node towards a commit quorum.
         match self.store.write(b, false) {
             Ok(()) => {
-                if let Err(e) = self.flusher.send(callback) {
+                let tx = self.flusher.tx.as_ref().expect("open until dropped");
+                if let Err(e) = tx.send(callback) {
                     // The flusher is gone (it only stops with the store):
                     // fall back to flushing here.
                     let callback = e.0;

@@ -122,7 +122,24 @@ pub fn free_addrs(n: usize) -> anyhow::Result<Vec<String>> {
         .collect()
 }
 
+/// A port that is free now, chosen below the kernel's ephemeral range
+/// (32768.. by default): a port handed out by binding port 0 is released
+/// before the node binds it, and in between any outgoing connection may be
+/// given it as its source port. Ports are not reused within a process.
 fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Different test processes start at different places.
+    let start = (std::process::id() % 97) * 120;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())

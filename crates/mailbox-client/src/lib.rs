@@ -154,6 +154,20 @@ async fn open(ep: &str, timeout: Duration) -> Result<MailboxClient<Channel>, Str
         .max_encoding_message_size(MAX_MESSAGE_SIZE))
 }
 
+/// The first message of an upload: what the client declares.
+fn header_part(opts: PutOptions) -> PutRequest {
+    PutRequest {
+        part: Some(put_request::Part::Header(PutHeader {
+            mailbox: opts.mailbox,
+            name: opts.name,
+            idempotency_key: opts.idempotency_key.unwrap_or_default(),
+            sha256: opts.sha256.unwrap_or_default(),
+            attributes: opts.attributes.into_iter().collect(),
+            ack: opts.ack.unwrap_or_default(),
+        })),
+    }
+}
+
 impl Client {
     /// Connects to the DC's leader, found through the first reachable
     /// endpoint. Any node accepts every request (followers forward writes),
@@ -257,16 +271,7 @@ impl Client {
         R: AsyncRead + Unpin + Send + 'static,
     {
         let (tx, rx) = tokio::sync::mpsc::channel::<PutRequest>(4);
-        let header = PutRequest {
-            part: Some(put_request::Part::Header(PutHeader {
-                mailbox: opts.mailbox,
-                name: opts.name,
-                idempotency_key: opts.idempotency_key.unwrap_or_default(),
-                sha256: opts.sha256.unwrap_or_default(),
-                attributes: opts.attributes.into_iter().collect(),
-                ack: opts.ack.unwrap_or_default(),
-            })),
-        };
+        let header = header_part(opts);
         // Reads the source; on a read error it stops without a trailer, which
         // the server treats as a truncated upload and stores nothing.
         let reader_task = tokio::spawn(async move {
@@ -325,16 +330,7 @@ impl Client {
     ) -> Result<PutResponse, ClientError> {
         let size = data.len() as u64;
         let mut parts = Vec::with_capacity(2 + data.len() / UPLOAD_CHUNK + 1);
-        parts.push(PutRequest {
-            part: Some(put_request::Part::Header(PutHeader {
-                mailbox: opts.mailbox,
-                name: opts.name,
-                idempotency_key: opts.idempotency_key.unwrap_or_default(),
-                sha256: opts.sha256.unwrap_or_default(),
-                attributes: opts.attributes.into_iter().collect(),
-                ack: opts.ack.unwrap_or_default(),
-            })),
-        });
+        parts.push(header_part(opts));
         if data.len() <= UPLOAD_CHUNK {
             if !data.is_empty() {
                 parts.push(PutRequest {

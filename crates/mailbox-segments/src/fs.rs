@@ -27,6 +27,15 @@ fn io_err<'a>(
     }
 }
 
+/// A blocking-pool task that did not finish (panicked or cancelled).
+fn join_err(path: &Path) -> impl FnOnce(tokio::task::JoinError) -> SegmentError + '_ {
+    move |e| SegmentError::Io {
+        op: "join",
+        path: path.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    }
+}
+
 /// Segment store in a local or shared directory.
 #[derive(Debug, Clone)]
 pub struct FsSegmentStore {
@@ -166,11 +175,7 @@ impl SegmentWriter for FsWriter {
         }
         self.settle().await?;
         if let Some(job) = self.dir_sync.take() {
-            job.await.map_err(|e| SegmentError::Io {
-                op: "join",
-                path: self.dest.display().to_string(),
-                source: std::io::Error::other(e.to_string()),
-            })??;
+            job.await.map_err(join_err(&self.dest))??;
         }
         let Sink { file, hasher } = self.sink.take().expect("sink is back after settle");
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
@@ -186,11 +191,7 @@ impl SegmentWriter for FsWriter {
                 .map_err(io_err("fsync_dir", dir))
         })
         .await
-        .map_err(|e| SegmentError::Io {
-            op: "join",
-            path: self.dest.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        .map_err(join_err(&self.dest))??;
         Ok(SegmentMeta {
             index: self.index,
             size: self.size,
@@ -222,11 +223,7 @@ impl SegmentStore for FsSegmentStore {
             ))
         })
         .await
-        .map_err(|e| SegmentError::Io {
-            op: "join",
-            path: tmp.display().to_string(),
-            source: std::io::Error::other(e.to_string()),
-        })??;
+        .map_err(join_err(&tmp))??;
         // The new directory's entry must be durable before the segment is
         // reported durable; its fsync overlaps the data's.
         let dir_sync = created.then(|| {

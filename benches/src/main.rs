@@ -122,8 +122,8 @@ async fn one_put(conn: &Conn, mailbox: &str, key: String, payload: Vec<u8>) -> a
         Conn::Etcd(c) => {
             c.clone()
                 .put(EtcdPut {
-                    key: key.into_bytes(),
-                    value: payload,
+                    key: key.into_bytes().into(),
+                    value: payload.into(),
                     ..Default::default()
                 })
                 .await?;

@@ -20,7 +20,7 @@ fn opts(mailbox: &str, name: &str) -> PutOptions {
 
 fn chunk(n: usize) -> PutRequest {
     PutRequest {
-        part: Some(put_request::Part::Chunk(vec![7u8; n])),
+        part: Some(put_request::Part::Chunk(vec![7u8; n].into())),
     }
 }
 

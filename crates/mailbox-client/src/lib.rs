@@ -294,7 +294,7 @@ impl Client {
                 }
                 total += filled as u64;
                 let msg = PutRequest {
-                    part: Some(put_request::Part::Chunk(buf)),
+                    part: Some(put_request::Part::Chunk(buf.into())),
                 };
                 if tx.send(msg).await.is_err() {
                     return Ok(());
@@ -334,13 +334,16 @@ impl Client {
         if data.len() <= UPLOAD_CHUNK {
             if !data.is_empty() {
                 parts.push(PutRequest {
-                    part: Some(put_request::Part::Chunk(data)),
+                    part: Some(put_request::Part::Chunk(data.into())),
                 });
             }
         } else {
-            for c in data.chunks(UPLOAD_CHUNK) {
+            // Slices of one buffer: no copy per chunk.
+            let data = bytes::Bytes::from(data);
+            for start in (0..data.len()).step_by(UPLOAD_CHUNK) {
+                let end = (start + UPLOAD_CHUNK).min(data.len());
                 parts.push(PutRequest {
-                    part: Some(put_request::Part::Chunk(c.to_vec())),
+                    part: Some(put_request::Part::Chunk(data.slice(start..end))),
                 });
             }
         }

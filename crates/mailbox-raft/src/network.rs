@@ -91,7 +91,9 @@ impl Connection {
                 )))
             }
         };
-        let mut request = Request::new(RaftBytes { data: encode(req) });
+        let mut request = Request::new(RaftBytes {
+            data: encode(req).into(),
+        });
         request.set_timeout(option.hard_ttl());
         let resp = match which {
             "append" => client.append_entries(request).await,
@@ -164,13 +166,17 @@ impl RaftInternal for InternalService {
         let rpc: AppendEntriesRequest<TypeConfig> =
             decode(&req.into_inner().data).map_err(bad_request)?;
         let res = self.node.raft().append_entries(rpc).await;
-        Ok(Response::new(RaftBytes { data: encode(&res) }))
+        Ok(Response::new(RaftBytes {
+            data: encode(&res).into(),
+        }))
     }
 
     async fn vote(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let rpc: VoteRequest<NodeId> = decode(&req.into_inner().data).map_err(bad_request)?;
         let res = self.node.raft().vote(rpc).await;
-        Ok(Response::new(RaftBytes { data: encode(&res) }))
+        Ok(Response::new(RaftBytes {
+            data: encode(&res).into(),
+        }))
     }
 
     async fn install_snapshot(
@@ -180,21 +186,23 @@ impl RaftInternal for InternalService {
         let rpc: InstallSnapshotRequest<TypeConfig> =
             decode(&req.into_inner().data).map_err(bad_request)?;
         let res = self.node.raft().install_snapshot(rpc).await;
-        Ok(Response::new(RaftBytes { data: encode(&res) }))
+        Ok(Response::new(RaftBytes {
+            data: encode(&res).into(),
+        }))
     }
 
     async fn forward(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let cmd = decode(&req.into_inner().data).map_err(bad_request)?;
         let reply: ForwardReply = self.node.propose_local(cmd).await;
         Ok(Response::new(RaftBytes {
-            data: encode(&reply),
+            data: encode(&reply).into(),
         }))
     }
 
     async fn status(&self, _req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let report: NodeReport = self.node.report();
         Ok(Response::new(RaftBytes {
-            data: encode(&report),
+            data: encode(&report).into(),
         }))
     }
 }

@@ -337,7 +337,9 @@ impl RaftNode {
         timeout: Duration,
     ) -> Result<ForwardReply, RaftError> {
         let mut client = self.peer(addr)?;
-        let mut req = tonic::Request::new(RaftBytes { data: encode(cmd) });
+        let mut req = tonic::Request::new(RaftBytes {
+            data: encode(cmd).into(),
+        });
         req.set_timeout(timeout);
         let reply = client
             .forward(req)
@@ -447,7 +449,9 @@ impl RaftNode {
     /// Asks the node at `addr` for its report.
     pub async fn remote_report(&self, addr: &str) -> Result<NodeReport, RaftError> {
         let mut client = self.peer(addr)?;
-        let mut req = tonic::Request::new(RaftBytes { data: Vec::new() });
+        let mut req = tonic::Request::new(RaftBytes {
+            data: bytes::Bytes::new(),
+        });
         req.set_timeout(Duration::from_secs(2));
         let r = client
             .status(req)

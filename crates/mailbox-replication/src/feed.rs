@@ -2,7 +2,7 @@
 //!
 //! Segmented messages up to [`PUSH_MAX_MESSAGE`] travel with their record
 //! (segments read from the local store, at most [`PUSH_MAX_BATCH`] bytes per
-//! batch), so the receiving DC stores the payload before proposing the
+//! batch, a batch ending early rather than leaving one behind), so the receiving DC stores the payload before proposing the
 //! record and acknowledges in one step: one round trip from commit to
 //! replica ack, which is what `immediate` waits for. Larger messages, and
 //! any segment that cannot be read here, are fetched by the receiver.
@@ -31,6 +31,11 @@ const KEEPALIVE: Duration = Duration::from_secs(2);
 pub const PUSH_MAX_MESSAGE: u64 = 4 << 20;
 /// Pushed payload bytes per batch at most (the rest is fetched).
 pub const PUSH_MAX_BATCH: u64 = 32 << 20;
+// A batch always has room for its first pushed message, so cutting at the
+// budget always makes progress.
+const _: () = assert!(PUSH_MAX_MESSAGE <= PUSH_MAX_BATCH);
+/// Batches read ahead of the network (each up to [`PUSH_MAX_BATCH`]).
+const READ_AHEAD: usize = 2;
 
 /// gRPC service streaming this DC's feed.
 #[derive(Clone)]
@@ -61,28 +66,36 @@ impl FeedService {
     }
 }
 
-/// Reads the segments of small segmented messages among `records`, within
-/// the batch budget. A segment that cannot be read is simply not pushed.
+/// Reads the segments of small segmented messages among `records` and
+/// returns them with how many records the batch keeps: the batch is cut
+/// before the first message whose payload no longer fits the budget, so
+/// that message travels with its payload in the next batch instead of
+/// being left to the fetcher (during catch-up, a backlog of such messages
+/// then streams at the link's speed instead of one fetch each). A segment
+/// that cannot be read here is not pushed; the receiver fetches it.
 async fn payloads(
     segments: &dyn SegmentStore,
     records: &[(u64, FeedRecord)],
-) -> Vec<PushedSegment> {
+) -> (Vec<PushedSegment>, usize) {
     let mut out = Vec::new();
     let mut budget = PUSH_MAX_BATCH;
-    for (_, rec) in records {
+    for (i, (_, rec)) in records.iter().enumerate() {
         let FeedRecord::Message { meta, inline: None } = rec else {
             continue;
         };
-        if meta.segments().is_empty() || meta.size > PUSH_MAX_MESSAGE || meta.size > budget {
+        if meta.segments().is_empty() || meta.size > PUSH_MAX_MESSAGE {
             continue;
+        }
+        if meta.size > budget {
+            return (out, i);
         }
         let mut segs = Vec::new();
         for s in meta.segments() {
             match segments.read(meta.id, s.index, 0, s.size).await {
                 Ok(data) => segs.push(PushedSegment {
-                    id: meta.id.as_bytes().to_vec(),
+                    id: bytes::Bytes::copy_from_slice(meta.id.as_bytes()),
                     index: s.index,
-                    data: data.to_vec(),
+                    data,
                 }),
                 Err(e) => {
                     tracing::debug!(id = %meta.id, "not pushing: {e}");
@@ -96,7 +109,7 @@ async fn payloads(
             out.extend(segs);
         }
     }
-    out
+    (out, records.len())
 }
 
 type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedBatch, Status>> + Send>>;
@@ -111,7 +124,7 @@ impl Replication for FeedService {
         let raft = self.raft.clone();
         let origin = self.dc.clone();
         let segments = self.segments.clone();
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
         let mut shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut applied = raft.applied_watch();
@@ -119,21 +132,29 @@ impl Replication for FeedService {
                 applied.mark_unchanged();
                 let view = raft.view();
                 let batch = feed_since(view, since, BATCH).and_then(|r| Ok((r, feed_head(view)?)));
-                let (records, head) = match batch {
+                let (mut records, head) = match batch {
                     Ok(b) => b,
                     Err(e) => {
                         let _ = tx.send(Err(Status::internal(e.to_string()))).await;
                         return;
                     }
                 };
-                let full = records.len() == BATCH;
+                let mut full = records.len() == BATCH;
+                let (pushed, keep) = payloads(segments.as_ref(), &records).await;
+                if keep < records.len() {
+                    // Cut at the push budget: more follows at once.
+                    records.truncate(keep);
+                    full = true;
+                }
                 if let Some((last, _)) = records.last() {
                     since = *last;
                     let msg = FeedBatch {
-                        records: bincode::serialize(&records).expect("feed records serialize"),
+                        records: bincode::serialize(&records)
+                            .expect("feed records serialize")
+                            .into(),
                         head,
                         origin: origin.clone(),
-                        payloads: payloads(segments.as_ref(), &records).await,
+                        payloads: pushed,
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
@@ -155,7 +176,7 @@ impl Replication for FeedService {
                     Ok(Err(_)) => return,
                     Err(_) => {
                         let ka = FeedBatch {
-                            records: Vec::new(),
+                            records: bytes::Bytes::new(),
                             head,
                             origin: origin.clone(),
                             payloads: Vec::new(),

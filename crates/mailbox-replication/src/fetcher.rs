@@ -44,6 +44,11 @@ pub(crate) async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let sem = Arc::new(Semaphore::new(CONCURRENCY));
+    // One connection per remote endpoint, shared by every fetch: HTTP/2
+    // multiplexes the concurrent `Get`s, and a backlog of thousands of
+    // messages does not pay a TCP and HTTP/2 handshake (two round trips
+    // over a long link) each.
+    let clients: Clients = Arc::default();
     let in_flight: Arc<Mutex<HashSet<MessageId>>> = Arc::default();
     let mut applied = raft.applied_watch();
     let mut passes = 0u64;
@@ -76,17 +81,20 @@ pub(crate) async fn run(
                 break;
             };
             in_flight.lock().expect("lock").insert(meta.id);
-            let (raft, remotes, segments, status, in_flight, retry) = (
+            let (raft, remotes, segments, status, in_flight, retry, clients) = (
                 raft.clone(),
                 remotes.clone(),
                 segments.clone(),
                 status.clone(),
                 in_flight.clone(),
                 retry.clone(),
+                clients.clone(),
             );
             tokio::spawn(async move {
                 let id = meta.id;
-                let res = fetch_message(&raft, &remotes, segments.as_ref(), &status, &meta).await;
+                let res =
+                    fetch_message(&raft, &remotes, segments.as_ref(), &status, &clients, &meta)
+                        .await;
                 match res {
                     Ok(()) => {
                         if let Err(e) = retry.clear(RetryKind::Fetch, id.as_bytes()) {
@@ -157,6 +165,7 @@ async fn fetch_message(
     remotes: &[RemoteDc],
     segments: &dyn SegmentStore,
     status: &StatusHandle,
+    clients: &Clients,
     meta: &MessageMeta,
 ) -> Result<(), ReplicationError> {
     let Payload::Segments {
@@ -172,31 +181,33 @@ async fn fetch_message(
         .filter(|r| r.name == meta.origin_dc)
         .collect();
     sources.extend(remotes.iter().filter(|r| r.name != meta.origin_dc));
-    let mut clients = Clients::new();
     for seg in segs {
         // Resumable: a segment already stored whole (verified) is kept.
         if let Ok(b) = segments.read(meta.id, seg.index, 0, seg.size).await {
-            if Digest::of(&b) == seg.sha256 {
+            if digest(b.to_vec()).await.1 == seg.sha256 {
                 continue;
             }
         }
         let mut last_err = None;
         let mut done = false;
         for src in &sources {
-            match fetch_segment(&mut clients, src, meta, seg.index, *segment_size, seg.size).await {
+            match fetch_segment(clients, src, meta, seg.index, *segment_size, seg.size).await {
                 Ok(data) => {
-                    if Digest::of(&data) != seg.sha256 {
-                        last_err = Some(ReplicationError::Corrupt {
-                            dc: src.name.clone(),
-                            id: meta.id.to_string(),
-                            index: seg.index,
-                        });
-                        continue;
+                    match write_segment(segments, meta.id, seg.index, &data, seg.sha256).await {
+                        Ok(()) => {
+                            status.fetch.lock().expect("lock").segments_copied += 1;
+                            done = true;
+                            break;
+                        }
+                        Err(mailbox_segments::SegmentError::Mismatch { .. }) => {
+                            last_err = Some(ReplicationError::Corrupt {
+                                dc: src.name.clone(),
+                                id: meta.id.to_string(),
+                                index: seg.index,
+                            });
+                        }
+                        Err(e) => return Err(ReplicationError::Local(e.to_string())),
                     }
-                    write_segment(segments, meta.id, seg.index, &data).await?;
-                    status.fetch.lock().expect("lock").segments_copied += 1;
-                    done = true;
-                    break;
                 }
                 Err(e) => last_err = Some(e),
             }
@@ -222,25 +233,40 @@ async fn fetch_message(
     Ok(())
 }
 
-/// Stores one verified segment durably (temp file, fsync, rename).
+/// Stores a copied segment durably (temp file, fsync, rename) if it hashes
+/// to `sha256` (hashed once, while it is written); a corrupt copy is
+/// refused with [`mailbox_segments::SegmentError::Mismatch`] and leaves
+/// nothing under the segment's name.
 pub(crate) async fn write_segment(
     segments: &dyn SegmentStore,
     id: MessageId,
     index: u32,
     data: &[u8],
-) -> Result<(), ReplicationError> {
-    let local = |e: mailbox_segments::SegmentError| ReplicationError::Local(e.to_string());
-    let mut w = segments.create(id, index).await.map_err(local)?;
-    w.write(data).await.map_err(local)?;
-    w.finish().await.map_err(local)?;
+    sha256: Digest,
+) -> Result<(), mailbox_segments::SegmentError> {
+    let mut w = segments.create(id, index).await?;
+    w.write(data).await?;
+    w.finish_expecting(sha256).await?;
     Ok(())
 }
 
-/// Connections opened while copying one message, reused across its segments.
-type Clients = HashMap<String, MailboxClient<Channel>>;
+/// SHA-256 of `data`, computed on the blocking pool so that several
+/// fetches hash on several cores and the runtime keeps moving bytes.
+async fn digest(data: Vec<u8>) -> (Vec<u8>, Digest) {
+    tokio::task::spawn_blocking(move || {
+        let d = Digest::of(&data);
+        (data, d)
+    })
+    .await
+    .expect("hashing task panicked")
+}
+
+/// Open connections to remote endpoints, shared by all fetches. A
+/// connection that fails a request is dropped and reopened on next use.
+type Clients = Arc<Mutex<HashMap<String, MailboxClient<Channel>>>>;
 
 async fn fetch_segment(
-    clients: &mut Clients,
+    clients: &Clients,
     src: &RemoteDc,
     meta: &MessageMeta,
     index: u32,
@@ -249,13 +275,17 @@ async fn fetch_segment(
 ) -> Result<Vec<u8>, ReplicationError> {
     let mut last = String::from("no endpoints");
     for ep in &src.endpoints {
-        let mut client = match clients.get(ep) {
-            Some(c) => c.clone(),
+        let cached = clients.lock().expect("clients lock").get(ep).cloned();
+        let mut client = match cached {
+            Some(c) => c,
             None => match connect(ep).await {
                 Ok(ch) => {
                     let c = MailboxClient::new(ch)
                         .max_decoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE);
-                    clients.insert(ep.clone(), c.clone());
+                    clients
+                        .lock()
+                        .expect("clients lock")
+                        .insert(ep.clone(), c.clone());
                     c
                 }
                 Err(e) => {
@@ -273,7 +303,7 @@ async fn fetch_segment(
             Ok(s) => s.into_inner(),
             Err(e) => {
                 last = format!("{ep}: {}", e.message());
-                clients.remove(ep);
+                clients.lock().expect("clients lock").remove(ep);
                 continue;
             }
         };
@@ -284,7 +314,7 @@ async fn fetch_segment(
                 Ok(p) => buf.extend_from_slice(&p.chunk),
                 Err(e) => {
                     last = format!("{ep}: {}", e.message());
-                    clients.remove(ep);
+                    clients.lock().expect("clients lock").remove(ep);
                     ok = false;
                     break;
                 }

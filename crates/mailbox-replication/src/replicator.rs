@@ -7,11 +7,14 @@ use std::time::Duration;
 use futures::StreamExt;
 use mailbox_proto::replication::replication_client::ReplicationClient;
 use mailbox_proto::replication::{FeedRequest, PushedSegment};
+use mailbox_proto::v1::mailbox_client::MailboxClient;
+use mailbox_proto::v1::ClusterStatusRequest;
 use mailbox_raft::RaftNode;
 use mailbox_segments::SegmentStore;
 use mailbox_state::{Command, CommandResult, FeedRecord};
-use mailbox_types::{Digest, MessageId, MessageMeta};
+use mailbox_types::{MessageId, MessageMeta};
 use tokio::sync::watch;
+use tonic::transport::Channel;
 
 use crate::retry::{RetryKind, RetryTable};
 use crate::{connect, fetcher, RemoteDc, RemoteStatus, ReplicationError, StatusHandle};
@@ -22,7 +25,8 @@ const PULL_RETRY_BASE: Duration = Duration::from_millis(100);
 const PULL_RETRY_CAP: Duration = Duration::from_secs(2);
 /// Longest wait for a remote node to accept a feed request.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Received batches (segments stored) waiting for their commit.
+/// Received batches (their pushed segments being stored) queued for the
+/// proposer, besides the one it is committing and the one being received.
 const PIPELINE_DEPTH: usize = 2;
 /// Pushed segments written at once.
 const STORE_CONCURRENCY: usize = 4;
@@ -150,7 +154,7 @@ async fn pull_loop(
         }
         set_status(&status, &remote.name, |s| s.state = "connecting".into());
         let result = tokio::select! {
-            r = pull_once(&raft, &local_dc, &remote, &status, &retry, segments.as_ref()) => r,
+            r = pull_once(&raft, &local_dc, &remote, &status, &retry, &segments) => r,
             _ = shutdown.changed() => return,
         };
         if let Err(e) = result {
@@ -185,17 +189,16 @@ async fn pull_once(
     remote: &RemoteDc,
     status: &StatusHandle,
     retry: &RetryTable,
-    segments: &dyn SegmentStore,
+    segments: &Arc<dyn SegmentStore>,
 ) -> Result<(), ReplicationError> {
     let cursor = mailbox_state::replication::cursor(raft.view(), &remote.name)
         .map_err(|e| ReplicationError::Local(e.to_string()))?;
-    let mut last_err = String::from("no endpoints");
+    let (channels, mut last_err) = leader_first(&remote.endpoints).await;
     let mut stream = None;
-    for ep in &remote.endpoints {
+    for (ep, ch, leads) in channels {
         // Bounded: a link that accepts but never answers must not hold
         // the pull (and with it the whole DC's replication) indefinitely.
         let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
-            let ch = connect(ep).await.map_err(|e| format!("{ep}: {e}"))?;
             ReplicationClient::new(ch)
                 .max_decoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE)
                 .feed(FeedRequest {
@@ -209,7 +212,7 @@ async fn pull_once(
         .unwrap_or_else(|_| Err(format!("{ep}: no answer within {OPEN_TIMEOUT:?}")));
         match opened {
             Ok(s) => {
-                tracing::info!(dc = %remote.name, endpoint = %ep, cursor, "feed pull connected");
+                tracing::info!(dc = %remote.name, endpoint = %ep, leader = leads, cursor, "feed pull connected");
                 stream = Some(s.into_inner());
                 break;
             }
@@ -225,12 +228,13 @@ async fn pull_once(
         s.cursor = cursor;
         s.last_error.clear();
     });
-    // Two stages: the receiver takes a batch off the stream and stores its
-    // pushed segments while the proposer commits the previous batch, so the
-    // link, the segment fsyncs and the Raft commit overlap. The proposer is
+    // Two stages: the receiver takes batches off the stream and starts
+    // storing their pushed segments while the proposer commits earlier
+    // batches, each once its segments are stored, so the link, the segment
+    // fsyncs and the Raft commits overlap. The proposer is
     // one task committing in stream order; the state machine also refuses a
     // batch that does not follow the cursor, so no record is ever skipped.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Option<Command>)>(PIPELINE_DEPTH);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Option<StoreJob>)>(PIPELINE_DEPTH);
     let receiver = async {
         let mut connected = false;
         loop {
@@ -277,7 +281,7 @@ async fn pull_once(
                     Err(e) => tracing::error!("{e}"),
                 }
             }
-            let mut cmd = None;
+            let mut job = None;
             if !batch.records.is_empty() {
                 let records: Vec<(u64, FeedRecord)> = bincode::deserialize(&batch.records)
                     .map_err(|e| {
@@ -288,24 +292,40 @@ async fn pull_once(
                         status.acks.observe(id, dc);
                     }
                 }
-                let payload_here =
-                    store_pushed(segments, status, &remote.name, &records, batch.payloads).await;
-                cmd = Some(Command::ApplyRemote {
-                    origin: remote.name.clone(),
-                    records,
-                    received_ms: mailbox_types::now_ms(),
-                    payload_here,
-                });
+                // Stored in a task of its own, so the next batches are
+                // received and stored while this one's fsyncs run: a slow
+                // fsync delays one batch, not every batch queued behind it.
+                let (segments, status, origin) =
+                    (segments.clone(), status.clone(), remote.name.clone());
+                job = Some(StoreJob(tokio::spawn(async move {
+                    let payload_here = store_pushed(
+                        segments.as_ref(),
+                        &status,
+                        &origin,
+                        &records,
+                        batch.payloads,
+                    )
+                    .await;
+                    Command::ApplyRemote {
+                        origin,
+                        records,
+                        received_ms: mailbox_types::now_ms(),
+                        payload_here,
+                    }
+                })));
             }
-            if tx.send((batch.head, cmd)).await.is_err() {
+            if tx.send((batch.head, job)).await.is_err() {
                 return Ok(());
             }
         }
     };
     let proposer = async {
         let mut applied_cursor = cursor;
-        while let Some((head, cmd)) = rx.recv().await {
-            if let Some(cmd) = cmd {
+        while let Some((head, job)) = rx.recv().await {
+            if let Some(mut job) = job {
+                let cmd = (&mut job.0)
+                    .await
+                    .map_err(|e| ReplicationError::Local(format!("storing a batch: {e}")))?;
                 let res = raft
                     .propose(cmd)
                     .await
@@ -335,6 +355,61 @@ async fn pull_once(
     tokio::try_join!(receiver, proposer).map(|_| ())
 }
 
+/// A batch's pushed segments being stored; yields the batch's command.
+/// Aborted when dropped (the pull ended): the next pull sends the batch
+/// again from the persisted cursor.
+struct StoreJob(tokio::task::JoinHandle<Command>);
+
+impl Drop for StoreJob {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Connects to every endpoint of a remote DC at once and returns the live
+/// ones, the remote leader first (then in configured order), with the last
+/// connection error. A feed served by the leader sends each record the
+/// moment it is applied there; a follower first has to learn of the commit
+/// and apply it, which every `immediate` upload and the replication lag
+/// would pay for.
+async fn leader_first(endpoints: &[String]) -> (Vec<(String, Channel, bool)>, String) {
+    let probes = endpoints.iter().enumerate().map(|(order, ep)| async move {
+        let probe = tokio::time::timeout(OPEN_TIMEOUT, async {
+            let ch = connect(ep).await.map_err(|e| format!("{ep}: {e}"))?;
+            // Asked locally, a node answers for itself: leader or not.
+            let leads = MailboxClient::new(ch.clone())
+                .cluster_status(ClusterStatusRequest { local: true })
+                .await
+                .map(|r| {
+                    let r = r.into_inner();
+                    r.has_leader
+                        && r.nodes
+                            .iter()
+                            .any(|n| n.reachable && n.node_id == r.leader_id)
+                })
+                .unwrap_or(false);
+            Ok::<_, String>((ch, leads))
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("{ep}: no answer within {OPEN_TIMEOUT:?}")));
+        (order, ep.clone(), probe)
+    });
+    let mut live = Vec::new();
+    let mut last_err = String::from("no endpoints");
+    for (order, ep, probe) in futures::future::join_all(probes).await {
+        match probe {
+            Ok((ch, leads)) => live.push((!leads, order, ep, ch)),
+            Err(e) => last_err = e,
+        }
+    }
+    live.sort_by_key(|(follower, order, ..)| (*follower, *order));
+    let live = live
+        .into_iter()
+        .map(|(follower, _, ep, ch)| (ep, ch, !follower))
+        .collect();
+    (live, last_err)
+}
+
 /// Stores the segments pushed with a feed batch, each verified against its
 /// record's SHA-256 first, and returns the messages now held in full here.
 /// Anything missing, corrupt or unwritable is left to the fetcher.
@@ -360,20 +435,27 @@ async fn store_pushed(
     let metas = &metas;
     let results: Vec<Option<(MessageId, u32)>> = futures::stream::iter(pushed)
         .map(|p| async move {
-            let bytes = <[u8; 16]>::try_from(p.id.as_slice()).ok()?;
+            let bytes = <[u8; 16]>::try_from(&p.id[..]).ok()?;
             let id = MessageId::from_bytes(bytes);
             let seg = metas
                 .get(&id)
                 .and_then(|m| m.segments().iter().find(|s| s.index == p.index))?;
-            if p.data.len() as u64 != seg.size || Digest::of(&p.data) != seg.sha256 {
+            if p.data.len() as u64 != seg.size {
                 status.fetch.lock().expect("lock").corrupt += 1;
-                tracing::warn!(%id, index = p.index, from = dc, "pushed segment is corrupt; it will be fetched");
+                tracing::warn!(%id, index = p.index, from = dc, "pushed segment has the wrong size; it will be fetched");
                 return None;
             }
-            match fetcher::write_segment(segments, id, p.index, &p.data).await {
+            // Verified by the writer as it hashes: a corrupt copy is never
+            // stored under the segment's name.
+            match fetcher::write_segment(segments, id, p.index, &p.data, seg.sha256).await {
                 Ok(()) => {
                     status.fetch.lock().expect("lock").segments_copied += 1;
                     Some((id, p.index))
+                }
+                Err(mailbox_segments::SegmentError::Mismatch { .. }) => {
+                    status.fetch.lock().expect("lock").corrupt += 1;
+                    tracing::warn!(%id, index = p.index, from = dc, "pushed segment is corrupt; it will be fetched");
+                    None
                 }
                 Err(e) => {
                     tracing::warn!(%id, index = p.index, "cannot store pushed segment: {e}");

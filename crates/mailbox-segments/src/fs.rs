@@ -122,6 +122,7 @@ struct FsWriter {
     /// directory, running while the data is written; awaited in `finish`.
     dir_sync: Option<tokio::task::JoinHandle<Result<(), SegmentError>>>,
     size: u64,
+    id: MessageId,
     index: u32,
 }
 
@@ -141,9 +142,14 @@ impl FsWriter {
 
     /// Hands the gathered bytes to a writer job.
     async fn ship(&mut self) -> Result<(), SegmentError> {
+        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(WRITE_BUF));
+        self.ship_bytes(Bytes::from(buf)).await
+    }
+
+    /// Hands `buf` to a writer job once the previous one is done.
+    async fn ship_bytes(&mut self, buf: Bytes) -> Result<(), SegmentError> {
         self.settle().await?;
         let mut sink = self.sink.take().expect("sink is back after settle");
-        let buf = std::mem::replace(&mut self.buf, Vec::with_capacity(WRITE_BUF));
         self.job = Some(tokio::task::spawn_blocking(move || {
             use std::io::Write;
             sink.hasher.update(&buf);
@@ -169,7 +175,35 @@ impl SegmentWriter for FsWriter {
         Ok(())
     }
 
-    async fn finish(mut self: Box<Self>) -> Result<SegmentMeta, SegmentError> {
+    async fn write_bytes(&mut self, data: Bytes) -> Result<(), SegmentError> {
+        // A buffer as large as a gathered one goes to the writer as it is,
+        // without being copied; smaller ones are gathered.
+        if self.buf.is_empty() && data.len() >= WRITE_BUF {
+            self.size += data.len() as u64;
+            return self.ship_bytes(data).await;
+        }
+        self.write(&data).await
+    }
+
+    async fn finish(self: Box<Self>) -> Result<SegmentMeta, SegmentError> {
+        self.complete(None).await
+    }
+
+    async fn finish_expecting(
+        self: Box<Self>,
+        expected: Digest,
+    ) -> Result<SegmentMeta, SegmentError> {
+        self.complete(Some(expected)).await
+    }
+}
+
+impl FsWriter {
+    /// Finishes the segment, refusing it if `expected` is given and differs
+    /// from what was written.
+    async fn complete(
+        mut self: Box<Self>,
+        expected: Option<Digest>,
+    ) -> Result<SegmentMeta, SegmentError> {
         if !self.buf.is_empty() {
             self.ship().await?;
         }
@@ -178,7 +212,17 @@ impl SegmentWriter for FsWriter {
             job.await.map_err(join_err(&self.dest))??;
         }
         let Sink { file, hasher } = self.sink.take().expect("sink is back after settle");
+        let sha256 = Digest::from(hasher);
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
+        if expected.is_some_and(|e| e != sha256) {
+            drop(file);
+            // Best effort: a leftover temporary file is an orphan for GC.
+            let _ = fs::remove_file(&tmp).await;
+            return Err(SegmentError::Mismatch {
+                id: self.id,
+                index: self.index,
+            });
+        }
         // fsync the data, rename into place, fsync the directory: a segment
         // under its final name is always whole and durable.
         tokio::task::spawn_blocking(move || -> Result<(), SegmentError> {
@@ -195,7 +239,7 @@ impl SegmentWriter for FsWriter {
         Ok(SegmentMeta {
             index: self.index,
             size: self.size,
-            sha256: Digest::from(hasher),
+            sha256,
         })
     }
 }
@@ -210,7 +254,15 @@ impl SegmentStore for FsSegmentStore {
     ) -> Result<Box<dyn SegmentWriter>, SegmentError> {
         let dir = self.message_dir(&id);
         let dest = self.segment_path(&id, index);
-        let tmp = dir.join(format!("{index:08}.seg.tmp"));
+        // A temporary name of its own: two writers of the same segment (a
+        // lingering copy from an earlier leader or feed connection and the
+        // current one, possibly on another node sharing this store) never
+        // write into the same file; the last rename wins, and each renamed
+        // file is whole.
+        let tmp = dir.join(format!(
+            "{index:08}.seg.{}.tmp",
+            MessageId::new().0.simple()
+        ));
         let t = tmp.clone();
         let (file, created) = tokio::task::spawn_blocking(move || -> Result<_, SegmentError> {
             let created = std::fs::metadata(&dir).is_err();
@@ -249,6 +301,7 @@ impl SegmentStore for FsSegmentStore {
             }),
             job: None,
             size: 0,
+            id,
             index,
         }))
     }
@@ -327,6 +380,39 @@ mod tests {
     use super::*;
 
     #[tokio::test]
+    async fn finish_expecting_stores_only_matching_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsSegmentStore::open(dir.path()).await.unwrap();
+        let id = MessageId::new();
+        // A copy with one byte flipped: refused, nothing under the final name.
+        let mut w = store.create(id, 0).await.unwrap();
+        w.write(b"hello worle").await.unwrap();
+        let err = w
+            .finish_expecting(Digest::of(b"hello world"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, SegmentError::Mismatch { index: 0, .. }),
+            "{err}"
+        );
+        assert!(matches!(
+            store.read(id, 0, 0, 1).await,
+            Err(SegmentError::NotFound { .. })
+        ));
+        let leftovers = std::fs::read_dir(store.message_dir(&id)).unwrap().count();
+        assert_eq!(leftovers, 0, "the refused copy's temporary file is removed");
+        // The intact copy is stored.
+        let mut w = store.create(id, 0).await.unwrap();
+        w.write(b"hello world").await.unwrap();
+        let meta = w
+            .finish_expecting(Digest::of(b"hello world"))
+            .await
+            .unwrap();
+        assert_eq!(meta.sha256, Digest::of(b"hello world"));
+        assert_eq!(&store.read(id, 0, 0, 11).await.unwrap()[..], b"hello world");
+    }
+
+    #[tokio::test]
     async fn write_read_list_delete() {
         let dir = tempfile::tempdir().unwrap();
         let store = FsSegmentStore::open(dir.path()).await.unwrap();
@@ -337,6 +423,25 @@ mod tests {
         let meta = w.finish().await.unwrap();
         assert_eq!(meta.size, 11);
         assert_eq!(meta.sha256, Digest::of(b"hello world"));
+        // Whole buffers handed over, gathered pieces and both mixed end up
+        // in order, hashed and counted alike.
+        let big: Vec<u8> = (0..3 * WRITE_BUF + 5).map(|i| (i % 253) as u8).collect();
+        let mut w = store.create(id, 2).await.unwrap();
+        w.write(&big[..7]).await.unwrap();
+        w.write_bytes(Bytes::copy_from_slice(&big[7..7 + WRITE_BUF]))
+            .await
+            .unwrap();
+        w.write(&big[7 + WRITE_BUF..WRITE_BUF * 2]).await.unwrap();
+        w.write_bytes(Bytes::copy_from_slice(&big[WRITE_BUF * 2..]))
+            .await
+            .unwrap();
+        let meta = w.finish().await.unwrap();
+        assert_eq!(meta.size, big.len() as u64);
+        assert_eq!(meta.sha256, Digest::of(&big));
+        assert_eq!(
+            &store.read(id, 2, 0, big.len() as u64).await.unwrap()[..],
+            &big[..]
+        );
         assert_eq!(&store.read(id, 0, 6, 5).await.unwrap()[..], b"world");
         assert!(matches!(
             store.read(id, 0, 6, 6).await,

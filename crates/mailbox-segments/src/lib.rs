@@ -17,7 +17,7 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use mailbox_types::{MessageId, SegmentMeta};
+use mailbox_types::{Digest, MessageId, SegmentMeta};
 
 pub use fs::FsSegmentStore;
 
@@ -38,6 +38,15 @@ pub enum SegmentError {
     /// The segment does not exist.
     #[error("segment {index} of message {id} not found")]
     NotFound {
+        /// Message id.
+        id: MessageId,
+        /// Segment index.
+        index: u32,
+    },
+    /// The bytes written do not hash to the SHA-256 they were copied for;
+    /// nothing was stored under the segment's name.
+    #[error("segment {index} of message {id} does not match its SHA-256; not stored")]
+    Mismatch {
         /// Message id.
         id: MessageId,
         /// Segment index.
@@ -65,8 +74,22 @@ pub enum SegmentError {
 pub trait SegmentWriter: Send {
     /// Appends bytes.
     async fn write(&mut self, data: &[u8]) -> Result<(), SegmentError>;
+    /// Appends a buffer the caller gives up, which a writer may keep
+    /// instead of copying (an upload's received chunks).
+    async fn write_bytes(&mut self, data: Bytes) -> Result<(), SegmentError> {
+        self.write(&data).await
+    }
     /// Makes the segment durable under its final name and returns its metadata.
     async fn finish(self: Box<Self>) -> Result<SegmentMeta, SegmentError>;
+    /// Like [`SegmentWriter::finish`], but only if the bytes written hash to
+    /// `expected`; otherwise nothing appears under the final name and the
+    /// result is [`SegmentError::Mismatch`]. Copies from another DC are
+    /// verified this way, with the hash the writer computes anyway, instead
+    /// of a second pass over every byte.
+    async fn finish_expecting(
+        self: Box<Self>,
+        expected: Digest,
+    ) -> Result<SegmentMeta, SegmentError>;
 }
 
 /// A DC's store of payload segments.

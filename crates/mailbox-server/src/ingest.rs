@@ -11,6 +11,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use bytes::{Buf, Bytes};
+
 use mailbox_raft::RaftNode;
 use mailbox_replication::StatusHandle;
 use mailbox_segments::{SegmentStore, SegmentWriter};
@@ -246,33 +248,35 @@ impl Upload {
         self.size
     }
 
-    /// Accepts the next chunk of payload.
-    pub async fn write(&mut self, data: &[u8]) -> Result<(), ServiceError> {
-        self.whole.update(data);
+    /// Accepts the next chunk of payload. Chunks past the inline threshold
+    /// go to the segment writer as they are (sliced at segment boundaries,
+    /// not copied).
+    pub async fn write(&mut self, data: Bytes) -> Result<(), ServiceError> {
+        self.whole.update(&data);
         self.size += data.len() as u64;
         if !self.spilled {
             if (self.inline.len() + data.len()) as u64 <= self.ctx.inline_threshold {
-                self.inline.extend_from_slice(data);
+                self.inline.extend_from_slice(&data);
                 return Ok(());
             }
             // Past the threshold: everything goes to segments from now on.
             self.spilled = true;
             let buffered = std::mem::take(&mut self.inline);
-            self.write_segments(&buffered).await?;
+            self.write_segments(Bytes::from(buffered)).await?;
         }
         self.write_segments(data).await
     }
 
-    async fn write_segments(&mut self, mut data: &[u8]) -> Result<(), ServiceError> {
+    async fn write_segments(&mut self, mut data: Bytes) -> Result<(), ServiceError> {
         while !data.is_empty() {
-            let n = self.write_segments_some(data).await?;
-            data = &data[n..];
+            let n = self.write_segments_some(&data).await?;
+            data.advance(n);
         }
         Ok(())
     }
 
     /// Writes as much of `data` as fits in the current segment.
-    async fn write_segments_some(&mut self, data: &[u8]) -> Result<usize, ServiceError> {
+    async fn write_segments_some(&mut self, data: &Bytes) -> Result<usize, ServiceError> {
         if self.writer.is_none() {
             // Finishing segments come before this one.
             let index = (self.segments.len() + self.finishing.len()) as u32;
@@ -282,7 +286,7 @@ impl Upload {
         let room = (self.ctx.segment_size - self.writer_len) as usize;
         let n = room.min(data.len());
         let w = self.writer.as_mut().expect("opened above");
-        w.write(&data[..n]).await?;
+        w.write_bytes(data.slice(..n)).await?;
         self.writer_len += n as u64;
         if self.writer_len == self.ctx.segment_size {
             // Make it durable in the background; the upload goes on.

@@ -221,7 +221,7 @@ impl MailboxService {
             };
             match next {
                 Some(put_request::Part::Chunk(data)) => {
-                    if let Err(e) = upload.write(&data).await {
+                    if let Err(e) = upload.write(data).await {
                         upload.abort().await;
                         return Err(e);
                     }
@@ -387,7 +387,7 @@ impl Mailbox for MailboxService {
                 let _ = tx
                     .send(Ok(GetResponse {
                         message: first.take(),
-                        chunk: Vec::new(),
+                        chunk: bytes::Bytes::new(),
                     }))
                     .await;
                 return;
@@ -396,7 +396,9 @@ impl Mailbox for MailboxService {
                 let chunk = match (&inline, &meta.payload) {
                     (Some(data), _) => {
                         let stop = (pos + DOWNLOAD_CHUNK).min(end);
-                        Ok(data[pos as usize..stop as usize].to_vec())
+                        Ok(bytes::Bytes::copy_from_slice(
+                            &data[pos as usize..stop as usize],
+                        ))
                     }
                     (None, Payload::Segments { segment_size, .. }) => {
                         let index = pos / segment_size;
@@ -405,7 +407,6 @@ impl Mailbox for MailboxService {
                         segments
                             .read(meta.id, index as u32, within, len)
                             .await
-                            .map(|b| b.to_vec())
                             .map_err(|e| Status::from(ServiceError::from(e)))
                     }
                     (None, Payload::Inline) => unreachable!("inline payload loaded above"),

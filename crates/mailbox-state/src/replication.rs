@@ -552,8 +552,10 @@ fn apply_one(
             ov.put(keys::holder(&meta.id, origin), encode(&meta.created_ms));
             ov.put(keys::metadata_since(&meta.id), encode(&received_ms));
             if inline.is_some() || meta.segments().is_empty() {
-                // Arrived in full with the record.
-                hold_locally(base, ov, ctx, meta, meta.created_ms)?;
+                // Arrived in full with the record: held since it arrived
+                // (not since the origin created it, which may be an outage
+                // earlier).
+                hold_locally(base, ov, ctx, meta, received_ms)?;
             } else if payload_here.contains(&meta.id) {
                 // Segments were pushed with the record and stored first.
                 hold_locally(base, ov, ctx, meta, received_ms)?;

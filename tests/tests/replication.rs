@@ -276,6 +276,18 @@ async fn immediate_never_acknowledges_before_remote_holds_payload() -> anyhow::R
     for t in tasks {
         t.await??;
     }
+    // The segmented uploads' payloads went ahead of their records (sent
+    // while east committed) and west stored them from there.
+    let mut early = 0.0;
+    let ids: Vec<u64> = cl.dc("west").nodes.iter().map(|n| n.id).collect();
+    for id in ids {
+        if let Ok(s) = cl.dc("west").scrape(id).await {
+            early += s
+                .get("mailbox_replica_segments_early_total", &[])
+                .unwrap_or(0.0);
+        }
+    }
+    assert!(early > 0.0, "no payload was sent ahead of its record");
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 //! replica ack, which is what `immediate` waits for. Larger messages, and
 //! any segment that cannot be read here, are fetched by the receiver.
 
+use std::collections::{HashSet, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +19,9 @@ use mailbox_raft::RaftNode;
 use mailbox_segments::SegmentStore;
 use mailbox_state::replication::{feed_head, feed_since};
 use mailbox_state::FeedRecord;
+use mailbox_types::MessageId;
+
+use crate::early::EarlyPayloads;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -43,24 +47,28 @@ pub struct FeedService {
     raft: RaftNode,
     dc: String,
     segments: Arc<dyn SegmentStore>,
+    early: Arc<EarlyPayloads>,
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl FeedService {
     /// Serves `raft`'s applied feed, tagged as DC `dc`, pushing small
-    /// payloads from `segments`. Open streams end when `shutdown` turns
-    /// true, so a graceful server stop is not held up by the other DCs'
-    /// long-lived pulls.
+    /// payloads from `segments` and, ahead of their records, the payloads
+    /// uploads on this node hand to `early`. Open streams end when
+    /// `shutdown` turns true, so a graceful server stop is not held up by
+    /// the other DCs' long-lived pulls.
     pub fn new(
         raft: RaftNode,
         dc: String,
         segments: Arc<dyn SegmentStore>,
+        early: Arc<EarlyPayloads>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Self {
         Self {
             raft,
             dc,
             segments,
+            early,
             shutdown,
         }
     }
@@ -72,10 +80,12 @@ impl FeedService {
 /// that message travels with its payload in the next batch instead of
 /// being left to the fetcher (during catch-up, a backlog of such messages
 /// then streams at the link's speed instead of one fetch each). A segment
-/// that cannot be read here is not pushed; the receiver fetches it.
+/// that cannot be read here is not pushed; the receiver fetches it, and a
+/// payload this stream sent ahead of its record is not sent again.
 async fn payloads(
     segments: &dyn SegmentStore,
     records: &[(u64, FeedRecord)],
+    sent_early: &mut SentEarly,
 ) -> (Vec<PushedSegment>, usize) {
     let mut out = Vec::new();
     let mut budget = PUSH_MAX_BATCH;
@@ -84,6 +94,9 @@ async fn payloads(
             continue;
         };
         if meta.segments().is_empty() || meta.size > PUSH_MAX_MESSAGE {
+            continue;
+        }
+        if sent_early.take(&meta.id) {
             continue;
         }
         if meta.size > budget {
@@ -96,6 +109,7 @@ async fn payloads(
                     id: bytes::Bytes::copy_from_slice(meta.id.as_bytes()),
                     index: s.index,
                     data,
+                    sha256: bytes::Bytes::new(),
                 }),
                 Err(e) => {
                     tracing::debug!(id = %meta.id, "not pushing: {e}");
@@ -112,6 +126,33 @@ async fn payloads(
     (out, records.len())
 }
 
+/// Ids whose payload this stream sent ahead of their records, so the
+/// records go without it; bounded (an id pushed out is simply sent again).
+#[derive(Default)]
+struct SentEarly {
+    ids: HashSet<MessageId>,
+    order: VecDeque<MessageId>,
+}
+
+impl SentEarly {
+    const MAX: usize = 4096;
+
+    fn insert(&mut self, id: MessageId) {
+        if self.ids.insert(id) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > Self::MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    fn take(&mut self, id: &MessageId) -> bool {
+        self.ids.remove(id)
+    }
+}
+
 type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedBatch, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -126,8 +167,10 @@ impl Replication for FeedService {
         let segments = self.segments.clone();
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let mut shutdown = self.shutdown.clone();
+        let mut early = self.early.subscribe();
         tokio::spawn(async move {
             let mut applied = raft.applied_watch();
+            let mut sent_early = SentEarly::default();
             loop {
                 applied.mark_unchanged();
                 let view = raft.view();
@@ -140,7 +183,7 @@ impl Replication for FeedService {
                     }
                 };
                 let mut full = records.len() == BATCH;
-                let (pushed, keep) = payloads(segments.as_ref(), &records).await;
+                let (pushed, keep) = payloads(segments.as_ref(), &records, &mut sent_early).await;
                 if keep < records.len() {
                     // Cut at the push budget: more follows at once.
                     records.truncate(keep);
@@ -163,13 +206,36 @@ impl Replication for FeedService {
                         continue;
                     }
                 }
-                // Caught up: sleep until the next apply (or a keep-alive).
+                // Caught up: sleep until the next apply, an upload's payload
+                // to send ahead of its record, or a keep-alive.
                 if *shutdown.borrow() {
                     return;
                 }
                 let wake = tokio::select! {
-                    r = tokio::time::timeout(KEEPALIVE, applied.changed()) => r,
+                    biased;
                     _ = shutdown.changed() => return,
+                    e = early.recv() => {
+                        let Ok(p) = e else {
+                            // Lagged: those payloads go with their records.
+                            continue;
+                        };
+                        // Already applied: its record is sent (or next)
+                        // with the payload.
+                        if matches!(mailbox_state::get_message(raft.view(), &p.id), Ok(None)) {
+                            sent_early.insert(p.id);
+                            let msg = FeedBatch {
+                                records: bytes::Bytes::new(),
+                                head,
+                                origin: origin.clone(),
+                                payloads: p.segments.clone(),
+                            };
+                            if tx.send(Ok(msg)).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    r = tokio::time::timeout(KEEPALIVE, applied.changed()) => r,
                 };
                 match wake {
                     Ok(Ok(())) => {}

@@ -19,6 +19,7 @@
 //!   capped exponential backoff and jitter, persisted in the node's local
 //!   column family so the schedule and attempt counts survive restarts.
 
+pub mod early;
 mod feed;
 mod fetcher;
 mod replicator;
@@ -105,6 +106,8 @@ pub struct FetchStatus {
     pub corrupt: u64,
     /// Segments copied.
     pub segments_copied: u64,
+    /// Segments stored from payloads sent ahead of their records.
+    pub segments_early: u64,
 }
 
 /// Shared, always-current replication status of this node.
@@ -116,6 +119,9 @@ pub struct Status {
     pub fetch: Mutex<FetchStatus>,
     /// Replica acks for uploads waiting on `immediate`.
     pub acks: AckWaiters,
+    /// Payloads of uploads in progress, for the feed streams to send ahead
+    /// of their records.
+    pub early: Arc<early::EarlyPayloads>,
 }
 
 /// Shared handle to [`Status`].

@@ -12,7 +12,7 @@ use mailbox_proto::v1::ClusterStatusRequest;
 use mailbox_raft::RaftNode;
 use mailbox_segments::SegmentStore;
 use mailbox_state::{Command, CommandResult, FeedRecord};
-use mailbox_types::{MessageId, MessageMeta};
+use mailbox_types::{Digest, MessageId, MessageMeta};
 use tokio::sync::watch;
 use tonic::transport::Channel;
 
@@ -234,9 +234,12 @@ async fn pull_once(
     // fsyncs and the Raft commits overlap. The proposer is
     // one task committing in stream order; the state machine also refuses a
     // batch that does not follow the cursor, so no record is ever skipped.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(u64, Option<StoreJob>)>(PIPELINE_DEPTH);
+    let (tx, mut rx) =
+        tokio::sync::mpsc::channel::<(u64, Option<AbortOnDrop<Command>>)>(PIPELINE_DEPTH);
     let receiver = async {
         let mut connected = false;
+        // Payloads sent ahead of their records, being stored or stored.
+        let mut early: HashMap<MessageId, AbortOnDrop<Vec<(u32, Digest)>>> = HashMap::new();
         loop {
             // Idle feeds send keep-alives every 2s; silence for longer means the
             // link is dead even if TCP has not noticed.
@@ -282,7 +285,9 @@ async fn pull_once(
                 }
             }
             let mut job = None;
-            if !batch.records.is_empty() {
+            if batch.records.is_empty() && !batch.payloads.is_empty() {
+                store_early(&mut early, segments, status, &remote.name, batch.payloads);
+            } else if !batch.records.is_empty() {
                 let records: Vec<(u64, FeedRecord)> = bincode::deserialize(&batch.records)
                     .map_err(|e| {
                         ReplicationError::Local(format!("bad feed batch from {}: {e}", remote.name))
@@ -297,8 +302,17 @@ async fn pull_once(
                 // fsync delays one batch, not every batch queued behind it.
                 let (segments, status, origin) =
                     (segments.clone(), status.clone(), remote.name.clone());
-                job = Some(StoreJob(tokio::spawn(async move {
-                    let payload_here = store_pushed(
+                let claimed: Vec<_> = records
+                    .iter()
+                    .filter_map(|(_, r)| match r {
+                        FeedRecord::Message { meta, .. } => {
+                            early.remove(&meta.id).map(|job| (meta.id, job))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                job = Some(AbortOnDrop(tokio::spawn(async move {
+                    let mut payload_here = store_pushed(
                         segments.as_ref(),
                         &status,
                         &origin,
@@ -306,6 +320,11 @@ async fn pull_once(
                         batch.payloads,
                     )
                     .await;
+                    for id in early_held(&records, claimed).await {
+                        if !payload_here.contains(&id) {
+                            payload_here.push(id);
+                        }
+                    }
                     Command::ApplyRemote {
                         origin,
                         records,
@@ -355,15 +374,103 @@ async fn pull_once(
     tokio::try_join!(receiver, proposer).map(|_| ())
 }
 
-/// A batch's pushed segments being stored; yields the batch's command.
-/// Aborted when dropped (the pull ended): the next pull sends the batch
-/// again from the persisted cursor.
-struct StoreJob(tokio::task::JoinHandle<Command>);
+/// A task storing pushed segments (a batch's, yielding its command, or a
+/// payload sent ahead of its record). Aborted when dropped (the pull
+/// ended): the next pull sends the batch again from the persisted cursor.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for StoreJob {
+impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// Payloads sent ahead of their records kept at once; beyond this they
+/// are not stored early (their records bring them).
+const EARLY_MAX: usize = 1024;
+
+/// Starts storing payloads sent ahead of their records, each segment
+/// verified against the SHA-256 sent with it.
+fn store_early(
+    early: &mut HashMap<MessageId, AbortOnDrop<Vec<(u32, Digest)>>>,
+    segments: &Arc<dyn SegmentStore>,
+    status: &StatusHandle,
+    dc: &str,
+    pushed: Vec<PushedSegment>,
+) {
+    let mut by_id: HashMap<MessageId, Vec<PushedSegment>> = HashMap::new();
+    for p in pushed {
+        if let Ok(bytes) = <[u8; 16]>::try_from(&p.id[..]) {
+            by_id
+                .entry(MessageId::from_bytes(bytes))
+                .or_default()
+                .push(p);
+        }
+    }
+    for (id, segs) in by_id {
+        if early.len() >= EARLY_MAX || early.contains_key(&id) {
+            continue;
+        }
+        let (segments, status, dc) = (segments.clone(), status.clone(), dc.to_string());
+        early.insert(
+            id,
+            AbortOnDrop(tokio::spawn(async move {
+                let mut stored = Vec::new();
+                for p in segs {
+                    let Ok(sha) = <[u8; 32]>::try_from(&p.sha256[..]) else {
+                        continue;
+                    };
+                    let sha = Digest(sha);
+                    match fetcher::write_segment(segments.as_ref(), id, p.index, &p.data, sha).await {
+                        Ok(()) => {
+                            status.fetch.lock().expect("lock").segments_early += 1;
+                            stored.push((p.index, sha));
+                        }
+                        Err(mailbox_segments::SegmentError::Mismatch { .. }) => {
+                            status.fetch.lock().expect("lock").corrupt += 1;
+                            tracing::warn!(%id, index = p.index, from = %dc, "early segment is corrupt; its record's copy or a fetch replaces it");
+                        }
+                        Err(e) => tracing::warn!(%id, index = p.index, "cannot store early segment: {e}"),
+                    }
+                }
+                stored
+            })),
+        );
+    }
+}
+
+/// Messages of `records` whose every segment was stored from a payload sent
+/// ahead of the record, with the SHA-256s the record gives.
+async fn early_held(
+    records: &[(u64, FeedRecord)],
+    claimed: Vec<(MessageId, AbortOnDrop<Vec<(u32, Digest)>>)>,
+) -> Vec<MessageId> {
+    let metas: HashMap<MessageId, &MessageMeta> = records
+        .iter()
+        .filter_map(|(_, r)| match r {
+            FeedRecord::Message { meta, .. } => Some((meta.id, meta)),
+            _ => None,
+        })
+        .collect();
+    let mut held = Vec::new();
+    for (id, mut job) in claimed {
+        let Ok(stored) = (&mut job.0).await else {
+            continue;
+        };
+        let Some(meta) = metas.get(&id) else {
+            continue;
+        };
+        let whole = !meta.segments().is_empty()
+            && meta.segments().iter().all(|s| {
+                stored
+                    .iter()
+                    .any(|(index, sha)| *index == s.index && *sha == s.sha256)
+            });
+        if whole {
+            held.push(id);
+        }
+    }
+    held
 }
 
 /// Connects to every endpoint of a remote DC at once and returns the live

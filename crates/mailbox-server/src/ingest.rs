@@ -165,6 +165,9 @@ pub struct Upload {
     /// while the next one is received, oldest first.
     finishing: std::collections::VecDeque<FinishJob>,
     segments: Vec<SegmentMeta>,
+    /// The payload kept for sending to other DCs ahead of the record, while
+    /// it is small enough (see `mailbox_replication::early`).
+    early: Option<mailbox_replication::early::EarlyCollector>,
 }
 
 type FinishJob = tokio::task::JoinHandle<Result<SegmentMeta, mailbox_segments::SegmentError>>;
@@ -223,8 +226,10 @@ impl Upload {
         if let Some(mode) = req.ack {
             ack.mode = mode;
         }
+        let early = ctx.replication.early.collector();
         Ok(Upload {
             ctx,
+            early,
             ack,
             id: MessageId::new(),
             mailbox,
@@ -254,6 +259,9 @@ impl Upload {
     pub async fn write(&mut self, data: Bytes) -> Result<(), ServiceError> {
         self.whole.update(&data);
         self.size += data.len() as u64;
+        if let Some(early) = &mut self.early {
+            early.push(&data);
+        }
         if !self.spilled {
             if (self.inline.len() + data.len()) as u64 <= self.ctx.inline_threshold {
                 self.inline.extend_from_slice(&data);
@@ -360,13 +368,6 @@ impl Upload {
                 ));
             }
         }
-        while !self.finishing.is_empty() {
-            self.settle_oldest().await.map_err(|e| (e, true))?;
-        }
-        if let Some(w) = self.writer.take() {
-            let seg = w.finish().await.map_err(|e| (e.into(), true))?;
-            self.segments.push(seg);
-        }
         let sha256 = Digest::from(std::mem::take(&mut self.whole));
         if let Some(d) = self.declared {
             if d != sha256 {
@@ -378,6 +379,20 @@ impl Upload {
                     true,
                 ));
             }
+        }
+        // All bytes are in and verified: other DCs can start storing them
+        // while this DC makes its segments durable and commits.
+        if let Some(early) = self.early.take() {
+            if self.spilled {
+                early.publish(self.id, self.ctx.segment_size);
+            }
+        }
+        while !self.finishing.is_empty() {
+            self.settle_oldest().await.map_err(|e| (e, true))?;
+        }
+        if let Some(w) = self.writer.take() {
+            let seg = w.finish().await.map_err(|e| (e.into(), true))?;
+            self.segments.push(seg);
         }
         let payload = if self.spilled {
             Payload::Segments {

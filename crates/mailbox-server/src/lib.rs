@@ -216,6 +216,7 @@ pub async fn serve_with(
         raft.clone(),
         cfg.dc.clone(),
         segments.clone(),
+        repl_status.early.clone(),
         stop_rx.clone(),
     ))
     .max_encoding_message_size(MAX_MESSAGE_SIZE);

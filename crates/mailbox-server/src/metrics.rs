@@ -403,6 +403,12 @@ impl MetricsSource {
             "Segments copied from other DCs by this node.",
             fetch.segments_copied,
         );
+        e.single(
+            "mailbox_replica_segments_early_total",
+            Kind::Counter,
+            "Segments of other DCs' uploads stored here from payloads sent ahead of their records.",
+            fetch.segments_early,
+        );
 
         counters.write(&mut e);
         Ok(e.finish())

@@ -340,11 +340,42 @@ async fn pull_once(
     };
     let proposer = async {
         let mut applied_cursor = cursor;
-        while let Some((head, job)) = rx.recv().await {
+        let mut queued = std::collections::VecDeque::new();
+        loop {
+            if queued.is_empty() {
+                match rx.recv().await {
+                    Some(x) => queued.push_back(x),
+                    None => break,
+                }
+            }
+            while let Ok(x) = rx.try_recv() {
+                queued.push_back(x);
+            }
+            let (mut head, job) = queued.pop_front().expect("one queued");
             if let Some(mut job) = job {
-                let cmd = (&mut job.0)
+                let mut cmd = (&mut job.0)
                     .await
                     .map_err(|e| ReplicationError::Local(format!("storing a batch: {e}")))?;
+                // Batches behind it whose segments are already stored go in
+                // the same commit: under load the DC commits once for
+                // several batches instead of queueing a commit per batch.
+                let mut merged = 1;
+                while merged < MERGE_MAX {
+                    match queued.front() {
+                        Some((h, None)) => head = head.max(*h),
+                        Some((_, Some(next))) if next.0.is_finished() => {}
+                        _ => break,
+                    }
+                    let (h, next) = queued.pop_front().expect("front exists");
+                    head = head.max(h);
+                    if let Some(mut next) = next {
+                        let more = (&mut next.0).await.map_err(|e| {
+                            ReplicationError::Local(format!("storing a batch: {e}"))
+                        })?;
+                        merge_apply(&mut cmd, more);
+                        merged += 1;
+                    }
+                }
                 let res = raft
                     .propose(cmd)
                     .await
@@ -372,6 +403,33 @@ async fn pull_once(
     // Either stage failing ends the pull; the next one starts from the
     // persisted cursor.
     tokio::try_join!(receiver, proposer).map(|_| ())
+}
+
+/// Feed batches committed together at most.
+const MERGE_MAX: usize = 4;
+
+/// Appends the next batch's `ApplyRemote` to `cmd` (consecutive records of
+/// the same feed); the held-since stamp is the later one.
+fn merge_apply(cmd: &mut Command, next: Command) {
+    if let (
+        Command::ApplyRemote {
+            records,
+            received_ms,
+            payload_here,
+            ..
+        },
+        Command::ApplyRemote {
+            records: more,
+            received_ms: at,
+            payload_here: held,
+            ..
+        },
+    ) = (cmd, next)
+    {
+        records.extend(more);
+        *received_ms = (*received_ms).max(at);
+        payload_here.extend(held);
+    }
 }
 
 /// A task storing pushed segments (a batch's, yielding its command, or a

@@ -239,7 +239,7 @@ async fn pull_once(
     let receiver = async {
         let mut connected = false;
         // Payloads sent ahead of their records, being stored or stored.
-        let mut early: HashMap<MessageId, AbortOnDrop<Vec<(u32, Digest)>>> = HashMap::new();
+        let mut early: EarlyJobs = HashMap::new();
         loop {
             // Idle feeds send keep-alives every 2s; silence for longer means the
             // link is dead even if TCP has not noticed.
@@ -305,9 +305,10 @@ async fn pull_once(
                 let claimed: Vec<_> = records
                     .iter()
                     .filter_map(|(_, r)| match r {
-                        FeedRecord::Message { meta, .. } => {
-                            early.remove(&meta.id).map(|job| (meta.id, job))
-                        }
+                        FeedRecord::Message { meta, .. } => early
+                            .remove(&meta.id)
+                            .filter(|(at, _)| at.elapsed() < EARLY_MAX_AGE)
+                            .map(|(_, job)| (meta.id, job)),
                         _ => None,
                     })
                     .collect();
@@ -446,11 +447,19 @@ impl<T> Drop for AbortOnDrop<T> {
 /// Payloads sent ahead of their records kept at once; beyond this they
 /// are not stored early (their records bring them).
 const EARLY_MAX: usize = 1024;
+/// A payload stored ahead of its record counts only if the record comes
+/// within this long: an early segment whose record is late may meanwhile
+/// look like an orphan to the segment collector (its grace period is far
+/// longer), and the fetch path re-verifies what is on disk anyway.
+const EARLY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Early payloads by message: when they arrived, and their store task.
+type EarlyJobs = HashMap<MessageId, (std::time::Instant, AbortOnDrop<Vec<(u32, Digest)>>)>;
 
 /// Starts storing payloads sent ahead of their records, each segment
 /// verified against the SHA-256 sent with it.
 fn store_early(
-    early: &mut HashMap<MessageId, AbortOnDrop<Vec<(u32, Digest)>>>,
+    early: &mut EarlyJobs,
     segments: &Arc<dyn SegmentStore>,
     status: &StatusHandle,
     dc: &str,
@@ -465,6 +474,10 @@ fn store_early(
                 .push(p);
         }
     }
+    if early.len() >= EARLY_MAX {
+        // Records that never came (uploads that failed to commit).
+        early.retain(|_, (at, _)| at.elapsed() < EARLY_MAX_AGE);
+    }
     for (id, segs) in by_id {
         if early.len() >= EARLY_MAX || early.contains_key(&id) {
             continue;
@@ -472,7 +485,7 @@ fn store_early(
         let (segments, status, dc) = (segments.clone(), status.clone(), dc.to_string());
         early.insert(
             id,
-            AbortOnDrop(tokio::spawn(async move {
+            (std::time::Instant::now(), AbortOnDrop(tokio::spawn(async move {
                 let mut stored = Vec::new();
                 for p in segs {
                     let Ok(sha) = <[u8; 32]>::try_from(&p.sha256[..]) else {
@@ -492,7 +505,7 @@ fn store_early(
                     }
                 }
                 stored
-            })),
+            }))),
         );
     }
 }

@@ -173,8 +173,11 @@ pub struct Upload {
 type FinishJob = tokio::task::JoinHandle<Result<SegmentMeta, mailbox_segments::SegmentError>>;
 
 /// Full segments allowed to be finishing at once: bounds the dirty page
-/// cache an upload holds to about this many segments.
-const FINISHING_MAX: usize = 2;
+/// cache an upload holds to about this many segments (page cache, not the
+/// process's memory: a finishing segment holds only its file handle). More
+/// than two keeps the disk busy while one segment's fsync waits on the
+/// journal.
+const FINISHING_MAX: usize = 6;
 
 /// The committed message and whether it was an idempotent repeat.
 #[derive(Debug, Clone)]

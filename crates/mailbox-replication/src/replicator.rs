@@ -454,7 +454,11 @@ const EARLY_MAX: usize = 1024;
 const EARLY_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Early payloads by message: when they arrived, and their store task.
-type EarlyJobs = HashMap<MessageId, (std::time::Instant, AbortOnDrop<Vec<(u32, Digest)>>)>;
+type EarlyJobs = HashMap<MessageId, (std::time::Instant, EarlyJob)>;
+
+/// Stores one early payload; yields the segments stored, with the SHA-256
+/// each was verified against.
+type EarlyJob = AbortOnDrop<Vec<(u32, Digest)>>;
 
 /// Starts storing payloads sent ahead of their records, each segment
 /// verified against the SHA-256 sent with it.
@@ -514,7 +518,7 @@ fn store_early(
 /// ahead of the record, with the SHA-256s the record gives.
 async fn early_held(
     records: &[(u64, FeedRecord)],
-    claimed: Vec<(MessageId, AbortOnDrop<Vec<(u32, Digest)>>)>,
+    claimed: Vec<(MessageId, EarlyJob)>,
 ) -> Vec<MessageId> {
     let metas: HashMap<MessageId, &MessageMeta> = records
         .iter()

@@ -35,9 +35,11 @@ const KEEPALIVE: Duration = Duration::from_secs(2);
 pub const PUSH_MAX_MESSAGE: u64 = 4 << 20;
 /// Pushed payload bytes per batch at most (the rest is fetched).
 pub const PUSH_MAX_BATCH: u64 = 32 << 20;
+/// Pushed payload bytes of a stream's first batch (doubling from there).
+const PUSH_FIRST_BATCH: u64 = 4 << 20;
 // A batch always has room for its first pushed message, so cutting at the
 // budget always makes progress.
-const _: () = assert!(PUSH_MAX_MESSAGE <= PUSH_MAX_BATCH);
+const _: () = assert!(PUSH_MAX_MESSAGE <= PUSH_FIRST_BATCH && PUSH_FIRST_BATCH <= PUSH_MAX_BATCH);
 /// Batches read ahead of the network (each up to [`PUSH_MAX_BATCH`]).
 const READ_AHEAD: usize = 2;
 
@@ -86,9 +88,9 @@ async fn payloads(
     segments: &dyn SegmentStore,
     records: &[(u64, FeedRecord)],
     sent_early: &mut SentEarly,
+    mut budget: u64,
 ) -> (Vec<PushedSegment>, usize) {
     let mut out = Vec::new();
-    let mut budget = PUSH_MAX_BATCH;
     for (i, (_, rec)) in records.iter().enumerate() {
         let FeedRecord::Message { meta, inline: None } = rec else {
             continue;
@@ -171,6 +173,11 @@ impl Replication for FeedService {
         tokio::spawn(async move {
             let mut applied = raft.applied_watch();
             let mut sent_early = SentEarly::default();
+            // Slow start: a (re)connected stream's first batches are small
+            // and double up to the full budget, so the receiver starts
+            // storing and committing while the rest of a backlog is still
+            // on the way, instead of after the first 32 MiB.
+            let mut budget = PUSH_FIRST_BATCH;
             loop {
                 applied.mark_unchanged();
                 let view = raft.view();
@@ -183,7 +190,9 @@ impl Replication for FeedService {
                     }
                 };
                 let mut full = records.len() == BATCH;
-                let (pushed, keep) = payloads(segments.as_ref(), &records, &mut sent_early).await;
+                let (pushed, keep) =
+                    payloads(segments.as_ref(), &records, &mut sent_early, budget).await;
+                budget = (budget * 2).min(PUSH_MAX_BATCH);
                 if keep < records.len() {
                     // Cut at the push budget: more follows at once.
                     records.truncate(keep);

@@ -147,6 +147,8 @@ if [ "$ONLY" != single ] && [ "$ONLY" != small ]; then
   "$BIN/mailbox-bench" repl-latency --rtt "$RTT" --count "${REPL_COUNT:-30}"
   log "repl-lag"
   "$BIN/mailbox-bench" repl-lag --rtt "$RTT" --duration "${REPL_LAG_DURATION:-20s}"
+  log "repl-lag, every upload to the leader (as the client routes)"
+  "$BIN/mailbox-bench" repl-lag --rtt "$RTT" --duration "${REPL_LAG_DURATION:-20s}" --leader-only
   log "catch-up"
   "$BIN/mailbox-bench" catch-up --rtt "$RTT" --outage "${REPL_OUTAGE:-20s}" \
     --rate "${REPL_RATE:-8}" --held-factor "${REPL_HELD_FACTOR:-3}" --rounds "${REPL_ROUNDS:-A,B,C}"

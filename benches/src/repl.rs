@@ -84,6 +84,11 @@ pub struct LagArgs {
     /// (the maximum is still measured and reported).
     #[arg(long)]
     pub rate: Option<f64>,
+    /// Send every upload to the origin's leader, as `Client::connect`
+    /// (the CLI, every SDK user) does; by default uploads are spread over
+    /// the origin's nodes and followers forward them.
+    #[arg(long)]
+    pub leader_only: bool,
 }
 
 /// Arguments of `catch-up`.
@@ -412,6 +417,7 @@ pub async fn latency(args: LatencyArgs) -> anyhow::Result<Value> {
 /// a 2 s warm-up.
 async fn max_throughput(
     b: &Bench,
+    clients: &[Client],
     size: u64,
     concurrency: usize,
     duration: Duration,
@@ -421,7 +427,7 @@ async fn max_throughput(
     let until = from + duration;
     let mut tasks = JoinSet::new();
     for w in 0..concurrency {
-        let c = b.origin[w % b.origin.len()].clone();
+        let c = clients[w % clients.len()].clone();
         tasks.spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
@@ -473,7 +479,12 @@ pub async fn lag(args: LagArgs) -> anyhow::Result<Value> {
     let b = Bench::start(&args.cluster).await?;
     let size = args.size.0;
     eprintln!("# maximum throughput of {} delayed uploads", args.size);
-    let max = max_throughput(&b, size, args.concurrency, args.max_duration.0).await?;
+    let clients = if args.leader_only {
+        &b.origin[..1]
+    } else {
+        &b.origin[..]
+    };
+    let max = max_throughput(&b, clients, size, args.concurrency, args.max_duration.0).await?;
     let rate = args.rate.unwrap_or(p(&max, "ops_per_sec") / 2.0);
     anyhow::ensure!(
         rate > 0.0,
@@ -488,7 +499,7 @@ pub async fn lag(args: LagArgs) -> anyhow::Result<Value> {
     for k in 0..n {
         let due = t0 + period.mul_f64(k as f64);
         tokio::time::sleep_until(due).await;
-        let c = b.origin[k as usize % b.origin.len()].clone();
+        let c = clients[k as usize % clients.len()].clone();
         let late = late.clone();
         tasks.spawn(async move {
             if due.elapsed() > period {
@@ -533,6 +544,7 @@ pub async fn lag(args: LagArgs) -> anyhow::Result<Value> {
     let target = 2.0 * rtt_ms + transfer_ms;
     Ok(json!({
         "kind": "repl-lag",
+        "routing": if args.leader_only { "leader" } else { "spread" },
         "rtt_ms": rtt_ms,
         "leaders": b.leaders_json(),
         "size_bytes": size,

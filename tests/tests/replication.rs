@@ -634,3 +634,56 @@ async fn killing_the_fetching_node_mid_message_resumes_and_duplicates_nothing() 
     eprintln!("killed west's leader with {at_kill}..{after_kill} of {SEGS} segments copied");
     Ok(())
 }
+
+/// An upload received by a follower hands its payload to the leader, whose
+/// feed stream sends it ahead of the record; the remote holds it with the
+/// right bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followers_upload_goes_ahead_of_its_record_through_the_leader() -> anyhow::Result<()> {
+    let opts = DcOptions {
+        nodes: 3,
+        ..small_dcs()
+    };
+    let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
+    let east = cl.dc("east");
+    let leader = east.wait_leader(Duration::from_secs(30)).await?;
+    let follower = east
+        .nodes
+        .iter()
+        .map(|n| n.id)
+        .find(|id| *id != leader)
+        .unwrap();
+    // Stays on the follower (no leader lookup).
+    let via_follower = east.client_of(follower).await?;
+    let east_leader = east.client_of(leader).await?;
+    east_leader.mkdir("/inbox", true).await?;
+    let west = cl.dc("west").client().await?;
+    wait_synced(&[&east_leader, &west], Duration::from_secs(30)).await?;
+    let m = put(&via_follower, "from-follower", 77, 300_000, None)
+        .await?
+        .message
+        .unwrap();
+    let (w, id) = (&west, &m.id);
+    wait_for(Duration::from_secs(30), "west holds it", || async move {
+        let s = w.stat(id).await.ok()?;
+        (!s.payload_pending).then_some(())
+    })
+    .await?;
+    let mut sink = HashSink::default();
+    west.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
+    assert_eq!(sink.hex(), m.sha256, "west's copy differs");
+    let mut early = 0.0;
+    let ids: Vec<u64> = cl.dc("west").nodes.iter().map(|n| n.id).collect();
+    for id in ids {
+        if let Ok(s) = cl.dc("west").scrape(id).await {
+            early += s
+                .get("mailbox_replica_segments_early_total", &[])
+                .unwrap_or(0.0);
+        }
+    }
+    assert!(
+        early > 0.0,
+        "the follower's payload did not go ahead of its record"
+    );
+    Ok(())
+}

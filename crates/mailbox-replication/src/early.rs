@@ -18,16 +18,24 @@
 //! record never comes (the upload failed to commit) is an orphan segment the
 //! remote's collector removes.
 //!
+//! An upload received by a follower hands its payload to the leader (which
+//! serves the feed streams) with the `Replication.Early` RPC instead,
+//! before the follower's own fsync and its forwarded proposal.
+//!
 //! Memory is bounded: bytes held for uploads in progress are capped by
 //! [`EARLY_BUDGET`], and the broadcast buffer by [`EARLY_QUEUE`] payloads.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use mailbox_proto::replication::PushedSegment;
+use mailbox_proto::replication::replication_client::ReplicationClient;
+use mailbox_proto::replication::{EarlyRequest, PushedSegment};
 use mailbox_types::{Digest, MessageId};
 use tokio::sync::broadcast;
+use tonic::transport::Channel;
 
 use crate::feed::PUSH_MAX_MESSAGE;
 
@@ -46,11 +54,17 @@ pub struct EarlyPayload {
     pub segments: Vec<PushedSegment>,
 }
 
+/// How long a follower's hand-off to its leader may take; later, the
+/// record carries the payload anyway.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The node's hub between uploads and feed streams.
 #[derive(Debug)]
 pub struct EarlyPayloads {
     tx: broadcast::Sender<Arc<EarlyPayload>>,
     budget: AtomicI64,
+    /// Connections to the leader(s) this node has handed payloads to.
+    leaders: Mutex<HashMap<String, ReplicationClient<Channel>>>,
 }
 
 impl Default for EarlyPayloads {
@@ -58,6 +72,7 @@ impl Default for EarlyPayloads {
         Self {
             tx: broadcast::channel(EARLY_QUEUE).0,
             budget: AtomicI64::new(EARLY_BUDGET),
+            leaders: Mutex::default(),
         }
     }
 }
@@ -71,12 +86,73 @@ impl EarlyPayloads {
     /// A collector for one upload, or `None` when no feed stream is open
     /// on this node (nobody to send to).
     pub fn collector(self: &Arc<Self>) -> Option<EarlyCollector> {
-        (self.tx.receiver_count() > 0).then(|| EarlyCollector {
+        (self.tx.receiver_count() > 0).then(|| self.new_collector(None))
+    }
+
+    /// A collector for an upload received by a follower: its payload goes
+    /// to the leader at `leader_addr`, whose feed streams send it.
+    pub fn forwarding_collector(self: &Arc<Self>, leader_addr: String) -> EarlyCollector {
+        self.new_collector(Some(leader_addr))
+    }
+
+    fn new_collector(self: &Arc<Self>, forward_to: Option<String>) -> EarlyCollector {
+        EarlyCollector {
             hub: self.clone(),
             chunks: Vec::new(),
             reserved: 0,
             gave_up: false,
-        })
+            forward_to,
+        }
+    }
+
+    /// A payload a follower handed over: to this node's feed streams.
+    pub fn accept(&self, segments: Vec<PushedSegment>) {
+        let Some(first) = segments.first() else {
+            return;
+        };
+        let Ok(id) = <[u8; 16]>::try_from(&first.id[..]) else {
+            return;
+        };
+        let _ = self.tx.send(Arc::new(EarlyPayload {
+            id: MessageId::from_bytes(id),
+            segments,
+        }));
+    }
+
+    /// Hands `segments` to the leader at `addr` (best effort, bounded).
+    async fn forward(&self, addr: &str, segments: Vec<PushedSegment>) {
+        let cached = self
+            .leaders
+            .lock()
+            .expect("leaders lock")
+            .get(addr)
+            .cloned();
+        let client = match cached {
+            Some(c) => c,
+            None => {
+                let Ok(Ok(ch)) = tokio::time::timeout(FORWARD_TIMEOUT, crate::connect(addr)).await
+                else {
+                    return;
+                };
+                let c = ReplicationClient::new(ch)
+                    .max_encoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE);
+                self.leaders
+                    .lock()
+                    .expect("leaders lock")
+                    .insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        let mut req = tonic::Request::new(EarlyRequest { segments });
+        req.set_timeout(FORWARD_TIMEOUT);
+        if let Err(e) = client.clone().early(req).await {
+            tracing::debug!(
+                leader = addr,
+                "early payload not handed over: {}",
+                e.message()
+            );
+            self.leaders.lock().expect("leaders lock").remove(addr);
+        }
     }
 
     fn reserve(&self, n: u64) -> bool {
@@ -101,6 +177,8 @@ pub struct EarlyCollector {
     chunks: Vec<Bytes>,
     reserved: u64,
     gave_up: bool,
+    /// The leader to hand the payload to (this node is a follower).
+    forward_to: Option<String>,
 }
 
 impl EarlyCollector {
@@ -135,6 +213,7 @@ impl EarlyCollector {
         let chunks = std::mem::take(&mut self.chunks);
         let reserved = std::mem::take(&mut self.reserved);
         let hub = self.hub.clone();
+        let forward_to = self.forward_to.take();
         tokio::spawn(async move {
             let segments = tokio::task::spawn_blocking(move || {
                 let data = if chunks.len() == 1 {
@@ -164,9 +243,13 @@ impl EarlyCollector {
             })
             .await;
             hub.release(reserved);
-            if let Ok(segments) = segments {
-                // No receiver left is fine: the records carry the payload.
-                let _ = hub.tx.send(Arc::new(EarlyPayload { id, segments }));
+            match (segments, forward_to) {
+                (Ok(segments), Some(leader)) => hub.forward(&leader, segments).await,
+                (Ok(segments), None) => {
+                    // No receiver left is fine: the records carry the payload.
+                    let _ = hub.tx.send(Arc::new(EarlyPayload { id, segments }));
+                }
+                (Err(_), _) => {}
             }
         });
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use mailbox_proto::replication::replication_server::Replication;
-use mailbox_proto::replication::{FeedBatch, FeedRequest, PushedSegment};
+use mailbox_proto::replication::{EarlyReply, EarlyRequest, FeedBatch, FeedRequest, PushedSegment};
 use mailbox_raft::RaftNode;
 use mailbox_segments::SegmentStore;
 use mailbox_state::replication::{feed_head, feed_since};
@@ -160,6 +160,11 @@ type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedBatch, Status>> + Send>>;
 #[tonic::async_trait]
 impl Replication for FeedService {
     type FeedStream = FeedStream;
+
+    async fn early(&self, req: Request<EarlyRequest>) -> Result<Response<EarlyReply>, Status> {
+        self.early.accept(req.into_inner().segments);
+        Ok(Response::new(EarlyReply {}))
+    }
 
     #[tracing::instrument(level = "info", skip_all, fields(peer = %req.get_ref().dc, since = req.get_ref().since))]
     async fn feed(&self, req: Request<FeedRequest>) -> Result<Response<FeedStream>, Status> {

@@ -179,6 +179,27 @@ type FinishJob = tokio::task::JoinHandle<Result<SegmentMeta, mailbox_segments::S
 /// journal.
 const FINISHING_MAX: usize = 6;
 
+/// Where an upload's payload goes ahead of its record: this node's feed
+/// streams when it leads, the leader (which serves them) when it follows
+/// and there are other DCs to send to.
+fn early_collector(
+    ctx: &IngestContext,
+) -> Result<Option<mailbox_replication::early::EarlyCollector>, ServiceError> {
+    if ctx.raft.is_leader() {
+        return Ok(ctx.replication.early.collector());
+    }
+    let several_dcs = mailbox_state::replication::configured_dcs(ctx.raft.view())?
+        .is_some_and(|dcs| dcs.len() > 1);
+    if !several_dcs {
+        return Ok(None);
+    }
+    let me = ctx.raft.report();
+    Ok(me
+        .leader
+        .and_then(|l| me.members.iter().find(|(id, _)| *id == l))
+        .map(|(_, addr)| ctx.replication.early.forwarding_collector(addr.clone())))
+}
+
 /// The committed message and whether it was an idempotent repeat.
 #[derive(Debug, Clone)]
 pub struct Stored {
@@ -229,7 +250,7 @@ impl Upload {
         if let Some(mode) = req.ack {
             ack.mode = mode;
         }
-        let early = ctx.replication.early.collector();
+        let early = early_collector(&ctx)?;
         Ok(Upload {
             ctx,
             early,

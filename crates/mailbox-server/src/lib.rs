@@ -219,7 +219,8 @@ pub async fn serve_with(
         repl_status.early.clone(),
         stop_rx.clone(),
     ))
-    .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    .max_encoding_message_size(MAX_MESSAGE_SIZE)
+    .max_decoding_message_size(MAX_MESSAGE_SIZE);
     let api = MailboxServer::new(MailboxService::new(ctx, remotes, repl_status))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);

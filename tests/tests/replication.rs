@@ -39,6 +39,21 @@ async fn put(
     .await
 }
 
+/// Segments DC `dc` stored from payloads sent ahead of their records,
+/// summed over its nodes.
+async fn early_segments(cl: &mut TestCluster, dc: &str) -> f64 {
+    let ids: Vec<u64> = cl.dc(dc).nodes.iter().map(|n| n.id).collect();
+    let mut early = 0.0;
+    for id in ids {
+        if let Ok(s) = cl.dc(dc).scrape(id).await {
+            early += s
+                .get("mailbox_replica_segments_early_total", &[])
+                .unwrap_or(0.0);
+        }
+    }
+    early
+}
+
 /// id -> sha256 of everything a DC lists in /inbox, with every payload
 /// downloaded from that DC and checked against its digest.
 async fn content_digest(c: &Client) -> anyhow::Result<BTreeMap<String, String>> {
@@ -278,15 +293,7 @@ async fn immediate_never_acknowledges_before_remote_holds_payload() -> anyhow::R
     }
     // The segmented uploads' payloads went ahead of their records (sent
     // while east committed) and west stored them from there.
-    let mut early = 0.0;
-    let ids: Vec<u64> = cl.dc("west").nodes.iter().map(|n| n.id).collect();
-    for id in ids {
-        if let Ok(s) = cl.dc("west").scrape(id).await {
-            early += s
-                .get("mailbox_replica_segments_early_total", &[])
-                .unwrap_or(0.0);
-        }
-    }
+    let early = early_segments(&mut cl, "west").await;
     assert!(early > 0.0, "no payload was sent ahead of its record");
     Ok(())
 }
@@ -672,15 +679,7 @@ async fn a_followers_upload_goes_ahead_of_its_record_through_the_leader() -> any
     let mut sink = HashSink::default();
     west.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
     assert_eq!(sink.hex(), m.sha256, "west's copy differs");
-    let mut early = 0.0;
-    let ids: Vec<u64> = cl.dc("west").nodes.iter().map(|n| n.id).collect();
-    for id in ids {
-        if let Ok(s) = cl.dc("west").scrape(id).await {
-            early += s
-                .get("mailbox_replica_segments_early_total", &[])
-                .unwrap_or(0.0);
-        }
-    }
+    let early = early_segments(&mut cl, "west").await;
     assert!(
         early > 0.0,
         "the follower's payload did not go ahead of its record"

@@ -110,13 +110,10 @@ impl EarlyPayloads {
         let Some(first) = segments.first() else {
             return;
         };
-        let Ok(id) = <[u8; 16]>::try_from(&first.id[..]) else {
+        let Some(id) = crate::pushed_id(first) else {
             return;
         };
-        let _ = self.tx.send(Arc::new(EarlyPayload {
-            id: MessageId::from_bytes(id),
-            segments,
-        }));
+        let _ = self.tx.send(Arc::new(EarlyPayload { id, segments }));
     }
 
     /// Hands `segments` to the leader at `addr` (best effort, bounded).

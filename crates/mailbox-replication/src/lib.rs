@@ -174,6 +174,13 @@ impl AckWaiters {
     }
 }
 
+/// The message a pushed segment belongs to (`None` for a malformed id).
+pub(crate) fn pushed_id(p: &mailbox_proto::replication::PushedSegment) -> Option<MessageId> {
+    <[u8; 16]>::try_from(&p.id[..])
+        .ok()
+        .map(MessageId::from_bytes)
+}
+
 /// Exponential backoff with full jitter, capped.
 pub(crate) fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     let exp = base.saturating_mul(1u32 << attempt.min(16)).min(cap);

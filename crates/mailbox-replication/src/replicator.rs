@@ -471,11 +471,8 @@ fn store_early(
 ) {
     let mut by_id: HashMap<MessageId, Vec<PushedSegment>> = HashMap::new();
     for p in pushed {
-        if let Ok(bytes) = <[u8; 16]>::try_from(&p.id[..]) {
-            by_id
-                .entry(MessageId::from_bytes(bytes))
-                .or_default()
-                .push(p);
+        if let Some(id) = crate::pushed_id(&p) {
+            by_id.entry(id).or_default().push(p);
         }
     }
     if early.len() >= EARLY_MAX {
@@ -514,19 +511,24 @@ fn store_early(
     }
 }
 
+/// The messages stored by `records`, by id.
+fn message_metas(records: &[(u64, FeedRecord)]) -> HashMap<MessageId, &MessageMeta> {
+    records
+        .iter()
+        .filter_map(|(_, r)| match r {
+            FeedRecord::Message { meta, .. } => Some((meta.id, meta)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Messages of `records` whose every segment was stored from a payload sent
 /// ahead of the record, with the SHA-256s the record gives.
 async fn early_held(
     records: &[(u64, FeedRecord)],
     claimed: Vec<(MessageId, EarlyJob)>,
 ) -> Vec<MessageId> {
-    let metas: HashMap<MessageId, &MessageMeta> = records
-        .iter()
-        .filter_map(|(_, r)| match r {
-            FeedRecord::Message { meta, .. } => Some((meta.id, meta)),
-            _ => None,
-        })
-        .collect();
+    let metas = message_metas(records);
     let mut held = Vec::new();
     for (id, mut job) in claimed {
         let Ok(stored) = (&mut job.0).await else {
@@ -605,20 +607,13 @@ async fn store_pushed(
     if pushed.is_empty() {
         return Vec::new();
     }
-    let metas: HashMap<MessageId, &MessageMeta> = records
-        .iter()
-        .filter_map(|(_, r)| match r {
-            FeedRecord::Message { meta, .. } => Some((meta.id, meta)),
-            _ => None,
-        })
-        .collect();
+    let metas = message_metas(records);
     // Verify and write concurrently: each write ends in fsyncs, which
     // overlap instead of queueing one behind the other.
     let metas = &metas;
     let results: Vec<Option<(MessageId, u32)>> = futures::stream::iter(pushed)
         .map(|p| async move {
-            let bytes = <[u8; 16]>::try_from(&p.id[..]).ok()?;
-            let id = MessageId::from_bytes(bytes);
+            let id = crate::pushed_id(&p)?;
             let seg = metas
                 .get(&id)
                 .and_then(|m| m.segments().iter().find(|s| s.index == p.index))?;

@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build run test lint fmt bench bench-deps clean
+.PHONY: all deps build run test soak lint fmt bench bench-deps clean
 
 all: build
 
@@ -39,6 +39,12 @@ run: build
 test: build
 	$(CARGO) test --workspace --lib --bins --tests -- --test-threads=2
 	$(CARGO) test --workspace --bench '*'
+
+# The randomized fault suite over many seeds (make test runs one per variant):
+# `make soak SEEDS=200`; one seed again: `MAILBOX_CHAOS_SEED=N make soak`.
+SEEDS ?= 20
+soak: build
+	MAILBOX_CHAOS_SEEDS=$(SEEDS) $(CARGO) test -p mailbox-tests --test chaos -- --test-threads=1 --nocapture
 
 # clippy builds RocksDB's C++ again in check mode; a separate target
 # directory keeps that from invalidating the test build and lets both be cached.

@@ -533,6 +533,18 @@ impl Client {
             .into_inner())
     }
 
+    /// Forgets this DC's cursor on remote DC `dc`'s feed (after `dc` was
+    /// rebuilt from empty); returns the cursor that was forgotten.
+    pub async fn reset_feed(&self, dc: &str) -> Result<u64, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .reset_feed(mailbox_proto::v1::ResetFeedRequest { dc: dc.to_string() })
+            .await?
+            .into_inner()
+            .old_cursor)
+    }
+
     /// Members, leader, term and applied index of every node.
     pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
         Ok(self

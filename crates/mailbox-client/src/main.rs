@@ -129,6 +129,12 @@ enum Cmd {
 enum ReplicationCmd {
     /// Per remote DC: connection, cursor, lag; pending payloads, retries, corrupt copies.
     Status,
+    /// After remote DC `DC` was rebuilt from empty (pulls from it stop with
+    /// "feed identity changed"): read its feed again from the start.
+    ResetFeed {
+        /// The rebuilt remote DC.
+        dc: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -456,6 +462,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let r = client.mkdir(path, *parents).await?;
             if cli.json {
                 println!("{}", json!({"path": r.path, "created": r.created}));
+            }
+        }
+        Cmd::Replication {
+            cmd: ReplicationCmd::ResetFeed { dc },
+        } => {
+            let old = client.reset_feed(dc).await?;
+            if cli.json {
+                println!("{}", json!({"dc": dc, "old_cursor": old}));
+            } else {
+                println!("cursor on DC {dc}'s feed reset (was {old}); its feed is read again from the start");
             }
         }
         Cmd::Replication {

@@ -101,6 +101,9 @@ pub struct NodeReport {
     pub snapshot_index: Option<u64>,
     /// Last purged log index.
     pub purged_index: Option<u64>,
+    /// On the leader: per follower, the last log index known to be
+    /// replicated there (a follower that falls behind shows here).
+    pub matched: Vec<(NodeId, Option<u64>)>,
 }
 
 /// Commands merged into one log entry at most (group commit).
@@ -287,10 +290,26 @@ async fn group_commit(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Proposa
 }
 
 fn inline_bytes(cmd: &Command) -> usize {
+    approx_bytes(cmd)
+}
+
+/// Roughly what a command weighs in a log entry: its inline payloads
+/// (batches and remote feed records included), plus a fixed overhead.
+pub(crate) fn approx_bytes(cmd: &Command) -> usize {
     match cmd {
         Command::PutMessage {
             inline: Some(b), ..
-        } => b.len(),
+        } => b.len() + 256,
+        Command::Batch(cmds) => cmds.iter().map(approx_bytes).sum(),
+        Command::ApplyRemote { records, .. } => records
+            .iter()
+            .map(|(_, r)| match r {
+                mailbox_state::FeedRecord::Message {
+                    inline: Some(b), ..
+                } => b.len() + 256,
+                _ => 256,
+            })
+            .sum(),
         _ => 256,
     }
 }
@@ -443,6 +462,13 @@ impl RaftNode {
                 .collect(),
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
+            matched: m
+                .replication
+                .iter()
+                .flatten()
+                .filter(|(id, _)| **id != m.id)
+                .map(|(id, l)| (*id, l.map(|l| l.index)))
+                .collect(),
         }
     }
 

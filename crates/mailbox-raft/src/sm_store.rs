@@ -100,6 +100,12 @@ impl StateMachineStore {
     ) -> Result<Self, std::io::Error> {
         let snapshot_dir = snapshot_dir.into();
         std::fs::create_dir_all(&snapshot_dir)?;
+        // Temp files of snapshot writes a crash interrupted.
+        for e in std::fs::read_dir(&snapshot_dir)?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("current.snap.tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         Ok(Self {
             store,
             snapshot_dir,
@@ -137,7 +143,13 @@ impl StateMachineStore {
 
     fn save_snapshot_file(&self, meta: &Meta, data: &[u8]) -> Result<(), StorageError> {
         let meta_bytes = bincode::serialize(meta).map_err(snap_err)?;
-        let tmp = self.snapshot_dir.join("current.snap.tmp");
+        // A name of its own per write: a snapshot being built and one being
+        // installed never write into the same temp file.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .snapshot_dir
+            .join(format!("current.snap.tmp.{}.{n}", std::process::id()));
         let write = || -> std::io::Result<()> {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp)?;
@@ -148,7 +160,10 @@ impl StateMachineStore {
             std::fs::rename(&tmp, self.current_path())?;
             std::fs::File::open(&self.snapshot_dir)?.sync_all()
         };
-        write().map_err(snap_err)
+        write().map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            snap_err(e)
+        })
     }
 
     fn load_snapshot_file(&self) -> Result<Option<(Meta, Vec<u8>)>, StorageError> {
@@ -273,7 +288,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             last = Some(e.log_id);
             match &e.payload {
                 EntryPayload::Blank => out.push(Ok(CommandResult::None)),
-                EntryPayload::Normal(cmd) => out.push(apply(&view, &mut ov, &self.ctx, cmd)),
+                EntryPayload::Normal(cmd) => {
+                    let r = apply(&view, &mut ov, &self.ctx, cmd);
+                    if let Some(e) = mailbox_state::fatal_error(&r) {
+                        // Nothing of this batch is written; openraft stops
+                        // this node's Raft (reported unhealthy) rather than
+                        // let it go on without a command its peers applied.
+                        tracing::error!(
+                            index = last.map(|l: LogId<NodeId>| l.index),
+                            "state machine stopped: storage failed while applying a command: {e}"
+                        );
+                        return Err(sm_read_err(std::io::Error::other(e.to_string())));
+                    }
+                    out.push(r)
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(e.log_id), m.clone()));
                     out.push(Ok(CommandResult::None));
@@ -390,6 +418,47 @@ mod tests {
     #[test]
     fn openraft_suite() {
         Suite::test_all(Builder).expect("openraft storage suite");
+    }
+
+    /// Issue #8 item 4: a record this node cannot read is not a refusal
+    /// (its peers applied the command); the state machine must stop, write
+    /// nothing, and not answer as if the command had been refused.
+    #[tokio::test]
+    async fn a_storage_failure_during_apply_stops_the_state_machine() {
+        use mailbox_state::Command;
+        use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut sm = StateMachineStore::new(
+            store.clone(),
+            snapshot_dir(dir.path()),
+            ApplyCtx::new("east"),
+        )
+        .unwrap();
+        let id = mailbox_types::MessageId::new();
+        let mut b = Batch::new();
+        b.put(
+            Cf::State,
+            mailbox_state::keys::message(&id),
+            b"\xff not a message".to_vec(),
+        );
+        store.write(b, true).unwrap();
+        let entry = Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Command::SetAttributes {
+                id,
+                set: [("k".to_string(), "v".to_string())].into(),
+                remove: vec![],
+                wall_ms: 1,
+            }),
+        };
+        let r = sm.apply([entry]).await;
+        assert!(r.is_err(), "a corrupt record must stop the state machine, got {r:?}");
+        assert_eq!(
+            sm.applied_state().await.unwrap().0,
+            None,
+            "nothing of the batch is written"
+        );
     }
 
     #[test]

@@ -92,7 +92,10 @@ async fn payloads(
 ) -> (Vec<PushedSegment>, usize) {
     let mut out = Vec::new();
     for (i, (_, rec)) in records.iter().enumerate() {
-        let FeedRecord::Message { meta, inline: None } = rec else {
+        let FeedRecord::Message {
+            meta, inline: None, ..
+        } = rec
+        else {
             continue;
         };
         if meta.segments().is_empty() || meta.size > PUSH_MAX_MESSAGE {
@@ -168,8 +171,26 @@ impl Replication for FeedService {
 
     #[tracing::instrument(level = "info", skip_all, fields(peer = %req.get_ref().dc, since = req.get_ref().since))]
     async fn feed(&self, req: Request<FeedRequest>) -> Result<Response<FeedStream>, Status> {
-        let mut since = req.into_inner().since;
+        let req = req.into_inner();
+        let mut since = req.since;
         let raft = self.raft.clone();
+        let identity = mailbox_state::feed_identity(raft.view())
+            .map_err(|e| Status::internal(e.to_string()))?
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "DC {}'s feed has no identity yet (its leader records it after the first election); retry shortly",
+                    self.dc
+                ))
+            })?;
+        if !req.identity.is_empty() && req.identity != identity {
+            tracing::error!(peer = %req.dc, expected = %req.identity, ours = %identity,
+                "feed pull refused: the puller's cursor belongs to another feed (this DC's log was rebuilt)");
+            return Err(Status::failed_precondition(format!(
+                "DC {}'s feed is {identity}, but DC {}'s cursor belongs to feed {}: {} was rebuilt from \
+                 empty and numbers its records anew; see docs/operations.md, 'A DC rebuilt from empty'",
+                self.dc, req.dc, req.identity, self.dc
+            )));
+        }
         let origin = self.dc.clone();
         let segments = self.segments.clone();
         let (tx, rx) = mpsc::channel(READ_AHEAD);
@@ -211,6 +232,7 @@ impl Replication for FeedService {
                             .into(),
                         head,
                         origin: origin.clone(),
+                        identity: identity.clone(),
                         payloads: pushed,
                     };
                     if tx.send(Ok(msg)).await.is_err() {
@@ -241,6 +263,7 @@ impl Replication for FeedService {
                                 records: bytes::Bytes::new(),
                                 head,
                                 origin: origin.clone(),
+                                identity: identity.clone(),
                                 payloads: p.segments.clone(),
                             };
                             if tx.send(Ok(msg)).await.is_err() {
@@ -259,6 +282,7 @@ impl Replication for FeedService {
                             records: bytes::Bytes::new(),
                             head,
                             origin: origin.clone(),
+                            identity: identity.clone(),
                             payloads: Vec::new(),
                         };
                         if tx.send(Ok(ka)).await.is_err() {

@@ -32,6 +32,8 @@ const CONCURRENCY: usize = 8;
 const RETRY_BASE: Duration = Duration::from_millis(200);
 /// Longest retry delay of a failed fetch.
 const RETRY_CAP: Duration = Duration::from_secs(30);
+/// Missing-payload index entries read at a time.
+const PAGE: usize = 1024;
 /// How often the fetcher looks at the index without a new apply.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 
@@ -56,27 +58,59 @@ pub(crate) async fn run(
         if !wait_leadership(&raft, &mut shutdown).await {
             return;
         }
-        let pending = match mailbox_state::replication::missing_payloads(raft.view(), 1024) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!("missing-payload index unreadable: {e}");
-                Vec::new()
-            }
-        };
         passes += 1;
         if passes % 64 == 1 {
             forget_finished(&raft, &retry);
         }
         let now = mailbox_types::now_ms();
+        // Page through the whole index until every fetch slot is taken:
+        // messages that keep failing (backed off) or are in flight must not
+        // hide the ones behind them.
+        let mut after: Option<MessageId> = None;
+        let mut pending = Vec::new();
+        'pages: loop {
+            if sem.available_permits() == 0 {
+                break;
+            }
+            let page = match mailbox_state::replication::missing_payloads_after(
+                raft.view(),
+                after.as_ref(),
+                PAGE,
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::error!("missing-payload index unreadable: {e}");
+                    break;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            let full = page.len() == PAGE;
+            for meta in page {
+                if in_flight.lock().expect("lock").contains(&meta.id) {
+                    continue;
+                }
+                match retry.get(RetryKind::Fetch, meta.id.as_bytes()) {
+                    Ok(Some(e)) if e.due_ms > now => continue,
+                    Ok(_) => {}
+                    Err(e) => tracing::error!("{e}"),
+                }
+                // The orphan collector condemned segments under this id
+                // (pushed ahead of a record that came late) and is removing
+                // them: writing there now could be undone by it.
+                if mailbox_state::orphan_pending(raft.view(), &meta.id).unwrap_or(true) {
+                    continue;
+                }
+                pending.push(meta);
+                if pending.len() >= sem.available_permits() {
+                    break 'pages;
+                }
+            }
+            if !full {
+                break;
+            }
+        }
         for meta in pending {
-            if in_flight.lock().expect("lock").contains(&meta.id) {
-                continue;
-            }
-            match retry.get(RetryKind::Fetch, meta.id.as_bytes()) {
-                Ok(Some(e)) if e.due_ms > now => continue,
-                Ok(_) => {}
-                Err(e) => tracing::error!("{e}"),
-            }
             let Ok(permit) = sem.clone().try_acquire_owned() else {
                 break;
             };
@@ -182,9 +216,15 @@ async fn fetch_message(
         .collect();
     sources.extend(remotes.iter().filter(|r| r.name != meta.origin_dc));
     for seg in segs {
-        // Resumable: a segment already stored whole (verified) is kept.
+        // Resumable: a segment already stored whole (verified) is kept,
+        // once its name is durable too (an earlier attempt may have crashed
+        // between the rename and the directory fsync).
         if let Ok(b) = segments.read(meta.id, seg.index, 0, seg.size).await {
             if digest(b.to_vec()).await.1 == seg.sha256 {
+                segments
+                    .sync_message(meta.id)
+                    .await
+                    .map_err(|e| ReplicationError::Local(e.to_string()))?;
                 continue;
             }
         }

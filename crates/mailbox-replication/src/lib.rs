@@ -75,6 +75,16 @@ pub enum ReplicationError {
         /// Segment index.
         index: u32,
     },
+    /// The remote DC's feed is not the one this DC's cursor counts (it was
+    /// rebuilt from empty): pulls stop until an admin resets the cursor
+    /// (`mailbox replication reset-feed DC`).
+    #[error("DC {dc}: feed identity changed: {reason}")]
+    FeedIdentityChanged {
+        /// The remote DC.
+        dc: String,
+        /// What was seen.
+        reason: String,
+    },
     /// Local failure (state, raft, segment store).
     #[error("local: {0}")]
     Local(String),

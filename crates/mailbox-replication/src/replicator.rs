@@ -158,9 +158,18 @@ async fn pull_loop(
             _ = shutdown.changed() => return,
         };
         if let Err(e) = result {
-            tracing::warn!(dc = %remote.name, "feed pull: {e}");
+            let refused = matches!(e, ReplicationError::FeedIdentityChanged { .. });
+            if refused {
+                tracing::error!(dc = %remote.name, "feed pull stopped: {e}; after checking that DC, run `mailbox replication reset-feed {}`", remote.name);
+            } else {
+                tracing::warn!(dc = %remote.name, "feed pull: {e}");
+            }
             set_status(&status, &remote.name, |s| {
-                s.state = "disconnected".into();
+                s.state = if refused {
+                    "feed-identity-changed".into()
+                } else {
+                    "disconnected".into()
+                };
                 s.retries += 1;
                 s.last_error = e.to_string();
             });
@@ -193,6 +202,9 @@ async fn pull_once(
 ) -> Result<(), ReplicationError> {
     let cursor = mailbox_state::replication::cursor(raft.view(), &remote.name)
         .map_err(|e| ReplicationError::Local(e.to_string()))?;
+    let identity = mailbox_state::replication::remote_feed_identity(raft.view(), &remote.name)
+        .map_err(|e| ReplicationError::Local(e.to_string()))?
+        .unwrap_or_default();
     let (channels, mut last_err) = leader_first(&remote.endpoints).await;
     let mut stream = None;
     for (ep, ch, leads) in channels {
@@ -204,12 +216,25 @@ async fn pull_once(
                 .feed(FeedRequest {
                     since: cursor,
                     dc: local_dc.to_string(),
+                    identity: identity.clone(),
                 })
                 .await
-                .map_err(|e| format!("{ep}: {}", e.message()))
         })
         .await
-        .unwrap_or_else(|_| Err(format!("{ep}: no answer within {OPEN_TIMEOUT:?}")));
+        .unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {OPEN_TIMEOUT:?}"
+            )))
+        });
+        let opened = match opened {
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                return Err(ReplicationError::FeedIdentityChanged {
+                    dc: remote.name.clone(),
+                    reason: s.message().to_string(),
+                })
+            }
+            other => other.map_err(|e| format!("{ep}: {}", e.message())),
+        };
         match opened {
             Ok(s) => {
                 tracing::info!(dc = %remote.name, endpoint = %ep, leader = leads, cursor, "feed pull connected");
@@ -331,6 +356,7 @@ async fn pull_once(
                         records,
                         received_ms: mailbox_types::now_ms(),
                         payload_here,
+                        identity: batch.identity,
                     }
                 })));
             }
@@ -385,6 +411,12 @@ async fn pull_once(
                     Ok(CommandResult::Remote { cursor, .. }) => applied_cursor = cursor,
                     Ok(other) => {
                         return Err(ReplicationError::Local(format!("unexpected {other:?}")))
+                    }
+                    Err(e @ mailbox_state::StateError::FeedIdentityChanged { .. }) => {
+                        return Err(ReplicationError::FeedIdentityChanged {
+                            dc: remote.name.clone(),
+                            reason: e.to_string(),
+                        })
                     }
                     Err(e) => return Err(ReplicationError::Local(e.to_string())),
                 }

@@ -342,6 +342,21 @@ impl SegmentStore for FsSegmentStore {
         Ok(buf.freeze())
     }
 
+    async fn len(&self, id: MessageId, index: u32) -> Result<u64, SegmentError> {
+        let path = self.segment_path(&id, index);
+        match fs::metadata(&path).await {
+            Ok(m) => Ok(m.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(SegmentError::NotFound { id, index })
+            }
+            Err(e) => Err(io_err("stat", &path)(e)),
+        }
+    }
+
+    async fn sync_message(&self, id: MessageId) -> Result<(), SegmentError> {
+        fsync_dir(&self.message_dir(&id)).await
+    }
+
     async fn delete_message(&self, id: MessageId) -> Result<(), SegmentError> {
         let dir = self.message_dir(&id);
         match fs::remove_dir_all(&dir).await {

@@ -109,6 +109,12 @@ pub trait SegmentStore: Send + Sync + 'static {
         offset: u64,
         len: u64,
     ) -> Result<Bytes, SegmentError>;
+    /// Size of a stored segment ([`SegmentError::NotFound`] when absent).
+    async fn len(&self, id: MessageId, index: u32) -> Result<u64, SegmentError>;
+    /// Makes the names of a message's stored segments durable (fsyncs its
+    /// directory): a copy found already in place after a crash may have
+    /// been renamed without the directory fsync that makes it stay.
+    async fn sync_message(&self, id: MessageId) -> Result<(), SegmentError>;
     /// Removes every segment (and temporary file) of a message.
     async fn delete_message(&self, id: MessageId) -> Result<(), SegmentError>;
     /// Every message id that has anything stored, whole or partial, with the

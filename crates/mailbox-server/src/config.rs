@@ -46,6 +46,9 @@ pub struct NodeConfig {
     pub orphan_grace: HumanDuration,
     /// How often the leader looks for orphaned segments.
     pub gc_interval: HumanDuration,
+    /// How long a deleted message's idempotency key keeps answering (and a
+    /// replayed upload of it is recognised) after the delete.
+    pub idempotency_retention: HumanDuration,
     /// Raft timing and log compaction.
     pub raft: RaftConfig,
     /// The other data centers and the acknowledgement policy.
@@ -218,6 +221,7 @@ impl Default for NodeConfig {
             segment_size: ByteSize(8 << 20),
             orphan_grace: ms(3_600_000),
             gc_interval: ms(60_000),
+            idempotency_retention: ms(7 * 24 * 3_600_000),
             raft: RaftConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -367,6 +371,15 @@ impl NodeConfig {
                 format!(
                     "{} must be at least twice raft.propose-timeout ({}), or in-flight uploads lose segments",
                     self.orphan_grace, r.propose_timeout
+                ),
+            );
+        }
+        if self.idempotency_retention.0 < self.orphan_grace.0 {
+            return bad(
+                "idempotency-retention",
+                format!(
+                    "must be at least orphan-grace ({}): the collector's decisions are kept as long",
+                    self.orphan_grace
                 ),
             );
         }

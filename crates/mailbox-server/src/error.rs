@@ -181,9 +181,15 @@ impl From<StateError> for ServiceError {
             StateError::MessageExists { id } => ServiceError::AlreadyExists {
                 what: format!("message {id}"),
             },
+            // Retrying the upload (a new id) is what helps.
+            e @ StateError::SegmentsCollected { .. } => ServiceError::Unavailable {
+                reason: e.to_string(),
+            },
             e @ (StateError::Corrupt { .. }
             | StateError::Read { .. }
-            | StateError::FeedGap { .. }) => ServiceError::Internal {
+            | StateError::FeedGap { .. }
+            | StateError::OwnFeed { .. }
+            | StateError::FeedIdentityChanged { .. }) => ServiceError::Internal {
                 reason: e.to_string(),
             },
         }

@@ -371,12 +371,29 @@ impl Upload {
                 Ok(s)
             }
             Err((e, cleanup)) => {
-                if cleanup {
+                // Only segments that provably belong to no committed message
+                // go: the state machine answers a replay of this upload as a
+                // success, so a refusal means this id was not committed;
+                // checking the applied state as well costs two reads.
+                if cleanup && self.spilled && !self.committed_here() {
                     self.abort().await;
                 }
                 Err(e)
             }
         }
+    }
+
+    /// Whether this node's applied state knows this upload's id as a
+    /// message (or a deleted one); an unreadable state counts as yes.
+    fn committed_here(&self) -> bool {
+        let view = self.ctx.raft.view();
+        !matches!(
+            (
+                mailbox_state::get_message(view, &self.id),
+                mailbox_state::get_gone(view, &self.id),
+            ),
+            (Ok(None), Ok(None))
+        )
     }
 
     /// Returns the error and whether segments must be removed (false when
@@ -418,6 +435,40 @@ impl Upload {
             let seg = w.finish().await.map_err(|e| (e.into(), true))?;
             self.segments.push(seg);
         }
+        // An upload that stalled for longer than the orphan grace period may
+        // have lost its segments to the collector: fail here, cleanly, rather
+        // than commit a message without them. (The collector's decision is
+        // committed before it removes anything, so one that comes after
+        // this check makes the state machine refuse the commit instead.)
+        for seg in &self.segments {
+            match self.ctx.segments.len(self.id, seg.index).await {
+                Ok(n) if n == seg.size => {}
+                Ok(n) => {
+                    return Err((
+                        ServiceError::Internal {
+                            reason: format!(
+                                "segment {} of upload {} has {n} bytes in the segment store, {} were written",
+                                seg.index, self.id, seg.size
+                            ),
+                        },
+                        true,
+                    ))
+                }
+                Err(mailbox_segments::SegmentError::NotFound { .. }) => {
+                    return Err((
+                        ServiceError::Unavailable {
+                            reason: format!(
+                                "the segments of upload {} were removed as orphans while it stalled \
+                                 (longer than the orphan grace period); upload again",
+                                self.id
+                            ),
+                        },
+                        true,
+                    ))
+                }
+                Err(e) => return Err((e.into(), true)),
+            }
+        }
         let payload = if self.spilled {
             Payload::Segments {
                 segment_size: self.ctx.segment_size,
@@ -452,8 +503,10 @@ impl Upload {
             .map_err(|e| (e.into(), false))?;
         match res {
             Ok(CommandResult::Message { meta, deduplicated }) => {
-                if deduplicated && self.spilled {
-                    // Our copy lost to the original; its segments are garbage.
+                // An earlier message holds the key: our copy's segments are
+                // garbage. Never when the answer is our own id (a replayed
+                // proposal that committed the first time).
+                if deduplicated && self.spilled && meta.id != self.id {
                     let _ = self.ctx.segments.delete_message(self.id).await;
                 }
                 Ok(Stored { meta, deduplicated })

@@ -184,8 +184,11 @@ pub async fn serve_with(
     tokio::spawn(gc::run(
         raft.clone(),
         segments.clone(),
-        cfg.orphan_grace.0,
-        cfg.gc_interval.0,
+        gc::GcConfig {
+            grace: cfg.orphan_grace.0,
+            interval: cfg.gc_interval.0,
+            retention: cfg.idempotency_retention.0,
+        },
         stop_rx.clone(),
     ));
 
@@ -272,6 +275,19 @@ async fn publish_cluster_dcs(
             let current = mailbox_state::replication::configured_dcs(raft.view())
                 .ok()
                 .flatten();
+            // Once per DC log, ever: the feed's identity, so other DCs can
+            // tell a rebuilt DC's fresh feed from the one their cursors
+            // were counting (the state machine keeps the first one).
+            if matches!(mailbox_state::feed_identity(raft.view()), Ok(None)) {
+                let identity = uuid::Uuid::now_v7().to_string();
+                match raft
+                    .propose(Command::InitFeedIdentity { identity })
+                    .await
+                {
+                    Ok(_) => tracing::info!("feed identity recorded in the DC log"),
+                    Err(e) => tracing::warn!("cannot record the feed identity: {e}"),
+                }
+            }
             if current.as_ref() != Some(&dcs) {
                 match raft
                     .propose(Command::SetClusterDcs { dcs: dcs.clone() })

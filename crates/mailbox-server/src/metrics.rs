@@ -306,6 +306,21 @@ impl MetricsSource {
             r.last_log_index.unwrap_or(0),
         );
 
+        if !r.matched.is_empty() {
+            e.family(
+                "mailbox_raft_follower_lag_entries",
+                Kind::Gauge,
+                "On the leader: log entries a follower still lacks (its last replicated index behind the leader's last).",
+            );
+            for (id, matched) in &r.matched {
+                let lag = r
+                    .last_log_index
+                    .unwrap_or(0)
+                    .saturating_sub(matched.unwrap_or(0));
+                e.sample(&[("follower", id.to_string().as_str())], lag);
+            }
+        }
+
         let rep =
             crate::service::replication_report(&self.raft, &self.dc, &self.remotes, &self.status)?;
         e.single(

@@ -550,6 +550,29 @@ impl Mailbox for MailboxService {
         )?))
     }
 
+    #[tracing::instrument(level = "info", skip_all, fields(dc = %req.get_ref().dc))]
+    async fn reset_feed(
+        &self,
+        req: Request<mailbox_proto::v1::ResetFeedRequest>,
+    ) -> Result<Response<mailbox_proto::v1::ResetFeedResponse>, Status> {
+        let dc = req.into_inner().dc;
+        if !self.remotes.iter().any(|r| r.name == dc) {
+            return Err(ServiceError::NotFound {
+                what: format!("remote DC {dc} (not in this node's [cluster] remotes)"),
+            }
+            .into());
+        }
+        let old_cursor =
+            mailbox_state::replication::cursor(self.raft().view(), &dc).map_err(ServiceError::from)?;
+        self.raft()
+            .propose(Command::ResetFeed { origin: dc.clone() })
+            .await
+            .map_err(ServiceError::from)?
+            .map_err(ServiceError::from)?;
+        tracing::warn!(%dc, old_cursor, "cursor on a remote feed reset by an admin");
+        Ok(Response::new(mailbox_proto::v1::ResetFeedResponse { old_cursor }))
+    }
+
     async fn cluster_status(
         &self,
         req: Request<ClusterStatusRequest>,

@@ -23,6 +23,11 @@
 //! | `H` |                             | largest HLC seen        |
 //! | `s` | id                          | metadata arrived (ms)   |
 //! | `C` |                             | cluster DC names        |
+//! | `g` | id                          | `Gone`: deleted message |
+//! | `e` | ms (i64 BE) tag id          | empty: expiry index     |
+//! | `o` | id                          | `Orphan`: condemned     |
+//! | `I` |                             | this DC's feed identity |
+//! | `i` | origin DC                   | its feed identity seen  |
 
 use mailbox_types::{MailboxPath, MessageId};
 
@@ -156,4 +161,55 @@ pub const MAX_HLC: &[u8] = b"H";
 /// When a replicated message's metadata arrived here.
 pub fn metadata_since(id: &MessageId) -> Vec<u8> {
     tagged(b's', &[id.as_bytes()])
+}
+
+/// What remains of a deleted message for the idempotency retention: a
+/// replayed proposal of it is recognised, and its key still answers.
+pub fn gone(id: &MessageId) -> Vec<u8> {
+    tagged(b'g', &[id.as_bytes()])
+}
+
+/// Prefix of the expiry index.
+pub const EXPIRY_PREFIX: &[u8] = b"e";
+
+/// Expiry index tag of a [`gone`] record.
+pub const EXPIRE_GONE: u8 = b'g';
+/// Expiry index tag of an [`orphan`] record.
+pub const EXPIRE_ORPHAN: u8 = b'o';
+
+/// Expiry index entry: `what`'s record of `id` may be forgotten after `ms`.
+pub fn expiry(ms: i64, what: u8, id: &MessageId) -> Vec<u8> {
+    tagged(
+        b'e',
+        &[&(ms.max(0) as u64).to_be_bytes(), &[what], id.as_bytes()],
+    )
+}
+
+/// Decodes an [`expiry`] key into `(ms, tag, id)`.
+pub fn decode_expiry(k: &[u8]) -> Result<(i64, u8, MessageId), StateError> {
+    if k.len() != 1 + 8 + 1 + 16 {
+        return Err(StateError::Corrupt {
+            key: hex(k),
+            reason: "bad expiry key".into(),
+        });
+    }
+    let ms = u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")) as i64;
+    let id = decode_id(k, &k[10..])?;
+    Ok((ms, k[9], id))
+}
+
+/// Segments of message `id` condemned (or collected) by the orphan collector.
+pub fn orphan(id: &MessageId) -> Vec<u8> {
+    tagged(b'o', &[id.as_bytes()])
+}
+
+/// Prefix of orphan records.
+pub const ORPHAN_PREFIX: &[u8] = b"o";
+
+/// This DC's feed identity.
+pub const FEED_IDENTITY: &[u8] = b"I";
+
+/// The feed identity of `origin` this DC's cursor on it belongs to.
+pub fn feed_identity(origin: &str) -> Vec<u8> {
+    tagged(b'i', &[origin.as_bytes()])
 }

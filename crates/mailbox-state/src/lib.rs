@@ -13,7 +13,17 @@
 //!   never observable;
 //! - a put into a missing mailbox, or a second mailbox with the same path,
 //!   fails without writing anything;
-//! - an idempotency key maps to exactly one message per mailbox.
+//! - an idempotency key maps to exactly one message per mailbox, in every
+//!   DC (keys replicate with their message; concurrent uses in two DCs
+//!   settle on the older message everywhere), and keeps answering for the
+//!   idempotency retention after the message was deleted;
+//! - the same `PutMessage` applied twice (a forward retried after its reply
+//!   was lost) is the same success on every path: after an attribute
+//!   change, after its key was used, after a delete (a deleted message is
+//!   remembered as [`Gone`] for the retention, so it never comes back);
+//! - a message whose segments the orphan collector condemned (committed
+//!   through the log before anything is removed) is never committed with
+//!   them: such a proposal is refused.
 
 pub mod keys;
 mod query;
@@ -24,7 +34,10 @@ use std::collections::BTreeMap;
 use mailbox_types::{MailboxPath, MailboxRecord, MessageId, MessageMeta};
 use serde::{Deserialize, Serialize};
 
-pub use query::{get_mailbox, get_message, inline_payload, list_mailboxes, list_messages};
+pub use query::{
+    feed_identity, get_gone, get_mailbox, get_message, inline_payload, list_mailboxes,
+    list_messages, orphan_pending, pending_orphans,
+};
 pub use replication::{ApplyCtx, AttrRegister, FeedRecord, Tombstone};
 
 /// A write to the DC log.
@@ -76,6 +89,9 @@ pub enum Command {
         /// Messages among `records` whose every segment arrived with them
         /// and is already durable in this DC's segment store.
         payload_here: Vec<MessageId>,
+        /// The origin feed's identity, as its batches carry it (empty when
+        /// unknown): refused when this DC's cursor belongs to another.
+        identity: String,
     },
     /// This DC now holds every segment of a replicated message durably.
     PayloadHeld {
@@ -105,6 +121,46 @@ pub enum Command {
     SetClusterDcs {
         /// DC names.
         dcs: Vec<String>,
+    },
+    /// The orphan collector's decision to remove the segments of messages
+    /// that have no committed message: committed before anything is
+    /// removed, so a `PutMessage` of such an id applied later is refused
+    /// instead of committing a message whose segments are gone, and one
+    /// applied earlier makes the collector skip it.
+    CondemnOrphans {
+        /// Candidate ids (segment directories without a message).
+        ids: Vec<MessageId>,
+        /// When, ms since the epoch (proposer's clock).
+        at_ms: i64,
+    },
+    /// The condemned segments of these ids are removed from the segment
+    /// store (the fetcher may now write there again).
+    OrphansCollected {
+        /// The ids.
+        ids: Vec<MessageId>,
+    },
+    /// Forgets deleted messages' records (idempotency keys, replay guards)
+    /// and orphan decisions made before `before_ms` (now minus the
+    /// idempotency retention, by the proposer's clock).
+    Expire {
+        /// Cut-off, ms since the epoch.
+        before_ms: i64,
+    },
+    /// Gives this DC's feed its identity, once: later ones are ignored, so
+    /// a DC log keeps the identity it was created with, and a DC rebuilt
+    /// from empty gets a new one (other DCs then refuse to continue their
+    /// cursor on it instead of silently skipping its new records).
+    InitFeedIdentity {
+        /// A fresh unique string (a UUID).
+        identity: String,
+    },
+    /// Admin recovery after a remote DC's feed changed identity (it was
+    /// rebuilt from empty): forget the cursor on `origin`'s feed, so it is
+    /// read again from its start. Re-reading is safe: every record applies
+    /// idempotently (existing messages are skipped, deletes stay deleted).
+    ResetFeed {
+        /// The remote DC.
+        origin: String,
     },
 }
 
@@ -139,6 +195,18 @@ pub enum CommandResult {
     },
     /// One result per command of a [`Command::Batch`], in order.
     Batch(Vec<CommandResponse>),
+    /// The ids whose segments the collector may now remove.
+    Condemned {
+        /// Condemned ids without a committed message.
+        ids: Vec<MessageId>,
+    },
+    /// Records forgotten by [`Command::Expire`].
+    Expired {
+        /// How many.
+        count: u64,
+        /// Whether more are due (propose again).
+        more: bool,
+    },
     /// Remote feed records were applied.
     Remote {
         /// How many were new.
@@ -200,12 +268,59 @@ pub enum StateError {
         /// First new sequence number offered.
         next: u64,
     },
-    /// Reading the underlying store failed.
+    /// The orphan collector condemned this id's segments before the
+    /// message committed (an upload that stalled past the grace period).
+    #[error("the segments of message {id} were removed as orphans (the upload stalled for longer than the orphan grace period); upload again")]
+    SegmentsCollected {
+        /// The id.
+        id: String,
+    },
+    /// A remote feed's identity differs from the one this DC's cursor on
+    /// it belongs to: the remote DC's log was rebuilt from empty.
+    #[error("DC {origin}'s feed is {found}, but this DC's cursor belongs to feed {expected}: {origin} was rebuilt; see docs/operations.md, 'A DC rebuilt from empty'")]
+    FeedIdentityChanged {
+        /// The remote DC.
+        origin: String,
+        /// The identity this DC's cursor belongs to.
+        expected: String,
+        /// The identity offered.
+        found: String,
+    },
+    /// Records of this DC's own feed offered as another DC's.
+    #[error("refusing to apply our own feed ({origin}) as remote")]
+    OwnFeed {
+        /// The DC.
+        origin: String,
+    },
+    /// Reading the underlying store failed. Not a refusal: the node cannot
+    /// know what the command would have done (see [`StateError::is_fatal`]).
     #[error("state read failed: {reason}")]
     Read {
         /// What the store said.
         reason: String,
     },
+}
+
+impl StateError {
+    /// Whether this error says the node's own storage failed (an I/O error
+    /// or undecodable bytes) rather than that the command was refused.
+    /// Refusals are deterministic: every node refuses alike. A failed read
+    /// is not: treating it as a refusal would make this node skip a
+    /// command its peers applied, and silently diverge. Such errors stop
+    /// the node's state machine instead.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StateError::Read { .. } | StateError::Corrupt { .. })
+    }
+}
+
+/// The first storage failure (see [`StateError::is_fatal`]) in a
+/// response, looking into batches.
+pub fn fatal_error(r: &CommandResponse) -> Option<&StateError> {
+    match r {
+        Err(e) if e.is_fatal() => Some(e),
+        Ok(CommandResult::Batch(rs)) => rs.iter().find_map(fatal_error),
+        _ => None,
+    }
 }
 
 /// What the state machine returns for every applied entry.
@@ -254,6 +369,50 @@ impl Overlay {
             Some(v) => Ok(v.clone()),
             None => base.get(key),
         }
+    }
+
+    /// [`KvRead::scan`] over `base` with this overlay's pending writes
+    /// applied, so a command sees what earlier commands of its batch wrote
+    /// (results never depend on where batch boundaries fall).
+    pub(crate) fn scan(
+        &self,
+        base: &dyn KvRead,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KvPairs, StateError> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(a) => Bound::Excluded(a.to_vec()),
+            None => Bound::Included(prefix.to_vec()),
+        };
+        let pending: Vec<_> = self
+            .writes
+            .range((start, Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .collect();
+        if pending.is_empty() {
+            return base.scan(prefix, after, limit);
+        }
+        // Each pending delete can hide one base row: read that many more.
+        let deletes = pending.iter().filter(|(_, v)| v.is_none()).count();
+        let rows = base.scan(prefix, after, limit + deletes)?;
+        // When the base had more rows than read, pending writes past its
+        // last row read may sort before base rows not read: leave them out.
+        let bound = (rows.len() == limit + deletes).then(|| rows.last().map(|(k, _)| k.clone()));
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
+        for (k, v) in pending {
+            if let Some(Some(b)) = &bound {
+                if *k > *b {
+                    break;
+                }
+            }
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
     }
 
     pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
@@ -348,45 +507,43 @@ fn apply_inner(
             inline,
             idempotency_key,
         } => {
-            let r = put_message(
+            match put_message(
                 base,
                 overlay,
                 meta,
                 inline.as_deref(),
                 idempotency_key.as_deref(),
-            )?;
-            if let CommandResult::Message {
-                meta: stored,
-                deduplicated: false,
-            } = &r
-            {
-                if stored == meta && replication::mark_new_local(base, overlay, ctx, meta)? {
+                KeyUse::Local,
+            )? {
+                Put::New => {
+                    replication::mark_new_local(base, overlay, ctx, meta)?;
                     replication::feed_append(
                         base,
                         overlay,
                         &FeedRecord::Message {
                             meta: meta.clone(),
                             inline: inline.clone(),
+                            idempotency_key: idempotency_key.clone(),
                         },
                     )?;
+                    Ok(CommandResult::Message {
+                        meta: meta.clone(),
+                        deduplicated: false,
+                    })
                 }
+                Put::NewDuplicate { .. } => unreachable!("only remote puts merge duplicates"),
+                Put::Replay(meta) => Ok(CommandResult::Message {
+                    meta,
+                    deduplicated: false,
+                }),
+                Put::Deduplicated(meta) => Ok(CommandResult::Message {
+                    meta,
+                    deduplicated: true,
+                }),
             }
-            Ok(r)
         }
         Command::DeleteMessage { id, at_ms } => {
-            let r = delete_message(base, overlay, id)?;
-            replication::feed_append(
-                base,
-                overlay,
-                &FeedRecord::Deleted {
-                    id: *id,
-                    at_ms: *at_ms,
-                },
-            )?;
-            // The Deleted record is this DC's acknowledgement of its own
-            // tombstone; the other DCs acknowledge through their feeds.
-            replication::local_tombstone(base, overlay, ctx, id, *at_ms)?;
-            Ok(r)
+            replication::delete_here(base, overlay, ctx, id, *at_ms)
         }
         Command::SetAttributes {
             id,
@@ -399,11 +556,13 @@ fn apply_inner(
             records,
             received_ms,
             payload_here,
+            identity,
         } => replication::apply_remote(
             base,
             overlay,
             ctx,
             origin,
+            identity,
             records,
             *received_ms,
             payload_here,
@@ -419,7 +578,160 @@ fn apply_inner(
             replication::purge_acknowledged_tombstones(base, overlay)?;
             Ok(CommandResult::None)
         }
+        Command::CondemnOrphans { ids, at_ms } => condemn_orphans(base, overlay, ids, *at_ms),
+        Command::OrphansCollected { ids } => {
+            for id in ids {
+                if let Some(mut o) = orphan(base, overlay, id)? {
+                    o.collected = true;
+                    overlay.put(keys::orphan(id), encode(&o));
+                }
+            }
+            Ok(CommandResult::None)
+        }
+        Command::Expire { before_ms } => expire(base, overlay, *before_ms),
+        Command::InitFeedIdentity { identity } => {
+            if overlay.get(base, keys::FEED_IDENTITY)?.is_none() {
+                overlay.put(keys::FEED_IDENTITY.to_vec(), encode(identity));
+            }
+            Ok(CommandResult::None)
+        }
+        Command::ResetFeed { origin } => {
+            overlay.delete(keys::cursor(origin));
+            overlay.delete(keys::feed_identity(origin));
+            Ok(CommandResult::None)
+        }
     }
+}
+
+/// What remains of a deleted message (see [`keys::gone`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gone {
+    /// When it was deleted.
+    pub at_ms: i64,
+    /// Its metadata, which its idempotency key still answers with.
+    pub meta: MessageMeta,
+    /// Whether its tombstone was purged (every DC acknowledged the delete):
+    /// a late acknowledgement then is old news, not a new tombstone.
+    pub settled: bool,
+}
+
+/// The orphan collector's decision on an id's segments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orphan {
+    /// When it was condemned.
+    pub at_ms: i64,
+    /// Whether the segments were removed since.
+    pub collected: bool,
+}
+
+pub(crate) fn message(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    id: &MessageId,
+) -> Result<Option<MessageMeta>, StateError> {
+    let k = keys::message(id);
+    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
+}
+
+pub(crate) fn gone(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    id: &MessageId,
+) -> Result<Option<Gone>, StateError> {
+    let k = keys::gone(id);
+    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
+}
+
+pub(crate) fn orphan(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    id: &MessageId,
+) -> Result<Option<Orphan>, StateError> {
+    let k = keys::orphan(id);
+    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
+}
+
+fn condemn_orphans(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ids: &[MessageId],
+    at_ms: i64,
+) -> CommandResponse {
+    let mut out = Vec::new();
+    for id in ids {
+        let prior = orphan(base, ov, id)?;
+        if message(base, ov, id)?.is_some() {
+            // Committed before the decision: its segments are no orphans.
+            // Committed after an unfinished one (a record that came late
+            // for a payload pushed early): not held here, its fetch waits
+            // for the removal, so the decision is carried out.
+            if prior.as_ref().is_some_and(|o| !o.collected) {
+                out.push(*id);
+            }
+            continue;
+        }
+        match prior {
+            Some(o) if !o.collected => {}
+            _ => {
+                // New, or found again after a collection (a late write):
+                // condemned anew, its expiry counted from now.
+                ov.put(
+                    keys::orphan(id),
+                    encode(&Orphan {
+                        at_ms,
+                        collected: false,
+                    }),
+                );
+                ov.put(keys::expiry(at_ms, keys::EXPIRE_ORPHAN, id), Vec::new());
+            }
+        }
+        out.push(*id);
+    }
+    Ok(CommandResult::Condemned { ids: out })
+}
+
+/// Records expired per [`Command::Expire`] at most (the proposer repeats
+/// while `more`).
+const EXPIRE_BATCH: usize = 1024;
+
+fn expire(base: &dyn KvRead, ov: &mut Overlay, before_ms: i64) -> CommandResponse {
+    let rows = ov.scan(base, keys::EXPIRY_PREFIX, None, EXPIRE_BATCH + 1)?;
+    let mut count = 0;
+    let mut more = false;
+    for (k, _) in rows {
+        let (ms, what, id) = keys::decode_expiry(&k)?;
+        if ms >= before_ms {
+            break;
+        }
+        if count == EXPIRE_BATCH as u64 {
+            more = true;
+            break;
+        }
+        ov.delete(k);
+        count += 1;
+        match what {
+            keys::EXPIRE_GONE => {
+                let Some(g) = gone(base, ov, &id)? else { continue };
+                ov.delete(keys::gone(&id));
+                let ik = keys::message_idempotency(&id);
+                if let Some(key) = ov.get(base, &ik)? {
+                    let kk = keys::idempotency(&g.meta.mailbox, &String::from_utf8_lossy(&key));
+                    if ov.get(base, &kk)?.as_deref() == Some(id.as_bytes().as_slice()) {
+                        ov.delete(kk);
+                    }
+                    ov.delete(ik);
+                }
+            }
+            keys::EXPIRE_ORPHAN => {
+                // Re-condemned later: that decision has its own entry.
+                if orphan(base, ov, &id)?.is_some_and(|o| o.at_ms == ms) {
+                    ov.delete(keys::orphan(&id));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(CommandResult::Expired { count, more })
 }
 
 pub(crate) fn create_mailbox(
@@ -473,69 +785,142 @@ pub(crate) fn create_mailbox(
     })
 }
 
+/// How `put_message` treats an idempotency key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum KeyUse {
+    /// An upload here: a key already used answers with its message.
+    Local,
+    /// A message of another DC's feed: it exists there, so it is stored
+    /// whatever the key; when two DCs used one key concurrently, the key
+    /// maps to the older message (smaller id) in every DC.
+    Remote,
+}
+
+/// Outcome of a put that was not refused.
+#[derive(Debug)]
+pub(crate) enum Put {
+    /// Stored now.
+    New,
+    /// This very message was stored by an earlier apply of the same
+    /// proposal (it may have changed or been deleted since).
+    Replay(MessageMeta),
+    /// The idempotency key belongs to this earlier message.
+    Deduplicated(MessageMeta),
+    /// Stored (a remote message), but another message already here has
+    /// the same idempotency key and the same payload: the same file was
+    /// uploaded into two DCs that could not see each other (a retry into
+    /// the other DC during a partition). The newer of the two (`loser`,
+    /// possibly the one just stored) is a duplicate.
+    NewDuplicate {
+        /// The newer message, which every DC removes.
+        loser: MessageId,
+    },
+}
+
+/// Whether `existing` is the message `meta` describes, as first stored:
+/// everything but the mutable attributes agrees.
+fn same_upload(existing: &MessageMeta, meta: &MessageMeta) -> bool {
+    existing.id == meta.id
+        && existing.mailbox == meta.mailbox
+        && existing.name == meta.name
+        && existing.size == meta.size
+        && existing.sha256 == meta.sha256
+        && existing.created_ms == meta.created_ms
+        && existing.origin_dc == meta.origin_dc
+        && existing.payload == meta.payload
+}
+
 pub(crate) fn put_message(
     base: &dyn KvRead,
     ov: &mut Overlay,
     meta: &MessageMeta,
     inline: Option<&[u8]>,
     idem: Option<&str>,
-) -> CommandResponse {
-    if ov.get(base, &keys::mailbox(&meta.mailbox))?.is_none() {
-        return Err(StateError::MailboxNotFound {
-            path: meta.mailbox.to_string(),
-        });
-    }
-    if let Some(k) = idem {
-        let ikey = keys::idempotency(&meta.mailbox, k);
-        if let Some(raw) = ov.get(base, &ikey)? {
-            let id = keys::decode_id(&ikey, &raw)?;
-            let mkey = keys::message(&id);
-            if let Some(v) = ov.get(base, &mkey)? {
-                return Ok(CommandResult::Message {
-                    meta: decode(&mkey, &v)?,
-                    deduplicated: true,
-                });
-            }
-        }
-    }
-    let mkey = keys::message(&meta.id);
-    if let Some(v) = ov.get(base, &mkey)? {
-        // The same proposal applied twice (a forward retried after its reply
-        // was lost) is the same success; another message under this id is not.
-        let existing: MessageMeta = decode(&mkey, &v)?;
-        if &existing == meta {
-            return Ok(CommandResult::Message {
-                meta: existing,
-                deduplicated: false,
-            });
+    key_use: KeyUse,
+) -> Result<Put, StateError> {
+    // The id first: a replayed proposal is recognised however the message
+    // changed since, and never falls through to the key check (which would
+    // call it a duplicate of itself) or to a second store.
+    if let Some(existing) = message(base, ov, &meta.id)? {
+        if same_upload(&existing, meta) {
+            return Ok(Put::Replay(existing));
         }
         return Err(StateError::MessageExists {
             id: meta.id.to_string(),
         });
     }
+    if let Some(g) = gone(base, ov, &meta.id)? {
+        if same_upload(&g.meta, meta) {
+            return Ok(Put::Replay(g.meta));
+        }
+        return Err(StateError::MessageExists {
+            id: meta.id.to_string(),
+        });
+    }
+    if key_use == KeyUse::Local && orphan(base, ov, &meta.id)?.is_some() {
+        return Err(StateError::SegmentsCollected {
+            id: meta.id.to_string(),
+        });
+    }
+    if ov.get(base, &keys::mailbox(&meta.mailbox))?.is_none() {
+        return Err(StateError::MailboxNotFound {
+            path: meta.mailbox.to_string(),
+        });
+    }
+    let mut claim_key = idem.is_some();
+    let mut duplicate = None;
+    if let Some(k) = idem {
+        let ikey = keys::idempotency(&meta.mailbox, k);
+        if let Some(raw) = ov.get(base, &ikey)? {
+            let id = keys::decode_id(&ikey, &raw)?;
+            let earlier = match message(base, ov, &id)? {
+                Some(m) => Some(m),
+                None => gone(base, ov, &id)?.map(|g| g.meta),
+            };
+            if let Some(earlier) = earlier {
+                match key_use {
+                    KeyUse::Local => return Ok(Put::Deduplicated(earlier)),
+                    KeyUse::Remote => {
+                        claim_key = meta.id < earlier.id;
+                        let alive = message(base, ov, &earlier.id)?.is_some();
+                        if alive && earlier.sha256 == meta.sha256 && earlier.size == meta.size {
+                            duplicate = Some(meta.id.max(earlier.id));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let mkey = keys::message(&meta.id);
     ov.put(mkey, encode(meta));
     ov.put(keys::listing(&meta.mailbox, &meta.id), Vec::new());
     if let Some(data) = inline {
         ov.put(keys::inline(&meta.id), data.to_vec());
     }
     if let Some(k) = idem {
-        ov.put(
-            keys::idempotency(&meta.mailbox, k),
-            meta.id.as_bytes().to_vec(),
-        );
-        // Remember the key on the message so a delete can drop it.
+        if claim_key {
+            ov.put(
+                keys::idempotency(&meta.mailbox, k),
+                meta.id.as_bytes().to_vec(),
+            );
+        }
+        // Remember the key on the message: its expiry after a delete
+        // drops the key if it still points here.
         ov.put(keys::message_idempotency(&meta.id), k.as_bytes().to_vec());
     }
-    Ok(CommandResult::Message {
-        meta: meta.clone(),
-        deduplicated: false,
+    Ok(match duplicate {
+        Some(loser) => Put::NewDuplicate { loser },
+        None => Put::New,
     })
 }
 
+/// Removes a message deleted at `at_ms`, keeping a [`Gone`] record (and
+/// its idempotency key) until the retention expires.
 pub(crate) fn delete_message(
     base: &dyn KvRead,
     ov: &mut Overlay,
     id: &MessageId,
+    at_ms: i64,
 ) -> CommandResponse {
     let mkey = keys::message(id);
     let Some(v) = ov.get(base, &mkey)? else {
@@ -548,14 +933,15 @@ pub(crate) fn delete_message(
     ov.delete(keys::attributes(id));
     ov.delete(keys::missing(id));
     ov.delete(keys::metadata_since(id));
-    let ik = keys::message_idempotency(id);
-    if let Some(k) = ov.get(base, &ik)? {
-        ov.delete(keys::idempotency(
-            &meta.mailbox,
-            &String::from_utf8_lossy(&k),
-        ));
-        ov.delete(ik);
-    }
+    ov.put(
+        keys::gone(id),
+        encode(&Gone {
+            at_ms,
+            meta: meta.clone(),
+            settled: false,
+        }),
+    );
+    ov.put(keys::expiry(at_ms, keys::EXPIRE_GONE, id), Vec::new());
     Ok(CommandResult::Deleted { meta })
 }
 

@@ -2,7 +2,7 @@
 
 use mailbox_types::{MailboxPath, MailboxRecord, MessageId, MessageMeta};
 
-use crate::{decode, keys, KvRead, StateError};
+use crate::{decode, keys, Gone, KvRead, Overlay, StateError};
 
 /// A mailbox record, if it exists.
 pub fn get_mailbox(kv: &dyn KvRead, p: &MailboxPath) -> Result<Option<MailboxRecord>, StateError> {
@@ -60,4 +60,45 @@ pub fn list_messages(
         out.push(meta);
     }
     Ok(out)
+}
+
+/// What remains of a deleted message during the idempotency retention.
+pub fn get_gone(kv: &dyn KvRead, id: &MessageId) -> Result<Option<Gone>, StateError> {
+    crate::gone(kv, &Overlay::new(), id)
+}
+
+/// Whether the orphan collector condemned `id`'s segments and has not
+/// confirmed their removal yet (nothing may write them meanwhile).
+pub fn orphan_pending(kv: &dyn KvRead, id: &MessageId) -> Result<bool, StateError> {
+    Ok(crate::orphan(kv, &Overlay::new(), id)?.is_some_and(|o| !o.collected))
+}
+
+/// This DC's feed identity, once the leader recorded it.
+pub fn feed_identity(kv: &dyn KvRead) -> Result<Option<String>, StateError> {
+    kv.get(keys::FEED_IDENTITY)?
+        .map(|v| decode(keys::FEED_IDENTITY, &v))
+        .transpose()
+}
+
+/// Ids the orphan collector condemned without confirming their removal
+/// yet, with when (at most `limit`).
+pub fn pending_orphans(kv: &dyn KvRead, limit: usize) -> Result<Vec<(MessageId, i64)>, StateError> {
+    let mut out = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let rows = kv.scan(keys::ORPHAN_PREFIX, after.as_deref(), 1024)?;
+        let Some((last, _)) = rows.last() else {
+            return Ok(out);
+        };
+        after = Some(last.clone());
+        for (k, v) in &rows {
+            let o: crate::Orphan = decode(k, v)?;
+            if !o.collected {
+                out.push((keys::decode_id(k, &k[1..])?, o.at_ms));
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+        }
+    }
 }

@@ -33,8 +33,8 @@ use mailbox_types::{Hlc, MailboxRecord, MessageId, MessageMeta, Stamp};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    create_mailbox, decode, delete_message, encode, keys, CommandResponse, CommandResult, KvRead,
-    Overlay, StateError,
+    create_mailbox, decode, delete_message, encode, gone, keys, message, orphan, CommandResponse,
+    CommandResult, KeyUse, KvRead, Overlay, StateError,
 };
 
 /// Facts about the applying DC that every node of the DC agrees on.
@@ -68,6 +68,8 @@ pub enum FeedRecord {
         /// The payload when inline (encoded as bytes, see `PutMessage`).
         #[serde(with = "serde_bytes")]
         inline: Option<Vec<u8>>,
+        /// The upload's idempotency key: it answers in every DC.
+        idempotency_key: Option<String>,
     },
     /// A message was deleted in the origin DC.
     Deleted {
@@ -152,6 +154,22 @@ fn load_tombstone(
     ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
 }
 
+/// Deletes a message in this DC: the delete, its feed record (which is
+/// this DC's acknowledgement of its own tombstone; the other DCs
+/// acknowledge through their feeds) and the tombstone.
+pub(crate) fn delete_here(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    id: &MessageId,
+    at_ms: i64,
+) -> CommandResponse {
+    let r = delete_message(base, ov, id, at_ms)?;
+    feed_append(base, ov, &FeedRecord::Deleted { id: *id, at_ms })?;
+    local_tombstone(base, ov, ctx, id, at_ms)?;
+    Ok(r)
+}
+
 /// A message this DC held was deleted here.
 pub(crate) fn local_tombstone(
     base: &dyn KvRead,
@@ -179,12 +197,24 @@ fn remote_tombstone(
 ) -> Result<(), StateError> {
     let present = message(base, ov, id)?.is_some();
     if present {
-        delete_message(base, ov, id)?;
+        delete_message(base, ov, id, at_ms)?;
     }
-    let mut t = load_tombstone(base, ov, id)?.unwrap_or(Tombstone {
-        at_ms,
-        ..Tombstone::default()
-    });
+    let Some(mut t) = load_tombstone(base, ov, id)? else {
+        // No tombstone, though the message was here: its tombstone was
+        // purged, every DC (this one too) had acknowledged; a late
+        // acknowledgement (a DC that joined since, reading old feeds) is
+        // old news, and must not start a tombstone nobody will settle.
+        let was_here = gone(base, ov, id)?;
+        if !present && was_here.as_ref().is_some_and(|g| g.settled) {
+            return Ok(());
+        }
+        let t = Tombstone {
+            at_ms,
+            seen_creation: present || was_here.is_some(),
+            acks: BTreeSet::from([from.to_string()]),
+        };
+        return settle_tombstone(base, ov, ctx, id, t);
+    };
     t.at_ms = t.at_ms.min(at_ms);
     t.seen_creation |= present;
     t.acks.insert(from.to_string());
@@ -235,8 +265,12 @@ fn purge(
         ov.delete(keys::holder(id, dc));
     }
     // Holders recorded by DCs that have since left the cluster.
-    for (k, _) in base.scan(&keys::holders_prefix(id), None, 1024)? {
+    for (k, _) in ov.scan(base, &keys::holders_prefix(id), None, 1024)? {
         ov.delete(k);
+    }
+    if let Some(mut g) = gone(base, ov, id)? {
+        g.settled = true;
+        ov.put(keys::gone(id), encode(&g));
     }
     Ok(())
 }
@@ -252,7 +286,7 @@ pub(crate) fn purge_acknowledged_tombstones(
     };
     let mut after: Option<Vec<u8>> = None;
     loop {
-        let rows = base.scan(keys::TOMBSTONE_PREFIX, after.as_deref(), 1024)?;
+        let rows = ov.scan(base, keys::TOMBSTONE_PREFIX, after.as_deref(), 1024)?;
         let Some((last, _)) = rows.last() else {
             return Ok(());
         };
@@ -401,21 +435,19 @@ fn cluster_dcs(base: &dyn KvRead, ov: &Overlay) -> Result<Option<Vec<String>>, S
         .transpose()
 }
 
-/// Records a new local message as held here; false if it already was (a
-/// replayed proposal), in which case nothing is written.
+/// Records a message just stored here (not a replay: `put_message`
+/// recognises those) as held by this DC.
 pub(crate) fn mark_new_local(
     base: &dyn KvRead,
     ov: &mut Overlay,
     ctx: &ApplyCtx,
     meta: &MessageMeta,
-) -> Result<bool, StateError> {
-    let hk = keys::holder(&meta.id, &ctx.local_dc);
-    if ov.get(base, &hk)?.is_some() {
-        return Ok(false);
-    }
-    ov.put(hk, encode(&meta.created_ms));
-    maybe_complete(base, ov, ctx, meta)?;
-    Ok(true)
+) -> Result<(), StateError> {
+    ov.put(
+        keys::holder(&meta.id, &ctx.local_dc),
+        encode(&meta.created_ms),
+    );
+    maybe_complete(base, ov, ctx, meta)
 }
 
 /// At the origin: if every cluster DC holds `meta`, record when.
@@ -443,28 +475,39 @@ fn maybe_complete(
     Ok(())
 }
 
-fn message(
-    base: &dyn KvRead,
-    ov: &Overlay,
-    id: &MessageId,
-) -> Result<Option<MessageMeta>, StateError> {
-    let k = keys::message(id);
-    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
-}
-
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn apply_remote(
     base: &dyn KvRead,
     ov: &mut Overlay,
     ctx: &ApplyCtx,
     origin: &str,
+    identity: &str,
     records: &[(u64, FeedRecord)],
     received_ms: i64,
     payload_here: &[MessageId],
 ) -> CommandResponse {
     if origin == ctx.local_dc {
-        return Err(StateError::Read {
-            reason: format!("refusing to apply our own feed ({origin}) as remote"),
+        return Err(StateError::OwnFeed {
+            origin: origin.to_string(),
         });
+    }
+    if !identity.is_empty() {
+        let ik = keys::feed_identity(origin);
+        match ov.get(base, &ik)? {
+            Some(v) => {
+                let expected: String = decode(&ik, &v)?;
+                if expected != identity {
+                    return Err(StateError::FeedIdentityChanged {
+                        origin: origin.to_string(),
+                        expected,
+                        found: identity.to_string(),
+                    });
+                }
+            }
+            // First contact (or a cursor from before identities): the
+            // cursor belongs to this feed from now on.
+            None => ov.put(ik, encode(&identity.to_string())),
+        }
     }
     let ck = keys::cursor(origin);
     let mut cursor: u64 = match ov.get(base, &ck)? {
@@ -514,7 +557,11 @@ fn apply_one(
                 &mut Vec::new(),
             )?;
         }
-        FeedRecord::Message { meta, inline } => {
+        FeedRecord::Message {
+            meta,
+            inline,
+            idempotency_key,
+        } => {
             if let Some(mut t) = load_tombstone(base, ov, &meta.id)? {
                 // Deleted before we saw it: now we have, and can acknowledge.
                 if !t.seen_creation {
@@ -523,7 +570,8 @@ fn apply_one(
                 }
                 return Ok(());
             }
-            if message(base, ov, &meta.id)?.is_some() {
+            // Here already, or here and deleted since (its tombstone purged).
+            if message(base, ov, &meta.id)?.is_some() || gone(base, ov, &meta.id)?.is_some() {
                 return Ok(());
             }
             let regs = load_attrs(base, ov, &meta.id)?;
@@ -548,7 +596,14 @@ fn apply_one(
                 meta.created_ms,
                 &mut Vec::new(),
             )?;
-            crate::put_message(base, ov, meta, inline.as_deref(), None)?;
+            let put = crate::put_message(
+                base,
+                ov,
+                meta,
+                inline.as_deref(),
+                idempotency_key.as_deref(),
+                KeyUse::Remote,
+            )?;
             ov.put(keys::holder(&meta.id, origin), encode(&meta.created_ms));
             ov.put(keys::metadata_since(&meta.id), encode(&received_ms));
             if inline.is_some() || meta.segments().is_empty() {
@@ -556,11 +611,21 @@ fn apply_one(
                 // (not since the origin created it, which may be an outage
                 // earlier).
                 hold_locally(base, ov, ctx, meta, received_ms)?;
-            } else if payload_here.contains(&meta.id) {
-                // Segments were pushed with the record and stored first.
+            } else if payload_here.contains(&meta.id) && orphan(base, ov, &meta.id)?.is_none() {
+                // Segments were pushed with the record and stored first
+                // (and the orphan collector did not condemn them while the
+                // record was late: then they are fetched, and verified).
                 hold_locally(base, ov, ctx, meta, received_ms)?;
             } else {
                 ov.put(keys::missing(&meta.id), Vec::new());
+            }
+            if let crate::Put::NewDuplicate { loser } = put {
+                // Every DC sees both records and decides alike: the newer
+                // copy goes, through an ordinary delete (tombstone, feed
+                // record, acknowledgements), so the key answers with one
+                // message everywhere. Its own `Gone` record keeps a replay
+                // of it a success.
+                delete_here(base, ov, ctx, &loser, received_ms)?;
             }
         }
         FeedRecord::Deleted { id, at_ms } => {
@@ -656,6 +721,12 @@ pub fn feed_head(kv: &dyn KvRead) -> Result<u64, StateError> {
         .map(|o| o.unwrap_or(0))
 }
 
+/// The identity of `origin`'s feed that this DC's cursor on it belongs to.
+pub fn remote_feed_identity(kv: &dyn KvRead, origin: &str) -> Result<Option<String>, StateError> {
+    let k = keys::feed_identity(origin);
+    kv.get(&k)?.map(|v| decode(&k, &v)).transpose()
+}
+
 /// Last applied sequence number of `origin`'s feed.
 pub fn cursor(kv: &dyn KvRead, origin: &str) -> Result<u64, StateError> {
     let k = keys::cursor(origin);
@@ -665,9 +736,15 @@ pub fn cursor(kv: &dyn KvRead, origin: &str) -> Result<u64, StateError> {
         .map(|o| o.unwrap_or(0))
 }
 
-/// Messages whose metadata is here but whose payload is not, oldest first.
-pub fn missing_payloads(kv: &dyn KvRead, limit: usize) -> Result<Vec<MessageMeta>, StateError> {
-    let rows = kv.scan(keys::MISSING_PREFIX, None, limit)?;
+/// Messages whose metadata is here but whose payload is not, oldest
+/// first, from after `after` (a page of the index at a time).
+pub fn missing_payloads_after(
+    kv: &dyn KvRead,
+    after: Option<&MessageId>,
+    limit: usize,
+) -> Result<Vec<MessageMeta>, StateError> {
+    let after = after.map(keys::missing);
+    let rows = kv.scan(keys::MISSING_PREFIX, after.as_deref(), limit)?;
     let mut out = Vec::new();
     for (k, _) in rows {
         let id = keys::decode_id(&k, &k[1..])?;
@@ -676,6 +753,11 @@ pub fn missing_payloads(kv: &dyn KvRead, limit: usize) -> Result<Vec<MessageMeta
         }
     }
     Ok(out)
+}
+
+/// The first `limit` messages missing their payload here, oldest first.
+pub fn missing_payloads(kv: &dyn KvRead, limit: usize) -> Result<Vec<MessageMeta>, StateError> {
+    missing_payloads_after(kv, None, limit)
 }
 
 /// When this DC got a message's metadata: its arrival for replicated

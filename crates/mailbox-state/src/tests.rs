@@ -180,9 +180,18 @@ fn idempotency_returns_original_even_in_one_batch() {
             ..
         })
     ));
-    // After delete the key is free again.
+    // After a delete the key still answers with the original, for the
+    // retention; once that expired the key is free again.
     run(&mut kv, Command::DeleteMessage { id: a.id, at_ms: 5 }).unwrap();
     let d = meta("/inbox", "x");
+    assert_eq!(
+        put(&mut kv, &d, Some("k1")),
+        Ok(CommandResult::Message {
+            meta: a.clone(),
+            deduplicated: true,
+        })
+    );
+    run(&mut kv, Command::Expire { before_ms: 6 }).unwrap();
     assert!(matches!(
         put(&mut kv, &d, Some("k1")),
         Ok(CommandResult::Message {
@@ -315,6 +324,7 @@ mod replication {
                     records,
                     received_ms: 1000,
                     payload_here: vec![],
+                    identity: String::new(),
                 })
                 .unwrap()
             {
@@ -436,6 +446,7 @@ mod replication {
             records,
             received_ms: 77,
             payload_here: vec![m.id],
+            identity: String::new(),
         })
         .unwrap();
         assert!(missing_payloads(&west.kv, 10).unwrap().is_empty());
@@ -469,6 +480,7 @@ mod replication {
                 records,
                 received_ms: 1000,
                 payload_here: vec![],
+                identity: String::new(),
             })
             .unwrap(),
             CommandResult::Remote {
@@ -491,6 +503,7 @@ mod replication {
                 records: vec![],
                 received_ms: 1000,
                 payload_here: vec![],
+                identity: String::new(),
             })
             .is_err());
         // A put into a missing mailbox writes nothing, feed included.
@@ -521,6 +534,7 @@ mod replication {
             records: records[1..].to_vec(),
             received_ms: 1000,
             payload_here: vec![],
+            identity: String::new(),
         };
         assert!(matches!(
             west.run(late.clone()),
@@ -631,7 +645,11 @@ mod replication {
             assert!(holders(&dc.kv, &m.id).unwrap().is_empty());
             assert_eq!(complete_ms(&dc.kv, &m.id).unwrap(), None);
         }
-        // Nothing left for the message at all: no key mentions its id.
+        // Once the retention expired, nothing is left for the message at
+        // all: no key mentions its id.
+        for dc in &mut dcs {
+            dc.run(Command::Expire { before_ms: 10 }).unwrap();
+        }
         for dc in &dcs {
             let id = m.id.as_bytes();
             let left: Vec<_> = dc
@@ -818,6 +836,378 @@ mod replication {
             assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0);
         }
     }
+
+    fn put_keyed(dc: &mut Dc, key: &str) -> (MessageMeta, CommandResult) {
+        dc.run(Command::CreateMailbox {
+            path: mb("/in"),
+            parents: true,
+            created_ms: 1,
+        })
+        .unwrap();
+        let mut m = meta("/in", "x");
+        m.origin_dc = dc.ctx.local_dc.clone();
+        let r = dc
+            .run(Command::PutMessage {
+                meta: m.clone(),
+                inline: Some(b"abc".to_vec()),
+                idempotency_key: Some(key.into()),
+            })
+            .unwrap();
+        (m, r)
+    }
+
+    fn key_owner(dc: &Dc, key: &str) -> Option<MessageId> {
+        let k = keys::idempotency(&mb("/in"), key);
+        dc.kv.0.get(&k).map(|v| keys::decode_id(&k, v).unwrap())
+    }
+
+    /// Issue #8 item 6: a partner whose upload to east timed out retries
+    /// through west; west answers with east's message.
+    #[test]
+    fn an_idempotency_key_answers_in_every_dc() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let (m, _) = put_keyed(&mut dcs[0], "order-1");
+        converge(&mut dcs);
+        let (retry, r) = put_keyed(&mut dcs[1], "order-1");
+        assert_eq!(
+            r,
+            CommandResult::Message {
+                meta: get_message(&dcs[1].kv, &m.id).unwrap().unwrap(),
+                deduplicated: true
+            },
+            "west must answer with east's message"
+        );
+        assert!(get_message(&dcs[1].kv, &retry.id).unwrap().is_none());
+    }
+
+    /// The same file with the same key uploaded into two DCs while they
+    /// could not see each other (a retry into the other DC during a
+    /// partition): every DC keeps the older message and removes the newer.
+    #[test]
+    fn a_key_used_in_two_dcs_at_once_settles_on_one_message_everywhere() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let (a, _) = put_keyed(&mut dcs[0], "k");
+        let (b, _) = put_keyed(&mut dcs[1], "k");
+        assert!(a.id < b.id);
+        converge(&mut dcs);
+        for dc in &dcs {
+            let name = &dc.ctx.local_dc;
+            assert_eq!(key_owner(dc, "k"), Some(a.id), "{name}");
+            assert!(get_message(&dc.kv, &a.id).unwrap().is_some(), "{name}");
+            assert!(get_message(&dc.kv, &b.id).unwrap().is_none(), "{name}");
+            assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0, "{name}");
+        }
+        // A replay of the removed upload is still the same success.
+        match dcs[1]
+            .run(Command::PutMessage {
+                meta: b.clone(),
+                inline: Some(b"abc".to_vec()),
+                idempotency_key: Some("k".into()),
+            })
+            .unwrap()
+        {
+            CommandResult::Message {
+                meta,
+                deduplicated: false,
+            } => assert_eq!(meta.id, b.id),
+            other => panic!("{other:?}"),
+        }
+        assert!(get_message(&dcs[1].kv, &b.id).unwrap().is_none());
+    }
+
+    /// Different payloads under one key (a client reusing keys) are two
+    /// files: both stay, the key answers with the older in every DC.
+    #[test]
+    fn one_key_for_two_different_files_keeps_both() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let (a, _) = put_keyed(&mut dcs[0], "k");
+        dcs[1]
+            .run(Command::CreateMailbox {
+                path: mb("/in"),
+                parents: true,
+                created_ms: 1,
+            })
+            .unwrap();
+        let mut b = meta("/in", "other");
+        b.origin_dc = "west".into();
+        b.size = 4;
+        b.sha256 = Digest::of(b"abcd");
+        dcs[1]
+            .run(Command::PutMessage {
+                meta: b.clone(),
+                inline: Some(b"abcd".to_vec()),
+                idempotency_key: Some("k".into()),
+            })
+            .unwrap();
+        converge(&mut dcs);
+        for dc in &dcs {
+            assert_eq!(key_owner(dc, "k"), Some(a.id));
+            assert!(get_message(&dc.kv, &b.id).unwrap().is_some());
+        }
+    }
+
+    /// A key keeps answering after its message was deleted, for the
+    /// retention; `Expire` then frees it (and forgets the replay guard).
+    #[test]
+    fn a_key_outlives_the_delete_until_it_expires() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let (m, _) = put_keyed(&mut dcs[0], "k");
+        converge(&mut dcs);
+        dcs[0]
+            .run(Command::DeleteMessage { id: m.id, at_ms: 100 })
+            .unwrap();
+        converge(&mut dcs);
+        for i in 0..2 {
+            let (again, r) = put_keyed(&mut dcs[i], "k");
+            match r {
+                CommandResult::Message {
+                    meta,
+                    deduplicated: true,
+                } => assert_eq!(meta.id, m.id),
+                other => panic!("key must answer after the delete: {other:?}"),
+            }
+            assert!(get_message(&dcs[i].kv, &again.id).unwrap().is_none());
+            assert!(get_message(&dcs[i].kv, &m.id).unwrap().is_none());
+        }
+        // Not yet due: nothing expires.
+        assert!(matches!(
+            dcs[0].run(Command::Expire { before_ms: 100 }).unwrap(),
+            CommandResult::Expired { count: 0, .. }
+        ));
+        for dc in &mut dcs {
+            dc.run(Command::Expire { before_ms: 101 }).unwrap();
+            // Nothing left for the message at all.
+            let id = m.id.as_bytes();
+            let left: Vec<_> = dc
+                .kv
+                .0
+                .keys()
+                .filter(|k| k.windows(16).any(|w| w == id))
+                .map(|k| keys::hex(k))
+                .collect();
+            assert!(left.is_empty(), "{}: {left:?}", dc.ctx.local_dc);
+        }
+        let (fresh, r) = put_keyed(&mut dcs[1], "k");
+        assert_eq!(
+            r,
+            CommandResult::Message {
+                meta: fresh,
+                deduplicated: false
+            }
+        );
+    }
+
+    /// Issue #8 item 7: a DC that joins after a tombstone was purged reads
+    /// the old feeds and acknowledges the delete; the others must not start
+    /// a tombstone that never settles.
+    #[test]
+    fn a_late_acknowledgement_after_the_purge_leaves_no_tombstone() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let m = put_inline(&mut dcs[0], "/in");
+        converge(&mut dcs);
+        dcs[0]
+            .run(Command::DeleteMessage { id: m.id, at_ms: 9 })
+            .unwrap();
+        converge(&mut dcs);
+        let all = ["east", "west", "north"];
+        for dc in &mut dcs {
+            dc.run(Command::SetClusterDcs {
+                dcs: all.iter().map(|d| d.to_string()).collect(),
+            })
+            .unwrap();
+        }
+        let mut all_dcs = [
+            Dc {
+                kv: dcs[0].kv.clone(),
+                ctx: dcs[0].ctx.clone(),
+            },
+            Dc {
+                kv: dcs[1].kv.clone(),
+                ctx: dcs[1].ctx.clone(),
+            },
+            Dc::in_cluster("north", &all),
+        ];
+        converge(&mut all_dcs);
+        for dc in &all_dcs {
+            assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0, "{}", dc.ctx.local_dc);
+            assert!(get_message(&dc.kv, &m.id).unwrap().is_none());
+        }
+    }
+
+    /// Issue #8 item 5: a remote DC rebuilt from empty has a new feed
+    /// identity; its records are refused until an admin resets the cursor.
+    #[test]
+    fn a_feed_with_another_identity_is_refused_until_reset() {
+        let mut east = Dc::new("east");
+        let mut west = Dc::new("west");
+        east.run(Command::InitFeedIdentity {
+            identity: "feed-1".into(),
+        })
+        .unwrap();
+        put_inline(&mut east, "/in");
+        let apply = |west: &mut Dc, identity: &str, records| {
+            west.run(Command::ApplyRemote {
+                origin: "east".into(),
+                records,
+                received_ms: 1,
+                payload_here: vec![],
+                identity: identity.into(),
+            })
+        };
+        let recs = feed_since(&east.kv, 0, 100).unwrap();
+        assert!(apply(&mut west, "feed-1", recs.clone()).is_ok());
+        assert_eq!(cursor(&west.kv, "east").unwrap(), 2);
+        // East is rebuilt: a new log, a new identity, its feed from 1 again.
+        let mut rebuilt = Dc::new("east");
+        rebuilt
+            .run(Command::InitFeedIdentity {
+                identity: "feed-2".into(),
+            })
+            .unwrap();
+        // A second init never changes the identity.
+        rebuilt
+            .run(Command::InitFeedIdentity {
+                identity: "feed-3".into(),
+            })
+            .unwrap();
+        assert_eq!(
+            crate::feed_identity(&rebuilt.kv).unwrap().as_deref(),
+            Some("feed-2")
+        );
+        let m2 = put_inline(&mut rebuilt, "/in");
+        let recs = feed_since(&rebuilt.kv, 0, 100).unwrap();
+        assert!(matches!(
+            apply(&mut west, "feed-2", recs.clone()),
+            Err(StateError::FeedIdentityChanged { .. })
+        ));
+        west.run(Command::ResetFeed {
+            origin: "east".into(),
+        })
+        .unwrap();
+        assert!(apply(&mut west, "feed-2", recs).is_ok());
+        assert!(get_message(&west.kv, &m2.id).unwrap().is_some());
+    }
+
+    /// Issue #8 item 2: the collector's decision goes through the log; an
+    /// upload committed after it is refused, one committed before it is
+    /// skipped by it.
+    #[test]
+    fn condemned_segments_are_never_committed_and_committed_ones_never_condemned() {
+        let mut east = Dc::new("east");
+        east.run(Command::CreateMailbox {
+            path: mb("/in"),
+            parents: false,
+            created_ms: 1,
+        })
+        .unwrap();
+        let stalled = segmented("/in");
+        let committed = segmented("/in");
+        east.run(Command::PutMessage {
+            meta: committed.clone(),
+            inline: None,
+            idempotency_key: None,
+        })
+        .unwrap();
+        match east
+            .run(Command::CondemnOrphans {
+                ids: vec![stalled.id, committed.id],
+                at_ms: 50,
+            })
+            .unwrap()
+        {
+            CommandResult::Condemned { ids } => assert_eq!(ids, vec![stalled.id]),
+            other => panic!("{other:?}"),
+        }
+        assert!(crate::orphan_pending(&east.kv, &stalled.id).unwrap());
+        assert!(matches!(
+            east.run(Command::PutMessage {
+                meta: stalled.clone(),
+                inline: None,
+                idempotency_key: None,
+            }),
+            Err(StateError::SegmentsCollected { .. })
+        ));
+        east.run(Command::OrphansCollected {
+            ids: vec![stalled.id],
+        })
+        .unwrap();
+        assert!(!crate::orphan_pending(&east.kv, &stalled.id).unwrap());
+        // Still refused after the removal, until the decision expires.
+        assert!(east
+            .run(Command::PutMessage {
+                meta: stalled.clone(),
+                inline: None,
+                idempotency_key: None,
+            })
+            .is_err());
+        east.run(Command::Expire { before_ms: 51 }).unwrap();
+        assert!(crate::get_message(&east.kv, &stalled.id).unwrap().is_none());
+    }
+
+    /// A pushed payload the collector condemned while its record was late
+    /// is not counted held on the record's arrival: it is fetched again.
+    #[test]
+    fn a_condemned_pushed_payload_is_fetched_not_trusted() {
+        let mut east = Dc::new("east");
+        let mut west = Dc::new("west");
+        let m = put_segmented(&mut east);
+        west.run(Command::CondemnOrphans {
+            ids: vec![m.id],
+            at_ms: 1,
+        })
+        .unwrap();
+        west.run(Command::ApplyRemote {
+            origin: "east".into(),
+            records: feed_since(&east.kv, 0, 100).unwrap(),
+            received_ms: 2,
+            payload_here: vec![m.id],
+            identity: String::new(),
+        })
+        .unwrap();
+        assert!(holders(&west.kv, &m.id)
+            .unwrap()
+            .iter()
+            .all(|(dc, _)| dc != "west"));
+        assert_eq!(missing_payloads(&west.kv, 10).unwrap().len(), 1);
+    }
+
+    /// Issue #8 item 7: reads during apply see the batch's pending writes,
+    /// so one log entry with many commands ends where one entry per command
+    /// does.
+    #[test]
+    fn results_do_not_depend_on_batch_boundaries() {
+        let all = ["east", "west", "north"];
+        let mut east = Dc::in_cluster("east", &all);
+        let mut west = Dc::in_cluster("west", &all);
+        let m = put_inline(&mut east, "/in");
+        west.pull(&east);
+        west.run(Command::DeleteMessage { id: m.id, at_ms: 3 }).unwrap();
+        let cmds = vec![
+            Command::ApplyRemote {
+                origin: "west".into(),
+                records: feed_since(&west.kv, 0, 100).unwrap(),
+                received_ms: 5,
+                payload_here: vec![],
+                identity: String::new(),
+            },
+            // North leaves the cluster: the purge scan must see the
+            // tombstone (acknowledged by east and west, waiting for north)
+            // that the first command wrote in this very batch.
+            Command::SetClusterDcs {
+                dcs: vec!["east".into(), "west".into()],
+            },
+        ];
+        let mut one_by_one = Dc {
+            kv: east.kv.clone(),
+            ctx: east.ctx.clone(),
+        };
+        for c in cmds.clone() {
+            one_by_one.run(c).unwrap();
+        }
+        east.run(Command::Batch(cmds)).unwrap();
+        assert_eq!(east.kv.0, one_by_one.kv.0);
+        assert_eq!(tombstone_count(&east.kv, 10).unwrap(), 0);
+    }
 }
 
 /// Inline payloads are (de)serialized as bytes for speed; the encoding must
@@ -838,4 +1228,82 @@ fn inline_payload_encoding_is_unchanged_by_serde_bytes() {
         assert_eq!(old, bincode::serialize(&AsBytes { v: v.clone() }).unwrap());
         assert_eq!(bincode::deserialize::<AsBytes>(&old).unwrap().v, v);
     }
+}
+
+// Issue #8, items 1 and 3: a follower's forward retried after the leader
+// committed (its reply lost) applies the same `PutMessage` twice.
+fn single_dc_with_inbox() -> MemKv {
+    let mut kv = MemKv::default();
+    create(&mut kv, "/inbox", false).unwrap();
+    run(
+        &mut kv,
+        Command::SetClusterDcs {
+            dcs: vec!["east".into()],
+        },
+    )
+    .unwrap();
+    kv
+}
+
+#[test]
+fn a_replayed_put_with_a_key_is_the_same_success_not_a_duplicate_of_itself() {
+    let mut kv = single_dc_with_inbox();
+    let m = meta("/inbox", "x");
+    let first = put(&mut kv, &m, Some("k")).unwrap();
+    let head = crate::replication::feed_head(&kv).unwrap();
+    let again = put(&mut kv, &m, Some("k")).unwrap();
+    assert_eq!(first, again, "the replay must answer as the first apply did");
+    assert_eq!(
+        again,
+        CommandResult::Message {
+            meta: m.clone(),
+            deduplicated: false
+        }
+    );
+    assert_eq!(crate::replication::feed_head(&kv).unwrap(), head, "a replay appends nothing to the feed");
+}
+
+#[test]
+fn a_replayed_put_after_an_attribute_change_is_the_same_success() {
+    let mut kv = single_dc_with_inbox();
+    let m = meta("/inbox", "x");
+    put(&mut kv, &m, None).unwrap();
+    run(
+        &mut kv,
+        Command::SetAttributes {
+            id: m.id,
+            set: BTreeMap::from([("state".to_string(), "seen".to_string())]),
+            remove: vec![],
+            wall_ms: 10,
+        },
+    )
+    .unwrap();
+    match put(&mut kv, &m, None) {
+        Ok(CommandResult::Message {
+            meta: stored,
+            deduplicated: false,
+        }) => {
+            assert_eq!(stored.id, m.id);
+            assert_eq!(stored.attributes.get("state").map(String::as_str), Some("seen"));
+        }
+        other => panic!("a replay after an attribute change must be the same success, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_replayed_put_after_a_delete_does_not_bring_the_message_back() {
+    let mut kv = single_dc_with_inbox();
+    let m = meta("/inbox", "x");
+    put(&mut kv, &m, Some("k")).unwrap();
+    run(&mut kv, Command::DeleteMessage { id: m.id, at_ms: 5 }).unwrap();
+    // In a single-DC cluster the tombstone is purged at once.
+    let head = crate::replication::feed_head(&kv).unwrap();
+    let r = put(&mut kv, &m, Some("k"));
+    assert!(
+        matches!(r, Ok(CommandResult::Message { deduplicated: false, .. })),
+        "a replay is the same success: {r:?}"
+    );
+    assert!(get_message(&kv, &m.id).unwrap().is_none(), "deleted message came back");
+    assert!(list_messages(&kv, &mb("/inbox"), None, 10).unwrap().is_empty());
+    assert_eq!(crate::replication::feed_head(&kv).unwrap(), head);
 }

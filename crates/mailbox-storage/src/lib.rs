@@ -21,8 +21,9 @@ use rocksdb::{
     WriteOptions, DB,
 };
 
-/// Storage format version written at creation and checked at open.
-pub const FORMAT_VERSION: u32 = 1;
+/// Storage format version written at creation and checked at open (2: feed
+/// records carry idempotency keys, deleted messages are remembered).
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format-version";
 
 /// A key and its value.

@@ -372,6 +372,34 @@ impl TestDc {
         }
     }
 
+    /// Freezes a node with SIGSTOP: it keeps its sockets and state but
+    /// answers nothing, like a machine that hangs or a leader cut off from
+    /// its peers (seen from the peers), until [`TestDc::resume`].
+    pub fn pause(&mut self, id: u64) {
+        self.signal(id, libc::SIGSTOP);
+    }
+
+    /// Lets a paused node run again (SIGCONT).
+    pub fn resume(&mut self, id: u64) {
+        self.signal(id, libc::SIGCONT);
+    }
+
+    fn signal(&mut self, id: u64, sig: libc::c_int) {
+        if let Some(c) = self.node_mut(id).child.as_ref() {
+            // SAFETY: signalling our own child process.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, sig);
+            }
+        }
+    }
+
+    /// Whether a node's log contains `needle`.
+    pub fn log_contains(&self, id: u64, needle: &str) -> bool {
+        std::fs::read_to_string(&self.nodes[id as usize - 1].log)
+            .unwrap_or_default()
+            .contains(needle)
+    }
+
     /// Stops a node with SIGTERM and waits for it to exit.
     pub async fn stop(&mut self, id: u64) -> anyhow::Result<()> {
         if let Some(mut c) = self.node_mut(id).child.take() {

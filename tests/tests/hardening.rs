@@ -1,0 +1,173 @@
+//! Issue #8: paths that lost or resurrected an acknowledged file, each
+//! reproduced against real `mailboxd` processes.
+//!
+//! - The orphan collector on a deposed leader: a leader cut off from its
+//!   peers keeps believing it leads (openraft does not step down without a
+//!   quorum) and still sees the shared segment store.
+//! - An upload that stalls at a segment boundary for longer than the orphan
+//!   grace period: its segments are collected; its commit must then fail
+//!   cleanly, never commit a message without them.
+
+use std::time::Duration;
+
+use mailbox_client::{Client, PutOptions};
+use mailbox_testkit::{files_under, pattern_sha256, wait_for, DcOptions, PatternReader, TestDc};
+use tokio::io::AsyncWriteExt;
+
+fn gc_fast() -> DcOptions {
+    DcOptions {
+        inline_threshold: "16KiB".into(),
+        segment_size: "64KiB".into(),
+        orphan_grace: "2s".into(),
+        gc_interval: "200ms".into(),
+        propose_timeout: "1s".into(),
+        ..Default::default()
+    }
+}
+
+fn opts(name: &str) -> PutOptions {
+    PutOptions {
+        mailbox: "/inbox".into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// Message directories in the DC's segment store.
+fn message_dirs(dc: &TestDc) -> usize {
+    let mut dirs = std::collections::BTreeSet::new();
+    for f in files_under(&dc.segment_dir()) {
+        if let Some(d) = f.parent() {
+            dirs.insert(d.to_path_buf());
+        }
+    }
+    dirs.len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deposed_leader_never_collects_what_the_new_leader_committed() -> anyhow::Result<()> {
+    let mut dc = TestDc::start(gc_fast()).await?;
+    dc.client().await?.mkdir("/inbox", false).await?;
+    let old = dc.wait_leader(Duration::from_secs(10)).await?;
+    // The old leader hangs; the other two elect a new one.
+    dc.pause(old);
+    let others: Vec<u64> = (1..=3).filter(|&i| i != old).collect();
+    let new = wait_for(Duration::from_secs(20), "a new leader", || {
+        let addr = dc.nodes[others[0] as usize - 1].addr.clone();
+        async move {
+            let c = Client::connect_any(&[addr]).await.ok()?;
+            let s = c.cluster_status().await.ok()?;
+            (s.has_leader && s.leader_id != old).then_some(s.leader_id)
+        }
+    })
+    .await?;
+    let c = dc.client_of(new).await?;
+    let len = 300 << 10; // five segments
+    let put = c
+        .put(opts("after-failover"), PatternReader::new(7, len), |_| {})
+        .await?;
+    let id = put.message.expect("message").id;
+    // Now the new leader and its follower hang, and the old leader runs
+    // again, believing it still leads, with a view from before the upload.
+    for &i in &others {
+        dc.pause(i);
+    }
+    dc.resume(old);
+    // Its collector runs every 200 ms with a 2 s grace: either it removes
+    // the new message's segments (the bug) or it refuses to act without
+    // confirming its leadership.
+    let segs = dc.segment_dir();
+    let outcome = wait_for(Duration::from_secs(20), "a collection pass on the old leader", || {
+        let gone = message_dirs(&dc) == 0;
+        let refused = dc.log_contains(old, "leadership not confirmed");
+        async move {
+            if gone {
+                Some(false)
+            } else if refused {
+                Some(true)
+            } else {
+                None
+            }
+        }
+    })
+    .await?;
+    assert!(
+        outcome,
+        "the deposed leader removed segments of {id} under {}",
+        segs.display()
+    );
+    for &i in &others {
+        dc.resume(i);
+    }
+    dc.wait_leader(Duration::from_secs(20)).await?;
+    dc.wait_converged(Duration::from_secs(20)).await?;
+    for n in 1..=3 {
+        let (_, bytes) = dc.client_of(n).await?.get_bytes(&id).await?;
+        assert_eq!(
+            mailbox_testkit::hex(&sha2::Digest::finalize(
+                <sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes)
+            )),
+            pattern_sha256(7, len),
+            "node {n}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_whose_segments_were_collected_while_it_stalled_fails_cleanly(
+) -> anyhow::Result<()> {
+    let mut dc = TestDc::start(gc_fast()).await?;
+    let c = dc.client().await?;
+    c.mkdir("/inbox", false).await?;
+    // Two client chunks (2 MiB = 32 full segments) go out, then the source
+    // stalls until released.
+    let first: u64 = 2 << 20;
+    let (mut w, r) = tokio::io::duplex(256 << 10);
+    let (release, released) = tokio::sync::oneshot::channel::<()>();
+    let source = tokio::spawn(async move {
+        let mut head = PatternReader::new(3, first);
+        tokio::io::copy(&mut head, &mut w).await?;
+        let _ = released.await;
+        w.write_all(b"the end").await?;
+        w.shutdown().await?;
+        Ok::<(), std::io::Error>(())
+    });
+    let upload = {
+        let c = c.clone();
+        tokio::spawn(async move { c.put(opts("stalled"), r, |_| {}).await })
+    };
+    // The segments appear, and the collector removes them after the grace.
+    wait_for(Duration::from_secs(20), "the upload's segments", || {
+        let n = message_dirs(&dc);
+        async move { (n > 0).then_some(()) }
+    })
+    .await?;
+    wait_for(Duration::from_secs(30), "the collector removing them", || {
+        let n = message_dirs(&dc);
+        async move { (n == 0).then_some(()) }
+    })
+    .await?;
+    let _ = release.send(());
+    source.await??;
+    match upload.await? {
+        Ok(r) => {
+            let id = r.message.map(|m| m.id).unwrap_or_default();
+            let download = c.get_bytes(&id).await;
+            panic!(
+                "upload {id} was acknowledged though its segments were collected; download: {:?}",
+                download.map(|(_, b)| b.len())
+            );
+        }
+        Err(e) => {
+            let text = e.to_string();
+            assert!(
+                text.contains("orphan"),
+                "the error must say what happened: {text}"
+            );
+            assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{text}");
+        }
+    }
+    assert!(c.list_all("/inbox").await?.is_empty(), "no message left behind");
+    Ok(())
+}

@@ -28,17 +28,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mailbox_client::{Client, PutOptions};
-use mailbox_testkit::{
-    pattern_sha256, wait_for, DcOptions, HashSink, PatternReader, TestCluster,
-};
+use mailbox_testkit::{pattern_sha256, wait_for, DcOptions, HashSink, PatternReader, TestCluster};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// What one file's uploads saw.
 #[derive(Debug, Clone, Default)]
 struct FileLog {
-    seed: u64,
-    len: u64,
     sha: String,
     immediate: bool,
     /// Acknowledged: (id, DC that answered, ack time ms).
@@ -112,8 +108,6 @@ async fn client_loop(
             files.lock().unwrap().insert(
                 key.clone(),
                 FileLog {
-                    seed: pseed,
-                    len,
                     sha: pattern_sha256(pseed, len),
                     immediate,
                     ..Default::default()
@@ -265,7 +259,11 @@ async fn fault_schedule(
                 }
             }
             4 if names.len() > 1 => {
-                let other = names.iter().find(|n| **n != dc).expect("two DCs").to_string();
+                let other = names
+                    .iter()
+                    .find(|n| **n != dc)
+                    .expect("two DCs")
+                    .to_string();
                 let hold = hold * 2;
                 log.push(format!("cut {dc}<->{other} for {hold:?}"));
                 cl.cut(&dc, &other);
@@ -281,7 +279,9 @@ async fn fault_schedule(
                 // The leader loses its peers (both hang): it still
                 // believes it leads, and must not act on shared state.
                 if let Some(l) = leader_of(cl, &dc).await {
-                    log.push(format!("cut {dc} leader {l} off from its peers for {hold:?}"));
+                    log.push(format!(
+                        "cut {dc} leader {l} off from its peers for {hold:?}"
+                    ));
                     for id in (1..=nodes).filter(|&i| i != l) {
                         cl.dc(&dc).pause(id);
                         paused.push((dc.clone(), id));
@@ -318,6 +318,11 @@ async fn run_seed(seed: u64, names: &[&str], nodes: usize, secs: u64) -> anyhow:
         nodes,
         inline_threshold: "16KiB".into(),
         segment_size: "256KiB".into(),
+        // The orphan collector runs during the faults (uploads cut off by
+        // a kill leave orphans; a stalled one may lose its segments).
+        orphan_grace: "4s".into(),
+        gc_interval: "500ms".into(),
+        propose_timeout: "2s".into(),
         ..Default::default()
     };
     let mut cl = TestCluster::start(names, opts, "immediate-timeout = \"3s\"\n").await?;
@@ -352,7 +357,10 @@ async fn run_seed(seed: u64, names: &[&str], nodes: usize, secs: u64) -> anyhow:
     }
     let result = check(&mut cl, names, &files).await;
     if let Err(e) = &result {
-        eprintln!("chaos: seed {seed} FAILED: {e:#}\nfaults:\n  {}", log.join("\n  "));
+        eprintln!(
+            "chaos: seed {seed} FAILED: {e:#}\nfaults:\n  {}",
+            log.join("\n  ")
+        );
     } else {
         let f = files.lock().unwrap();
         eprintln!(
@@ -376,27 +384,32 @@ async fn check(cl: &mut TestCluster, names: &[&str], files: &Files) -> anyhow::R
     }
     // Every DC has applied every other DC's whole feed and holds every payload.
     let dcs: Vec<Client> = leaders.values().cloned().collect();
-    wait_for(Duration::from_secs(180), "all DCs synced after healing", || {
-        let dcs = dcs.clone();
-        async move {
-            let mut st = Vec::new();
-            for c in &dcs {
-                st.push(c.replication_status().await.ok()?);
-            }
-            for a in &st {
-                if a.pending_messages != 0 {
-                    return None;
+    wait_for(
+        Duration::from_secs(180),
+        "all DCs synced after healing",
+        || {
+            let dcs = dcs.clone();
+            async move {
+                let mut st = Vec::new();
+                for c in &dcs {
+                    st.push(c.replication_status().await.ok()?);
                 }
-                for b in st.iter().filter(|b| b.dc != a.dc) {
-                    let r = a.remotes.iter().find(|r| r.dc == b.dc)?;
-                    if r.cursor < b.feed_head {
+                for a in &st {
+                    // Every delete acknowledged by every DC, every payload here.
+                    if a.pending_messages != 0 || a.tombstones != 0 {
                         return None;
                     }
+                    for b in st.iter().filter(|b| b.dc != a.dc) {
+                        let r = a.remotes.iter().find(|r| r.dc == b.dc)?;
+                        if r.cursor < b.feed_head {
+                            return None;
+                        }
+                    }
                 }
+                Some(())
             }
-            Some(())
-        }
-    })
+        },
+    )
     .await?;
     // Every node of every DC, not only the leaders.
     let mut reference: Option<BTreeMap<String, (String, String)>> = None;
@@ -412,7 +425,9 @@ async fn check(cl: &mut TestCluster, names: &[&str], files: &Files) -> anyhow::R
                     "{n} node {id} lists {} messages, the first node checked {}: {:?}",
                     l.len(),
                     r.len(),
-                    r.keys().collect::<BTreeSet<_>>().symmetric_difference(&l.keys().collect())
+                    r.keys()
+                        .collect::<BTreeSet<_>>()
+                        .symmetric_difference(&l.keys().collect())
                 ),
             }
         }
@@ -431,11 +446,18 @@ async fn check(cl: &mut TestCluster, names: &[&str], files: &Files) -> anyhow::R
         by_key.entry(name).or_default().push(id);
     }
     for (key, ids) in &by_key {
-        anyhow::ensure!(ids.len() == 1, "idempotency key {key} has {} messages: {ids:?}", ids.len());
+        anyhow::ensure!(
+            ids.len() == 1,
+            "idempotency key {key} has {} messages: {ids:?}",
+            ids.len()
+        );
     }
     for (key, f) in &files {
         for id in &f.deleted {
-            anyhow::ensure!(!listed.contains_key(id), "{id} ({key}) was deleted and is listed");
+            anyhow::ensure!(
+                !listed.contains_key(id),
+                "{id} ({key}) was deleted and is listed"
+            );
         }
         if !f.acks.is_empty() && f.delete_tried.is_empty() {
             anyhow::ensure!(
@@ -451,7 +473,10 @@ async fn check(cl: &mut TestCluster, names: &[&str], files: &Files) -> anyhow::R
             let mut sink = HashSink::default();
             c.get_to(id, 0, 0, &mut sink, |_, _| {}).await?;
             let (name, sha) = &listed[id];
-            anyhow::ensure!(sink.hex() == *sha, "{id} ({name}) downloads differently from {dc}");
+            anyhow::ensure!(
+                sink.hex() == *sha,
+                "{id} ({name}) downloads differently from {dc}"
+            );
         }
     }
     // Immediate acks: held by another DC (majority of 2 or 3 DCs = one

@@ -72,24 +72,29 @@ async fn a_deposed_leader_never_collects_what_the_new_leader_committed() -> anyh
     for &i in &others {
         dc.pause(i);
     }
+    let log_mark = dc.log_len(old);
     dc.resume(old);
     // Its collector runs every 200 ms with a 2 s grace: either it removes
     // the new message's segments (the bug) or it refuses to act without
     // confirming its leadership.
     let segs = dc.segment_dir();
-    let outcome = wait_for(Duration::from_secs(20), "a collection pass on the old leader", || {
-        let gone = message_dirs(&dc) == 0;
-        let refused = dc.log_contains(old, "leadership not confirmed");
-        async move {
-            if gone {
-                Some(false)
-            } else if refused {
-                Some(true)
-            } else {
-                None
+    let outcome = wait_for(
+        Duration::from_secs(20),
+        "a collection pass on the old leader",
+        || {
+            let gone = message_dirs(&dc) == 0;
+            let refused = dc.log_contains_since(old, log_mark, "leadership not confirmed");
+            async move {
+                if gone {
+                    Some(false)
+                } else if refused {
+                    Some(true)
+                } else {
+                    None
+                }
             }
-        }
-    })
+        },
+    )
     .await?;
     assert!(
         outcome,
@@ -143,10 +148,14 @@ async fn an_upload_whose_segments_were_collected_while_it_stalled_fails_cleanly(
         async move { (n > 0).then_some(()) }
     })
     .await?;
-    wait_for(Duration::from_secs(30), "the collector removing them", || {
-        let n = message_dirs(&dc);
-        async move { (n == 0).then_some(()) }
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the collector removing them",
+        || {
+            let n = message_dirs(&dc);
+            async move { (n == 0).then_some(()) }
+        },
+    )
     .await?;
     let _ = release.send(());
     source.await??;
@@ -168,6 +177,16 @@ async fn an_upload_whose_segments_were_collected_while_it_stalled_fails_cleanly(
             assert_eq!(e.code(), Some(tonic::Code::Unavailable), "{text}");
         }
     }
-    assert!(c.list_all("/inbox").await?.is_empty(), "no message left behind");
+    assert!(
+        c.list_all("/inbox").await?.is_empty(),
+        "no message left behind"
+    );
+    // The failed upload's new segment (written after the stall) goes too:
+    // at once by its own cleanup, or by the collector.
+    wait_for(Duration::from_secs(30), "no segments left", || {
+        let n = message_dirs(&dc);
+        async move { (n == 0).then_some(()) }
+    })
+    .await?;
     Ok(())
 }

@@ -150,9 +150,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
         let mut b = Batch::new();
         b.put(Cf::Raft, VOTE, bincode::serialize(vote).map_err(write_err)?);
-        self.store
-            .write(b, true)
-            .map_err(|e| StorageIOError::write_vote(&e).into())
+        let store = self.store.clone();
+        blocking(move || {
+            store
+                .write(b, true)
+                .map_err(|e| StorageIOError::write_vote(&e).into())
+        })
+        .await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
@@ -231,13 +235,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             index_key(u64::MAX).to_vec(),
         );
         // u64::MAX itself is never a real index, so the half-open range suffices.
-        self.store.write(b, true).map_err(write_err)
+        let store = self.store.clone();
+        blocking(move || store.write(b, true).map_err(write_err)).await
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
         // State produced by these entries was written lazily; make it durable
         // before the entries that could replay it disappear.
-        self.store.sync_wal().map_err(write_err)?;
+        let store = self.store.clone();
+        blocking(move || store.sync_wal().map_err(write_err)).await?;
         let mut b = Batch::new();
         b.put(
             Cf::Raft,
@@ -249,8 +255,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             index_key(0).to_vec(),
             index_key(log_id.index.saturating_add(1)).to_vec(),
         );
-        self.store.write(b, true).map_err(write_err)
+        let store = self.store.clone();
+        blocking(move || store.write(b, true).map_err(write_err)).await
     }
+}
+
+/// Runs a synced write on the blocking pool: an fsync must not hold one of
+/// the runtime's few worker threads (which also carry Raft and the API).
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f).await.map_err(write_err)?
 }
 
 /// Fsyncs the WAL for every append queued since the last fsync, then tells

@@ -109,7 +109,7 @@ pub struct NodeReport {
 /// Commands merged into one log entry at most (group commit).
 const MAX_BATCH: usize = 128;
 /// Inline payload bytes merged into one log entry at most.
-const MAX_BATCH_BYTES: usize = 8 << 20;
+const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Log entries being committed at once; while they are, new proposals queue
 /// up and go out together in the next entry.
 const BATCHES_IN_FLIGHT: usize = 4;

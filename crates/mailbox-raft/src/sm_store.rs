@@ -102,7 +102,10 @@ impl StateMachineStore {
         std::fs::create_dir_all(&snapshot_dir)?;
         // Temp files of snapshot writes a crash interrupted.
         for e in std::fs::read_dir(&snapshot_dir)?.flatten() {
-            if e.file_name().to_string_lossy().starts_with("current.snap.tmp") {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("current.snap.tmp")
+            {
                 let _ = std::fs::remove_file(e.path());
             }
         }
@@ -220,6 +223,18 @@ fn parse_frames(data: &[u8]) -> Result<Vec<Frame<'_>>, std::io::Error> {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     #[tracing::instrument(level = "info", skip(self))]
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // Reading the whole state and the fsync are blocking: on the
+        // blocking pool, not on a runtime worker that also carries Raft
+        // heartbeats and the API.
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.build_snapshot_blocking())
+            .await
+            .map_err(snap_err)?
+    }
+}
+
+impl StateMachineStore {
+    fn build_snapshot_blocking(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let mut data = Vec::new();
         let mut applied: Option<LogId<NodeId>> = None;
         let mut membership = StoredMembership::default();
@@ -260,6 +275,30 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         })
+    }
+
+    fn install_snapshot_blocking(&self, meta: &Meta, data: Vec<u8>) -> Result<(), StorageError> {
+        let frames = parse_frames(&data).map_err(snap_err)?;
+        let mut b = Batch::new();
+        b.delete_range(Cf::State, Vec::new(), STATE_END.to_vec());
+        for (k, v) in frames {
+            b.put(Cf::State, k.to_vec(), v.to_vec());
+        }
+        // The snapshot's own metadata is authoritative for the apply point.
+        b.put(
+            Cf::State,
+            APPLIED,
+            bincode::serialize(&meta.last_log_id).map_err(sm_write_err)?,
+        );
+        b.put(
+            Cf::State,
+            MEMBERSHIP,
+            bincode::serialize(&meta.last_membership).map_err(sm_write_err)?,
+        );
+        self.store.write(b, true).map_err(sm_write_err)?;
+        self.save_snapshot_file(meta, &data)?;
+        tracing::info!(bytes = data.len(), last = ?meta.last_log_id, "snapshot installed");
+        Ok(())
     }
 }
 
@@ -350,29 +389,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let frames = parse_frames(&data).map_err(snap_err)?;
-        let mut b = Batch::new();
-        b.delete_range(Cf::State, Vec::new(), STATE_END.to_vec());
-        for (k, v) in frames {
-            b.put(Cf::State, k.to_vec(), v.to_vec());
-        }
-        // The snapshot's own metadata is authoritative for the apply point.
-        b.put(
-            Cf::State,
-            APPLIED,
-            bincode::serialize(&meta.last_log_id).map_err(sm_write_err)?,
-        );
-        b.put(
-            Cf::State,
-            MEMBERSHIP,
-            bincode::serialize(&meta.last_membership).map_err(sm_write_err)?,
-        );
-        self.store.write(b, true).map_err(sm_write_err)?;
-        self.save_snapshot_file(meta, &data)?;
+        let (this, m) = (self.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || this.install_snapshot_blocking(&m, data))
+            .await
+            .map_err(snap_err)??;
         if let Some(l) = meta.last_log_id {
             self.applied_tx.send_replace(l.index);
         }
-        tracing::info!(bytes = data.len(), last = ?meta.last_log_id, "snapshot installed");
         Ok(())
     }
 
@@ -453,7 +476,10 @@ mod tests {
             }),
         };
         let r = sm.apply([entry]).await;
-        assert!(r.is_err(), "a corrupt record must stop the state machine, got {r:?}");
+        assert!(
+            r.is_err(),
+            "a corrupt record must stop the state machine, got {r:?}"
+        );
         assert_eq!(
             sm.applied_state().await.unwrap().0,
             None,

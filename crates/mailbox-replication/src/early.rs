@@ -41,6 +41,10 @@ use crate::feed::PUSH_MAX_MESSAGE;
 
 /// Bytes all uploads on a node may hold for early sending at once.
 pub const EARLY_BUDGET: i64 = 64 << 20;
+/// Largest `Replication.Early` request accepted: one message of at most
+/// [`PUSH_MAX_MESSAGE`] bytes, with room for framing.
+pub const EARLY_REQUEST_MAX: usize = PUSH_MAX_MESSAGE as usize + (64 << 10);
+
 /// Early payloads queued for the feed streams; a stream that falls
 /// further behind skips them (their records carry them instead).
 pub const EARLY_QUEUE: usize = 16;

@@ -131,6 +131,26 @@ async fn payloads(
     (out, records.len())
 }
 
+/// Inline payload bytes per feed batch at most (a larger record goes alone).
+pub const INLINE_MAX_BATCH: usize = 2 << 20;
+
+/// How many of `records` fit in one batch by their inline payloads.
+fn inline_prefix(records: &[(u64, FeedRecord)]) -> usize {
+    let mut total = 0;
+    for (i, (_, r)) in records.iter().enumerate() {
+        if let FeedRecord::Message {
+            inline: Some(b), ..
+        } = r
+        {
+            total += b.len();
+        }
+        if total > INLINE_MAX_BATCH && i > 0 {
+            return i;
+        }
+    }
+    records.len()
+}
+
 /// Ids whose payload this stream sent ahead of their records, so the
 /// records go without it; bounded (an id pushed out is simply sent again).
 #[derive(Default)]
@@ -165,7 +185,14 @@ impl Replication for FeedService {
     type FeedStream = FeedStream;
 
     async fn early(&self, req: Request<EarlyRequest>) -> Result<Response<EarlyReply>, Status> {
-        self.early.accept(req.into_inner().segments);
+        let segments = req.into_inner().segments;
+        let bytes: u64 = segments.iter().map(|s| s.data.len() as u64).sum();
+        if bytes > PUSH_MAX_MESSAGE {
+            return Err(Status::invalid_argument(format!(
+                "early payload of {bytes} bytes; at most {PUSH_MAX_MESSAGE} are sent ahead of a record"
+            )));
+        }
+        self.early.accept(segments);
         Ok(Response::new(EarlyReply {}))
     }
 
@@ -215,7 +242,29 @@ impl Replication for FeedService {
                         return;
                     }
                 };
+                if since > head && raft.is_leader() {
+                    // The asker has applied records this feed does not
+                    // have: the DC's log went back (restored from a
+                    // backup) under the same identity. Its new records
+                    // would be skipped; say so instead. (A follower
+                    // behind its leader just has not applied them yet.)
+                    let _ = tx
+                        .send(Err(Status::failed_precondition(format!(
+                            "the asker's cursor on DC {origin}'s feed is {since}, but the feed ends at {head}: \
+                             {origin}'s log went back; see docs/operations.md, 'A DC rebuilt from empty'"
+                        ))))
+                        .await;
+                    return;
+                }
                 let mut full = records.len() == BATCH;
+                // Inline payloads bound a batch too: it becomes one log
+                // entry at the receiver, which must cross to its followers
+                // within a heartbeat interval.
+                let keep = inline_prefix(&records);
+                if keep < records.len() {
+                    records.truncate(keep);
+                    full = true;
+                }
                 let (pushed, keep) =
                     payloads(segments.as_ref(), &records, &mut sent_early, budget).await;
                 budget = (budget * 2).min(PUSH_MAX_BATCH);

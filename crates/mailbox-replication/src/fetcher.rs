@@ -72,7 +72,7 @@ pub(crate) async fn run(
             if sem.available_permits() == 0 {
                 break;
             }
-            let page = match mailbox_state::replication::missing_payloads_after(
+            let (page, next) = match mailbox_state::replication::missing_payloads_page(
                 raft.view(),
                 after.as_ref(),
                 PAGE,
@@ -83,9 +83,7 @@ pub(crate) async fn run(
                     break;
                 }
             };
-            let Some(last) = page.last() else { break };
-            after = Some(last.id);
-            let full = page.len() == PAGE;
+            after = next;
             for meta in page {
                 if in_flight.lock().expect("lock").contains(&meta.id) {
                     continue;
@@ -106,7 +104,7 @@ pub(crate) async fn run(
                     break 'pages;
                 }
             }
-            if !full {
+            if after.is_none() {
                 break;
             }
         }

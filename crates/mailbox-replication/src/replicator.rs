@@ -281,6 +281,12 @@ async fn pull_once(
                         reason: "feed stream ended".into(),
                     })
                 }
+                Some(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                    return Err(ReplicationError::FeedIdentityChanged {
+                        dc: remote.name.clone(),
+                        reason: status.message().to_string(),
+                    })
+                }
                 Some(Err(status)) => {
                     return Err(ReplicationError::Remote {
                         dc: remote.name.clone(),
@@ -387,7 +393,8 @@ async fn pull_once(
                 // the same commit: under load the DC commits once for
                 // several batches instead of queueing a commit per batch.
                 let mut merged = 1;
-                while merged < MERGE_MAX {
+                let mut bytes = inline_bytes(&cmd);
+                while merged < MERGE_MAX && bytes < MERGE_MAX_BYTES {
                     match queued.front() {
                         Some((h, None)) => head = head.max(*h),
                         Some((_, Some(next))) if next.0.is_finished() => {}
@@ -399,6 +406,7 @@ async fn pull_once(
                         let more = (&mut next.0).await.map_err(|e| {
                             ReplicationError::Local(format!("storing a batch: {e}"))
                         })?;
+                        bytes += inline_bytes(&more);
                         merge_apply(&mut cmd, more);
                         merged += 1;
                     }
@@ -440,6 +448,25 @@ async fn pull_once(
 
 /// Feed batches committed together at most.
 const MERGE_MAX: usize = 4;
+/// Inline payload bytes merged into one `ApplyRemote` at most: it is one
+/// log entry, which must reach the DC's followers within a heartbeat.
+const MERGE_MAX_BYTES: usize = 2 << 20;
+
+/// Inline payload bytes of an `ApplyRemote`'s records.
+fn inline_bytes(cmd: &Command) -> usize {
+    match cmd {
+        Command::ApplyRemote { records, .. } => records
+            .iter()
+            .map(|(_, r)| match r {
+                FeedRecord::Message {
+                    inline: Some(b), ..
+                } => b.len(),
+                _ => 0,
+            })
+            .sum(),
+        _ => 0,
+    }
+}
 
 /// Appends the next batch's `ApplyRemote` to `cmd` (consecutive records of
 /// the same feed); the held-since stamp is the later one.

@@ -6,17 +6,35 @@
 //! node's directory), waits for every DC to elect a leader, creates `/inbox`,
 //! writes a client config (`.mailbox/client.toml`) naming every DC so the
 //! `mailbox` CLI reaches any of them with `--dc`, prints endpoints (gRPC,
-//! and each node's `/metrics` URL) and examples, and on Ctrl-C stops every
-//! node with SIGTERM.
+//! each node's pid and `/metrics` URL) and examples, and on Ctrl-C or
+//! SIGTERM stops every node with SIGTERM.
+//!
+//! While it runs it supervises the nodes: killing one (`kill -9`) is the way
+//! to watch failover, so the others keep running, and the dead node is
+//! started again after `--restart-delay` (same config, log appended) unless
+//! `--no-restart` is given. A node that dies right after each start backs off
+//! instead of restarting in a hot loop.
 
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use mailbox_proto::v1::mailbox_client::MailboxClient;
 use mailbox_proto::v1::{ClusterStatusRequest, CreateMailboxRequest};
 use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::time::Instant;
+
+/// A node that dies within this long of its start is crash-looping: its
+/// next restart waits twice as long as the last one.
+const CRASH_WINDOW: Duration = Duration::from_secs(10);
+/// Longest wait between restarts of a crash-looping node (unless
+/// `--restart-delay` itself is longer).
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long stopping waits for SIGTERM to work before killing the rest.
+const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Options of `mailboxd dev`.
 #[derive(Debug, clap::Args)]
@@ -40,6 +58,23 @@ pub struct DevArgs {
     /// Where to write the client config the CLI finds by default.
     #[arg(long, default_value = ".mailbox/client.toml")]
     client_config: PathBuf,
+    /// Seconds to wait before restarting a node whose process exited
+    /// (doubled, up to 60, while it keeps dying within 10 s of its start).
+    #[arg(long, value_name = "SECS", default_value = "3", value_parser = parse_secs)]
+    restart_delay: Duration,
+    /// Leave a node whose process exited down instead of restarting it.
+    #[arg(long)]
+    no_restart: bool,
+}
+
+/// Parses `--restart-delay`: seconds, fractions allowed, `s` suffix optional.
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .strip_suffix('s')
+        .unwrap_or(s)
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 3 or 0.5)"))?;
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 impl DevArgs {
@@ -125,28 +160,278 @@ async fn wait_for_leader(addr: &str) -> anyhow::Result<u64> {
     }
 }
 
-fn terminate(children: &[Child]) {
-    for c in children {
-        if let Some(pid) = c.id() {
-            // SAFETY: sending a signal to a child we spawned and still own.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGTERM);
-            }
+/// Ctrl-C and SIGTERM, installed once up front: a signal that arrives while
+/// nothing awaits it is kept for the next `recv`, and SIGTERM (kill, timeout,
+/// a service manager) must stop the nodes as Ctrl-C does, or they outlive
+/// this process.
+struct Shutdown {
+    int: Signal,
+    term: Signal,
+}
+
+impl Shutdown {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            int: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+            term: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.int.recv() => {}
+            _ = self.term.recv() => {}
         }
     }
 }
 
-/// Runs the local cluster until Ctrl-C.
-pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    if !matches!(args.nodes, 1 | 3 | 5) {
-        bail!("--nodes must be 1, 3 or 5");
+/// One node process under supervision.
+struct Node {
+    dc: String,
+    id: u64,
+    config: PathBuf,
+    log: PathBuf,
+    /// `None` while the node is down: waiting for its restart, or left down.
+    child: Option<Child>,
+    /// Pid of the current (or last) process; kept because [`Child::id`]
+    /// forgets it once the exit has been collected.
+    pid: u32,
+    /// Start of the current (or last) process: how long it ran decides
+    /// whether its death counts as a crash loop.
+    started: Instant,
+    /// What was waited before the current process was started (`None` for
+    /// the first start); the next backoff doubles it.
+    restart_delay: Option<Duration>,
+    /// When a dead node is due to start again.
+    restart_at: Option<Instant>,
+}
+
+impl Node {
+    fn name(&self) -> String {
+        format!("{} node {}", self.dc, self.id)
     }
-    if args.dcs.is_empty() {
-        bail!("--dcs needs at least one name");
+
+    /// Starts the node's process. The first start truncates the log, like a
+    /// fresh `make run`; restarts append, so the log still shows why the
+    /// previous process died.
+    fn spawn(&mut self, exe: &Path, restart: bool) -> anyhow::Result<()> {
+        let log = if restart {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .with_context(|| format!("open {}", self.log.display()))?;
+            // A marker, so the log reader sees where one process ends and
+            // the next begins; losing it is harmless.
+            let _ = std::io::Write::write_all(&mut f, b"\n--- restarted by `mailboxd dev` ---\n\n");
+            f
+        } else {
+            std::fs::File::create(&self.log)
+                .with_context(|| format!("create {}", self.log.display()))?
+        };
+        let child = Command::new(exe)
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            // Backstop for early returns: whatever path leaves `run`, no
+            // node outlives it.
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start {}", self.name()))?;
+        self.pid = child.id().unwrap_or(0);
+        self.child = Some(child);
+        self.started = Instant::now();
+        Ok(())
     }
-    let root = std::path::absolute(&args.dir)?;
-    let exe = std::env::current_exe()?;
-    let mut children = Vec::new();
+}
+
+/// The delay before restarting a node that ran for `ran`, when `prev` was
+/// waited before its last start: back to `base` after a healthy run, doubled
+/// (at least 1 s, at most [`MAX_BACKOFF`] or `base`) while it keeps dying
+/// within [`CRASH_WINDOW`] of its start.
+fn next_delay(prev: Option<Duration>, ran: Duration, base: Duration) -> Duration {
+    match prev {
+        Some(prev) if ran < CRASH_WINDOW => (prev * 2)
+            .max(Duration::from_secs(1))
+            .min(MAX_BACKOFF.max(base)),
+        _ => base,
+    }
+}
+
+/// "exit status: 1", "signal: 9 (SIGKILL)", "signal: 6 (SIGABRT) (core
+/// dumped)": std's wording, which names the signal.
+fn describe(res: &std::io::Result<ExitStatus>) -> String {
+    match res {
+        Ok(status) if status.signal().is_some() => format!("was killed ({status})"),
+        Ok(status) => format!("exited ({status})"),
+        Err(e) => format!("could not be waited for ({e})"),
+    }
+}
+
+/// What the supervisor loop woke up for.
+enum Event {
+    Shutdown,
+    Exited(usize, std::io::Result<ExitStatus>),
+    RestartDue,
+}
+
+/// Every node of every DC, restarted when it dies unless `--no-restart`.
+struct Supervisor {
+    exe: PathBuf,
+    nodes: Vec<Node>,
+    base_delay: Duration,
+    restart: bool,
+}
+
+/// Resolves when one of the running nodes exits, with its index. Pending
+/// while none runs (`select_all` needs at least one future). `Child::wait` is
+/// cancel safe, so the loop rebuilds this every round without losing exits.
+async fn next_exit(nodes: &mut [Node]) -> (usize, std::io::Result<ExitStatus>) {
+    let waits: Vec<_> = nodes
+        .iter_mut()
+        .enumerate()
+        .filter_map(|(i, n)| {
+            let child = n.child.as_mut()?;
+            Some(Box::pin(async move { (i, child.wait().await) }))
+        })
+        .collect();
+    if waits.is_empty() {
+        return std::future::pending().await;
+    }
+    futures::future::select_all(waits).await.0
+}
+
+/// Sleeps until `at`, or forever when nothing is due.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Supervisor {
+    /// Supervises until Ctrl-C or SIGTERM; the caller then stops the nodes.
+    async fn run(&mut self, shutdown: &mut Shutdown) {
+        loop {
+            let due = self.nodes.iter().filter_map(|n| n.restart_at).min();
+            let event = tokio::select! {
+                // A Ctrl-C in the terminal reaches the nodes too; checking
+                // it first keeps their exits from being taken for crashes.
+                biased;
+                _ = shutdown.recv() => Event::Shutdown,
+                (i, res) = next_exit(&mut self.nodes) => Event::Exited(i, res),
+                _ = sleep_until(due) => Event::RestartDue,
+            };
+            match event {
+                Event::Shutdown => return,
+                Event::Exited(i, res) => self.exited(i, res),
+                Event::RestartDue => self.restart_due(),
+            }
+        }
+    }
+
+    fn exited(&mut self, i: usize, res: std::io::Result<ExitStatus>) {
+        let node = &mut self.nodes[i];
+        // After a failed wait the process state is unknown; dropping the
+        // child kills it (kill_on_drop) so a restart cannot find it running.
+        node.child = None;
+        let ran = node.started.elapsed();
+        let what = format!(
+            "{} (pid {}) {} after running {:.1}s",
+            node.name(),
+            node.pid,
+            describe(&res),
+            ran.as_secs_f64()
+        );
+        if !self.restart {
+            println!("{what}; it stays down (--no-restart), the other nodes keep running");
+            return;
+        }
+        let delay = self.schedule(i, ran);
+        let backoff = if delay > self.base_delay {
+            " (it keeps dying right after its start, so backing off)"
+        } else {
+            ""
+        };
+        println!("{what}; restarting it in {delay:?}{backoff}, the other nodes keep running");
+    }
+
+    /// Schedules node `i`'s restart after a process that ran for `ran`.
+    fn schedule(&mut self, i: usize, ran: Duration) -> Duration {
+        let node = &mut self.nodes[i];
+        let delay = next_delay(node.restart_delay, ran, self.base_delay);
+        node.restart_delay = Some(delay);
+        node.restart_at = Some(Instant::now() + delay);
+        delay
+    }
+
+    fn restart_due(&mut self) {
+        let now = Instant::now();
+        for i in 0..self.nodes.len() {
+            let node = &mut self.nodes[i];
+            if !matches!(node.restart_at, Some(at) if at <= now) {
+                continue;
+            }
+            node.restart_at = None;
+            match node.spawn(&self.exe, true) {
+                Ok(()) => println!(
+                    "{} restarted (pid {}); log: {}",
+                    node.name(),
+                    node.pid,
+                    node.log.display()
+                ),
+                Err(e) => {
+                    let name = node.name();
+                    // Counts as a death right at start, so a restart that
+                    // keeps failing backs off too.
+                    let delay = self.schedule(i, Duration::ZERO);
+                    eprintln!("could not restart {name}: {e:#}; trying again in {delay:?}");
+                }
+            }
+        }
+    }
+
+    /// SIGTERM to every running node, up to [`STOP_GRACE`] for all of them to
+    /// exit, then SIGKILL to the rest. Pending restarts are dropped.
+    async fn stop_all(&mut self) {
+        println!("Stopping nodes...");
+        for node in &mut self.nodes {
+            node.restart_at = None;
+            if let Some(pid) = node.child.as_ref().and_then(Child::id) {
+                // SAFETY: sending a signal to a child we spawned and have
+                // not reaped yet (`id` is `None` once it is), so the pid is
+                // still ours.
+                unsafe {
+                    libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                }
+            }
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        for node in &mut self.nodes {
+            let Some(mut child) = node.child.take() else {
+                continue;
+            };
+            if tokio::time::timeout_at(deadline, child.wait())
+                .await
+                .is_err()
+            {
+                let _ = child.kill().await;
+                println!(
+                    "  {} (pid {}) killed after {STOP_GRACE:?}",
+                    node.name(),
+                    node.pid
+                );
+            }
+        }
+        println!("All nodes stopped.");
+    }
+}
+
+/// Writes every node's config and starts the nodes, waits for every DC to
+/// elect a leader, creates `/inbox` and writes the client config. Returns
+/// each DC's leader.
+async fn start(args: &DevArgs, root: &Path, sup: &mut Supervisor) -> anyhow::Result<Vec<u64>> {
     for (k, dc) in args.dcs.iter().enumerate() {
         let dir = root.join(dc);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
@@ -154,7 +439,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             let http = &args.http_addrs(k)[i as usize - 1];
             for a in [&addr, http] {
                 if std::net::TcpListener::bind(a).is_err() {
-                    terminate(&children);
                     bail!(
                         "port {a} is in use (another `make run`?); pass --base-port to use others"
                     );
@@ -163,17 +447,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             let node_dir = dir.join(format!("node{i}"));
             std::fs::create_dir_all(&node_dir)?;
             let cfg = node_dir.join("node.toml");
-            std::fs::write(&cfg, node_toml(&args, k, &dir, i))?;
-            let log = std::fs::File::create(node_dir.join("mailboxd.log"))?;
-            let child = Command::new(&exe)
-                .arg("--config")
-                .arg(&cfg)
-                .stdout(Stdio::from(log.try_clone()?))
-                .stderr(Stdio::from(log))
-                .kill_on_drop(true)
-                .spawn()
-                .with_context(|| format!("start {dc} node {i}"))?;
-            children.push(child);
+            std::fs::write(&cfg, node_toml(args, k, &dir, i))?;
+            let mut node = Node {
+                dc: dc.clone(),
+                id: i,
+                config: cfg,
+                log: node_dir.join("mailboxd.log"),
+                child: None,
+                pid: 0,
+                started: Instant::now(),
+                restart_delay: None,
+                restart_at: None,
+            };
+            node.spawn(&sup.exe, false)?;
+            sup.nodes.push(node);
         }
     }
     println!(
@@ -186,13 +473,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut leaders = Vec::new();
     for k in 0..args.dcs.len() {
         let first = args.addrs(k)[0].clone();
-        match wait_for_leader(&first).await {
-            Ok(l) => leaders.push(l),
-            Err(e) => {
-                terminate(&children);
-                return Err(e);
-            }
-        }
+        leaders.push(wait_for_leader(&first).await?);
         let mut client = MailboxClient::connect(format!("http://{first}")).await?;
         client
             .create_mailbox(CreateMailboxRequest {
@@ -217,17 +498,53 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         ));
     }
     std::fs::write(&args.client_config, client_cfg)?;
+    Ok(leaders)
+}
+
+/// Runs the local cluster until Ctrl-C or SIGTERM.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if !matches!(args.nodes, 1 | 3 | 5) {
+        bail!("--nodes must be 1, 3 or 5");
+    }
+    if args.dcs.is_empty() {
+        bail!("--dcs needs at least one name");
+    }
+    let root = std::path::absolute(&args.dir)?;
+    let mut shutdown = Shutdown::new()?;
+    let mut sup = Supervisor {
+        exe: std::env::current_exe()?,
+        nodes: Vec::new(),
+        base_delay: args.restart_delay,
+        restart: !args.no_restart,
+    };
+    // Startup can take up to a minute per DC; a signal meanwhile, or a
+    // failure, still stops the nodes already started.
+    let started = tokio::select! {
+        r = start(&args, &root, &mut sup) => Some(r),
+        _ = shutdown.recv() => None,
+    };
+    let leaders = match started {
+        Some(Ok(leaders)) => leaders,
+        Some(Err(e)) => {
+            sup.stop_all().await;
+            return Err(e);
+        }
+        None => {
+            sup.stop_all().await;
+            return Ok(());
+        }
+    };
 
     println!();
     for (k, dc) in args.dcs.iter().enumerate() {
         println!("Data center '{dc}' is up; leader is node {}.", leaders[k]);
-        for (i, (a, h)) in args.addrs(k).iter().zip(args.http_addrs(k)).enumerate() {
+        let nodes = sup.nodes.iter().filter(|n| &n.dc == dc);
+        for (node, (a, h)) in nodes.zip(args.addrs(k).iter().zip(args.http_addrs(k))) {
             println!(
-                "  node {}  grpc://{a}   metrics: http://{h}/metrics   log: {}",
-                i + 1,
-                root.join(dc)
-                    .join(format!("node{}/mailboxd.log", i + 1))
-                    .display()
+                "  node {}  pid {:<7} grpc://{a}   metrics: http://{h}/metrics   log: {}",
+                node.id,
+                node.pid,
+                node.log.display()
             );
         }
     }
@@ -259,32 +576,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         args.http_addrs(0)[0]
     );
     println!();
+    if args.no_restart {
+        println!(
+            "kill -9 a node's pid to watch failover with `mailbox cluster status`; \
+             it stays down (--no-restart)."
+        );
+    } else {
+        println!(
+            "kill -9 a node's pid to watch failover with `mailbox cluster status`; \
+             it is restarted after {:?} (--no-restart to leave it down).",
+            args.restart_delay
+        );
+    }
     println!("Press Ctrl-C to stop all nodes.");
 
-    // SIGTERM (kill, timeout, a service manager) must stop the nodes as
-    // Ctrl-C does; otherwise they outlive this process.
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut waits: Vec<_> = children.iter_mut().map(|c| Box::pin(c.wait())).collect();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-        (res, idx, _) = futures::future::select_all(waits.iter_mut()) => {
-            eprintln!("node process {} exited unexpectedly ({res:?}); stopping the others", idx + 1);
-        }
-    }
-    drop(waits);
-    println!("Stopping nodes...");
-    terminate(&children);
-    for (i, c) in children.iter_mut().enumerate() {
-        match tokio::time::timeout(Duration::from_secs(10), c.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                let _ = c.kill().await;
-                println!("  process {} killed after 10s", i + 1);
-            }
-        }
-    }
-    println!("All nodes stopped.");
+    sup.run(&mut shutdown).await;
+    sup.stop_all().await;
     Ok(())
 }
 
@@ -313,5 +620,40 @@ mod tests {
         let cfg: mailbox_server::NodeConfig = toml::from_str(&toml).unwrap();
         assert_eq!(cfg.http_listen.as_deref(), Some("127.0.0.1:7252"));
         assert_eq!(cfg.listen, "127.0.0.1:7202");
+    }
+
+    #[test]
+    fn restart_options_parse() {
+        let args = Cli::parse_from(["dev"]).dev;
+        assert_eq!(args.restart_delay, Duration::from_secs(3));
+        assert!(!args.no_restart);
+        let args = Cli::parse_from(["dev", "--restart-delay", "0.5s", "--no-restart"]).dev;
+        assert_eq!(args.restart_delay, Duration::from_millis(500));
+        assert!(args.no_restart);
+        assert!(Cli::try_parse_from(["dev", "--restart-delay", "soon"]).is_err());
+        assert!(Cli::try_parse_from(["dev", "--restart-delay", "-1"]).is_err());
+    }
+
+    #[test]
+    fn a_crash_looping_node_backs_off_and_a_healthy_run_resets() {
+        let base = Duration::from_secs(3);
+        let quick = Duration::from_secs(2);
+        let long = Duration::from_secs(30);
+        // The first death waits the base delay, however quick.
+        assert_eq!(next_delay(None, quick, base), base);
+        let mut d = base;
+        let mut seen = vec![];
+        for _ in 0..7 {
+            d = next_delay(Some(d), quick, base);
+            seen.push(d.as_secs());
+        }
+        assert_eq!(seen, [6, 12, 24, 48, 60, 60, 60]);
+        assert_eq!(next_delay(Some(d), long, base), base);
+        // --restart-delay 0 still backs off from a crash loop.
+        let zero = Duration::ZERO;
+        assert_eq!(next_delay(Some(zero), quick, zero), Duration::from_secs(1));
+        // A base above the cap is not shortened.
+        let big = Duration::from_secs(90);
+        assert_eq!(next_delay(Some(big), quick, big), big);
     }
 }

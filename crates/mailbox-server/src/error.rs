@@ -81,6 +81,13 @@ pub enum ServiceError {
         /// Details.
         reason: String,
     },
+    /// The system is not in the state the operation requires (an admin
+    /// recovery asked for where it does not apply).
+    #[error("{reason}")]
+    FailedPrecondition {
+        /// Details.
+        reason: String,
+    },
     /// No leader right now; retry.
     #[error("temporarily unavailable: {reason}")]
     Unavailable {
@@ -113,6 +120,7 @@ impl ServiceError {
             ServiceError::ChecksumMismatch { .. } => "checksum_mismatch",
             ServiceError::Truncated { .. } => "truncated",
             ServiceError::PayloadDamaged { .. } => "payload_damaged",
+            ServiceError::FailedPrecondition { .. } => "failed_precondition",
             ServiceError::Unavailable { .. } => "unavailable",
             ServiceError::NotLeader { .. } => "not_leader",
             ServiceError::Internal { .. } => "internal",
@@ -139,6 +147,7 @@ impl From<ServiceError> for Status {
                 Code::DataLoss
             }
             ServiceError::Unavailable { .. } | ServiceError::NotLeader { .. } => Code::Unavailable,
+            ServiceError::FailedPrecondition { .. } => Code::FailedPrecondition,
             ServiceError::Internal { .. } => Code::Internal,
         };
         crate::metrics::COUNTERS.request_failed(e.code());

@@ -117,12 +117,29 @@ pub async fn collect_once(
             continue;
         }
         confirm_leader(raft).await?;
+        let mut done = Vec::new();
         for id in &ids {
-            segments.delete_message(*id).await?;
-            tracing::info!(%id, "removed orphaned segments");
-            removed += 1;
+            // Still the decision this pass made or finishes: a leader that
+            // was paused since may have been overtaken by one that finished
+            // it and let the fetcher write there again.
+            if !mailbox_state::orphan_pending(raft.view(), id)? {
+                continue;
+            }
+            match segments.delete_message(*id).await {
+                Ok(()) => {
+                    tracing::info!(%id, "removed orphaned segments");
+                    done.push(*id);
+                }
+                // One directory that cannot be removed must not hold up
+                // the others (their fetches wait for the confirmation).
+                Err(e) => tracing::warn!(%id, "cannot remove orphaned segments: {e}"),
+            }
         }
-        raft.propose(Command::OrphansCollected { ids }).await??;
+        removed += done.len();
+        if !done.is_empty() {
+            raft.propose(Command::OrphansCollected { ids: done })
+                .await??;
+        }
     }
     Ok(removed)
 }

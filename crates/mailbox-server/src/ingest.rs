@@ -535,6 +535,13 @@ pub async fn wait_replicated(
     if need == 0 {
         return Ok(());
     }
+    // Deleted since (the answer to a retry came from its `Gone` record):
+    // nothing will ever hold it again; the upload itself had succeeded.
+    if mailbox_state::get_message(ctx.raft.view(), &meta.id)?.is_none()
+        && mailbox_state::get_gone(ctx.raft.view(), &meta.id)?.is_some()
+    {
+        return Ok(());
+    }
     let deadline = tokio::time::Instant::now() + policy.timeout;
     let mut applied = ctx.raft.applied_watch();
     let acks = &ctx.replication.acks;
@@ -561,7 +568,10 @@ pub async fn wait_replicated(
                 .map(|(dc, _)| dc)
                 .collect();
         holders.extend(acks.seen(&meta.id));
-        let others = holders.iter().filter(|dc| *dc != &ctx.dc).count();
+        // Other than the message's origin, not other than this DC: a retry
+        // answered here with a message that originated elsewhere needs
+        // this DC (or another) to hold it, not just the origin.
+        let others = holders.iter().filter(|dc| **dc != meta.origin_dc).count();
         if others >= need {
             return Ok(());
         }

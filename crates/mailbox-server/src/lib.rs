@@ -223,7 +223,10 @@ pub async fn serve_with(
         stop_rx.clone(),
     ))
     .max_encoding_message_size(MAX_MESSAGE_SIZE)
-    .max_decoding_message_size(MAX_MESSAGE_SIZE);
+    // Requests to this service are feed opens (bytes) and early payloads
+    // (at most one small message's segments): a burst of them cannot
+    // make the node decode gigabytes.
+    .max_decoding_message_size(mailbox_replication::early::EARLY_REQUEST_MAX);
     let api = MailboxServer::new(MailboxService::new(ctx, remotes, repl_status))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -280,10 +283,7 @@ async fn publish_cluster_dcs(
             // were counting (the state machine keeps the first one).
             if matches!(mailbox_state::feed_identity(raft.view()), Ok(None)) {
                 let identity = uuid::Uuid::now_v7().to_string();
-                match raft
-                    .propose(Command::InitFeedIdentity { identity })
-                    .await
-                {
+                match raft.propose(Command::InitFeedIdentity { identity }).await {
                     Ok(_) => tracing::info!("feed identity recorded in the DC log"),
                     Err(e) => tracing::warn!("cannot record the feed identity: {e}"),
                 }

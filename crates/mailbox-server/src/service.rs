@@ -562,15 +562,35 @@ impl Mailbox for MailboxService {
             }
             .into());
         }
-        let old_cursor =
-            mailbox_state::replication::cursor(self.raft().view(), &dc).map_err(ServiceError::from)?;
+        // Only as the recovery it is: re-reading a feed that was not
+        // rebuilt could bring back messages whose deletes are long purged.
+        let refused = self
+            .status
+            .remotes
+            .lock()
+            .expect("status lock")
+            .get(&dc)
+            .is_some_and(|s| s.state == "feed-identity-changed");
+        if !refused {
+            return Err(ServiceError::FailedPrecondition {
+                reason: format!(
+                    "this node does not see DC {dc}'s feed refused for a changed identity \
+                     (ask the DC's leader; see `mailbox replication status`); nothing reset"
+                ),
+            }
+            .into());
+        }
+        let old_cursor = mailbox_state::replication::cursor(self.raft().view(), &dc)
+            .map_err(ServiceError::from)?;
         self.raft()
             .propose(Command::ResetFeed { origin: dc.clone() })
             .await
             .map_err(ServiceError::from)?
             .map_err(ServiceError::from)?;
         tracing::warn!(%dc, old_cursor, "cursor on a remote feed reset by an admin");
-        Ok(Response::new(mailbox_proto::v1::ResetFeedResponse { old_cursor }))
+        Ok(Response::new(mailbox_proto::v1::ResetFeedResponse {
+            old_cursor,
+        }))
     }
 
     async fn cluster_status(

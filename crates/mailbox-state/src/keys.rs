@@ -27,6 +27,7 @@
 //! | `e` | ms (i64 BE) tag id          | empty: expiry index     |
 //! | `o` | id                          | `Orphan`: condemned     |
 //! | `I` |                             | this DC's feed identity |
+//! | `u` | id (kept duplicate)         | id of its newer twin    |
 //! | `i` | origin DC                   | its feed identity seen  |
 
 use mailbox_types::{MailboxPath, MessageId};
@@ -212,4 +213,9 @@ pub const FEED_IDENTITY: &[u8] = b"I";
 /// The feed identity of `origin` this DC's cursor on it belongs to.
 pub fn feed_identity(origin: &str) -> Vec<u8> {
     tagged(b'i', &[origin.as_bytes()])
+}
+
+/// A duplicate removed once the message `kept` it duplicates is held here.
+pub fn merge(kept: &MessageId) -> Vec<u8> {
+    tagged(b'u', &[kept.as_bytes()])
 }

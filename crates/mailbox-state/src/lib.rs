@@ -711,7 +711,9 @@ fn expire(base: &dyn KvRead, ov: &mut Overlay, before_ms: i64) -> CommandRespons
         count += 1;
         match what {
             keys::EXPIRE_GONE => {
-                let Some(g) = gone(base, ov, &id)? else { continue };
+                let Some(g) = gone(base, ov, &id)? else {
+                    continue;
+                };
                 ov.delete(keys::gone(&id));
                 let ik = keys::message_idempotency(&id);
                 if let Some(key) = ov.get(base, &ik)? {
@@ -812,7 +814,11 @@ pub(crate) enum Put {
     /// the other DC during a partition). The newer of the two (`loser`,
     /// possibly the one just stored) is a duplicate.
     NewDuplicate {
-        /// The newer message, which every DC removes.
+        /// The older message, which stays.
+        winner: MessageId,
+        /// The newer message, which every DC removes once it holds the
+        /// older one's payload (never before: the newer may be this DC's
+        /// only copy of the file).
         loser: MessageId,
     },
 }
@@ -884,7 +890,7 @@ pub(crate) fn put_message(
                         claim_key = meta.id < earlier.id;
                         let alive = message(base, ov, &earlier.id)?.is_some();
                         if alive && earlier.sha256 == meta.sha256 && earlier.size == meta.size {
-                            duplicate = Some(meta.id.max(earlier.id));
+                            duplicate = Some((meta.id.min(earlier.id), meta.id.max(earlier.id)));
                         }
                     }
                 }
@@ -909,7 +915,7 @@ pub(crate) fn put_message(
         ov.put(keys::message_idempotency(&meta.id), k.as_bytes().to_vec());
     }
     Ok(match duplicate {
-        Some(loser) => Put::NewDuplicate { loser },
+        Some((winner, loser)) => Put::NewDuplicate { winner, loser },
         None => Put::New,
     })
 }
@@ -933,6 +939,7 @@ pub(crate) fn delete_message(
     ov.delete(keys::attributes(id));
     ov.delete(keys::missing(id));
     ov.delete(keys::metadata_since(id));
+    ov.delete(keys::merge(id));
     ov.put(
         keys::gone(id),
         encode(&Gone {

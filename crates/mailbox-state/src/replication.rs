@@ -170,6 +170,29 @@ pub(crate) fn delete_here(
     Ok(r)
 }
 
+/// Removes the newer of two twins (same key, same payload) in this DC
+/// only. No delete record and no tombstone: every DC sees both records
+/// through the feeds and removes the twin itself, when it holds the older
+/// copy (a delete record would make other DCs drop theirs before that);
+/// the cursor on each feed (and the `Gone` record) keeps the twin's
+/// record from applying again.
+fn remove_twin(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    id: &MessageId,
+    at_ms: i64,
+) -> Result<(), StateError> {
+    if message(base, ov, id)?.is_none() {
+        return Ok(());
+    }
+    delete_message(base, ov, id, at_ms)?;
+    ov.delete(keys::complete(id));
+    for (k, _) in ov.scan(base, &keys::holders_prefix(id), None, 1024)? {
+        ov.delete(k);
+    }
+    Ok(())
+}
+
 /// A message this DC held was deleted here.
 pub(crate) fn local_tombstone(
     base: &dyn KvRead,
@@ -604,6 +627,16 @@ fn apply_one(
                 idempotency_key.as_deref(),
                 KeyUse::Remote,
             )?;
+            let duplicate = match put {
+                crate::Put::NewDuplicate { winner, loser } => Some((winner, loser)),
+                _ => None,
+            };
+            if let Some((winner, loser)) = duplicate {
+                if loser == meta.id && held_here(base, ov, ctx, &winner)? {
+                    // A twin of a file this DC already holds: gone at once.
+                    return remove_twin(base, ov, &loser, received_ms);
+                }
+            }
             ov.put(keys::holder(&meta.id, origin), encode(&meta.created_ms));
             ov.put(keys::metadata_since(&meta.id), encode(&received_ms));
             if inline.is_some() || meta.segments().is_empty() {
@@ -619,13 +652,17 @@ fn apply_one(
             } else {
                 ov.put(keys::missing(&meta.id), Vec::new());
             }
-            if let crate::Put::NewDuplicate { loser } = put {
+            if let Some((winner, loser)) = duplicate {
                 // Every DC sees both records and decides alike: the newer
-                // copy goes, through an ordinary delete (tombstone, feed
-                // record, acknowledgements), so the key answers with one
-                // message everywhere. Its own `Gone` record keeps a replay
-                // of it a success.
-                delete_here(base, ov, ctx, &loser, received_ms)?;
+                // copy goes, so the key answers with one message
+                // everywhere; but only once this DC holds the older one
+                // (the newer may be its only copy of the file until then).
+                // Its `Gone` record keeps a replay of it a success.
+                if held_here(base, ov, ctx, &winner)? {
+                    remove_twin(base, ov, &loser, received_ms)?;
+                } else {
+                    ov.put(keys::merge(&winner), loser.as_bytes().to_vec());
+                }
             }
         }
         FeedRecord::Deleted { id, at_ms } => {
@@ -638,6 +675,12 @@ fn apply_one(
             remote_attributes(base, ov, id, changes, stamp)?;
         }
         FeedRecord::Held { id, dc, at_ms } => {
+            // Removed here already (deleted, or a twin): nothing to track.
+            // (A hold that arrives before the message, from a third DC's
+            // feed, is kept: the message comes later.)
+            if message(base, ov, id)?.is_none() && gone(base, ov, id)?.is_some() {
+                return Ok(());
+            }
             ov.put(keys::holder(id, dc), encode(at_ms));
             if let Some(meta) = message(base, ov, id)? {
                 maybe_complete(base, ov, ctx, &meta)?;
@@ -645,6 +688,15 @@ fn apply_one(
         }
     }
     Ok(())
+}
+
+fn held_here(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    ctx: &ApplyCtx,
+    id: &MessageId,
+) -> Result<bool, StateError> {
+    Ok(ov.get(base, &keys::holder(id, &ctx.local_dc))?.is_some())
 }
 
 /// This DC now holds `meta` in full: record it and tell the other DCs.
@@ -670,7 +722,17 @@ fn hold_locally(
             at_ms,
         },
     )?;
-    maybe_complete(base, ov, ctx, meta)
+    maybe_complete(base, ov, ctx, meta)?;
+    // A newer twin of this file waited for this DC to hold it.
+    let mk = keys::merge(&meta.id);
+    if let Some(raw) = ov.get(base, &mk)? {
+        ov.delete(mk.clone());
+        let loser = keys::decode_id(&mk, &raw)?;
+        if message(base, ov, &loser)?.is_some() {
+            remove_twin(base, ov, &loser, at_ms)?;
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn payload_held(
@@ -738,7 +800,30 @@ pub fn cursor(kv: &dyn KvRead, origin: &str) -> Result<u64, StateError> {
 
 /// Messages whose metadata is here but whose payload is not, oldest
 /// first, from after `after` (a page of the index at a time).
-pub fn missing_payloads_after(
+/// Also returns the last id of the index page read when the page was full
+/// (where the next page starts), `None` at the end of the index.
+pub fn missing_payloads_page(
+    kv: &dyn KvRead,
+    after: Option<&MessageId>,
+    limit: usize,
+) -> Result<(Vec<MessageMeta>, Option<MessageId>), StateError> {
+    let after = after.map(keys::missing);
+    let rows = kv.scan(keys::MISSING_PREFIX, after.as_deref(), limit)?;
+    let next = match rows.last() {
+        Some((k, _)) if rows.len() == limit => Some(keys::decode_id(k, &k[1..])?),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for (k, _) in rows {
+        let id = keys::decode_id(&k, &k[1..])?;
+        if let Some(m) = crate::get_message(kv, &id)? {
+            out.push(m);
+        }
+    }
+    Ok((out, next))
+}
+
+fn missing_payloads_after(
     kv: &dyn KvRead,
     after: Option<&MessageId>,
     limit: usize,

@@ -915,6 +915,55 @@ mod replication {
         assert!(get_message(&dcs[1].kv, &b.id).unwrap().is_none());
     }
 
+    /// The twin is removed only where the older copy is held: until west
+    /// has fetched east's segments, west's own copy is its only one.
+    #[test]
+    fn a_twin_stays_until_the_older_copy_is_held_here() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let mut put_seg = |i: usize, dc: &str| {
+            dcs[i]
+                .run(Command::CreateMailbox {
+                    path: mb("/in"),
+                    parents: true,
+                    created_ms: 1,
+                })
+                .unwrap();
+            let mut m = segmented("/in");
+            m.origin_dc = dc.into();
+            dcs[i]
+                .run(Command::PutMessage {
+                    meta: m.clone(),
+                    inline: None,
+                    idempotency_key: Some("k".into()),
+                })
+                .unwrap();
+            m
+        };
+        let a = put_seg(0, "east");
+        let b = put_seg(1, "west");
+        assert!(a.id < b.id);
+        converge(&mut dcs);
+        // East holds a: b went there at once. West does not hold a yet.
+        assert!(get_message(&dcs[0].kv, &b.id).unwrap().is_none());
+        assert!(
+            get_message(&dcs[1].kv, &b.id).unwrap().is_some(),
+            "west's only copy of the file must stay until it holds east's"
+        );
+        dcs[1]
+            .run(Command::PayloadHeld {
+                id: a.id,
+                at_ms: 50,
+            })
+            .unwrap();
+        converge(&mut dcs);
+        for dc in &dcs {
+            assert!(get_message(&dc.kv, &b.id).unwrap().is_none());
+            assert!(get_message(&dc.kv, &a.id).unwrap().is_some());
+            assert_eq!(key_owner(dc, "k"), Some(a.id));
+            assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0);
+        }
+    }
+
     /// Different payloads under one key (a client reusing keys) are two
     /// files: both stay, the key answers with the older in every DC.
     #[test]
@@ -954,7 +1003,10 @@ mod replication {
         let (m, _) = put_keyed(&mut dcs[0], "k");
         converge(&mut dcs);
         dcs[0]
-            .run(Command::DeleteMessage { id: m.id, at_ms: 100 })
+            .run(Command::DeleteMessage {
+                id: m.id,
+                at_ms: 100,
+            })
             .unwrap();
         converge(&mut dcs);
         for i in 0..2 {
@@ -1029,7 +1081,12 @@ mod replication {
         ];
         converge(&mut all_dcs);
         for dc in &all_dcs {
-            assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0, "{}", dc.ctx.local_dc);
+            assert_eq!(
+                tombstone_count(&dc.kv, 10).unwrap(),
+                0,
+                "{}",
+                dc.ctx.local_dc
+            );
             assert!(get_message(&dc.kv, &m.id).unwrap().is_none());
         }
     }
@@ -1181,7 +1238,8 @@ mod replication {
         let mut west = Dc::in_cluster("west", &all);
         let m = put_inline(&mut east, "/in");
         west.pull(&east);
-        west.run(Command::DeleteMessage { id: m.id, at_ms: 3 }).unwrap();
+        west.run(Command::DeleteMessage { id: m.id, at_ms: 3 })
+            .unwrap();
         let cmds = vec![
             Command::ApplyRemote {
                 origin: "west".into(),
@@ -1252,7 +1310,10 @@ fn a_replayed_put_with_a_key_is_the_same_success_not_a_duplicate_of_itself() {
     let first = put(&mut kv, &m, Some("k")).unwrap();
     let head = crate::replication::feed_head(&kv).unwrap();
     let again = put(&mut kv, &m, Some("k")).unwrap();
-    assert_eq!(first, again, "the replay must answer as the first apply did");
+    assert_eq!(
+        first, again,
+        "the replay must answer as the first apply did"
+    );
     assert_eq!(
         again,
         CommandResult::Message {
@@ -1260,7 +1321,11 @@ fn a_replayed_put_with_a_key_is_the_same_success_not_a_duplicate_of_itself() {
             deduplicated: false
         }
     );
-    assert_eq!(crate::replication::feed_head(&kv).unwrap(), head, "a replay appends nothing to the feed");
+    assert_eq!(
+        crate::replication::feed_head(&kv).unwrap(),
+        head,
+        "a replay appends nothing to the feed"
+    );
 }
 
 #[test]
@@ -1284,9 +1349,14 @@ fn a_replayed_put_after_an_attribute_change_is_the_same_success() {
             deduplicated: false,
         }) => {
             assert_eq!(stored.id, m.id);
-            assert_eq!(stored.attributes.get("state").map(String::as_str), Some("seen"));
+            assert_eq!(
+                stored.attributes.get("state").map(String::as_str),
+                Some("seen")
+            );
         }
-        other => panic!("a replay after an attribute change must be the same success, got {other:?}"),
+        other => {
+            panic!("a replay after an attribute change must be the same success, got {other:?}")
+        }
     }
 }
 
@@ -1300,10 +1370,21 @@ fn a_replayed_put_after_a_delete_does_not_bring_the_message_back() {
     let head = crate::replication::feed_head(&kv).unwrap();
     let r = put(&mut kv, &m, Some("k"));
     assert!(
-        matches!(r, Ok(CommandResult::Message { deduplicated: false, .. })),
+        matches!(
+            r,
+            Ok(CommandResult::Message {
+                deduplicated: false,
+                ..
+            })
+        ),
         "a replay is the same success: {r:?}"
     );
-    assert!(get_message(&kv, &m.id).unwrap().is_none(), "deleted message came back");
-    assert!(list_messages(&kv, &mb("/inbox"), None, 10).unwrap().is_empty());
+    assert!(
+        get_message(&kv, &m.id).unwrap().is_none(),
+        "deleted message came back"
+    );
+    assert!(list_messages(&kv, &mb("/inbox"), None, 10)
+        .unwrap()
+        .is_empty());
     assert_eq!(crate::replication::feed_head(&kv).unwrap(), head);
 }

@@ -393,11 +393,15 @@ impl TestDc {
         }
     }
 
-    /// Whether a node's log contains `needle`.
-    pub fn log_contains(&self, id: u64, needle: &str) -> bool {
-        std::fs::read_to_string(&self.nodes[id as usize - 1].log)
-            .unwrap_or_default()
-            .contains(needle)
+    /// Bytes in a node's log so far (for [`TestDc::log_contains_since`]).
+    pub fn log_len(&self, id: u64) -> usize {
+        std::fs::metadata(&self.nodes[id as usize - 1].log).map_or(0, |m| m.len() as usize)
+    }
+
+    /// Whether a node's log contains `needle` past its first `offset` bytes.
+    pub fn log_contains_since(&self, id: u64, offset: usize, needle: &str) -> bool {
+        let log = std::fs::read(&self.nodes[id as usize - 1].log).unwrap_or_default();
+        String::from_utf8_lossy(log.get(offset..).unwrap_or_default()).contains(needle)
     }
 
     /// Stops a node with SIGTERM and waits for it to exit.

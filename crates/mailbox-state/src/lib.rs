@@ -724,11 +724,9 @@ fn expire(base: &dyn KvRead, ov: &mut Overlay, before_ms: i64) -> CommandRespons
                     ov.delete(ik);
                 }
             }
-            keys::EXPIRE_ORPHAN => {
-                // Re-condemned later: that decision has its own entry.
-                if orphan(base, ov, &id)?.is_some_and(|o| o.at_ms == ms) {
-                    ov.delete(keys::orphan(&id));
-                }
+            // Re-condemned later: that decision has its own entry.
+            keys::EXPIRE_ORPHAN if orphan(base, ov, &id)?.is_some_and(|o| o.at_ms == ms) => {
+                ov.delete(keys::orphan(&id));
             }
             _ => {}
         }

@@ -1009,8 +1009,8 @@ mod replication {
             })
             .unwrap();
         converge(&mut dcs);
-        for i in 0..2 {
-            let (again, r) = put_keyed(&mut dcs[i], "k");
+        for dc in &mut dcs {
+            let (again, r) = put_keyed(dc, "k");
             match r {
                 CommandResult::Message {
                     meta,
@@ -1018,8 +1018,8 @@ mod replication {
                 } => assert_eq!(meta.id, m.id),
                 other => panic!("key must answer after the delete: {other:?}"),
             }
-            assert!(get_message(&dcs[i].kv, &again.id).unwrap().is_none());
-            assert!(get_message(&dcs[i].kv, &m.id).unwrap().is_none());
+            assert!(get_message(&dc.kv, &again.id).unwrap().is_none());
+            assert!(get_message(&dc.kv, &m.id).unwrap().is_none());
         }
         // Not yet due: nothing expires.
         assert!(matches!(

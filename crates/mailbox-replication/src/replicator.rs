@@ -220,20 +220,16 @@ async fn pull_once(
                 })
                 .await
         })
-        .await
-        .unwrap_or_else(|_| {
-            Err(tonic::Status::deadline_exceeded(format!(
-                "no answer within {OPEN_TIMEOUT:?}"
-            )))
-        });
+        .await;
         let opened = match opened {
-            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            Ok(Err(s)) if s.code() == tonic::Code::FailedPrecondition => {
                 return Err(ReplicationError::FeedIdentityChanged {
                     dc: remote.name.clone(),
                     reason: s.message().to_string(),
                 })
             }
-            other => other.map_err(|e| format!("{ep}: {}", e.message())),
+            Ok(other) => other.map_err(|e| format!("{ep}: {}", e.message())),
+            Err(_) => Err(format!("{ep}: no answer within {OPEN_TIMEOUT:?}")),
         };
         match opened {
             Ok(s) => {

@@ -43,8 +43,10 @@ test: build
 # The randomized fault suite over many seeds (make test runs one per variant):
 # `make soak SEEDS=200`; one seed again: `MAILBOX_CHAOS_SEED=N make soak`.
 SEEDS ?= 20
+# (The same package selection as `test`: a `-p` selection resolves features
+# differently and would compile RocksDB's C++ a second time.)
 soak: build
-	MAILBOX_CHAOS_SEEDS=$(SEEDS) $(CARGO) test -p mailbox-tests --test chaos -- --test-threads=1 --nocapture
+	MAILBOX_CHAOS_SEEDS=$(SEEDS) $(CARGO) test --workspace --lib --bins --tests -- --test-threads=1 --nocapture chaos_
 
 # clippy builds RocksDB's C++ again in check mode; a separate target
 # directory keeps that from invalidating the test build and lets both be cached.

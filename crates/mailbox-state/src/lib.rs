@@ -415,6 +415,15 @@ impl Overlay {
         Ok(merged.into_iter().take(limit).collect())
     }
 
+    /// A decoded record, seen through the pending writes.
+    pub(crate) fn load<T: for<'de> Deserialize<'de>>(
+        &self,
+        base: &dyn KvRead,
+        key: &[u8],
+    ) -> Result<Option<T>, StateError> {
+        self.get(base, key)?.map(|v| decode(key, &v)).transpose()
+    }
+
     pub(crate) fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
         let prev = self.writes.insert(key.clone(), Some(value));
         self.undo.push((key, prev));
@@ -629,8 +638,7 @@ pub(crate) fn message(
     ov: &Overlay,
     id: &MessageId,
 ) -> Result<Option<MessageMeta>, StateError> {
-    let k = keys::message(id);
-    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
+    ov.load(base, &keys::message(id))
 }
 
 pub(crate) fn gone(
@@ -638,8 +646,7 @@ pub(crate) fn gone(
     ov: &Overlay,
     id: &MessageId,
 ) -> Result<Option<Gone>, StateError> {
-    let k = keys::gone(id);
-    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
+    ov.load(base, &keys::gone(id))
 }
 
 pub(crate) fn orphan(
@@ -647,8 +654,7 @@ pub(crate) fn orphan(
     ov: &Overlay,
     id: &MessageId,
 ) -> Result<Option<Orphan>, StateError> {
-    let k = keys::orphan(id);
-    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
+    ov.load(base, &keys::orphan(id))
 }
 
 fn condemn_orphans(

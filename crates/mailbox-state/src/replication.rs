@@ -150,8 +150,7 @@ fn load_tombstone(
     ov: &Overlay,
     id: &MessageId,
 ) -> Result<Option<Tombstone>, StateError> {
-    let k = keys::tombstone(id);
-    ov.get(base, &k)?.map(|v| decode(&k, &v)).transpose()
+    ov.load(base, &keys::tombstone(id))
 }
 
 /// Deletes a message in this DC: the delete, its feed record (which is

@@ -18,8 +18,14 @@
 #                 at REPL_RATE=8 uploads/s with REPL_HELD_FACTOR=3 ~40 GB of disk
 #                 (REPL_RATE=4 REPL_HELD_FACTOR=1: ~15 GB). REPL_ROUNDS=A runs the
 #                 first outage only (REPL_OUTAGE=10m REPL_ROUNDS=A: ~12 min).
-# BENCH_ONLY=single or BENCH_ONLY=repl runs one part; BENCH_ONLY=small only
-# the small-upload comparison.
+# Then (issue #8) snapshots of a large inline state: a 3-node DC is filled
+# with SNAP_BYTES (1100MiB) of 60 KiB inline uploads; then 60 KiB uploads
+# from 16 clients for SNAP_WINDOW (20s) twice: once as a baseline, once
+# while the leader builds a snapshot of the whole state and a follower that
+# lost its data receives and installs it. Reports each node's RSS growth
+# over its level before the window and both windows' p99.
+# BENCH_ONLY=single, BENCH_ONLY=repl or BENCH_ONLY=snapshot runs one part;
+# BENCH_ONLY=small only the small-upload comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${CARGO_TARGET_DIR:-target}/debug"
@@ -36,7 +42,7 @@ trap cleanup EXIT
 
 log() { echo "# $*" >&2; }
 
-if [ "$ONLY" != repl ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = single ] || [ "$ONLY" = small ]; then
 
 # --- mailbox DC of 3 nodes -------------------------------------------------
 "$BIN/mailboxd" dev --dir "$WORK/mb" --dcs bench --base-port 17000 \
@@ -95,8 +101,16 @@ echo "$OURS"
 SPREAD=$("$BIN/mailbox-bench" small --target mailbox --spread --endpoints "$MB_EPS" --duration "$DURATION")
 echo "$SPREAD"
 if [ -n "$ETCD_EPS" ]; then
+  # Like for like: etcd's clients spread over its members (against ours
+  # spread), and every etcd client on its leader (against ours routed to
+  # the leader).
   THEIRS=$("$BIN/mailbox-bench" small --target etcd --endpoints "$ETCD_EPS" --duration "$DURATION")
   echo "$THEIRS"
+  ETCD_LEADER=$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD_EPS" endpoint status -w json \
+    | python3 -c 'import json,sys; print([e["Endpoint"] for e in json.load(sys.stdin) if e["Status"]["leader"] == e["Status"]["header"]["member_id"]][0])')
+  THEIRS_LEADER=$("$BIN/mailbox-bench" small --target etcd --endpoints "${ETCD_LEADER#http://}" \
+    --routing leader --duration "$DURATION")
+  echo "$THEIRS_LEADER"
 fi
 
 # --- large: ours vs dd on the same disk ------------------------------------
@@ -112,21 +126,39 @@ for _ in $(seq "${LARGE_ROUNDS:-3}"); do
   DD_SECS=$(echo "$DD_OUT" | sed -E 's/.*copied, ([0-9.]+) s.*/\1/')
   DD="{\"kind\":\"dd\",\"size_bytes\":1073741824,\"seconds\":$DD_SECS,\"mb_per_sec\":$(python3 -c "print(round(1073741824/$DD_SECS/1e6, 1))")}"
   echo "$DD"
+  # What a simple correct tool does with the same bytes: hash them once
+  # and write them durably.
+  T0=$(date +%s.%N)
+  dd if=/dev/zero bs=1M count=1024 status=none \
+    | tee >(openssl dgst -sha256 >/dev/null) \
+    | dd of="$WORK/tee.bin" bs=1M conv=fsync iflag=fullblock status=none
+  T1=$(date +%s.%N)
+  rm -f "$WORK/tee.bin"
+  TEE="{\"kind\":\"tee-sha256-dd\",\"size_bytes\":1073741824,\"seconds\":$(python3 -c "print(round($T1-$T0,3))"),\"mb_per_sec\":$(python3 -c "print(round(1073741824/($T1-$T0)/1e6, 1))")}"
+  echo "$TEE"
   LARGE=$("$BIN/mailbox-bench" large --endpoints 127.0.0.1:17001 --size 1GiB)
   echo "$LARGE"
-  echo "[$DD,$LARGE]" >>"$LARGE_RUNS"
+  echo "[$DD,$LARGE,$TEE]" >>"$LARGE_RUNS"
 done
 fi
 
-python3 - "$OURS" "${THEIRS:-{\}}" "$LARGE_RUNS" "$MAXD" "$SPREAD" <<'PY'
+python3 - "$OURS" "${THEIRS:-{\}}" "$LARGE_RUNS" "$MAXD" "$SPREAD" "${THEIRS_LEADER:-{\}}" <<'PY'
 import json, statistics, sys
 ours, theirs = (json.loads(a) for a in sys.argv[1:3])
 pairs = [json.loads(l) for l in open(sys.argv[3]) if l.strip()]
 spread = json.loads(sys.argv[5])
-ratios = [round(large["mb_per_sec"] / dd["mb_per_sec"], 3) for dd, large in pairs]
+theirs_leader = json.loads(sys.argv[6])
+ratios = [round(p[1]["mb_per_sec"] / p[0]["mb_per_sec"], 3) for p in pairs]
+tee_ratios = [round(p[1]["mb_per_sec"] / p[2]["mb_per_sec"], 3) for p in pairs if len(p) > 2]
+def ratio(a, b):
+    return round(a["ops_per_sec"] / b["ops_per_sec"], 3) if b else None
 out = {"summary": True,
-       "small_ops_ratio_vs_etcd": round(ours["ops_per_sec"] / theirs["ops_per_sec"], 3) if theirs else None,
-       "small_spread_ops_ratio_vs_etcd": round(spread["ops_per_sec"] / theirs["ops_per_sec"], 3) if theirs else None,
+       # Each ratio names both sides' routing: 1 KiB puts, 64 clients, 8 connections, 3 nodes each.
+       "small_leader_vs_etcd_leader": ratio(ours, theirs_leader),
+       "small_spread_vs_etcd_spread": ratio(spread, theirs),
+       "small_leader_vs_etcd_spread": ratio(ours, theirs),
+       "large_mbps_ratio_vs_tee_sha256_dd": statistics.median(tee_ratios) if tee_ratios else None,
+       "large_mbps_ratio_vs_tee_sha256_dd_each": tee_ratios,
        "large_mbps_ratio_vs_dd": statistics.median(ratios) if ratios else None,
        "large_mbps_ratio_vs_dd_each": ratios,
        "rss_growth_mib_max": int(sys.argv[4])}
@@ -139,7 +171,7 @@ PIDS=()
 fi
 
 # --- cross-DC replication (issue #3) ---------------------------------------
-if [ "$ONLY" != single ] && [ "$ONLY" != small ]; then
+if [ "$ONLY" = all ] || [ "$ONLY" = repl ]; then
   RTT="${REPL_RTT:-20ms}"
   # The test kit puts each DC's data under $TMPDIR: keep it in $WORK.
   export TMPDIR="$WORK" MAILBOXD_BIN="$BIN/mailboxd"
@@ -152,4 +184,121 @@ if [ "$ONLY" != single ] && [ "$ONLY" != small ]; then
   log "catch-up"
   "$BIN/mailbox-bench" catch-up --rtt "$RTT" --outage "${REPL_OUTAGE:-20s}" \
     --rate "${REPL_RATE:-8}" --held-factor "${REPL_HELD_FACTOR:-3}" --rounds "${REPL_ROUNDS:-A,B,C}"
+fi
+
+# --- snapshots of a large inline state (issue #8) ----------------------------
+if [ "$ONLY" = all ] || [ "$ONLY" = snapshot ]; then
+  SD="$WORK/snap"; mkdir -p "$SD/segments"
+  SIZE=61440   # 60 KiB: inline (the threshold is 64 KiB)
+  TARGET=$(( $(numfmt --from=iec "${SNAP_BYTES:-1100MiB}" | tr -d 'B') ))
+  WINDOW="${SNAP_WINDOW:-20s}"
+  EPS="127.0.0.1:17301,127.0.0.1:17302,127.0.0.1:17303"
+  members=""
+  for i in 1 2 3; do members+=$'[[members]]\n'"id = $i"$'\n'"addr = \"127.0.0.1:1730$i\""$'\n'; done
+  start_node() {
+    "$BIN/mailboxd" --config "$SD/node$1/node.toml" >>"$SD/node$1/log" 2>&1 &
+    echo $! >"$SD/node$1/pid"
+  }
+  for i in 1 2 3; do
+    mkdir -p "$SD/node$i"
+    cat >"$SD/node$i/node.toml" <<TOML
+node-id = $i
+dc = "snap"
+listen = "127.0.0.1:1730$i"
+http-listen = "127.0.0.1:1735$i"
+data-dir = "$SD/node$i/data"
+segment-dir = "$SD/segments"
+inline-threshold = "64KiB"
+
+[raft]
+# No automatic snapshot: the benchmark builds one when it measures.
+snapshot-every = 100000000
+keep-logs = 200
+
+$members
+TOML
+    start_node "$i"
+  done
+  pid_of() { cat "$SD/node$1/pid"; }
+  rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+  MB=("$BIN/mailbox" --endpoint 127.0.0.1:17301 --endpoint 127.0.0.1:17302 --endpoint 127.0.0.1:17303)
+  for _ in $(seq 1 150); do "${MB[@]}" cluster status >/dev/null 2>&1 && break; sleep 0.2; done
+  log "snapshot: filling the DC with $(numfmt --to=iec $TARGET)B of 60 KiB inline uploads"
+  stored=0
+  while [ "$stored" -lt "$TARGET" ]; do
+    ops=$("$BIN/mailbox-bench" small --endpoints "$EPS" --size 60KiB --concurrency 32 --duration 20s \
+      | python3 -c 'import json,sys; print(json.load(sys.stdin)["ops"])')
+    # (+ the uploads of the 2 s warm-up, which are stored but not counted)
+    stored=$(( stored + ops * SIZE ))
+    log "snapshot: $(numfmt --to=iec $stored)B stored"
+  done
+  leader=$("${MB[@]}" --json cluster status | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"])')
+  follower=$(( leader % 3 + 1 ))
+  # Sample every node's RSS while a command runs; print the peak growth.
+  watch_rss() {
+    local -A base peak
+    for i in 1 2 3; do p=$(pid_of $i); base[$i]=$(rss_kib "$p"); peak[$i]=${base[$i]}; done
+    "$@" &
+    local job=$!
+    while kill -0 "$job" 2>/dev/null; do
+      for i in 1 2 3; do
+        p=$(pid_of $i); r=$(rss_kib "$p" 2>/dev/null || echo 0)
+        [ "${r:-0}" -gt "${peak[$i]}" ] && peak[$i]=$r
+      done
+      sleep 0.1
+    done
+    wait "$job"
+    for i in 1 2 3; do echo "$i ${base[$i]} ${peak[$i]}"; done >"$SD/rss.$RSS_TAG"
+  }
+  load() { "$BIN/mailbox-bench" small --endpoints "$EPS" --size 60KiB --concurrency 16 --duration "$WINDOW" >"$SD/load.$RSS_TAG.json"; }
+  log "snapshot: baseline window ($WINDOW, no snapshot)"
+  RSS_TAG=base watch_rss load
+  # The follower loses its data; once the leader's log is purged behind
+  # the new snapshot, the follower can only catch up by installing it.
+  during() {
+    load &
+    local l=$!
+    sleep 2
+    kill "$(pid_of $follower)"; wait "$(pid_of $follower)" 2>/dev/null || true
+    rm -rf "$SD/node$follower/data"
+    "${MB[@]}" --json cluster snapshot >"$SD/snapshot.json"
+    start_node "$follower"
+    wait "$l"
+  }
+  log "snapshot: window with a snapshot built on node $leader and installed on node $follower"
+  RSS_TAG=snap watch_rss during
+  # The follower must have installed it and caught up.
+  for _ in $(seq 1 600); do
+    if "${MB[@]}" --json cluster status | python3 -c '
+import json,sys
+s=json.load(sys.stdin); a={n["node_id"]: n["applied_index"] for n in s["nodes"]}
+f='"$follower"'; sys.exit(0 if a.get(f,0) > 0 and a[f] >= max(a.values()) - 10 else 1)'; then break; fi
+    sleep 0.5
+  done
+  installed=$(grep -c "snapshot installed" "$SD/node$follower/log" || true)
+  python3 - "$SD" "$leader" "$follower" "$installed" <<'PY'
+import json, sys
+d, leader, follower, installed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+def rss(tag):
+    out = {}
+    for line in open(f"{d}/rss.{tag}"):
+        i, b, p = map(int, line.split())
+        out[i] = {"before_mib": b // 1024, "peak_mib": p // 1024, "growth_mib": (p - b) // 1024}
+    return out
+base, snap = json.load(open(f"{d}/load.base.json")), json.load(open(f"{d}/load.snap.json"))
+s = json.load(open(f"{d}/snapshot.json"))
+r_snap = rss("snap")
+# The restarted follower's "before" is its old process: its peak is all growth.
+print(json.dumps({"kind": "snapshot", "snapshot_bytes": s["bytes"], "build_seconds": s["millis"] / 1000,
+                  "leader": leader, "follower": follower, "installed": installed > 0,
+                  "rss_baseline_window": rss("base"), "rss_snapshot_window": r_snap,
+                  "leader_rss_growth_mib": r_snap[leader]["growth_mib"],
+                  "follower_rss_after_install_mib": r_snap[follower]["peak_mib"],
+                  "p99_ms_baseline": base["p99_ms"], "p99_ms_snapshot": snap["p99_ms"],
+                  "p99_ratio": round(snap["p99_ms"] / base["p99_ms"], 2),
+                  "ops_per_sec_baseline": base["ops_per_sec"], "ops_per_sec_snapshot": snap["ops_per_sec"],
+                  "settings": "3-node DC, 60 KiB inline uploads, 16 clients, leader-routed, both windows alike"}))
+PY
+  for i in 1 2 3; do kill "$(pid_of $i)" 2>/dev/null || true; done
+  wait 2>/dev/null || true
 fi

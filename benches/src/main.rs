@@ -61,6 +61,11 @@ enum Cmd {
         /// leader the client finds (measures followers forwarding writes).
         #[arg(long)]
         spread: bool,
+        /// How the clients are routed, for the report (default: `leader`
+        /// for ours unless `--spread`; `spread` for etcd over several
+        /// endpoints); e.g. `leader` for etcd given only its leader.
+        #[arg(long)]
+        routing: Option<String>,
     },
     /// One large streamed upload.
     Large {
@@ -82,6 +87,20 @@ enum Cmd {
     /// Two DCs over an emulated RTT: catching up the backlog of an outage
     /// under load, against one stream through the same link.
     CatchUp(repl::CatchUpArgs),
+}
+
+/// `len` pseudo-random bytes from `seed` (xorshift64*).
+fn random_payload(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -142,6 +161,7 @@ async fn small(
     duration: Duration,
     mailbox: String,
     spread: bool,
+    routing: Option<String>,
 ) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(!endpoints.is_empty(), "--endpoints is required");
     let mut conns = Vec::new();
@@ -167,7 +187,9 @@ async fn small(
             let mut lat = Vec::new();
             let mut errors = 0u64;
             let mut seq = 0u64;
-            let payload = vec![b'x'; size as usize];
+            // Incompressible, as partners' files mostly are: a payload
+            // of one repeated byte would flatter RocksDB's compression.
+            let payload = random_payload(w as u64 + 1, size as usize);
             loop {
                 let t0 = Instant::now();
                 if t0 >= stop_at {
@@ -198,7 +220,10 @@ async fn small(
     Ok(json!({
         "kind": "small",
         "target": if target == Target::Mailbox { "mailbox" } else { "etcd" },
-        "routing": if target == Target::Etcd || spread { "spread" } else { "leader" },
+        "routing": routing.unwrap_or_else(|| {
+            let spread = spread || (target == Target::Etcd && endpoints.len() > 1);
+            if spread { "spread" } else { "leader" }.to_string()
+        }),
         "size_bytes": size,
         "concurrency": concurrency,
         "seconds": secs,
@@ -256,6 +281,7 @@ async fn main() -> anyhow::Result<()> {
             duration,
             mailbox,
             spread,
+            routing,
         } => {
             small(
                 endpoints,
@@ -266,6 +292,7 @@ async fn main() -> anyhow::Result<()> {
                 duration.0,
                 mailbox,
                 spread,
+                routing,
             )
             .await?
         }

@@ -185,3 +185,103 @@ async fn an_upload_whose_segments_were_collected_while_it_stalled_fails_cleanly(
     .await?;
     Ok(())
 }
+
+/// Issue #8: a follower paused (SIGSTOP) while 60 KiB inline uploads pour
+/// in fell so far behind that it never caught up (AppendEntries batches
+/// too large for a heartbeat). Now its lag is visible on the leader while
+/// it is away, and once resumed it catches up, here through a snapshot
+/// streamed from a file (the leader's log is purged behind snapshots
+/// meanwhile), and serves every acknowledged payload byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_paused_under_inline_load_catches_up_through_a_snapshot() -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions {
+        // Group commit puts several uploads in one entry: small numbers,
+        // so the leader snapshots and purges several times meanwhile.
+        snapshot_every: 64,
+        keep_logs: 16,
+        ..Default::default()
+    })
+    .await?;
+    let leader = dc.wait_leader(Duration::from_secs(20)).await?;
+    let follower = if leader == 3 { 2 } else { 3 };
+    let c = dc.client().await?;
+    c.mkdir("/inbox", true).await?;
+    dc.pause(follower);
+    let started = std::time::Instant::now();
+    let mut acked = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for w in 0..16u64 {
+        let c = c.clone();
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..40u64 {
+                let seed = w * 1000 + i;
+                let len = 60 * 1024 - (seed % 512);
+                let m = c
+                    .put(
+                        opts(&format!("f{seed}")),
+                        PatternReader::new(seed, len),
+                        |_| {},
+                    )
+                    .await?
+                    .message
+                    .unwrap();
+                out.push((m.id, pattern_sha256(seed, len)));
+            }
+            anyhow::Ok(out)
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        acked.extend(r??);
+    }
+    eprintln!(
+        "{} inline uploads ({} MiB) in {:?} with node {follower} paused",
+        acked.len(),
+        acked.len() * 60 / 1024,
+        started.elapsed()
+    );
+    let lag = dc
+        .scrape(leader)
+        .await?
+        .get(
+            "mailbox_raft_follower_lag_entries",
+            &[("follower", &follower.to_string())],
+        )
+        .unwrap_or(0.0);
+    assert!(lag > 100.0, "the paused follower's lag is visible: {lag}");
+    let log_at = dc.log_len(follower);
+    dc.resume(follower);
+    let target = c
+        .cluster_status()
+        .await?
+        .nodes
+        .iter()
+        .map(|n| n.applied_index)
+        .max()
+        .unwrap_or(0);
+    wait_for(
+        Duration::from_secs(90),
+        "the resumed follower caught up",
+        || {
+            let c = c.clone();
+            async move {
+                let s = c.cluster_status().await.ok()?;
+                let f = s.nodes.iter().find(|n| n.node_id == follower)?;
+                (f.reachable && f.applied_index >= target).then_some(())
+            }
+        },
+    )
+    .await?;
+    assert!(
+        dc.log_contains_since(follower, log_at, "snapshot installed"),
+        "the follower caught up through a snapshot: {}",
+        dc.log_tail(follower)
+    );
+    let fc = dc.client_of(follower).await?;
+    for (id, sha) in &acked {
+        let mut sink = mailbox_testkit::HashSink::default();
+        fc.get_to(id, 0, 0, &mut sink, |_, _| {}).await?;
+        assert_eq!(&sink.hex(), sha, "{id} read from the follower");
+    }
+    Ok(())
+}

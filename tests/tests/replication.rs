@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use mailbox_client::{Client, PutOptions};
-use mailbox_testkit::{wait_for, DcOptions, HashSink, PatternReader, TestCluster};
+use mailbox_testkit::{pattern_sha256, wait_for, DcOptions, HashSink, PatternReader, TestCluster};
 use tonic::Code;
 
 fn small_dcs() -> DcOptions {
@@ -684,5 +684,104 @@ async fn a_followers_upload_goes_ahead_of_its_record_through_the_leader() -> any
         early > 0.0,
         "the follower's payload did not go ahead of its record"
     );
+    Ok(())
+}
+
+/// Issue #8: feed records every other DC has applied are trimmed (the
+/// origin learns each DC's cursor from its reports); a DC rebuilt from
+/// empty, whose cursor is then below the trimmed feed, is resynced from
+/// the origin's state and gets every one of its messages back, byte for
+/// byte, instead of a feed with a gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dc_rebuilt_from_empty_is_resynced_from_a_trimmed_feed() -> anyhow::Result<()> {
+    let mut cl = TestCluster::start(&["east", "west"], small_dcs(), "").await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    let mut sent = BTreeMap::new();
+    let mut ids = Vec::new();
+    for i in 0..12u64 {
+        // Inline and segmented.
+        let len = if i % 3 == 0 { 600_000 } else { 100 + i * 1_000 };
+        let m = put(&east, &format!("f{i}"), 40 + i, len, Some(&format!("k{i}")))
+            .await?
+            .message
+            .unwrap();
+        sent.insert(m.id.clone(), pattern_sha256(40 + i, len));
+        ids.push(m.id);
+    }
+    let (first_id, fifth_id) = (ids[0].clone(), ids[4].clone());
+    let gone = put(&east, "deleted", 99, 500, None).await?.message.unwrap();
+    east.delete(&gone.id).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(60)).await?;
+    // West's own uploads, inline and segmented, held in east too.
+    for (i, len) in [(0u64, 3_000u64), (1, 700_000)] {
+        let m = put(&west, &format!("w{i}"), 70 + i, len, None)
+            .await?
+            .message
+            .unwrap();
+        sent.insert(m.id.clone(), pattern_sha256(70 + i, len));
+    }
+    wait_synced(&[&east, &west], Duration::from_secs(60)).await?;
+    let trimmed = wait_for(Duration::from_secs(30), "east's feed trimmed", || {
+        let east = east.clone();
+        async move {
+            let s = east.replication_status().await.ok()?;
+            (s.feed_floor > 0 && s.feed_records < s.feed_head).then_some(s)
+        }
+    })
+    .await?;
+    let scrape = cl.dc("east").scrape(1).await?;
+    let kept = scrape
+        .get("mailbox_replication_feed_records", &[])
+        .expect("the feed length is a metric");
+    assert!(
+        kept < trimmed.feed_head as f64,
+        "{kept} records kept of {}",
+        trimmed.feed_head
+    );
+
+    // West loses everything and starts again from empty.
+    cl.dc("west").kill(1);
+    let wdir = cl.dc("west").dir().to_path_buf();
+    std::fs::remove_dir_all(wdir.join("node1").join("data"))?;
+    std::fs::remove_dir_all(wdir.join("segments"))?;
+    cl.dc("west").restart(1)?;
+    cl.dc("west").wait_leader(Duration::from_secs(30)).await?;
+    let west = cl.dc("west").client().await?;
+    // East refuses west's new feed under the old cursor until reset.
+    wait_for(
+        Duration::from_secs(30),
+        "east sees west's feed changed",
+        || {
+            let east = east.clone();
+            async move {
+                let s = east.replication_status().await.ok()?;
+                s.remotes
+                    .iter()
+                    .any(|r| r.dc == "west" && r.state == "feed-identity-changed")
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
+    east.reset_feed("west").await?;
+    wait_synced(&[&east, &west], Duration::from_secs(90)).await?;
+    let dw = content_digest(&west).await?;
+    assert_eq!(
+        dw, sent,
+        "west got every message back (east's, and its own from east's copies), byte for byte"
+    );
+    assert!(
+        west.stat(&gone.id).await.is_err(),
+        "the deleted one stays deleted"
+    );
+    // The keys answer in the rebuilt DC: a retry there is the same message.
+    for (i, id) in [(0u64, &first_id), (4, &fifth_id)] {
+        let len = if i % 3 == 0 { 600_000 } else { 100 + i * 1_000 };
+        let retry = put(&west, &format!("f{i}"), 40 + i, len, Some(&format!("k{i}"))).await?;
+        assert!(retry.deduplicated, "{retry:?}");
+        assert_eq!(retry.message.unwrap().id, *id);
+    }
     Ok(())
 }

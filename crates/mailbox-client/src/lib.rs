@@ -545,6 +545,17 @@ impl Client {
             .old_cursor)
     }
 
+    /// Builds a snapshot on the node this client talks to (the leader,
+    /// unless connected with `connect_any`) and waits until it is written.
+    pub async fn snapshot(&self) -> Result<mailbox_proto::v1::SnapshotResponse, ClientError> {
+        Ok(self
+            .inner
+            .clone()
+            .snapshot(mailbox_proto::v1::SnapshotRequest {})
+            .await?
+            .into_inner())
+    }
+
     /// Members, leader, term and applied index of every node.
     pub async fn cluster_status(&self) -> Result<ClusterStatusResponse, ClientError> {
         Ok(self

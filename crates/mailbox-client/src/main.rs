@@ -141,6 +141,9 @@ enum ReplicationCmd {
 enum ClusterCmd {
     /// Members, leader, term and applied index per node.
     Status,
+    /// Build a snapshot on the DC leader now (it then purges its log
+    /// behind the snapshot, keeping `keep-logs` entries).
+    Snapshot,
 }
 
 fn parse_attr(s: &str) -> Result<(String, String), String> {
@@ -486,14 +489,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "{}",
                     json!({
-                        "dc": s.dc, "feed_head": s.feed_head, "remotes": remotes,
+                        "dc": s.dc, "feed_head": s.feed_head, "feed_floor": s.feed_floor, "feed_records": s.feed_records, "remotes": remotes,
                         "pending_messages": s.pending_messages, "pending_bytes": s.pending_bytes,
                         "oldest_pending_seconds": s.oldest_pending_seconds, "fetch_retries": s.fetch_retries,
                         "corrupt_copies": s.corrupt_copies, "tombstones": s.tombstones,
                     })
                 );
             } else {
-                println!("DC {}: own feed head {}", s.dc, s.feed_head);
+                println!(
+                    "DC {}: own feed head {}, {} records kept (trimmed up to {}, which every other DC has applied)",
+                    s.dc, s.feed_head, s.feed_records, s.feed_floor
+                );
                 println!(
                     "{:<10} {:<13} {:>8} {:>8} {:>8} {:>8} {:>7}  LAST ERROR",
                     "REMOTE", "STATE", "CURSOR", "HEAD", "LAG", "LAG(s)", "RETRIES"
@@ -524,6 +530,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         "(pulls run on the DC leader; ask the leader for live connection state)"
                     );
                 }
+            }
+        }
+        Cmd::Cluster {
+            cmd: ClusterCmd::Snapshot,
+        } => {
+            let s = client.snapshot().await?;
+            if cli.json {
+                println!(
+                    "{}",
+                    json!({"node_id": s.node_id, "index": s.index, "bytes": s.bytes, "millis": s.millis})
+                );
+            } else {
+                println!(
+                    "node {}: snapshot at index {} written ({}, {:.1}s)",
+                    s.node_id,
+                    s.index,
+                    human_size(s.bytes),
+                    s.millis as f64 / 1000.0
+                );
             }
         }
         Cmd::Cluster {

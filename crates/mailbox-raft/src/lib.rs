@@ -6,7 +6,7 @@
 //!   durable to openraft only after the WAL is fsynced.
 //! - [`StateMachineStore`]: applies commands through `mailbox_state::apply`,
 //!   writing the state and the apply point in one RocksDB batch; builds,
-//!   streams and installs snapshots.
+//!   streams and installs snapshots through files ([`snapshot_file`]).
 //! - [`network`]: the node-to-node transport over tonic, and [`RaftNode`],
 //!   which proposes from any node by forwarding to the leader.
 
@@ -18,8 +18,7 @@ pub mod log_store;
 pub mod network;
 pub mod node;
 pub mod sm_store;
-
-use std::io::Cursor;
+pub mod snapshot_file;
 
 use mailbox_state::{Command, CommandResponse};
 
@@ -40,7 +39,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = snapshot_file::SnapshotFile,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -228,7 +228,26 @@ impl RaftInternal for InternalService {
 
     async fn forward(&self, req: Request<RaftBytes>) -> Result<Response<RaftBytes>, Status> {
         let cmd = decode(&req.into_inner().data).map_err(bad_request)?;
-        let reply: ForwardReply = self.node.propose_local(cmd).await;
+        let reply: ForwardReply = match cmd {
+            // A follower's batched forwards: each proposed on its own (a
+            // batch inside a batch entry is not a command), all queued
+            // before any is awaited, so they share log entries.
+            mailbox_state::Command::Batch(cmds) => {
+                let mut pending = Vec::with_capacity(cmds.len());
+                for c in cmds {
+                    pending.push(self.node.enqueue_local(c).await);
+                }
+                let mut replies = Vec::with_capacity(pending.len());
+                for rx in pending {
+                    replies.push(
+                        rx.await
+                            .unwrap_or_else(|_| ForwardReply::Fatal("raft stopped".into())),
+                    );
+                }
+                ForwardReply::Many(replies)
+            }
+            cmd => self.node.propose_local(cmd).await,
+        };
         Ok(Response::new(RaftBytes {
             data: encode(&reply).into(),
         }))

@@ -29,6 +29,10 @@ use crate::{
     decode, encode, BasicNode, LogStore, NodeId, Raft, RaftError, StateMachineStore, StateView,
 };
 
+/// Deadline of one snapshot chunk RPC, the follower's install included
+/// (about 10 s per GiB of state on a laptop disk; generous).
+pub const SNAPSHOT_RPC_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Raft timing and log-compaction knobs.
 #[derive(Debug, Clone)]
 pub struct RaftTuning {
@@ -78,6 +82,9 @@ pub enum ForwardReply {
     },
     /// The receiver's Raft stopped.
     Fatal(String),
+    /// One reply per command of a forwarded `Command::Batch`, in order
+    /// (each was proposed on its own: some may be applied, some not).
+    Many(Vec<ForwardReply>),
 }
 
 /// One node's view of itself, for cluster status.
@@ -118,14 +125,32 @@ const PROPOSAL_QUEUE: usize = 4096;
 
 type Proposal = (Command, tokio::sync::oneshot::Sender<ForwardReply>);
 
+/// Forwarded proposals waiting for a forward RPC at most.
+const FORWARD_QUEUE: usize = 4096;
+/// Forward RPCs in flight at once; while they are, new forwards queue up
+/// and go out together in the next one.
+const FORWARDS_IN_FLIGHT: usize = 4;
+
+/// A proposal for the leader at `addr`, with its RPC deadline.
+type Forwarded = (
+    String,
+    Command,
+    Duration,
+    tokio::sync::oneshot::Sender<Result<ForwardReply, RaftError>>,
+);
+
+type Peers = Arc<Mutex<HashMap<String, RaftInternalClient<Channel>>>>;
+
 struct Inner {
     id: NodeId,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     applied: tokio::sync::watch::Receiver<u64>,
     raft: Raft,
     view: StateView,
-    peers: Mutex<HashMap<String, RaftInternalClient<Channel>>>,
+    peers: Peers,
+    forwards: tokio::sync::mpsc::Sender<Forwarded>,
     propose_timeout: Duration,
+    snapshot_dir: std::path::PathBuf,
 }
 
 /// A running DC log member. Cheap to clone.
@@ -151,6 +176,11 @@ impl RaftNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(tuning.snapshot_every),
             max_in_snapshot_log_to_keep: tuning.keep_logs,
             snapshot_max_chunk_size: 4 << 20,
+            // The deadline of every snapshot chunk RPC, and the last one
+            // carries the whole install on the follower (streaming the
+            // file into RocksDB): openraft's 200 ms would fail every
+            // install of a large state and start it over.
+            install_snapshot_timeout: SNAPSHOT_RPC_TIMEOUT.as_millis() as u64,
             ..Default::default()
         }
         .validate()
@@ -170,6 +200,9 @@ impl RaftNode {
             })?;
         let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         tokio::spawn(group_commit(raft.clone(), queue));
+        let peers = Peers::default();
+        let (forwards, fqueue) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
+        tokio::spawn(forward_batches(peers.clone(), fqueue));
         Ok(Self {
             inner: Arc::new(Inner {
                 id,
@@ -177,8 +210,10 @@ impl RaftNode {
                 applied,
                 raft,
                 view,
-                peers: Mutex::new(HashMap::new()),
+                peers,
+                forwards,
                 propose_timeout: tuning.propose_timeout,
+                snapshot_dir: snapshot_dir(data_dir),
             }),
         })
     }
@@ -219,14 +254,178 @@ impl RaftNode {
         }
     }
 
+    /// Builds a snapshot of this node's state now and waits until it is
+    /// written; returns the last log index it covers and the size of the
+    /// current snapshot file. On the leader this also lets the log be
+    /// purged behind it (keeping `keep-logs`).
+    pub async fn snapshot_now(&self, timeout: Duration) -> Result<(u64, u64), RaftError> {
+        let applied = self
+            .inner
+            .raft
+            .metrics()
+            .borrow()
+            .last_applied
+            .map(|l| l.index)
+            .unwrap_or(0);
+        self.inner.raft.trigger().snapshot().await.map_err(fatal)?;
+        let m = self
+            .inner
+            .raft
+            .wait(Some(timeout))
+            .metrics(
+                |m| m.snapshot.is_some_and(|s| s.index >= applied),
+                "snapshot built",
+            )
+            .await
+            .map_err(|e| RaftError::Unavailable {
+                reason: format!("snapshot not built within {timeout:?}: {e}"),
+            })?;
+        let bytes = std::fs::metadata(self.inner.snapshot_dir.join("current.snap"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        Ok((m.snapshot.map(|s| s.index).unwrap_or(0), bytes))
+    }
+
     /// Proposes on this node's Raft only; a follower answers `NotLeader`.
     pub async fn propose_local(&self, cmd: Command) -> ForwardReply {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        if self.inner.proposals.send((cmd, tx)).await.is_err() {
-            return ForwardReply::Fatal("raft stopped".into());
-        }
+        let rx = self.enqueue_local(cmd).await;
         rx.await
             .unwrap_or_else(|_| ForwardReply::Fatal("raft stopped".into()))
+    }
+
+    /// Queues `cmd` for this node's group commit; the receiver gets the
+    /// reply. Queuing several before awaiting any puts them in one entry.
+    pub async fn enqueue_local(
+        &self,
+        cmd: Command,
+    ) -> tokio::sync::oneshot::Receiver<ForwardReply> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = self.inner.proposals.send((cmd, tx)).await {
+            let _ = e.0 .1.send(ForwardReply::Fatal("raft stopped".into()));
+        }
+        rx
+    }
+
+    /// The leader and its address, when this node knows one that is not
+    /// itself (a follower then forwards at once instead of first asking
+    /// its own Raft, which would only answer "not the leader").
+    fn known_leader(&self) -> Option<(NodeId, String)> {
+        let m = self.inner.raft.metrics();
+        let m = m.borrow();
+        let l = m.current_leader.filter(|l| *l != self.inner.id)?;
+        let addr = m.membership_config.membership().get_node(&l)?.addr.clone();
+        Some((l, addr))
+    }
+}
+
+fn peer_client(peers: &Peers, addr: &str) -> Result<RaftInternalClient<Channel>, RaftError> {
+    let mut peers = peers.lock().expect("peer map lock");
+    if let Some(c) = peers.get(addr) {
+        return Ok(c.clone());
+    }
+    let ch = channel(addr, None).map_err(|e| RaftError::Unavailable {
+        reason: format!("bad leader address {addr}: {e}"),
+    })?;
+    let c = internal_client(ch);
+    peers.insert(addr.to_string(), c.clone());
+    Ok(c)
+}
+
+async fn forward_rpc(
+    peers: &Peers,
+    addr: &str,
+    cmd: &Command,
+    timeout: Duration,
+) -> Result<ForwardReply, RaftError> {
+    let mut client = peer_client(peers, addr)?;
+    let mut req = tonic::Request::new(RaftBytes {
+        data: encode(cmd).into(),
+    });
+    req.set_timeout(timeout);
+    let reply = client
+        .forward(req)
+        .await
+        .map_err(|s| RaftError::Unavailable {
+            reason: format!("forward to leader at {addr}: {}", s.message()),
+        })?;
+    decode(&reply.into_inner().data)
+}
+
+/// Batched forwarding, the follower's half of group commit: proposals for
+/// the leader that queue up while earlier forward RPCs are out go together
+/// in one RPC (a `Command::Batch`, which the leader proposes command by
+/// command into its own group commit, answering `ForwardReply::Many`).
+/// Without it every upload through a follower was an RPC of its own.
+async fn forward_batches(peers: Peers, mut queue: tokio::sync::mpsc::Receiver<Forwarded>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT));
+    let mut held: Option<Forwarded> = None;
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let first = match held.take() {
+            Some(f) => f,
+            None => match queue.recv().await {
+                Some(f) => f,
+                None => return,
+            },
+        };
+        let (addr, timeout) = (first.0.clone(), first.2);
+        let mut bytes = approx_bytes(&first.1);
+        let mut group = vec![first];
+        while group.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(f) if f.0 == addr => {
+                    bytes += approx_bytes(&f.1);
+                    group.push(f);
+                }
+                // For another leader (it changed): the next RPC.
+                Ok(f) => {
+                    held = Some(f);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        let peers = peers.clone();
+        tokio::spawn(async move {
+            if group.len() == 1 {
+                let (_, cmd, _, tx) = group.pop().expect("one forward");
+                let _ = tx.send(forward_rpc(&peers, &addr, &cmd, timeout).await);
+            } else {
+                let (cmds, txs): (Vec<_>, Vec<_>) =
+                    group.into_iter().map(|(_, c, _, tx)| (c, tx)).unzip();
+                let n = cmds.len();
+                match forward_rpc(&peers, &addr, &Command::Batch(cmds), timeout).await {
+                    Ok(ForwardReply::Many(replies)) if replies.len() == n => {
+                        for (tx, r) in txs.into_iter().zip(replies) {
+                            let _ = tx.send(Ok(r));
+                        }
+                    }
+                    Ok(ForwardReply::Many(replies)) => {
+                        let reason =
+                            format!("{} replies to {n} forwarded proposals", replies.len());
+                        for tx in txs {
+                            let _ = tx.send(Ok(ForwardReply::Fatal(reason.clone())));
+                        }
+                    }
+                    Ok(other) => {
+                        for tx in txs {
+                            let _ = tx.send(Ok(other.clone()));
+                        }
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        for tx in txs {
+                            let _ = tx.send(Err(RaftError::Unavailable {
+                                reason: reason.clone(),
+                            }));
+                        }
+                    }
+                }
+            }
+            drop(slot);
+        });
     }
 }
 
@@ -336,37 +535,20 @@ async fn client_write(raft: &Raft, cmd: Command) -> ForwardReply {
 }
 
 impl RaftNode {
-    fn peer(&self, addr: &str) -> Result<RaftInternalClient<Channel>, RaftError> {
-        let mut peers = self.inner.peers.lock().expect("peer map lock");
-        if let Some(c) = peers.get(addr) {
-            return Ok(c.clone());
-        }
-        let ch = channel(addr, None).map_err(|e| RaftError::Unavailable {
-            reason: format!("bad leader address {addr}: {e}"),
-        })?;
-        let c = internal_client(ch);
-        peers.insert(addr.to_string(), c.clone());
-        Ok(c)
-    }
-
+    /// Sends `cmd` to the leader at `addr` in the next batched forward.
     async fn forward(
         &self,
         addr: &str,
         cmd: &Command,
         timeout: Duration,
     ) -> Result<ForwardReply, RaftError> {
-        let mut client = self.peer(addr)?;
-        let mut req = tonic::Request::new(RaftBytes {
-            data: encode(cmd).into(),
-        });
-        req.set_timeout(timeout);
-        let reply = client
-            .forward(req)
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .forwards
+            .send((addr.to_string(), cmd.clone(), timeout, tx))
             .await
-            .map_err(|s| RaftError::Unavailable {
-                reason: format!("forward to leader at {addr}: {}", s.message()),
-            })?;
-        decode(&reply.into_inner().data)
+            .map_err(|_| fatal("raft stopped"))?;
+        rx.await.map_err(|_| fatal("raft stopped"))?
     }
 
     /// Commits `cmd` to the DC log from any member and returns the state
@@ -378,10 +560,19 @@ impl RaftNode {
         let mut backoff = Duration::from_millis(20);
         let mut last_problem;
         loop {
-            let reply = self.propose_local(cmd.clone()).await;
+            let reply = match self.known_leader() {
+                Some((l, addr)) => ForwardReply::NotLeader {
+                    leader: Some(l),
+                    addr: Some(addr),
+                },
+                None => self.propose_local(cmd.clone()).await,
+            };
             last_problem = match reply {
                 ForwardReply::Applied { response, .. } => return Ok(response),
                 ForwardReply::Fatal(reason) => return Err(RaftError::Fatal { reason }),
+                ForwardReply::Many(_) => {
+                    return Err(fatal("a single proposal answered with many replies"))
+                }
                 ForwardReply::NotLeader {
                     leader: Some(l),
                     addr: Some(addr),
@@ -396,6 +587,7 @@ impl RaftNode {
                             return Ok(response);
                         }
                         Ok(ForwardReply::Fatal(reason)) => format!("leader {l}: {reason}"),
+                        Ok(ForwardReply::Many(_)) => format!("leader {l}: many replies to one"),
                         Ok(ForwardReply::NotLeader { .. }) => {
                             format!("node {l} is no longer leader")
                         }
@@ -474,7 +666,7 @@ impl RaftNode {
 
     /// Asks the node at `addr` for its report.
     pub async fn remote_report(&self, addr: &str) -> Result<NodeReport, RaftError> {
-        let mut client = self.peer(addr)?;
+        let mut client = peer_client(&self.inner.peers, addr)?;
         let mut req = tonic::Request::new(RaftBytes {
             data: bytes::Bytes::new(),
         });

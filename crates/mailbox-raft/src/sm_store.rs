@@ -7,12 +7,21 @@
 //! entries, consistently, and openraft re-applies them from the log.
 //!
 //! A snapshot is the whole state column family read from one RocksDB
-//! snapshot, as length-prefixed key/value frames. The current snapshot is
-//! kept in `<dir>/current.snap` (written to a temp file, fsynced, renamed) so
-//! a restarted node can still serve it to a lagging follower.
+//! point-in-time view and streamed into a file ([`crate::snapshot_file`]);
+//! it is never held in memory. The current snapshot is `<dir>/current.snap`
+//! (written to a temp file, fsynced, renamed), so a restarted node can still
+//! serve it to a lagging follower.
+//!
+//! Installing streams a received file into RocksDB in bounded batches,
+//! which cannot be one atomic write. So the file is first kept as
+//! `<dir>/installing.snap`, and the first batch (clearing the old state)
+//! writes an "install in progress" marker that only the last batch (the
+//! new apply point) removes. A node that restarts with the marker set
+//! installs the file again before Raft starts: it never runs on half a
+//! state.
 
-use std::io::Cursor;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use mailbox_state::{apply, ApplyCtx, CommandResult, KvRead, Overlay, StateError};
 use mailbox_storage::{Batch, Cf, Store};
@@ -22,10 +31,15 @@ use openraft::{
     StorageIOError, StoredMembership,
 };
 
+use crate::snapshot_file::{self, Meta, SnapshotFile};
 use crate::{BasicNode, NodeId, StorageError, TypeConfig};
 
 const APPLIED: &[u8] = b"\0applied";
 const MEMBERSHIP: &[u8] = b"\0membership";
+/// Set while a snapshot is being installed (value: its id).
+const INSTALLING: &[u8] = b"\0installing";
+/// State bytes per write batch while installing a snapshot.
+const INSTALL_BATCH_BYTES: usize = 4 << 20;
 /// Every state key sorts below this (tags are ASCII letters or NUL).
 const STATE_END: &[u8] = &[0xff];
 
@@ -84,9 +98,10 @@ pub struct StateMachineStore {
     snapshot_dir: PathBuf,
     ctx: ApplyCtx,
     applied_tx: tokio::sync::watch::Sender<u64>,
+    /// Serialises replacing `current.snap` (a build and an install may
+    /// finish together; the newer snapshot stays).
+    current_lock: Arc<Mutex<()>>,
 }
-
-type Meta = SnapshotMeta<NodeId, BasicNode>;
 /// Last applied log id and membership.
 type ApplyPoint = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
 
@@ -100,21 +115,61 @@ impl StateMachineStore {
     ) -> Result<Self, std::io::Error> {
         let snapshot_dir = snapshot_dir.into();
         std::fs::create_dir_all(&snapshot_dir)?;
-        // Temp files of snapshot writes a crash interrupted.
+        // Temp files of snapshot writes and receptions a crash interrupted.
         for e in std::fs::read_dir(&snapshot_dir)?.flatten() {
-            if e.file_name()
-                .to_string_lossy()
-                .starts_with("current.snap.tmp")
-            {
+            if e.file_name().to_string_lossy().ends_with(".tmp") {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        Ok(Self {
+        let this = Self {
             store,
             snapshot_dir,
             ctx,
             applied_tx: tokio::sync::watch::channel(0).0,
-        })
+            current_lock: Arc::new(Mutex::new(())),
+        };
+        this.recover_install().map_err(std::io::Error::other)?;
+        Ok(this)
+    }
+
+    fn installing_path(&self) -> PathBuf {
+        self.snapshot_dir.join("installing.snap")
+    }
+
+    /// Finishes a snapshot install a crash interrupted (see the module doc).
+    fn recover_install(&self) -> Result<(), StorageError> {
+        let marker = self.store.get(Cf::State, INSTALLING).map_err(sm_read_err)?;
+        let file = self.installing_path();
+        match marker {
+            Some(id) => {
+                let meta = snapshot_file::read_meta(&file).map_err(|e| {
+                    sm_read_err(std::io::Error::other(format!(
+                        "an install of snapshot {} was interrupted and its file {} cannot be read ({e}); \
+                         this node's state is incomplete: wipe its data directory and let it rejoin \
+                         (docs/operations.md)",
+                        String::from_utf8_lossy(&id),
+                        file.display()
+                    )))
+                })?;
+                tracing::warn!(id = %meta.snapshot_id, "installing snapshot again: the last install was interrupted");
+                self.install_from_file(&meta, &file)?;
+                self.adopt_installed(&meta, &file)
+            }
+            None if file.exists() => {
+                // Interrupted before the marker (the old state is whole) or
+                // after the last batch (the new one is): keep the file only
+                // if it is what the state now is.
+                let meta = snapshot_file::read_meta(&file).ok();
+                let (applied, _) = self.read_apply_point()?;
+                match meta {
+                    Some(m) if m.last_log_id == applied && applied.is_some() => {
+                        self.adopt_installed(&m, &file)
+                    }
+                    _ => std::fs::remove_file(&file).map_err(snap_err),
+                }
+            }
+            None => Ok(()),
+        }
     }
 
     /// Notified with the last applied log index after every apply batch
@@ -144,80 +199,32 @@ impl StateMachineStore {
         self.snapshot_dir.join("current.snap")
     }
 
-    fn save_snapshot_file(&self, meta: &Meta, data: &[u8]) -> Result<(), StorageError> {
-        let meta_bytes = bincode::serialize(meta).map_err(snap_err)?;
+    /// A fresh temp path in the snapshot directory.
+    fn temp_path(&self, what: &str) -> PathBuf {
         // A name of its own per write: a snapshot being built and one being
-        // installed never write into the same temp file.
+        // received never write into the same file.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tmp = self
-            .snapshot_dir
-            .join(format!("current.snap.tmp.{}.{n}", std::process::id()));
-        let write = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&(meta_bytes.len() as u64).to_be_bytes())?;
-            f.write_all(&meta_bytes)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, self.current_path())?;
-            std::fs::File::open(&self.snapshot_dir)?.sync_all()
-        };
-        write().map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            snap_err(e)
-        })
+        self.snapshot_dir
+            .join(format!("{what}.{}.{n}.tmp", std::process::id()))
     }
 
-    fn load_snapshot_file(&self) -> Result<Option<(Meta, Vec<u8>)>, StorageError> {
-        let bytes = match std::fs::read(self.current_path()) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
-        };
-        let bad = |what: &str| -> StorageError {
-            StorageIOError::read_snapshot(None, &std::io::Error::other(what.to_string())).into()
-        };
-        if bytes.len() < 8 {
-            return Err(bad("snapshot file too short"));
+    /// Makes the complete, fsynced snapshot file `from` the current one,
+    /// unless the current one is newer.
+    fn replace_current(&self, meta: &Meta, from: &Path) -> std::io::Result<()> {
+        let _g = self.current_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(cur) = snapshot_file::read_meta(&self.current_path()) {
+            if cur.last_log_id > meta.last_log_id {
+                return std::fs::remove_file(from);
+            }
         }
-        let n = u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
-        let meta_end = 8usize.checked_add(n).filter(|&e| e <= bytes.len());
-        let meta_end = meta_end.ok_or_else(|| bad("snapshot metadata truncated"))?;
-        let meta: Meta = bincode::deserialize(&bytes[8..meta_end]).map_err(sm_read_err)?;
-        Ok(Some((meta, bytes[meta_end..].to_vec())))
+        std::fs::rename(from, self.current_path())?;
+        std::fs::File::open(&self.snapshot_dir)?.sync_all()
     }
-}
 
-fn put_frame(out: &mut Vec<u8>, b: &[u8]) {
-    out.extend_from_slice(&(b.len() as u32).to_be_bytes());
-    out.extend_from_slice(b);
-}
-
-/// Splits snapshot data into key/value pairs.
-/// A key and value borrowed from snapshot data.
-type Frame<'a> = (&'a [u8], &'a [u8]);
-
-fn parse_frames(data: &[u8]) -> Result<Vec<Frame<'_>>, std::io::Error> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    let take = |pos: &mut usize| -> Result<&[u8], std::io::Error> {
-        let hdr = data
-            .get(*pos..*pos + 4)
-            .ok_or_else(|| std::io::Error::other("snapshot frame header truncated"))?;
-        let n = u32::from_be_bytes(hdr.try_into().expect("4 bytes")) as usize;
-        let body = data
-            .get(*pos + 4..*pos + 4 + n)
-            .ok_or_else(|| std::io::Error::other("snapshot frame truncated"))?;
-        *pos += 4 + n;
-        Ok(body)
-    };
-    while pos < data.len() {
-        let k = take(&mut pos)?;
-        let v = take(&mut pos)?;
-        out.push((k, v));
+    fn adopt_installed(&self, meta: &Meta, file: &Path) -> Result<(), StorageError> {
+        self.replace_current(meta, file).map_err(snap_err)
     }
-    Ok(out)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
@@ -227,39 +234,52 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // blocking pool, not on a runtime worker that also carries Raft
         // heartbeats and the API.
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.build_snapshot_blocking())
+        let meta = tokio::task::spawn_blocking(move || this.build_snapshot_blocking())
             .await
-            .map_err(snap_err)?
+            .map_err(snap_err)??;
+        // What was built, or a newer snapshot installed meanwhile.
+        match self.get_current_snapshot().await? {
+            Some(s) if s.meta.last_log_id >= meta.last_log_id => Ok(s),
+            _ => Err(snap_err(std::io::Error::other(
+                "the snapshot just built is not in the snapshot directory",
+            ))),
+        }
     }
 }
 
 impl StateMachineStore {
-    fn build_snapshot_blocking(&self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let mut data = Vec::new();
+    fn build_snapshot_blocking(&self) -> Result<Meta, StorageError> {
+        let tmp = self.temp_path("build");
+        let r = self.write_snapshot_file(&tmp);
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        let (meta, bytes) = r?;
+        self.replace_current(&meta, &tmp).map_err(snap_err)?;
+        tracing::info!(bytes, last = ?meta.last_log_id, "snapshot built");
+        Ok(meta)
+    }
+
+    /// Streams the state into a new snapshot file at `path`.
+    fn write_snapshot_file(&self, path: &Path) -> Result<(Meta, u64), StorageError> {
+        let mut w = snapshot_file::Writer::create(path).map_err(snap_err)?;
         let mut applied: Option<LogId<NodeId>> = None;
         let mut membership = StoredMembership::default();
-        let mut decode_err = None;
-        // One RocksDB snapshot: the apply point and the data agree.
+        // One RocksDB point-in-time view: the apply point and the data
+        // agree. The apply point goes in the trailer, not in the frames.
         self.store
-            .for_each_consistent(Cf::State, |k, v| {
+            .for_each_consistent(Cf::State, |k, v| -> std::io::Result<()> {
                 if k == APPLIED {
-                    match bincode::deserialize(v) {
-                        Ok(a) => applied = a,
-                        Err(e) => decode_err = Some(e),
-                    }
+                    applied = bincode::deserialize(v).map_err(std::io::Error::other)?;
                 } else if k == MEMBERSHIP {
-                    match bincode::deserialize(v) {
-                        Ok(m) => membership = m,
-                        Err(e) => decode_err = Some(e),
-                    }
+                    membership = bincode::deserialize(v).map_err(std::io::Error::other)?;
+                } else if k != INSTALLING {
+                    w.frame(k, v)?;
                 }
-                put_frame(&mut data, k);
-                put_frame(&mut data, v);
+                Ok(())
             })
+            .map_err(snap_err)?
             .map_err(snap_err)?;
-        if let Some(e) = decode_err {
-            return Err(snap_err(e));
-        }
         let snapshot_id = match applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, mailbox_types::now_ms()),
             None => format!("empty-{}", mailbox_types::now_ms()),
@@ -269,20 +289,70 @@ impl StateMachineStore {
             last_membership: membership,
             snapshot_id,
         };
-        self.save_snapshot_file(&meta, &data)?;
-        tracing::info!(bytes = data.len(), last = ?meta.last_log_id, "snapshot built");
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        let bytes = w.finish(&meta).map_err(snap_err)?;
+        Ok((meta, bytes))
     }
 
-    fn install_snapshot_blocking(&self, meta: &Meta, data: Vec<u8>) -> Result<(), StorageError> {
-        let frames = parse_frames(&data).map_err(snap_err)?;
+    /// Installs the received snapshot file at `received` as the state.
+    fn install_snapshot_blocking(&self, meta: &Meta, received: &Path) -> Result<(), StorageError> {
+        // Checked whole before the old state is touched: a bad file is
+        // refused, never half installed.
+        let (mut r, embedded) = snapshot_file::Reader::open(received).map_err(snap_err)?;
+        if embedded.snapshot_id != meta.snapshot_id || embedded.last_log_id != meta.last_log_id {
+            return Err(snap_err(std::io::Error::other(format!(
+                "received snapshot file holds {} at {:?}, expected {} at {:?}",
+                embedded.snapshot_id, embedded.last_log_id, meta.snapshot_id, meta.last_log_id
+            ))));
+        }
+        while r.next_frame().map_err(snap_err)?.is_some() {}
+        // Our own received file is moved; anything else (openraft's test
+        // suite hands over another store's file) is copied.
+        let file = self.installing_path();
+        let ours = received.parent() == Some(self.snapshot_dir.as_path());
+        if ours {
+            std::fs::rename(received, &file).map_err(snap_err)?;
+        } else {
+            let tmp = self.temp_path("copy");
+            std::fs::copy(received, &tmp)
+                .and_then(|_| std::fs::File::open(&tmp)?.sync_all())
+                .and_then(|_| std::fs::rename(&tmp, &file))
+                .map_err(snap_err)?;
+        }
+        std::fs::File::open(&self.snapshot_dir)
+            .and_then(|d| d.sync_all())
+            .map_err(snap_err)?;
+        self.install_from_file(meta, &file)?;
+        self.adopt_installed(meta, &file)?;
+        tracing::info!(last = ?meta.last_log_id, "snapshot installed");
+        Ok(())
+    }
+
+    /// Replaces the state with the frames of the snapshot file at `file`,
+    /// in bounded batches, behind the install marker.
+    fn install_from_file(&self, meta: &Meta, file: &Path) -> Result<(), StorageError> {
+        let (mut r, _) = snapshot_file::Reader::open(file).map_err(snap_err)?;
         let mut b = Batch::new();
         b.delete_range(Cf::State, Vec::new(), STATE_END.to_vec());
-        for (k, v) in frames {
+        b.put(Cf::State, INSTALLING, meta.snapshot_id.as_bytes().to_vec());
+        self.store.write(b, true).map_err(sm_write_err)?;
+        let mut b = Batch::new();
+        let mut bytes = 0usize;
+        let mut frames = 0u64;
+        while let Some((k, v)) = r.next_frame().map_err(snap_err)? {
+            if k == APPLIED || k == MEMBERSHIP || k == INSTALLING {
+                continue;
+            }
+            bytes += k.len() + v.len();
+            frames += 1;
             b.put(Cf::State, k.to_vec(), v.to_vec());
+            if bytes >= INSTALL_BATCH_BYTES {
+                // Not fsynced: the last write below syncs the WAL, and
+                // with it every write before it.
+                self.store
+                    .write(std::mem::take(&mut b), false)
+                    .map_err(sm_write_err)?;
+                bytes = 0;
+            }
         }
         // The snapshot's own metadata is authoritative for the apply point.
         b.put(
@@ -295,9 +365,9 @@ impl StateMachineStore {
             MEMBERSHIP,
             bincode::serialize(&meta.last_membership).map_err(sm_write_err)?,
         );
+        b.delete(Cf::State, INSTALLING);
         self.store.write(b, true).map_err(sm_write_err)?;
-        self.save_snapshot_file(meta, &data)?;
-        tracing::info!(bytes = data.len(), last = ?meta.last_log_id, "snapshot installed");
+        tracing::debug!(frames, "snapshot frames written");
         Ok(())
     }
 }
@@ -378,19 +448,28 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        let f = SnapshotFile::create(&self.temp_path("incoming"))
+            .await
+            .map_err(snap_err)?;
+        Ok(Box::new(f))
     }
 
     #[tracing::instrument(level = "info", skip(self, snapshot), fields(id = %meta.snapshot_id))]
     async fn install_snapshot(
         &mut self,
         meta: &Meta,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        mut snapshot: Box<SnapshotFile>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
+        if snapshot.path().parent() == Some(self.snapshot_dir.as_path()) {
+            snapshot.sync().await.map_err(snap_err)?;
+        }
+        let path = snapshot.path().to_path_buf();
+        drop(snapshot);
         let (this, m) = (self.clone(), meta.clone());
-        tokio::task::spawn_blocking(move || this.install_snapshot_blocking(&m, data))
+        // Reading, checking and writing the whole state: on the blocking
+        // pool, not on a runtime worker that carries heartbeats and the API.
+        tokio::task::spawn_blocking(move || this.install_snapshot_blocking(&m, &path))
             .await
             .map_err(snap_err)??;
         if let Some(l) = meta.last_log_id {
@@ -400,9 +479,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        Ok(self.load_snapshot_file()?.map(|(meta, data)| Snapshot {
+        let path = self.current_path();
+        let _g = self.current_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let meta = match snapshot_file::read_meta(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StorageIOError::read_snapshot(None, &e).into()),
+        };
+        // Opened under the lock: the handle reads this file even if a newer
+        // one replaces it meanwhile.
+        let file = std::fs::File::open(&path)
+            .map_err(|e| StorageError::from(StorageIOError::read_snapshot(None, &e)))?;
+        drop(_g);
+        Ok(Some(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Box::new(SnapshotFile::from_std(file, path)),
         }))
     }
 }
@@ -487,15 +578,171 @@ mod tests {
         );
     }
 
-    #[test]
-    fn frames_roundtrip_and_reject_truncation() {
-        let mut d = Vec::new();
-        put_frame(&mut d, b"k1");
-        put_frame(&mut d, b"");
-        put_frame(&mut d, b"k2");
-        put_frame(&mut d, b"value");
-        let f = parse_frames(&d).unwrap();
-        assert_eq!(f, vec![(&b"k1"[..], &b""[..]), (&b"k2"[..], &b"value"[..])]);
-        assert!(parse_frames(&d[..d.len() - 1]).is_err());
+    async fn store_with_messages(dir: &Path, n: usize) -> StateMachineStore {
+        use mailbox_state::Command;
+        use openraft::{CommittedLeaderId, EntryPayload};
+        let store = Store::open(&dir.join("db")).unwrap();
+        let mut sm =
+            StateMachineStore::new(store, snapshot_dir(dir), ApplyCtx::new("east")).unwrap();
+        let mut entries = vec![Entry::<TypeConfig> {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Command::CreateMailbox {
+                path: mailbox_types::MailboxPath::parse("/in").unwrap(),
+                parents: true,
+                created_ms: 1,
+            }),
+        }];
+        for i in 0..n {
+            let data = vec![i as u8; 1000];
+            let meta = mailbox_types::MessageMeta {
+                id: mailbox_types::MessageId::new(),
+                mailbox: mailbox_types::MailboxPath::parse("/in").unwrap(),
+                name: format!("f{i}"),
+                size: data.len() as u64,
+                sha256: mailbox_types::Digest::of(&data),
+                created_ms: 1,
+                origin_dc: "east".into(),
+                attributes: Default::default(),
+                payload: mailbox_types::Payload::Inline,
+            };
+            entries.push(Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), 2 + i as u64),
+                payload: EntryPayload::Normal(Command::PutMessage {
+                    meta,
+                    inline: Some(data),
+                    idempotency_key: None,
+                }),
+            });
+        }
+        sm.apply(entries).await.unwrap();
+        sm
+    }
+
+    /// The mailbox state (the apply point, under NUL keys, is compared on
+    /// its own), as a digest per key: a mismatch prints short.
+    fn state_of(sm: &StateMachineStore) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        sm.store
+            .for_each_consistent(Cf::State, |k, v| {
+                if !k.starts_with(b"\0") {
+                    out.push((
+                        mailbox_state::keys::hex(k),
+                        mailbox_types::Digest::of(v).to_hex()[..12].to_string(),
+                    ));
+                }
+                Ok::<(), ()>(())
+            })
+            .unwrap()
+            .unwrap();
+        out
+    }
+
+    /// A snapshot streamed through files arrives whole: the follower's
+    /// state equals the leader's, key for key.
+    #[tokio::test]
+    async fn a_snapshot_installs_the_same_state_through_files() {
+        let (dl, df) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut leader = store_with_messages(dl.path(), 2000).await;
+        let snap = leader
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let mut follower = store_with_messages(df.path(), 3).await;
+        // As openraft's chunked transport does: chunks written at offsets.
+        let mut into = follower.begin_receiving_snapshot().await.unwrap();
+        let bytes = std::fs::read(leader.current_path()).unwrap();
+        assert!(bytes.len() > 2_000_000, "2000 messages of 1000 bytes");
+        {
+            use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+            for (i, chunk) in bytes.chunks(300_000).enumerate().rev() {
+                into.seek(std::io::SeekFrom::Start(i as u64 * 300_000))
+                    .await
+                    .unwrap();
+                into.write_all(chunk).await.unwrap();
+            }
+            into.shutdown().await.unwrap();
+        }
+        follower.install_snapshot(&snap.meta, into).await.unwrap();
+        assert_eq!(state_of(&follower), state_of(&leader));
+        assert_eq!(
+            follower.applied_state().await.unwrap(),
+            leader.applied_state().await.unwrap()
+        );
+        let cur = follower.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(cur.meta, snap.meta);
+        // Nothing left behind but the current snapshot.
+        let names: Vec<_> = std::fs::read_dir(snapshot_dir(df.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names, vec!["current.snap".to_string()]);
+    }
+
+    /// A crash in the middle of an install (the old state cleared, part of
+    /// the new one written) is finished at the next start, never run on.
+    #[tokio::test]
+    async fn an_interrupted_install_is_finished_at_restart() {
+        let (dl, df) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut leader = store_with_messages(dl.path(), 500).await;
+        let snap = leader
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let follower = store_with_messages(df.path(), 3).await;
+        // The install as far as its first batch, then "crash".
+        let file = follower.installing_path();
+        std::fs::copy(leader.current_path(), &file).unwrap();
+        let mut b = Batch::new();
+        b.delete_range(Cf::State, Vec::new(), STATE_END.to_vec());
+        b.put(
+            Cf::State,
+            INSTALLING,
+            snap.meta.snapshot_id.as_bytes().to_vec(),
+        );
+        b.put(Cf::State, b"m-partial".to_vec(), b"x".to_vec());
+        follower.store.write(b, true).unwrap();
+        let store = follower.store.clone();
+        drop(follower);
+        let mut again =
+            StateMachineStore::new(store, snapshot_dir(df.path()), ApplyCtx::new("east")).unwrap();
+        assert_eq!(state_of(&again), state_of(&leader));
+        assert_eq!(
+            again.applied_state().await.unwrap().0,
+            snap.meta.last_log_id
+        );
+        assert_eq!(
+            again.get_current_snapshot().await.unwrap().unwrap().meta,
+            snap.meta
+        );
+        assert!(!file.exists());
+    }
+
+    /// A received file that is cut short is refused before the state is
+    /// touched.
+    #[tokio::test]
+    async fn a_truncated_snapshot_is_refused_and_the_state_kept() {
+        let (dl, df) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut leader = store_with_messages(dl.path(), 50).await;
+        let snap = leader
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let mut follower = store_with_messages(df.path(), 3).await;
+        let before = state_of(&follower);
+        let mut into = follower.begin_receiving_snapshot().await.unwrap();
+        let bytes = std::fs::read(leader.current_path()).unwrap();
+        {
+            use tokio::io::AsyncWriteExt;
+            into.write_all(&bytes[..bytes.len() / 2]).await.unwrap();
+            into.shutdown().await.unwrap();
+        }
+        assert!(follower.install_snapshot(&snap.meta, into).await.is_err());
+        assert_eq!(state_of(&follower), before);
     }
 }

@@ -14,10 +14,12 @@ use std::time::Duration;
 
 use futures::Stream;
 use mailbox_proto::replication::replication_server::Replication;
-use mailbox_proto::replication::{EarlyReply, EarlyRequest, FeedBatch, FeedRequest, PushedSegment};
+use mailbox_proto::replication::{
+    AckReply, AckRequest, EarlyReply, EarlyRequest, FeedBatch, FeedRequest, PushedSegment,
+};
 use mailbox_raft::RaftNode;
 use mailbox_segments::SegmentStore;
-use mailbox_state::replication::{feed_head, feed_since};
+use mailbox_state::replication::{feed_floor, feed_head, feed_since, resync_page};
 use mailbox_state::FeedRecord;
 use mailbox_types::MessageId;
 
@@ -180,6 +182,75 @@ impl SentEarly {
 
 type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedBatch, Status>> + Send>>;
 
+/// When `since` is below the feed's trimmed floor, streams the origin's
+/// state instead of the records the asker lacks (see
+/// `Command::ApplyResync`) and returns the floor the feed goes on from.
+async fn resync(
+    raft: &RaftNode,
+    origin: &str,
+    asker: &str,
+    identity: &str,
+    segments: &dyn SegmentStore,
+    since: u64,
+    tx: &mpsc::Sender<Result<FeedBatch, Status>>,
+) -> Result<Option<u64>, Status> {
+    let internal = |e: mailbox_state::StateError| Status::internal(e.to_string());
+    let floor = feed_floor(raft.view()).map_err(internal)?;
+    if since >= floor {
+        return Ok(None);
+    }
+    tracing::warn!(
+        since,
+        floor,
+        "the asker's cursor is below the trimmed feed: resyncing it from the state"
+    );
+    let mut pos: Option<Vec<u8>> = None;
+    let mut pages = 0u64;
+    loop {
+        let view = raft.view();
+        let (records, next) =
+            resync_page(view, origin, asker, pos.as_deref(), BATCH, INLINE_MAX_BATCH)
+                .map_err(internal)?;
+        let head = feed_head(view).map_err(internal)?;
+        let records: Vec<(u64, FeedRecord)> = records.into_iter().map(|r| (0, r)).collect();
+        // Small segmented payloads go along, as on the feed; what does not
+        // fit the budget is fetched by the receiver.
+        let (pushed, _) = payloads(
+            segments,
+            &records,
+            &mut SentEarly::default(),
+            PUSH_MAX_BATCH,
+        )
+        .await;
+        let msg = FeedBatch {
+            records: bincode::serialize(&records)
+                .expect("feed records serialize")
+                .into(),
+            head,
+            origin: origin.to_string(),
+            identity: identity.to_string(),
+            payloads: pushed,
+            resync_floor: floor,
+            resync_done: next.is_none(),
+        };
+        if tx.send(Ok(msg)).await.is_err() {
+            return Err(Status::cancelled("the asker went away"));
+        }
+        pages += 1;
+        match next {
+            Some(p) => pos = Some(p),
+            None => {
+                tracing::info!(
+                    floor,
+                    pages,
+                    "resync sent; the feed goes on after the floor"
+                );
+                return Ok(Some(floor));
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Replication for FeedService {
     type FeedStream = FeedStream;
@@ -194,6 +265,38 @@ impl Replication for FeedService {
         }
         self.early.accept(segments);
         Ok(Response::new(EarlyReply {}))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(peer = %req.get_ref().dc, cursor = req.get_ref().cursor))]
+    async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckReply>, Status> {
+        let req = req.into_inner();
+        let identity = mailbox_state::feed_identity(self.raft.view())
+            .map_err(|e| Status::internal(e.to_string()))?
+            .unwrap_or_default();
+        if req.identity != identity || identity.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "DC {}'s feed is {identity:?}; a cursor on feed {:?} says nothing about it",
+                self.dc, req.identity
+            )));
+        }
+        if req.dc.is_empty() || req.dc == self.dc {
+            return Err(Status::invalid_argument(format!(
+                "a cursor report names the reporting DC, not {:?}",
+                req.dc
+            )));
+        }
+        // Through the log: what the origin learned survives its restarts,
+        // and every node of the DC trims alike.
+        let cmd = mailbox_state::Command::FeedCursors {
+            cursors: [(req.dc, req.cursor)].into(),
+        };
+        let floor = match self.raft.propose(cmd).await {
+            Ok(Ok(mailbox_state::CommandResult::Trimmed { floor, .. })) => floor,
+            Ok(Ok(other)) => return Err(Status::internal(format!("unexpected {other:?}"))),
+            Ok(Err(e)) => return Err(Status::internal(e.to_string())),
+            Err(e) => return Err(Status::unavailable(e.to_string())),
+        };
+        Ok(Response::new(AckReply { floor }))
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(peer = %req.get_ref().dc, since = req.get_ref().since))]
@@ -219,6 +322,7 @@ impl Replication for FeedService {
             )));
         }
         let origin = self.dc.clone();
+        let asker = req.dc.clone();
         let segments = self.segments.clone();
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let mut shutdown = self.shutdown.clone();
@@ -233,6 +337,27 @@ impl Replication for FeedService {
             let mut budget = PUSH_FIRST_BATCH;
             loop {
                 applied.mark_unchanged();
+                // Below the trimmed floor (at the start, or because the
+                // floor rose past a resynced asker before it reported):
+                // the state instead of records with a gap.
+                match resync(
+                    &raft,
+                    &origin,
+                    &asker,
+                    &identity,
+                    segments.as_ref(),
+                    since,
+                    &tx,
+                )
+                .await
+                {
+                    Ok(Some(floor)) => since = floor,
+                    Ok(None) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
                 let view = raft.view();
                 let batch = feed_since(view, since, BATCH).and_then(|r| Ok((r, feed_head(view)?)));
                 let (mut records, head) = match batch {
@@ -283,6 +408,7 @@ impl Replication for FeedService {
                         origin: origin.clone(),
                         identity: identity.clone(),
                         payloads: pushed,
+                        ..Default::default()
                     };
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
@@ -314,6 +440,7 @@ impl Replication for FeedService {
                                 origin: origin.clone(),
                                 identity: identity.clone(),
                                 payloads: p.segments.clone(),
+                                ..Default::default()
                             };
                             if tx.send(Ok(msg)).await.is_err() {
                                 return;
@@ -333,6 +460,7 @@ impl Replication for FeedService {
                             origin: origin.clone(),
                             identity: identity.clone(),
                             payloads: Vec::new(),
+                            ..Default::default()
                         };
                         if tx.send(Ok(ka)).await.is_err() {
                             return;

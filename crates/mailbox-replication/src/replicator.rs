@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use mailbox_proto::replication::replication_client::ReplicationClient;
-use mailbox_proto::replication::{FeedRequest, PushedSegment};
+use mailbox_proto::replication::{AckRequest, FeedRequest, PushedSegment};
 use mailbox_proto::v1::mailbox_client::MailboxClient;
 use mailbox_proto::v1::ClusterStatusRequest;
 use mailbox_raft::RaftNode;
@@ -207,11 +207,12 @@ async fn pull_once(
         .unwrap_or_default();
     let (channels, mut last_err) = leader_first(&remote.endpoints).await;
     let mut stream = None;
+    let mut acks_to = None;
     for (ep, ch, leads) in channels {
         // Bounded: a link that accepts but never answers must not hold
         // the pull (and with it the whole DC's replication) indefinitely.
         let opened = tokio::time::timeout(OPEN_TIMEOUT, async {
-            ReplicationClient::new(ch)
+            ReplicationClient::new(ch.clone())
                 .max_decoding_message_size(mailbox_proto::MAX_MESSAGE_SIZE)
                 .feed(FeedRequest {
                     since: cursor,
@@ -235,6 +236,7 @@ async fn pull_once(
             Ok(s) => {
                 tracing::info!(dc = %remote.name, endpoint = %ep, leader = leads, cursor, "feed pull connected");
                 stream = Some(s.into_inner());
+                acks_to = Some(ReplicationClient::new(ch));
                 break;
             }
             Err(e) => last_err = e,
@@ -255,8 +257,10 @@ async fn pull_once(
     // fsyncs and the Raft commits overlap. The proposer is
     // one task committing in stream order; the state machine also refuses a
     // batch that does not follow the cursor, so no record is ever skipped.
+    // (head, the batch's command being prepared, whether it is a resync:
+    // those are never merged with feed batches.)
     let (tx, mut rx) =
-        tokio::sync::mpsc::channel::<(u64, Option<AbortOnDrop<Command>>)>(PIPELINE_DEPTH);
+        tokio::sync::mpsc::channel::<(u64, Option<AbortOnDrop<Command>>, bool)>(PIPELINE_DEPTH);
     let receiver = async {
         let mut connected = false;
         // Payloads sent ahead of their records, being stored or stored.
@@ -312,9 +316,10 @@ async fn pull_once(
                 }
             }
             let mut job = None;
-            if batch.records.is_empty() && !batch.payloads.is_empty() {
+            let resync = batch.resync_floor > 0;
+            if batch.records.is_empty() && !batch.payloads.is_empty() && !resync {
                 store_early(&mut early, segments, status, &remote.name, batch.payloads);
-            } else if !batch.records.is_empty() {
+            } else if !batch.records.is_empty() || resync {
                 let records: Vec<(u64, FeedRecord)> = bincode::deserialize(&batch.records)
                     .map_err(|e| {
                         ReplicationError::Local(format!("bad feed batch from {}: {e}", remote.name))
@@ -353,22 +358,35 @@ async fn pull_once(
                             payload_here.push(id);
                         }
                     }
-                    Command::ApplyRemote {
-                        origin,
-                        records,
-                        received_ms: mailbox_types::now_ms(),
-                        payload_here,
-                        identity: batch.identity,
+                    if resync {
+                        Command::ApplyResync {
+                            origin,
+                            identity: batch.identity,
+                            records: records.into_iter().map(|(_, r)| r).collect(),
+                            received_ms: mailbox_types::now_ms(),
+                            payload_here,
+                            floor: batch.resync_floor,
+                            done: batch.resync_done,
+                        }
+                    } else {
+                        Command::ApplyRemote {
+                            origin,
+                            records,
+                            received_ms: mailbox_types::now_ms(),
+                            payload_here,
+                            identity: batch.identity,
+                        }
                     }
                 })));
             }
-            if tx.send((batch.head, job)).await.is_err() {
+            if tx.send((batch.head, job, resync)).await.is_err() {
                 return Ok(());
             }
         }
     };
     let proposer = async {
         let mut applied_cursor = cursor;
+        let mut acks = CursorAcks::new(acks_to, local_dc, &remote.name);
         let mut queued = std::collections::VecDeque::new();
         loop {
             if queued.is_empty() {
@@ -380,7 +398,7 @@ async fn pull_once(
             while let Ok(x) = rx.try_recv() {
                 queued.push_back(x);
             }
-            let (mut head, job) = queued.pop_front().expect("one queued");
+            let (mut head, job, resync) = queued.pop_front().expect("one queued");
             if let Some(mut job) = job {
                 let mut cmd = (&mut job.0)
                     .await
@@ -390,13 +408,14 @@ async fn pull_once(
                 // several batches instead of queueing a commit per batch.
                 let mut merged = 1;
                 let mut bytes = inline_bytes(&cmd);
-                while merged < MERGE_MAX && bytes < MERGE_MAX_BYTES {
+                while merged < MERGE_MAX && bytes < MERGE_MAX_BYTES && !resync {
                     match queued.front() {
-                        Some((h, None)) => head = head.max(*h),
-                        Some((_, Some(next))) if next.0.is_finished() => {}
+                        Some((_, _, true)) => break,
+                        Some((h, None, _)) => head = head.max(*h),
+                        Some((_, Some(next), _)) if next.0.is_finished() => {}
                         _ => break,
                     }
-                    let (h, next) = queued.pop_front().expect("front exists");
+                    let (h, next, _) = queued.pop_front().expect("front exists");
                     head = head.max(h);
                     if let Some(mut next) = next {
                         let more = (&mut next.0).await.map_err(|e| {
@@ -425,6 +444,7 @@ async fn pull_once(
                     Err(e) => return Err(ReplicationError::Local(e.to_string())),
                 }
             }
+            acks.report(applied_cursor, raft);
             set_status(status, &remote.name, |s| {
                 s.cursor = applied_cursor;
                 s.remote_head = head.max(applied_cursor);
@@ -440,6 +460,74 @@ async fn pull_once(
     // Either stage failing ends the pull; the next one starts from the
     // persisted cursor.
     tokio::try_join!(receiver, proposer).map(|_| ())
+}
+
+/// How often a pull reports its applied cursor to the origin at most.
+const ACK_EVERY: Duration = Duration::from_secs(5);
+
+/// Reports this DC's cursor on a remote feed to its origin (which trims
+/// what every DC has applied), at most every [`ACK_EVERY`], one report in
+/// flight; a lost report is simply sent again later with a newer cursor.
+struct CursorAcks {
+    client: Option<ReplicationClient<tonic::transport::Channel>>,
+    dc: String,
+    origin: String,
+    sent: u64,
+    last: Option<std::time::Instant>,
+    in_flight: Option<AbortOnDrop<()>>,
+}
+
+impl CursorAcks {
+    fn new(
+        client: Option<ReplicationClient<tonic::transport::Channel>>,
+        dc: &str,
+        origin: &str,
+    ) -> Self {
+        Self {
+            client,
+            dc: dc.to_string(),
+            origin: origin.to_string(),
+            sent: 0,
+            last: None,
+            in_flight: None,
+        }
+    }
+
+    fn report(&mut self, cursor: u64, raft: &RaftNode) {
+        let Some(client) = &self.client else { return };
+        if cursor <= self.sent
+            || self.last.is_some_and(|t| t.elapsed() < ACK_EVERY)
+            || self.in_flight.as_ref().is_some_and(|j| !j.0.is_finished())
+        {
+            return;
+        }
+        // The identity the cursor belongs to, as committed with it.
+        let identity =
+            match mailbox_state::replication::remote_feed_identity(raft.view(), &self.origin) {
+                Ok(Some(i)) => i,
+                _ => return,
+            };
+        self.sent = cursor;
+        self.last = Some(std::time::Instant::now());
+        let mut client = client.clone();
+        let (dc, origin) = (self.dc.clone(), self.origin.clone());
+        self.in_flight = Some(AbortOnDrop(tokio::spawn(async move {
+            let req = AckRequest {
+                dc,
+                identity,
+                cursor,
+            };
+            match tokio::time::timeout(OPEN_TIMEOUT, client.ack(req)).await {
+                Ok(Ok(r)) => {
+                    tracing::debug!(%origin, cursor, floor = r.get_ref().floor, "cursor reported")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%origin, cursor, "cursor report refused: {}", e.message())
+                }
+                Err(_) => tracing::debug!(%origin, cursor, "cursor report timed out"),
+            }
+        })));
+    }
 }
 
 /// Feed batches committed together at most.

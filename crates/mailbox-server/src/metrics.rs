@@ -330,6 +330,12 @@ impl MetricsSource {
             rep.feed_head,
         );
         e.single(
+            "mailbox_replication_feed_records",
+            Kind::Gauge,
+            "Records of this DC's own feed kept (not yet applied by every other DC, so not trimmed).",
+            rep.feed_records,
+        );
+        e.single(
             "mailbox_replication_tombstones",
             Kind::Gauge,
             "Deleted messages whose tombstone waits for some DC's acknowledgement.",

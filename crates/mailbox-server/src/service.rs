@@ -593,6 +593,25 @@ impl Mailbox for MailboxService {
         }))
     }
 
+    #[tracing::instrument(level = "info", skip_all)]
+    async fn snapshot(
+        &self,
+        _req: Request<mailbox_proto::v1::SnapshotRequest>,
+    ) -> Result<Response<mailbox_proto::v1::SnapshotResponse>, Status> {
+        let started = std::time::Instant::now();
+        let (index, bytes) = self
+            .raft()
+            .snapshot_now(std::time::Duration::from_secs(600))
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(mailbox_proto::v1::SnapshotResponse {
+            node_id: self.raft().id(),
+            index,
+            bytes,
+            millis: started.elapsed().as_millis() as u64,
+        }))
+    }
+
     async fn cluster_status(
         &self,
         req: Request<ClusterStatusRequest>,
@@ -680,6 +699,8 @@ pub fn replication_report(
             last_error: s.last_error,
         });
     }
+    let feed_head = mailbox_state::replication::feed_head(view)?;
+    let feed_floor = mailbox_state::replication::feed_floor(view)?;
     Ok(ReplicationStatusResponse {
         dc: dc.to_string(),
         remotes: out,
@@ -690,7 +711,9 @@ pub fn replication_report(
             .unwrap_or(0.0),
         fetch_retries: fetch.retries,
         corrupt_copies: fetch.corrupt,
-        feed_head: mailbox_state::replication::feed_head(view)?,
+        feed_head,
         tombstones: mailbox_state::replication::tombstone_count(view, 1_000_000)? as u64,
+        feed_floor,
+        feed_records: feed_head.saturating_sub(feed_floor),
     })
 }

@@ -29,6 +29,8 @@
 //! | `I` |                             | this DC's feed identity |
 //! | `u` | id (kept duplicate)         | id of its newer twin    |
 //! | `i` | origin DC                   | its feed identity seen  |
+//! | `r` | remote DC                   | its cursor on own feed  |
+//! | `T` |                             | own feed trimmed up to  |
 
 use mailbox_types::{MailboxPath, MessageId};
 
@@ -219,3 +221,14 @@ pub fn feed_identity(origin: &str) -> Vec<u8> {
 pub fn merge(kept: &MessageId) -> Vec<u8> {
     tagged(b'u', &[kept.as_bytes()])
 }
+
+/// How far remote DC `dc` has applied this DC's feed, as it reported.
+pub fn feed_ack(dc: &str) -> Vec<u8> {
+    tagged(b'r', &[dc.as_bytes()])
+}
+
+/// Prefix of [`feed_ack`] records.
+pub const FEED_ACK_PREFIX: &[u8] = b"r";
+
+/// Own feed records up to this sequence number are trimmed.
+pub const FEED_FLOOR: &[u8] = b"T";

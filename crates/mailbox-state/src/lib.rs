@@ -162,6 +162,36 @@ pub enum Command {
         /// The remote DC.
         origin: String,
     },
+    /// Remote DCs report how far they have applied this DC's feed (each
+    /// cursor is committed in its DC's log when reported). Records that
+    /// every other cluster DC has applied are trimmed, a bounded number
+    /// per command; a report never moves a DC's known cursor back.
+    FeedCursors {
+        /// Remote DC name → its cursor on this DC's feed.
+        cursors: BTreeMap<String, u64>,
+    },
+    /// `origin`'s state, for a DC whose cursor is below `origin`'s trimmed
+    /// feed (it was rebuilt, reset, or joined late): feed records without
+    /// sequence numbers, each applied as a feed record would be. Ignored
+    /// once the cursor stands at or past `floor`; the last batch (`done`)
+    /// moves the cursor to `floor`, and the feed continues after it
+    /// (records already covered apply idempotently).
+    ApplyResync {
+        /// The DC whose state this is.
+        origin: String,
+        /// Its feed identity.
+        identity: String,
+        /// Records describing the state.
+        records: Vec<FeedRecord>,
+        /// When they arrived (proposer's clock).
+        received_ms: i64,
+        /// Messages whose every segment arrived with the records.
+        payload_here: Vec<MessageId>,
+        /// The origin's feed floor when the resync began.
+        floor: u64,
+        /// The last batch of the resync.
+        done: bool,
+    },
 }
 
 /// Successful outcome of a command.
@@ -205,6 +235,13 @@ pub enum CommandResult {
         /// How many.
         count: u64,
         /// Whether more are due (propose again).
+        more: bool,
+    },
+    /// Remote DCs' cursors on this DC's feed were recorded.
+    Trimmed {
+        /// Own feed records up to here are trimmed.
+        floor: u64,
+        /// Whether more can be trimmed (report again).
         more: bool,
     },
     /// Remote feed records were applied.
@@ -529,9 +566,11 @@ fn apply_inner(
                     replication::feed_append(
                         base,
                         overlay,
+                        // Without the inline payload: the message record's
+                        // is the one copy (`feed_since` reads it from there).
                         &FeedRecord::Message {
                             meta: meta.clone(),
-                            inline: inline.clone(),
+                            inline: None,
                             idempotency_key: idempotency_key.clone(),
                         },
                     )?;
@@ -604,6 +643,29 @@ fn apply_inner(
             }
             Ok(CommandResult::None)
         }
+        Command::FeedCursors { cursors } => replication::feed_cursors(base, overlay, ctx, cursors),
+        Command::ApplyResync {
+            origin,
+            identity,
+            records,
+            received_ms,
+            payload_here,
+            floor,
+            done,
+        } => replication::apply_resync(
+            base,
+            overlay,
+            ctx,
+            replication::Resync {
+                origin,
+                identity,
+                records,
+                received_ms: *received_ms,
+                payload_here,
+                floor: *floor,
+                done: *done,
+            },
+        ),
         Command::ResetFeed { origin } => {
             overlay.delete(keys::cursor(origin));
             overlay.delete(keys::feed_identity(origin));

@@ -66,9 +66,22 @@ pub enum FeedRecord {
         /// Its metadata (segment list included).
         meta: MessageMeta,
         /// The payload when inline (encoded as bytes, see `PutMessage`).
+        /// The stored feed record leaves it out (the message record's
+        /// payload is the one copy); [`feed_since`] puts it back.
         #[serde(with = "serde_bytes")]
         inline: Option<Vec<u8>>,
         /// The upload's idempotency key: it answers in every DC.
+        idempotency_key: Option<String>,
+    },
+    /// Sent in place of the [`FeedRecord::Message`] of an inline message
+    /// that the origin removed since (deleted, or a twin), taking its
+    /// payload with it: the receiver records it as created and gone, so
+    /// the delete that follows is acknowledged and its key still answers.
+    /// Never stored; [`feed_since`] makes it.
+    Withdrawn {
+        /// Its metadata.
+        meta: MessageMeta,
+        /// The upload's idempotency key.
         idempotency_key: Option<String>,
     },
     /// A message was deleted in the origin DC.
@@ -497,22 +510,14 @@ fn maybe_complete(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn apply_remote(
+/// Refuses records of `origin`'s feed under another identity than the one
+/// this DC's cursor on it belongs to; stores it on first contact.
+fn check_identity(
     base: &dyn KvRead,
     ov: &mut Overlay,
-    ctx: &ApplyCtx,
     origin: &str,
     identity: &str,
-    records: &[(u64, FeedRecord)],
-    received_ms: i64,
-    payload_here: &[MessageId],
-) -> CommandResponse {
-    if origin == ctx.local_dc {
-        return Err(StateError::OwnFeed {
-            origin: origin.to_string(),
-        });
-    }
+) -> Result<(), StateError> {
     if !identity.is_empty() {
         let ik = keys::feed_identity(origin);
         match ov.get(base, &ik)? {
@@ -531,6 +536,26 @@ pub(crate) fn apply_remote(
             None => ov.put(ik, encode(&identity.to_string())),
         }
     }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn apply_remote(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    origin: &str,
+    identity: &str,
+    records: &[(u64, FeedRecord)],
+    received_ms: i64,
+    payload_here: &[MessageId],
+) -> CommandResponse {
+    if origin == ctx.local_dc {
+        return Err(StateError::OwnFeed {
+            origin: origin.to_string(),
+        });
+    }
+    check_identity(base, ov, origin, identity)?;
     let ck = keys::cursor(origin);
     let mut cursor: u64 = match ov.get(base, &ck)? {
         Some(v) => decode(&ck, &v)?,
@@ -664,6 +689,41 @@ fn apply_one(
                 }
             }
         }
+        FeedRecord::Withdrawn {
+            meta,
+            idempotency_key,
+        } => {
+            if let Some(mut t) = load_tombstone(base, ov, &meta.id)? {
+                if !t.seen_creation {
+                    t.seen_creation = true;
+                    settle_tombstone(base, ov, ctx, &meta.id, t)?;
+                }
+                return Ok(());
+            }
+            if message(base, ov, &meta.id)?.is_some() || gone(base, ov, &meta.id)?.is_some() {
+                return Ok(());
+            }
+            // Created and removed before we read it: it is recorded as
+            // gone (its key answers, a replay is the same success, the
+            // delete that follows is acknowledged), never listed.
+            create_mailbox(
+                base,
+                ov,
+                &meta.mailbox,
+                true,
+                meta.created_ms,
+                &mut Vec::new(),
+            )?;
+            crate::put_message(
+                base,
+                ov,
+                meta,
+                None,
+                idempotency_key.as_deref(),
+                KeyUse::Remote,
+            )?;
+            crate::delete_message(base, ov, &meta.id, received_ms)?;
+        }
         FeedRecord::Deleted { id, at_ms } => {
             remote_tombstone(base, ov, ctx, id, origin, *at_ms)?;
         }
@@ -751,7 +811,8 @@ pub(crate) fn payload_held(
     }
 }
 
-/// Own feed records after `since`, at most `limit`.
+/// Own feed records after `since`, at most `limit`, as they are sent:
+/// inline payloads read from their messages (see [`FeedRecord::Withdrawn`]).
 pub fn feed_since(
     kv: &dyn KvRead,
     since: u64,
@@ -769,9 +830,50 @@ pub fn feed_since(
                         key: keys::hex(k),
                         reason: "bad feed key".into(),
                     })?;
-            Ok((seq, decode(k, v)?))
+            Ok((seq, with_inline(kv, decode(k, v)?)?))
         })
         .collect()
+}
+
+/// Puts an inline message's payload back into its feed record.
+fn with_inline(kv: &dyn KvRead, rec: FeedRecord) -> Result<FeedRecord, StateError> {
+    let FeedRecord::Message {
+        meta,
+        inline: None,
+        idempotency_key,
+    } = rec
+    else {
+        return Ok(rec);
+    };
+    if !matches!(meta.payload, mailbox_types::Payload::Inline) {
+        return Ok(FeedRecord::Message {
+            meta,
+            inline: None,
+            idempotency_key,
+        });
+    }
+    let k = keys::inline(&meta.id);
+    match kv.get(&k)? {
+        Some(data) => Ok(FeedRecord::Message {
+            meta,
+            inline: Some(data),
+            idempotency_key,
+        }),
+        // Read a moment after the record: gone since, with its payload.
+        None if kv.get(&keys::message(&meta.id))?.is_none() => Ok(FeedRecord::Withdrawn {
+            meta,
+            idempotency_key,
+        }),
+        None if meta.size == 0 => Ok(FeedRecord::Message {
+            meta,
+            inline: Some(Vec::new()),
+            idempotency_key,
+        }),
+        None => Err(StateError::Corrupt {
+            key: keys::hex(&k),
+            reason: format!("inline message of {} bytes without its payload", meta.size),
+        }),
+    }
 }
 
 /// Last own feed sequence number (0 when empty).
@@ -909,4 +1011,241 @@ pub fn attribute_registers(
     id: &MessageId,
 ) -> Result<BTreeMap<String, AttrRegister>, StateError> {
     load_attrs(kv, &Overlay::new(), id)
+}
+
+/// Feed records trimmed per [`Command::FeedCursors`] at most.
+///
+/// [`Command::FeedCursors`]: crate::Command::FeedCursors
+pub const TRIM_MAX: u64 = 50_000;
+
+/// Own feed records up to this sequence number are trimmed (0: none).
+pub fn feed_floor(kv: &dyn KvRead) -> Result<u64, StateError> {
+    kv.get(keys::FEED_FLOOR)?
+        .map(|v| decode(keys::FEED_FLOOR, &v))
+        .transpose()
+        .map(|o| o.unwrap_or(0))
+}
+
+/// Remote DCs' reported cursors on this DC's feed.
+pub fn feed_acks(kv: &dyn KvRead) -> Result<Vec<(String, u64)>, StateError> {
+    kv.scan(keys::FEED_ACK_PREFIX, None, 1024)?
+        .into_iter()
+        .map(|(k, v)| {
+            let dc = String::from_utf8_lossy(&k[1..]).into_owned();
+            Ok((dc, decode(&k, &v)?))
+        })
+        .collect()
+}
+
+pub(crate) fn feed_cursors(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    cursors: &BTreeMap<String, u64>,
+) -> CommandResponse {
+    let head: u64 = ov.load(base, keys::FEED_SEQ)?.unwrap_or(0);
+    for (dc, seq) in cursors {
+        if *dc == ctx.local_dc {
+            continue;
+        }
+        let k = keys::feed_ack(dc);
+        let known: u64 = ov.load(base, &k)?.unwrap_or(0);
+        // A cursor past the head is not one of ours (a stale report from
+        // before this log was rebuilt): it must not trim anything.
+        let seq = (*seq).min(head);
+        if seq > known {
+            ov.put(k, encode(&seq));
+        }
+    }
+    let floor: u64 = ov.load(base, keys::FEED_FLOOR)?.unwrap_or(0);
+    // Every other cluster DC must have applied a record before it goes; a
+    // DC with no report yet keeps everything. Alone in the cluster, no one
+    // reads the feed (a DC added later is resynced from the state).
+    let Some(dcs) = cluster_dcs(base, ov)? else {
+        return Ok(CommandResult::Trimmed { floor, more: false });
+    };
+    let mut target = head;
+    for dc in dcs.iter().filter(|d| **d != ctx.local_dc) {
+        target = target.min(ov.load(base, &keys::feed_ack(dc))?.unwrap_or(0));
+    }
+    let upto = target.min(floor.saturating_add(TRIM_MAX));
+    if upto <= floor {
+        return Ok(CommandResult::Trimmed { floor, more: false });
+    }
+    for seq in floor + 1..=upto {
+        ov.delete(keys::feed(seq));
+    }
+    ov.put(keys::FEED_FLOOR.to_vec(), encode(&upto));
+    Ok(CommandResult::Trimmed {
+        floor: upto,
+        more: upto < target,
+    })
+}
+
+/// One [`Command::ApplyResync`], borrowed.
+///
+/// [`Command::ApplyResync`]: crate::Command::ApplyResync
+pub(crate) struct Resync<'a> {
+    pub origin: &'a str,
+    pub identity: &'a str,
+    pub records: &'a [FeedRecord],
+    pub received_ms: i64,
+    pub payload_here: &'a [MessageId],
+    pub floor: u64,
+    pub done: bool,
+}
+
+pub(crate) fn apply_resync(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    r: Resync<'_>,
+) -> CommandResponse {
+    if r.origin == ctx.local_dc {
+        return Err(StateError::OwnFeed {
+            origin: r.origin.to_string(),
+        });
+    }
+    check_identity(base, ov, r.origin, r.identity)?;
+    let ck = keys::cursor(r.origin);
+    let cursor: u64 = ov.load(base, &ck)?.unwrap_or(0);
+    if cursor >= r.floor {
+        // A resync from an older pull, overtaken by the feed: stale.
+        return Ok(CommandResult::Remote { applied: 0, cursor });
+    }
+    for rec in r.records {
+        apply_one(base, ov, ctx, r.origin, rec, r.received_ms, r.payload_here)?;
+    }
+    let cursor = if r.done {
+        ov.put(ck, encode(&r.floor));
+        r.floor
+    } else {
+        cursor
+    };
+    Ok(CommandResult::Remote {
+        applied: r.records.len() as u64,
+        cursor,
+    })
+}
+
+/// A page of `origin`'s state as feed records, for a resync of DC `asker`
+/// (see [`Command::ApplyResync`]): mailboxes, messages `origin` originated
+/// that it removed (with their pending deletes), then the messages it has
+/// that it or `asker` originated, with their holds and attribute
+/// registers (so a DC rebuilt from empty gets its own messages back from
+/// the copies elsewhere). Returns the records and where the next page
+/// starts (`None`: done). A page ends after `max_records` state rows or
+/// `max_inline` inline payload bytes.
+///
+/// [`Command::ApplyResync`]: crate::Command::ApplyResync
+pub fn resync_page(
+    kv: &dyn KvRead,
+    origin: &str,
+    asker: &str,
+    after: Option<&[u8]>,
+    max_records: usize,
+    max_inline: usize,
+) -> Result<(Vec<FeedRecord>, Option<Vec<u8>>), StateError> {
+    // In key order, so one position (the last key read) covers them all.
+    const PHASES: [&[u8]; 3] = [b"M", b"g", b"m"];
+    let mut out = Vec::new();
+    let (mut rows_read, mut inline) = (0usize, 0usize);
+    for phase in PHASES {
+        let mut pos = match after {
+            Some(a) if a[..1] > *phase => continue,
+            Some(a) if a.starts_with(phase) => Some(a.to_vec()),
+            _ => None,
+        };
+        loop {
+            let rows = kv.scan(phase, pos.as_deref(), 64)?;
+            let full = rows.len() == 64;
+            for (k, v) in rows {
+                match phase[0] {
+                    b'M' => out.push(FeedRecord::Mailbox {
+                        record: decode(&k, &v)?,
+                    }),
+                    b'g' => {
+                        let g: crate::Gone = decode(&k, &v)?;
+                        if g.meta.origin_dc == origin {
+                            let id = g.meta.id;
+                            out.push(FeedRecord::Withdrawn {
+                                idempotency_key: message_key(kv, &id)?,
+                                meta: g.meta,
+                            });
+                            if let Some(t) = tombstone(kv, &id)? {
+                                out.push(FeedRecord::Deleted { id, at_ms: t.at_ms });
+                            }
+                        }
+                    }
+                    _ => {
+                        let meta: MessageMeta = decode(&k, &v)?;
+                        if meta.origin_dc == origin || meta.origin_dc == asker {
+                            inline += resync_message(kv, origin, meta, &mut out)?;
+                        }
+                    }
+                }
+                rows_read += 1;
+                pos = Some(k);
+                if rows_read >= max_records || inline >= max_inline {
+                    return Ok((out, pos));
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    Ok((out, None))
+}
+
+fn message_key(kv: &dyn KvRead, id: &MessageId) -> Result<Option<String>, StateError> {
+    Ok(kv
+        .get(&keys::message_idempotency(id))?
+        .map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// A message's records for a resync; returns its inline payload bytes.
+fn resync_message(
+    kv: &dyn KvRead,
+    origin: &str,
+    meta: MessageMeta,
+    out: &mut Vec<FeedRecord>,
+) -> Result<usize, StateError> {
+    let id = meta.id;
+    let rec = with_inline(
+        kv,
+        FeedRecord::Message {
+            idempotency_key: message_key(kv, &id)?,
+            meta,
+            inline: None,
+        },
+    )?;
+    let bytes = match &rec {
+        FeedRecord::Message {
+            inline: Some(b), ..
+        } => b.len(),
+        _ => 0,
+    };
+    out.push(rec);
+    let hk = keys::holder(&id, origin);
+    if let Some(v) = kv.get(&hk)? {
+        out.push(FeedRecord::Held {
+            id,
+            dc: origin.to_string(),
+            at_ms: decode(&hk, &v)?,
+        });
+    }
+    // The registers, so later concurrent changes compare against the
+    // stamps that won here, not against the creation.
+    let mut by_stamp: BTreeMap<Stamp, BTreeMap<String, Option<String>>> = BTreeMap::new();
+    for (name, reg) in attribute_registers(kv, &id)? {
+        by_stamp
+            .entry(reg.stamp)
+            .or_default()
+            .insert(name, reg.value);
+    }
+    for (stamp, changes) in by_stamp {
+        out.push(FeedRecord::Attributes { id, changes, stamp });
+    }
+    Ok(bytes)
 }

@@ -880,6 +880,202 @@ mod replication {
         assert!(get_message(&dcs[1].kv, &retry.id).unwrap().is_none());
     }
 
+    fn report(dc: &mut Dc, cursors: &[(&str, u64)]) -> (u64, bool) {
+        match dc
+            .run(Command::FeedCursors {
+                cursors: cursors.iter().map(|(d, c)| (d.to_string(), *c)).collect(),
+            })
+            .unwrap()
+        {
+            CommandResult::Trimmed { floor, more } => (floor, more),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Issue #8: feed records every other DC has applied are trimmed, and
+    /// only those: a DC that has not reported keeps everything.
+    #[test]
+    fn the_feed_is_trimmed_only_below_every_dcs_cursor() {
+        let names = ["east", "west", "south"];
+        let mut dcs = names.map(|n| Dc::in_cluster(n, &names));
+        for _ in 0..3 {
+            put_inline(&mut dcs[0], "/in");
+        }
+        let head = feed_head(&dcs[0].kv).unwrap();
+        assert!(head >= 4, "a mailbox and three messages");
+        pull_from(&mut dcs, 1, 0);
+        assert_eq!(
+            report(&mut dcs[0], &[("west", head)]),
+            (0, false),
+            "south has not reported"
+        );
+        pull_from(&mut dcs, 2, 0);
+        assert_eq!(report(&mut dcs[0], &[("south", 2)]), (2, false));
+        assert_eq!(
+            feed_since(&dcs[0].kv, 0, 100).unwrap()[0].0,
+            3,
+            "1 and 2 trimmed"
+        );
+        // A report never moves a cursor back, nor past the head.
+        assert_eq!(report(&mut dcs[0], &[("south", 1)]), (2, false));
+        assert_eq!(report(&mut dcs[0], &[("south", head + 100)]), (head, false));
+        assert!(feed_since(&dcs[0].kv, 0, 100).unwrap().is_empty());
+        assert_eq!(feed_head(&dcs[0].kv).unwrap(), head, "the head stays");
+        assert_eq!(crate::replication::feed_floor(&dcs[0].kv).unwrap(), head);
+        // A DC's own cursor is not a report.
+        let mut east = Dc::in_cluster("east", &names);
+        put_inline(&mut east, "/in");
+        assert_eq!(report(&mut east, &[("east", 5)]).0, 0);
+    }
+
+    impl Dc {
+        /// Reads `from`'s state as a resync does, `page` rows a batch.
+        fn resync(&mut self, from: &Dc, page: usize) -> u64 {
+            let floor = crate::replication::feed_floor(&from.kv).unwrap();
+            let mut pos = None;
+            let mut batches = 0;
+            loop {
+                let (records, next) = crate::replication::resync_page(
+                    &from.kv,
+                    &from.ctx.local_dc,
+                    &self.ctx.local_dc,
+                    pos.as_deref(),
+                    page,
+                    usize::MAX,
+                )
+                .unwrap();
+                batches += 1;
+                self.run(Command::ApplyResync {
+                    origin: from.ctx.local_dc.clone(),
+                    identity: String::new(),
+                    records,
+                    received_ms: 2000,
+                    payload_here: vec![],
+                    floor,
+                    done: next.is_none(),
+                })
+                .unwrap();
+                match next {
+                    Some(p) => pos = Some(p),
+                    None => return batches,
+                }
+            }
+        }
+    }
+
+    /// A DC whose cursor is below a trimmed feed (rebuilt from empty, or
+    /// reset) cannot read the records it lacks: a pull is refused with a
+    /// gap, never applied past it; a resync from the origin's state gives
+    /// it every message, key, attribute register and pending delete, and
+    /// the feed then continues after the floor.
+    #[test]
+    fn a_dc_below_the_trimmed_feed_is_resynced_from_the_state() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let (a, _) = put_keyed(&mut dcs[0], "order-1");
+        set_attr(&mut dcs[0], a.id, "status", "new", 50);
+        let b = {
+            let mut m = segmented("/in");
+            m.origin_dc = "east".into();
+            dcs[0]
+                .run(Command::PutMessage {
+                    meta: m.clone(),
+                    inline: None,
+                    idempotency_key: None,
+                })
+                .unwrap();
+            m
+        };
+        let c = put_inline(&mut dcs[0], "/in/sub");
+        let own = put_inline(&mut dcs[1], "/west-in");
+        converge(&mut dcs);
+        dcs[0]
+            .run(Command::DeleteMessage {
+                id: c.id,
+                at_ms: 60,
+            })
+            .unwrap();
+        let west_at = cursor(&dcs[1].kv, "east").unwrap();
+        report(&mut dcs[0], &[("west", west_at)]);
+        assert!(crate::replication::feed_floor(&dcs[0].kv).unwrap() > 0);
+        // West is rebuilt from empty.
+        let mut west = Dc::new("west");
+        let r = west.run(Command::ApplyRemote {
+            origin: "east".into(),
+            records: feed_since(&dcs[0].kv, 0, 100).unwrap(),
+            received_ms: 1000,
+            payload_here: vec![],
+            identity: String::new(),
+        });
+        assert!(
+            matches!(r, Err(StateError::FeedGap { .. })),
+            "records after the floor are refused, not applied past the gap: {r:?}"
+        );
+        assert!(west.resync(&dcs[0], 2) > 2, "several pages");
+        assert_eq!(
+            cursor(&west.kv, "east").unwrap(),
+            crate::replication::feed_floor(&dcs[0].kv).unwrap()
+        );
+        // The feed continues after the floor.
+        west.pull(&dcs[0]);
+        assert_eq!(
+            get_message(&west.kv, &a.id).unwrap(),
+            get_message(&dcs[0].kv, &a.id).unwrap()
+        );
+        assert_eq!(inline_payload(&west.kv, &a.id).unwrap().unwrap(), b"abc");
+        assert_eq!(
+            attribute_registers(&west.kv, &a.id).unwrap(),
+            attribute_registers(&dcs[0].kv, &a.id).unwrap()
+        );
+        assert_eq!(key_owner(&west, "order-1"), Some(a.id));
+        assert_eq!(
+            missing_payloads(&west.kv, 10).unwrap(),
+            vec![get_message(&dcs[0].kv, &b.id).unwrap().unwrap()]
+        );
+        assert!(get_message(&west.kv, &c.id).unwrap().is_none());
+        assert!(get_mailbox(&west.kv, &mb("/in/sub")).unwrap().is_some());
+        // West's own message comes back from east's copy.
+        assert_eq!(
+            get_message(&west.kv, &own.id).unwrap(),
+            get_message(&dcs[0].kv, &own.id).unwrap()
+        );
+        assert_eq!(inline_payload(&west.kv, &own.id).unwrap().unwrap(), b"abc");
+        // West acknowledges the pending delete: the tombstone settles.
+        // (East forgets its cursor on the old west's feed, as
+        // `replication reset-feed` does after the identity changed.)
+        dcs[1] = west;
+        dcs[0]
+            .run(Command::ResetFeed {
+                origin: "west".into(),
+            })
+            .unwrap();
+        converge(&mut dcs);
+        for dc in &dcs {
+            assert_eq!(
+                tombstone_count(&dc.kv, 10).unwrap(),
+                0,
+                "{}",
+                dc.ctx.local_dc
+            );
+        }
+        // A resync overtaken by the feed is stale and changes nothing.
+        let before = dcs[1].kv.clone();
+        let (records, _) =
+            crate::replication::resync_page(&dcs[0].kv, "east", "west", None, 100, usize::MAX)
+                .unwrap();
+        dcs[1]
+            .run(Command::ApplyResync {
+                origin: "east".into(),
+                identity: String::new(),
+                records,
+                received_ms: 3000,
+                payload_here: vec![],
+                floor: 1,
+                done: true,
+            })
+            .unwrap();
+        assert_eq!(dcs[1].kv.0, before.0);
+    }
+
     /// The same file with the same key uploaded into two DCs while they
     /// could not see each other (a retry into the other DC during a
     /// partition): every DC keeps the older message and removes the newer.
@@ -1265,6 +1461,70 @@ mod replication {
         east.run(Command::Batch(cmds)).unwrap();
         assert_eq!(east.kv.0, one_by_one.kv.0);
         assert_eq!(tombstone_count(&east.kv, 10).unwrap(), 0);
+    }
+
+    /// Issue #8: the feed kept a second copy of every inline payload (the
+    /// snapshot of a DC with 1.6 GB inline was 3.4 GB). The stored feed
+    /// record has no payload; the record as sent has it, read from the
+    /// message.
+    #[test]
+    fn the_feed_keeps_no_second_copy_of_inline_payloads() {
+        let (mut east, mut west) = (Dc::new("east"), Dc::new("west"));
+        east.run(Command::CreateMailbox {
+            path: mb("/in"),
+            parents: true,
+            created_ms: 1,
+        })
+        .unwrap();
+        let data = vec![7u8; 60 << 10];
+        let mut m = meta("/in", "big-inline");
+        m.size = data.len() as u64;
+        m.sha256 = Digest::of(&data);
+        east.run(Command::PutMessage {
+            meta: m.clone(),
+            inline: Some(data.clone()),
+            idempotency_key: None,
+        })
+        .unwrap();
+        let stored: usize = east.kv.0.values().map(|v| v.len()).sum();
+        assert!(
+            stored < data.len() + 4096,
+            "{stored} bytes of state for a {} byte payload",
+            data.len()
+        );
+        let sent = feed_since(&east.kv, 0, 10).unwrap();
+        assert!(sent.iter().any(|(_, r)| matches!(r,
+            FeedRecord::Message { meta, inline: Some(b), .. } if meta.id == m.id && *b == data)));
+        west.pull(&east);
+        assert_eq!(inline_payload(&west.kv, &m.id).unwrap().unwrap(), data);
+    }
+
+    /// An inline message deleted before another DC read its record goes
+    /// as `Withdrawn`: never listed there, its delete acknowledged (the
+    /// tombstone settles everywhere) and its key still answering there.
+    #[test]
+    fn an_inline_message_deleted_before_it_was_read_is_withdrawn_not_lost_track_of() {
+        let mut dcs = [Dc::new("east"), Dc::new("west")];
+        let (m, _) = put_keyed(&mut dcs[0], "order-7");
+        dcs[0]
+            .run(Command::DeleteMessage { id: m.id, at_ms: 9 })
+            .unwrap();
+        let sent = feed_since(&dcs[0].kv, 0, 10).unwrap();
+        assert!(sent
+            .iter()
+            .any(|(_, r)| matches!(r, FeedRecord::Withdrawn { meta, .. } if meta.id == m.id)));
+        converge(&mut dcs);
+        for dc in &dcs {
+            let name = &dc.ctx.local_dc;
+            assert!(get_message(&dc.kv, &m.id).unwrap().is_none(), "{name}");
+            assert_eq!(tombstone_count(&dc.kv, 10).unwrap(), 0, "{name}: settled");
+        }
+        let (retry, r) = put_keyed(&mut dcs[1], "order-7");
+        assert!(
+            matches!(r, CommandResult::Message { meta, deduplicated: true } if meta.id == m.id),
+            "west answers the retry with east's deleted message"
+        );
+        assert!(get_message(&dcs[1].kv, &retry.id).unwrap().is_none());
     }
 }
 

@@ -276,19 +276,24 @@ impl Store {
 
     /// Every entry of `cf`, read from one consistent point-in-time view,
     /// handed to `f` in key order.
-    pub fn for_each_consistent(
+    pub fn for_each_consistent<E>(
         &self,
         cf: Cf,
-        mut f: impl FnMut(&[u8], &[u8]),
-    ) -> Result<(), StoreError> {
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, StoreError> {
         let snap = self.db.snapshot();
         let mut it = snap.raw_iterator_cf(self.cf(cf));
         it.seek_to_first();
         while it.valid() {
-            f(it.key().unwrap_or_default(), it.value().unwrap_or_default());
+            // The caller's error (a full disk while writing a snapshot
+            // file, say) ends the walk at once.
+            if let Err(e) = f(it.key().unwrap_or_default(), it.value().unwrap_or_default()) {
+                return Ok(Err(e));
+            }
             it.next();
         }
-        it.status().map_err(rerr("iterate"))
+        it.status().map_err(rerr("iterate"))?;
+        Ok(Ok(()))
     }
 }
 
@@ -339,7 +344,12 @@ mod tests {
             .unwrap();
         assert_eq!(r.len(), 3);
         let mut n = 0;
-        s.for_each_consistent(Cf::State, |_, _| n += 1).unwrap();
+        s.for_each_consistent(Cf::State, |_, _| {
+            n += 1;
+            Ok::<(), ()>(())
+        })
+        .unwrap()
+        .unwrap();
         assert_eq!(n, 3);
     }
 }

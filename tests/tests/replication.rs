@@ -711,7 +711,10 @@ async fn a_dc_rebuilt_from_empty_is_resynced_from_a_trimmed_feed() -> anyhow::Re
         ids.push(m.id);
     }
     let (first_id, fifth_id) = (ids[0].clone(), ids[4].clone());
-    let gone = put(&east, "deleted", 99, 500, None).await?.message.unwrap();
+    let gone = put(&east, "deleted", 99, 500, Some("kdel"))
+        .await?
+        .message
+        .unwrap();
     east.delete(&gone.id).await?;
     wait_synced(&[&east, &west], Duration::from_secs(60)).await?;
     // West's own uploads, inline and segmented, held in east too.
@@ -757,6 +760,7 @@ async fn a_dc_rebuilt_from_empty_is_resynced_from_a_trimmed_feed() -> anyhow::Re
             let east = east.clone();
             async move {
                 let s = east.replication_status().await.ok()?;
+                eprintln!("east's view: {:?}", s.remotes);
                 s.remotes
                     .iter()
                     .any(|r| r.dc == "west" && r.state == "feed-identity-changed")
@@ -776,6 +780,10 @@ async fn a_dc_rebuilt_from_empty_is_resynced_from_a_trimmed_feed() -> anyhow::Re
         west.stat(&gone.id).await.is_err(),
         "the deleted one stays deleted"
     );
+    // Its key outlives the delete there too: a retry is the same success.
+    let again = put(&west, "deleted", 99, 500, Some("kdel")).await?;
+    assert!(again.deduplicated, "{again:?}");
+    assert_eq!(again.message.unwrap().id, gone.id);
     // The keys answer in the rebuilt DC: a retry there is the same message.
     for (i, id) in [(0u64, &first_id), (4, &fifth_id)] {
         let len = if i % 3 == 0 { 600_000 } else { 100 + i * 1_000 };

@@ -500,15 +500,17 @@ pub(crate) fn approx_bytes(cmd: &Command) -> usize {
             inline: Some(b), ..
         } => b.len() + 256,
         Command::Batch(cmds) => cmds.iter().map(approx_bytes).sum(),
-        Command::ApplyRemote { records, .. } => records
-            .iter()
-            .map(|(_, r)| match r {
-                mailbox_state::FeedRecord::Message {
-                    inline: Some(b), ..
-                } => b.len() + 256,
-                _ => 256,
-            })
-            .sum(),
+        Command::ApplyRemote { records, .. } => records.iter().map(|(_, r)| record_bytes(r)).sum(),
+        Command::ApplyResync { records, .. } => records.iter().map(record_bytes).sum(),
+        _ => 256,
+    }
+}
+
+fn record_bytes(r: &mailbox_state::FeedRecord) -> usize {
+    match r {
+        mailbox_state::FeedRecord::Message {
+            inline: Some(b), ..
+        } => b.len() + 256,
         _ => 256,
     }
 }

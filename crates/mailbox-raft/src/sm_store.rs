@@ -21,6 +21,7 @@
 //! state.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mailbox_state::{apply, ApplyCtx, CommandResult, KvRead, Overlay, StateError};
@@ -56,25 +57,39 @@ fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 /// Read-only view of the committed mailbox state, for queries.
+///
+/// Installing a snapshot replaces the state in several writes, so every
+/// read is checked against the install counter (odd while an install
+/// runs): a read that may have seen part of an install fails with
+/// [`StateError::Installing`] instead of answering from half a state.
 #[derive(Debug, Clone)]
 pub struct StateView {
     store: Store,
+    installs: Arc<AtomicU64>,
 }
 
 impl StateView {
-    /// A view over `store`'s state column family.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    fn guarded<T>(
+        &self,
+        read: impl FnOnce() -> Result<T, mailbox_storage::StoreError>,
+    ) -> Result<T, StateError> {
+        let before = self.installs.load(Ordering::Acquire);
+        if before % 2 == 1 {
+            return Err(StateError::Installing);
+        }
+        let r = read().map_err(|e| StateError::Read {
+            reason: e.to_string(),
+        })?;
+        if self.installs.load(Ordering::Acquire) != before {
+            return Err(StateError::Installing);
+        }
+        Ok(r)
     }
 }
 
 impl KvRead for StateView {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        self.store
-            .get(Cf::State, key)
-            .map_err(|e| StateError::Read {
-                reason: e.to_string(),
-            })
+        self.guarded(|| self.store.get(Cf::State, key))
     }
 
     fn scan(
@@ -83,11 +98,7 @@ impl KvRead for StateView {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<mailbox_state::KvPairs, StateError> {
-        self.store
-            .scan(Cf::State, prefix, after, limit)
-            .map_err(|e| StateError::Read {
-                reason: e.to_string(),
-            })
+        self.guarded(|| self.store.scan(Cf::State, prefix, after, limit))
     }
 }
 
@@ -101,6 +112,8 @@ pub struct StateMachineStore {
     /// Serialises replacing `current.snap` (a build and an install may
     /// finish together; the newer snapshot stays).
     current_lock: Arc<Mutex<()>>,
+    /// Odd while a snapshot install rewrites the state (see [`StateView`]).
+    installs: Arc<AtomicU64>,
 }
 /// Last applied log id and membership.
 type ApplyPoint = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
@@ -116,9 +129,21 @@ impl StateMachineStore {
         let snapshot_dir = snapshot_dir.into();
         std::fs::create_dir_all(&snapshot_dir)?;
         // Temp files of snapshot writes and receptions a crash interrupted.
+        // (`current.snap.tmp.*`: an older version's names.)
         for e in std::fs::read_dir(&snapshot_dir)?.flatten() {
-            if e.file_name().to_string_lossy().ends_with(".tmp") {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") || name.starts_with("current.snap.tmp") {
                 let _ = std::fs::remove_file(e.path());
+            }
+        }
+        // A current snapshot this version cannot read (an older layout, a
+        // damaged file) is only a copy of what RocksDB holds: drop it, and
+        // the next one is built from the state.
+        let current = snapshot_dir.join("current.snap");
+        if current.exists() {
+            if let Err(e) = snapshot_file::read_meta(&current) {
+                tracing::warn!(path = %current.display(), "removing an unreadable snapshot file: {e}");
+                std::fs::remove_file(&current)?;
             }
         }
         let this = Self {
@@ -127,6 +152,7 @@ impl StateMachineStore {
             ctx,
             applied_tx: tokio::sync::watch::channel(0).0,
             current_lock: Arc::new(Mutex::new(())),
+            installs: Arc::new(AtomicU64::new(0)),
         };
         this.recover_install().map_err(std::io::Error::other)?;
         Ok(this)
@@ -151,6 +177,15 @@ impl StateMachineStore {
                         file.display()
                     )))
                 })?;
+                if meta.snapshot_id.as_bytes() != id.as_slice() {
+                    return Err(sm_read_err(std::io::Error::other(format!(
+                        "an install of snapshot {} was interrupted, but {} holds snapshot {}; \
+                         this node's state is incomplete: wipe its data directory and let it rejoin",
+                        String::from_utf8_lossy(&id),
+                        file.display(),
+                        meta.snapshot_id
+                    ))));
+                }
                 tracing::warn!(id = %meta.snapshot_id, "installing snapshot again: the last install was interrupted");
                 self.install_from_file(&meta, &file)?;
                 self.adopt_installed(&meta, &file)
@@ -180,7 +215,10 @@ impl StateMachineStore {
 
     /// A query view of the same state.
     pub fn view(&self) -> StateView {
-        StateView::new(self.store.clone())
+        StateView {
+            store: self.store.clone(),
+            installs: self.installs.clone(),
+        }
     }
 
     fn read_apply_point(&self) -> Result<ApplyPoint, StorageError> {
@@ -262,6 +300,17 @@ impl StateMachineStore {
 
     /// Streams the state into a new snapshot file at `path`.
     fn write_snapshot_file(&self, path: &Path) -> Result<(Meta, u64), StorageError> {
+        // Not from a state an install is rewriting (openraft builds in a
+        // task of its own): refused, and built again later.
+        let installs = self.installs.load(Ordering::Acquire);
+        let installing = || {
+            snap_err(std::io::Error::other(
+                "a snapshot install ran while building; not built",
+            ))
+        };
+        if installs % 2 == 1 {
+            return Err(installing());
+        }
         let mut w = snapshot_file::Writer::create(path).map_err(snap_err)?;
         let mut applied: Option<LogId<NodeId>> = None;
         let mut membership = StoredMembership::default();
@@ -289,12 +338,29 @@ impl StateMachineStore {
             last_membership: membership,
             snapshot_id,
         };
+        if self.installs.load(Ordering::Acquire) != installs {
+            return Err(installing());
+        }
         let bytes = w.finish(&meta).map_err(snap_err)?;
         Ok((meta, bytes))
     }
 
     /// Installs the received snapshot file at `received` as the state.
     fn install_snapshot_blocking(&self, meta: &Meta, received: &Path) -> Result<(), StorageError> {
+        let ours = received.parent() == Some(self.snapshot_dir.as_path());
+        let r = self.install_checked(meta, received, ours);
+        if r.is_err() && ours {
+            let _ = std::fs::remove_file(received);
+        }
+        r
+    }
+
+    fn install_checked(
+        &self,
+        meta: &Meta,
+        received: &Path,
+        ours: bool,
+    ) -> Result<(), StorageError> {
         // Checked whole before the old state is touched: a bad file is
         // refused, never half installed.
         let (mut r, embedded) = snapshot_file::Reader::open(received).map_err(snap_err)?;
@@ -308,7 +374,6 @@ impl StateMachineStore {
         // Our own received file is moved; anything else (openraft's test
         // suite hands over another store's file) is copied.
         let file = self.installing_path();
-        let ours = received.parent() == Some(self.snapshot_dir.as_path());
         if ours {
             std::fs::rename(received, &file).map_err(snap_err)?;
         } else {
@@ -331,6 +396,10 @@ impl StateMachineStore {
     /// in bounded batches, behind the install marker.
     fn install_from_file(&self, meta: &Meta, file: &Path) -> Result<(), StorageError> {
         let (mut r, _) = snapshot_file::Reader::open(file).map_err(snap_err)?;
+        // Odd from before the first write to after the last: readers fail
+        // instead of seeing part of it. Left odd if the install fails (the
+        // node's Raft stops; it reinstalls at the next start).
+        self.installs.fetch_add(1, Ordering::AcqRel);
         let mut b = Batch::new();
         b.delete_range(Cf::State, Vec::new(), STATE_END.to_vec());
         b.put(Cf::State, INSTALLING, meta.snapshot_id.as_bytes().to_vec());
@@ -367,6 +436,7 @@ impl StateMachineStore {
         );
         b.delete(Cf::State, INSTALLING);
         self.store.write(b, true).map_err(sm_write_err)?;
+        self.installs.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(frames, "snapshot frames written");
         Ok(())
     }
@@ -449,6 +519,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
+        // openraft receives one snapshot at a time: any earlier reception
+        // (a stream it dropped for a newer snapshot, or one whose install
+        // it skipped) is garbage now.
+        if let Ok(dir) = std::fs::read_dir(&self.snapshot_dir) {
+            for e in dir.flatten() {
+                if e.file_name().to_string_lossy().starts_with("incoming.") {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let f = SnapshotFile::create(&self.temp_path("incoming"))
             .await
             .map_err(snap_err)?;
@@ -744,5 +824,34 @@ mod tests {
         }
         assert!(follower.install_snapshot(&snap.meta, into).await.is_err());
         assert_eq!(state_of(&follower), before);
+        let left: Vec<_> = std::fs::read_dir(snapshot_dir(df.path()))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "the refused file is removed: {left:?}");
+    }
+
+    /// While an install rewrites the state, reads fail (retryably) instead
+    /// of answering from part of it; so does a snapshot build.
+    #[tokio::test]
+    async fn reads_and_builds_fail_while_an_install_runs() {
+        let d = tempfile::tempdir().unwrap();
+        let mut sm = store_with_messages(d.path(), 3).await;
+        let view = sm.view();
+        assert!(view.scan(b"m", None, 10).unwrap().len() == 3);
+        sm.installs.fetch_add(1, Ordering::AcqRel);
+        assert!(matches!(
+            view.scan(b"m", None, 10),
+            Err(StateError::Installing)
+        ));
+        assert!(matches!(view.get(b"F"), Err(StateError::Installing)));
+        assert!(sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .is_err());
+        sm.installs.fetch_add(1, Ordering::AcqRel);
+        assert_eq!(view.scan(b"m", None, 10).unwrap().len(), 3);
     }
 }

@@ -287,8 +287,12 @@ impl Replication for FeedService {
         }
         // Through the log: what the origin learned survives its restarts,
         // and every node of the DC trims alike.
+        let ack = mailbox_state::FeedAck {
+            identity: req.reporter_identity,
+            cursor: req.cursor,
+        };
         let cmd = mailbox_state::Command::FeedCursors {
-            cursors: [(req.dc, req.cursor)].into(),
+            cursors: [(req.dc, ack)].into(),
         };
         let floor = match self.raft.propose(cmd).await {
             Ok(Ok(mailbox_state::CommandResult::Trimmed { floor, .. })) => floor,

@@ -137,7 +137,7 @@ async fn pull_loop(
         });
     }
     loop {
-        set_status(&status, &remote.name, |s| s.state = "idle".into());
+        set_status(&status, &remote.name, |s| keep_refused(s, "idle"));
         if !wait_leadership(&raft, &mut shutdown).await {
             return;
         }
@@ -145,14 +145,17 @@ async fn pull_loop(
         if let Ok(Some(e)) = retry.get(RetryKind::Pull, subject) {
             let wait = (e.due_ms - mailbox_types::now_ms()).clamp(0, 60_000) as u64;
             if wait > 0 {
-                set_status(&status, &remote.name, |s| s.state = "disconnected".into());
+                set_status(&status, &remote.name, |s| keep_refused(s, "disconnected"));
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                     _ = shutdown.changed() => return,
                 }
             }
         }
-        set_status(&status, &remote.name, |s| s.state = "connecting".into());
+        // A refused feed stays shown as refused while the pull retries
+        // (an admin acts on it, and `reset-feed` checks for it), until a
+        // pull connects.
+        set_status(&status, &remote.name, |s| keep_refused(s, "connecting"));
         let result = tokio::select! {
             r = pull_once(&raft, &local_dc, &remote, &status, &retry, &segments) => r,
             _ = shutdown.changed() => return,
@@ -189,6 +192,12 @@ async fn pull_loop(
                 }
             }
         }
+    }
+}
+
+fn keep_refused(s: &mut RemoteStatus, state: &str) {
+    if s.state != "feed-identity-changed" {
+        s.state = state.into();
     }
 }
 
@@ -472,7 +481,9 @@ struct CursorAcks {
     client: Option<ReplicationClient<tonic::transport::Channel>>,
     dc: String,
     origin: String,
-    sent: u64,
+    /// The last cursor the origin took (a refused or lost report is sent
+    /// again, even when the cursor has not moved since).
+    sent: Arc<std::sync::atomic::AtomicU64>,
     last: Option<std::time::Instant>,
     in_flight: Option<AbortOnDrop<()>>,
 }
@@ -487,7 +498,7 @@ impl CursorAcks {
             client,
             dc: dc.to_string(),
             origin: origin.to_string(),
-            sent: 0,
+            sent: Arc::default(),
             last: None,
             in_flight: None,
         }
@@ -495,7 +506,7 @@ impl CursorAcks {
 
     fn report(&mut self, cursor: u64, raft: &RaftNode) {
         let Some(client) = &self.client else { return };
-        if cursor <= self.sent
+        if cursor <= self.sent.load(std::sync::atomic::Ordering::Relaxed)
             || self.last.is_some_and(|t| t.elapsed() < ACK_EVERY)
             || self.in_flight.as_ref().is_some_and(|j| !j.0.is_finished())
         {
@@ -507,18 +518,23 @@ impl CursorAcks {
                 Ok(Some(i)) => i,
                 _ => return,
             };
-        self.sent = cursor;
+        let reporter_identity = match mailbox_state::feed_identity(raft.view()) {
+            Ok(Some(i)) => i,
+            _ => return,
+        };
         self.last = Some(std::time::Instant::now());
         let mut client = client.clone();
-        let (dc, origin) = (self.dc.clone(), self.origin.clone());
+        let (dc, origin, sent) = (self.dc.clone(), self.origin.clone(), self.sent.clone());
         self.in_flight = Some(AbortOnDrop(tokio::spawn(async move {
             let req = AckRequest {
                 dc,
                 identity,
                 cursor,
+                reporter_identity,
             };
             match tokio::time::timeout(OPEN_TIMEOUT, client.ack(req)).await {
                 Ok(Ok(r)) => {
+                    sent.fetch_max(cursor, std::sync::atomic::Ordering::Relaxed);
                     tracing::debug!(%origin, cursor, floor = r.get_ref().floor, "cursor reported")
                 }
                 Ok(Err(e)) => {

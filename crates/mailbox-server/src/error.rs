@@ -191,9 +191,11 @@ impl From<StateError> for ServiceError {
                 what: format!("message {id}"),
             },
             // Retrying the upload (a new id) is what helps.
-            e @ StateError::SegmentsCollected { .. } => ServiceError::Unavailable {
-                reason: e.to_string(),
-            },
+            e @ (StateError::SegmentsCollected { .. } | StateError::Installing) => {
+                ServiceError::Unavailable {
+                    reason: e.to_string(),
+                }
+            }
             e @ (StateError::Corrupt { .. }
             | StateError::Read { .. }
             | StateError::FeedGap { .. }

@@ -168,7 +168,7 @@ pub enum Command {
     /// per command; a report never moves a DC's known cursor back.
     FeedCursors {
         /// Remote DC name → its cursor on this DC's feed.
-        cursors: BTreeMap<String, u64>,
+        cursors: BTreeMap<String, FeedAck>,
     },
     /// `origin`'s state, for a DC whose cursor is below `origin`'s trimmed
     /// feed (it was rebuilt, reset, or joined late): feed records without
@@ -237,19 +237,20 @@ pub enum CommandResult {
         /// Whether more are due (propose again).
         more: bool,
     },
-    /// Remote DCs' cursors on this DC's feed were recorded.
-    Trimmed {
-        /// Own feed records up to here are trimmed.
-        floor: u64,
-        /// Whether more can be trimmed (report again).
-        more: bool,
-    },
     /// Remote feed records were applied.
     Remote {
         /// How many were new.
         applied: u64,
         /// The origin's cursor afterwards.
         cursor: u64,
+    },
+    // (New variants go last: bincode numbers them by position.)
+    /// Remote DCs' cursors on this DC's feed were recorded.
+    Trimmed {
+        /// Own feed records up to here are trimmed.
+        floor: u64,
+        /// Whether more can be trimmed (report again).
+        more: bool,
     },
 }
 
@@ -336,6 +337,10 @@ pub enum StateError {
         /// What the store said.
         reason: String,
     },
+    /// The node is replacing its state with a snapshot from the leader: a
+    /// read now could see part of it. Retry, or ask another node.
+    #[error("this node is installing a snapshot of the state; retry shortly or ask another node")]
+    Installing,
 }
 
 impl StateError {
@@ -346,7 +351,10 @@ impl StateError {
     /// command its peers applied, and silently diverge. Such errors stop
     /// the node's state machine instead.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, StateError::Read { .. } | StateError::Corrupt { .. })
+        matches!(
+            self,
+            StateError::Read { .. } | StateError::Corrupt { .. } | StateError::Installing
+        )
     }
 }
 
@@ -672,6 +680,16 @@ fn apply_inner(
             Ok(CommandResult::None)
         }
     }
+}
+
+/// A remote DC's report of how far it applied this DC's feed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FeedAck {
+    /// The reporting DC's own feed identity (it changes when that DC is
+    /// rebuilt from empty, and with it the cursor may go back).
+    pub identity: String,
+    /// Its cursor on this DC's feed.
+    pub cursor: u64,
 }
 
 /// What remains of a deleted message (see [`keys::gone`]).

@@ -73,17 +73,6 @@ pub enum FeedRecord {
         /// The upload's idempotency key: it answers in every DC.
         idempotency_key: Option<String>,
     },
-    /// Sent in place of the [`FeedRecord::Message`] of an inline message
-    /// that the origin removed since (deleted, or a twin), taking its
-    /// payload with it: the receiver records it as created and gone, so
-    /// the delete that follows is acknowledged and its key still answers.
-    /// Never stored; [`feed_since`] makes it.
-    Withdrawn {
-        /// Its metadata.
-        meta: MessageMeta,
-        /// The upload's idempotency key.
-        idempotency_key: Option<String>,
-    },
     /// A message was deleted in the origin DC.
     Deleted {
         /// The message.
@@ -118,6 +107,22 @@ pub enum FeedRecord {
         dc: String,
         /// When the message was deleted.
         at_ms: i64,
+    },
+    // (New variants go last: bincode numbers them by position, and stored
+    // feed records and log entries keep their numbers.)
+    /// Sent in place of the [`FeedRecord::Message`] of an inline message
+    /// that the origin removed since (deleted, or a twin), taking its
+    /// payload with it: the receiver records it as created and gone, so
+    /// the delete that follows is acknowledged and its key still answers.
+    /// Never stored; [`feed_since`] makes it.
+    Withdrawn {
+        /// Its metadata.
+        meta: MessageMeta,
+        /// The upload's idempotency key.
+        idempotency_key: Option<String>,
+        /// Whether its delete was settled at the origin (every DC
+        /// acknowledged it): a late acknowledgement is then old news.
+        settled: bool,
     },
 }
 
@@ -692,6 +697,7 @@ fn apply_one(
         FeedRecord::Withdrawn {
             meta,
             idempotency_key,
+            settled,
         } => {
             if let Some(mut t) = load_tombstone(base, ov, &meta.id)? {
                 if !t.seen_creation {
@@ -723,6 +729,14 @@ fn apply_one(
                 KeyUse::Remote,
             )?;
             crate::delete_message(base, ov, &meta.id, received_ms)?;
+            if *settled {
+                // Every DC acknowledged its delete: a late acknowledgement
+                // is old news, not a tombstone to wait on.
+                if let Some(mut g) = gone(base, ov, &meta.id)? {
+                    g.settled = true;
+                    ov.put(keys::gone(&meta.id), encode(&g));
+                }
+            }
         }
         FeedRecord::Deleted { id, at_ms } => {
             remote_tombstone(base, ov, ctx, id, origin, *at_ms)?;
@@ -860,10 +874,19 @@ fn with_inline(kv: &dyn KvRead, rec: FeedRecord) -> Result<FeedRecord, StateErro
             idempotency_key,
         }),
         // Read a moment after the record: gone since, with its payload.
-        None if kv.get(&keys::message(&meta.id))?.is_none() => Ok(FeedRecord::Withdrawn {
-            meta,
-            idempotency_key,
-        }),
+        None if kv.get(&keys::message(&meta.id))?.is_none() => {
+            let settled = match kv.get(&keys::gone(&meta.id))? {
+                Some(v) => decode::<crate::Gone>(&keys::gone(&meta.id), &v)?.settled,
+                // Its record expired (after the retention): settled unless
+                // a tombstone still waits.
+                None => kv.get(&keys::tombstone(&meta.id))?.is_none(),
+            };
+            Ok(FeedRecord::Withdrawn {
+                meta,
+                idempotency_key,
+                settled,
+            })
+        }
         None if meta.size == 0 => Ok(FeedRecord::Message {
             meta,
             inline: Some(Vec::new()),
@@ -1027,7 +1050,7 @@ pub fn feed_floor(kv: &dyn KvRead) -> Result<u64, StateError> {
 }
 
 /// Remote DCs' reported cursors on this DC's feed.
-pub fn feed_acks(kv: &dyn KvRead) -> Result<Vec<(String, u64)>, StateError> {
+pub fn feed_acks(kv: &dyn KvRead) -> Result<Vec<(String, crate::FeedAck)>, StateError> {
     kv.scan(keys::FEED_ACK_PREFIX, None, 1024)?
         .into_iter()
         .map(|(k, v)| {
@@ -1041,20 +1064,33 @@ pub(crate) fn feed_cursors(
     base: &dyn KvRead,
     ov: &mut Overlay,
     ctx: &ApplyCtx,
-    cursors: &BTreeMap<String, u64>,
+    cursors: &BTreeMap<String, crate::FeedAck>,
 ) -> CommandResponse {
     let head: u64 = ov.load(base, keys::FEED_SEQ)?.unwrap_or(0);
-    for (dc, seq) in cursors {
+    for (dc, ack) in cursors {
         if *dc == ctx.local_dc {
             continue;
         }
         let k = keys::feed_ack(dc);
-        let known: u64 = ov.load(base, &k)?.unwrap_or(0);
+        let known: Option<crate::FeedAck> = ov.load(base, &k)?;
         // A cursor past the head is not one of ours (a stale report from
         // before this log was rebuilt): it must not trim anything.
-        let seq = (*seq).min(head);
-        if seq > known {
-            ov.put(k, encode(&seq));
+        let cursor = ack.cursor.min(head);
+        let newer = match &known {
+            // The same DC's log: its cursor only moves forward.
+            Some(k) if k.identity == ack.identity => cursor > k.cursor,
+            // Rebuilt since (or first report): what it says now counts,
+            // lower or not.
+            _ => true,
+        };
+        if newer {
+            ov.put(
+                k,
+                encode(&crate::FeedAck {
+                    identity: ack.identity.clone(),
+                    cursor,
+                }),
+            );
         }
     }
     let floor: u64 = ov.load(base, keys::FEED_FLOOR)?.unwrap_or(0);
@@ -1066,7 +1102,8 @@ pub(crate) fn feed_cursors(
     };
     let mut target = head;
     for dc in dcs.iter().filter(|d| **d != ctx.local_dc) {
-        target = target.min(ov.load(base, &keys::feed_ack(dc))?.unwrap_or(0));
+        let ack: Option<crate::FeedAck> = ov.load(base, &keys::feed_ack(dc))?;
+        target = target.min(ack.map_or(0, |a| a.cursor));
     }
     let upto = target.min(floor.saturating_add(TRIM_MAX));
     if upto <= floor {
@@ -1129,13 +1166,21 @@ pub(crate) fn apply_resync(
 }
 
 /// A page of `origin`'s state as feed records, for a resync of DC `asker`
-/// (see [`Command::ApplyResync`]): mailboxes, messages `origin` originated
-/// that it removed (with their pending deletes), then the messages it has
-/// that it or `asker` originated, with their holds and attribute
-/// registers (so a DC rebuilt from empty gets its own messages back from
-/// the copies elsewhere). Returns the records and where the next page
-/// starts (`None`: done). A page ends after `max_records` state rows or
-/// `max_inline` inline payload bytes.
+/// (see [`Command::ApplyResync`]), in four phases:
+///
+/// 1. every mailbox;
+/// 2. every message it holds: those it or `asker` originated in full
+///    (payload, key; `asker`'s own only where the origin holds them, so a
+///    DC rebuilt from empty gets its messages back from the copies
+///    elsewhere), and for all its hold and attribute registers (what its
+///    trimmed `Held` and `Attributes` records said);
+/// 3. the messages it or `asker` originated that are gone, as `Withdrawn`
+///    with their pending delete (after phase 2, so a message deleted
+///    while the scan runs is in one of the two);
+/// 4. its acknowledgements of pending tombstones.
+///
+/// Returns the records and where the next page starts (`None`: done). A
+/// page ends after `max_records` state rows or `max_inline` inline bytes.
 ///
 /// [`Command::ApplyResync`]: crate::Command::ApplyResync
 pub fn resync_page(
@@ -1146,48 +1191,63 @@ pub fn resync_page(
     max_records: usize,
     max_inline: usize,
 ) -> Result<(Vec<FeedRecord>, Option<Vec<u8>>), StateError> {
-    // In key order, so one position (the last key read) covers them all.
-    const PHASES: [&[u8]; 3] = [b"M", b"g", b"m"];
+    // A position is the phase's number and the last key it read.
+    const PHASES: [&[u8]; 4] = [b"M", b"m", b"g", keys::TOMBSTONE_PREFIX];
     let mut out = Vec::new();
     let (mut rows_read, mut inline) = (0usize, 0usize);
-    for phase in PHASES {
-        let mut pos = match after {
-            Some(a) if a[..1] > *phase => continue,
-            Some(a) if a.starts_with(phase) => Some(a.to_vec()),
-            _ => None,
-        };
+    let (start, mut pos) = match after {
+        Some([phase, key @ ..]) => (*phase as usize, Some(key.to_vec())),
+        _ => (0, None),
+    };
+    for (n, phase) in PHASES.iter().enumerate().skip(start) {
+        if n > start {
+            pos = None;
+        }
         loop {
             let rows = kv.scan(phase, pos.as_deref(), 64)?;
             let full = rows.len() == 64;
             for (k, v) in rows {
-                match phase[0] {
-                    b'M' => out.push(FeedRecord::Mailbox {
+                match n {
+                    0 => out.push(FeedRecord::Mailbox {
                         record: decode(&k, &v)?,
                     }),
-                    b'g' => {
+                    1 => {
+                        let meta: MessageMeta = decode(&k, &v)?;
+                        inline += resync_message(kv, origin, asker, meta, &mut out)?;
+                    }
+                    2 => {
                         let g: crate::Gone = decode(&k, &v)?;
-                        if g.meta.origin_dc == origin {
+                        if g.meta.origin_dc == origin || g.meta.origin_dc == asker {
                             let id = g.meta.id;
                             out.push(FeedRecord::Withdrawn {
                                 idempotency_key: message_key(kv, &id)?,
                                 meta: g.meta,
+                                settled: g.settled,
                             });
                             if let Some(t) = tombstone(kv, &id)? {
-                                out.push(FeedRecord::Deleted { id, at_ms: t.at_ms });
+                                if t.acks.contains(origin) {
+                                    out.push(FeedRecord::Deleted { id, at_ms: t.at_ms });
+                                }
                             }
                         }
                     }
                     _ => {
-                        let meta: MessageMeta = decode(&k, &v)?;
-                        if meta.origin_dc == origin || meta.origin_dc == asker {
-                            inline += resync_message(kv, origin, meta, &mut out)?;
+                        let t: Tombstone = decode(&k, &v)?;
+                        if t.acks.contains(origin) {
+                            out.push(FeedRecord::TombstoneAck {
+                                id: keys::decode_id(&k, &k[1..])?,
+                                dc: origin.to_string(),
+                                at_ms: t.at_ms,
+                            });
                         }
                     }
                 }
                 rows_read += 1;
+                let mut p = vec![n as u8];
+                p.extend_from_slice(&k);
                 pos = Some(k);
                 if rows_read >= max_records || inline >= max_inline {
-                    return Ok((out, pos));
+                    return Ok((out, Some(p)));
                 }
             }
             if !full {
@@ -1208,31 +1268,40 @@ fn message_key(kv: &dyn KvRead, id: &MessageId) -> Result<Option<String>, StateE
 fn resync_message(
     kv: &dyn KvRead,
     origin: &str,
+    asker: &str,
     meta: MessageMeta,
     out: &mut Vec<FeedRecord>,
 ) -> Result<usize, StateError> {
     let id = meta.id;
-    let rec = with_inline(
-        kv,
-        FeedRecord::Message {
-            idempotency_key: message_key(kv, &id)?,
-            meta,
-            inline: None,
-        },
-    )?;
-    let bytes = match &rec {
-        FeedRecord::Message {
-            inline: Some(b), ..
-        } => b.len(),
-        _ => 0,
-    };
-    out.push(rec);
     let hk = keys::holder(&id, origin);
-    if let Some(v) = kv.get(&hk)? {
+    let held = kv.get(&hk)?.map(|v| decode::<i64>(&hk, &v)).transpose()?;
+    // The record itself only for messages this feed carries (and the
+    // asker's own, as a copy held here: the receiver counts the sender as
+    // a holder).
+    let full = meta.origin_dc == origin || (meta.origin_dc == asker && held.is_some());
+    let mut bytes = 0;
+    if full {
+        let rec = with_inline(
+            kv,
+            FeedRecord::Message {
+                idempotency_key: message_key(kv, &id)?,
+                meta,
+                inline: None,
+            },
+        )?;
+        if let FeedRecord::Message {
+            inline: Some(b), ..
+        } = &rec
+        {
+            bytes = b.len();
+        }
+        out.push(rec);
+    }
+    if let Some(at_ms) = held {
         out.push(FeedRecord::Held {
             id,
             dc: origin.to_string(),
-            at_ms: decode(&hk, &v)?,
+            at_ms,
         });
     }
     // The registers, so later concurrent changes compare against the

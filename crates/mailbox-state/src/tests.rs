@@ -881,9 +881,22 @@ mod replication {
     }
 
     fn report(dc: &mut Dc, cursors: &[(&str, u64)]) -> (u64, bool) {
+        report_as(dc, "id-1", cursors)
+    }
+
+    fn report_as(dc: &mut Dc, identity: &str, cursors: &[(&str, u64)]) -> (u64, bool) {
         match dc
             .run(Command::FeedCursors {
-                cursors: cursors.iter().map(|(d, c)| (d.to_string(), *c)).collect(),
+                cursors: cursors
+                    .iter()
+                    .map(|(d, c)| {
+                        let ack = crate::FeedAck {
+                            identity: identity.to_string(),
+                            cursor: *c,
+                        };
+                        (d.to_string(), ack)
+                    })
+                    .collect(),
             })
             .unwrap()
         {
@@ -922,6 +935,20 @@ mod replication {
         assert!(feed_since(&dcs[0].kv, 0, 100).unwrap().is_empty());
         assert_eq!(feed_head(&dcs[0].kv).unwrap(), head, "the head stays");
         assert_eq!(crate::replication::feed_floor(&dcs[0].kv).unwrap(), head);
+        // South rebuilt from empty reports a lower cursor under a new
+        // identity: that counts (trimming waits for it again).
+        put_inline(&mut dcs[0], "/in");
+        assert_eq!(
+            report_as(&mut dcs[0], "id-2", &[("south", 1), ("west", head + 2)]),
+            (head, false)
+        );
+        assert_eq!(
+            crate::replication::feed_acks(&dcs[0].kv).unwrap()[0]
+                .1
+                .cursor,
+            1,
+            "south's known cursor went back with its new identity"
+        );
         // A DC's own cursor is not a report.
         let mut east = Dc::in_cluster("east", &names);
         put_inline(&mut east, "/in");
@@ -1647,4 +1674,102 @@ fn a_replayed_put_after_a_delete_does_not_bring_the_message_back() {
         .unwrap()
         .is_empty());
     assert_eq!(crate::replication::feed_head(&kv).unwrap(), head);
+}
+
+/// bincode numbers enum variants by position: stored feed records, log
+/// entries and replies written by an earlier version must decode as what
+/// they were. New variants go last; this pins the numbers of the old ones.
+#[test]
+fn variant_numbers_of_stored_and_replicated_enums_are_stable() {
+    fn tag<T: serde::Serialize>(v: &T) -> u32 {
+        let b = bincode::serialize(v).unwrap();
+        u32::from_le_bytes(b[..4].try_into().unwrap())
+    }
+    let id = MessageId::new();
+    let m = meta("/in", "x");
+    let feed = [
+        (
+            FeedRecord::Mailbox {
+                record: mailbox_types::MailboxRecord {
+                    path: mb("/in"),
+                    created_ms: 1,
+                },
+            },
+            0,
+        ),
+        (
+            FeedRecord::Message {
+                meta: m.clone(),
+                inline: None,
+                idempotency_key: None,
+            },
+            1,
+        ),
+        (FeedRecord::Deleted { id, at_ms: 1 }, 2),
+        (
+            FeedRecord::Held {
+                id,
+                dc: "e".into(),
+                at_ms: 1,
+            },
+            3,
+        ),
+        (
+            FeedRecord::Attributes {
+                id,
+                changes: BTreeMap::new(),
+                stamp: Default::default(),
+            },
+            4,
+        ),
+        (
+            FeedRecord::TombstoneAck {
+                id,
+                dc: "e".into(),
+                at_ms: 1,
+            },
+            5,
+        ),
+        (
+            FeedRecord::Withdrawn {
+                meta: m.clone(),
+                idempotency_key: None,
+                settled: false,
+            },
+            6,
+        ),
+    ];
+    for (rec, n) in &feed {
+        assert_eq!(tag(rec), *n, "{rec:?}");
+    }
+    let cmds = [
+        (Command::DeleteMessage { id, at_ms: 1 }, 2),
+        (Command::PayloadHeld { id, at_ms: 1 }, 4),
+        (Command::Batch(vec![]), 6),
+        (Command::Expire { before_ms: 1 }, 10),
+        (Command::ResetFeed { origin: "w".into() }, 12),
+        (
+            Command::FeedCursors {
+                cursors: BTreeMap::new(),
+            },
+            13,
+        ),
+    ];
+    for (c, n) in &cmds {
+        assert_eq!(tag(c), *n, "{c:?}");
+    }
+    assert_eq!(
+        tag(&CommandResult::Remote {
+            applied: 0,
+            cursor: 0
+        }),
+        8
+    );
+    assert_eq!(
+        tag(&CommandResult::Trimmed {
+            floor: 0,
+            more: false
+        }),
+        9
+    );
 }

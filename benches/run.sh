@@ -19,7 +19,7 @@
 #                 (REPL_RATE=4 REPL_HELD_FACTOR=1: ~15 GB). REPL_ROUNDS=A runs the
 #                 first outage only (REPL_OUTAGE=10m REPL_ROUNDS=A: ~12 min).
 # Then (issue #8) snapshots of a large inline state: a 3-node DC is filled
-# with SNAP_BYTES (1100MiB) of 60 KiB inline uploads; then 60 KiB uploads
+# with SNAP_MIB (1100) MiB of 60 KiB inline uploads; then 60 KiB uploads
 # from 16 clients for SNAP_WINDOW (20s) twice: once as a baseline, once
 # while the leader builds a snapshot of the whole state and a follower that
 # lost its data receives and installs it. Reports each node's RSS growth
@@ -36,7 +36,7 @@ PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  rm -rf "$WORK"
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "# kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
@@ -190,7 +190,7 @@ fi
 if [ "$ONLY" = all ] || [ "$ONLY" = snapshot ]; then
   SD="$WORK/snap"; mkdir -p "$SD/segments"
   SIZE=61440   # 60 KiB: inline (the threshold is 64 KiB)
-  TARGET=$(( $(numfmt --from=iec "${SNAP_BYTES:-1100MiB}" | tr -d 'B') ))
+  TARGET=$(( ${SNAP_MIB:-1100} * 1048576 ))
   WINDOW="${SNAP_WINDOW:-20s}"
   EPS="127.0.0.1:17301,127.0.0.1:17302,127.0.0.1:17303"
   members=""
@@ -223,14 +223,14 @@ TOML
   rss_kib() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
   MB=("$BIN/mailbox" --endpoint 127.0.0.1:17301 --endpoint 127.0.0.1:17302 --endpoint 127.0.0.1:17303)
   for _ in $(seq 1 150); do "${MB[@]}" cluster status >/dev/null 2>&1 && break; sleep 0.2; done
-  log "snapshot: filling the DC with $(numfmt --to=iec $TARGET)B of 60 KiB inline uploads"
+  log "snapshot: filling the DC with $(( TARGET >> 20 )) MiB of 60 KiB inline uploads"
   stored=0
   while [ "$stored" -lt "$TARGET" ]; do
     ops=$("$BIN/mailbox-bench" small --endpoints "$EPS" --size 60KiB --concurrency 32 --duration 20s \
       | python3 -c 'import json,sys; print(json.load(sys.stdin)["ops"])')
     # (+ the uploads of the 2 s warm-up, which are stored but not counted)
     stored=$(( stored + ops * SIZE ))
-    log "snapshot: $(numfmt --to=iec $stored)B stored"
+    log "snapshot: $(( stored >> 20 )) MiB stored"
   done
   leader=$("${MB[@]}" --json cluster status | python3 -c 'import json,sys; print(json.load(sys.stdin)["leader_id"])')
   follower=$(( leader % 3 + 1 ))
@@ -263,6 +263,7 @@ TOML
     rm -rf "$SD/node$follower/data"
     "${MB[@]}" --json cluster snapshot >"$SD/snapshot.json"
     start_node "$follower"
+    date +%s >"$SD/restarted_at"
     wait "$l"
   }
   log "snapshot: window with a snapshot built on node $leader and installed on node $follower"
@@ -275,7 +276,9 @@ s=json.load(sys.stdin); a={n["node_id"]: n["applied_index"] for n in s["nodes"]}
 f='"$follower"'; sys.exit(0 if a.get(f,0) > 0 and a[f] >= max(a.values()) - 10 else 1)'; then break; fi
     sleep 0.5
   done
+  CAUGHT_UP_S=$(( $(date +%s) - $(cat "$SD/restarted_at") ))
   installed=$(grep -c "snapshot installed" "$SD/node$follower/log" || true)
+  log "snapshot: node $follower caught up ${CAUGHT_UP_S}s after its restart; snapshot installs in its log: $installed"
   python3 - "$SD" "$leader" "$follower" "$installed" <<'PY'
 import json, sys
 d, leader, follower, installed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

@@ -181,6 +181,11 @@ impl RaftNode {
             // file into RocksDB): openraft's 200 ms would fail every
             // install of a large state and start it over.
             install_snapshot_timeout: SNAPSHOT_RPC_TIMEOUT.as_millis() as u64,
+            // Entries the leader reads from its log per AppendEntries: a
+            // group-commit entry holds up to 4 MiB, and only 2 MiB cross
+            // per RPC (`APPEND_MAX_BYTES`); openraft's 300 would load
+            // hundreds of MiB to catch up a follower.
+            max_payload_entries: 16,
             ..Default::default()
         }
         .validate()

@@ -59,7 +59,7 @@ fmt:
 	$(CARGO) fmt --all
 
 bench-deps: deps
-	@command -v etcd >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server; }
+	@{ command -v etcd && command -v etcdctl && command -v openssl; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server etcd-client openssl; }
 
 # Benchmarks against baselines measured in the same run (see docs/benchmarks.md).
 bench: build bench-deps

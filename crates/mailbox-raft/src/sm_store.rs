@@ -39,6 +39,8 @@ const APPLIED: &[u8] = b"\0applied";
 const MEMBERSHIP: &[u8] = b"\0membership";
 /// Set while a snapshot is being installed (value: its id).
 const INSTALLING: &[u8] = b"\0installing";
+/// A received snapshot file nothing wrote to for this long is garbage.
+const STALE_RECEPTION: std::time::Duration = std::time::Duration::from_secs(600);
 /// State bytes per write batch while installing a snapshot.
 const INSTALL_BATCH_BYTES: usize = 4 << 20;
 /// Every state key sorts below this (tags are ASCII letters or NUL).
@@ -271,45 +273,62 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // Reading the whole state and the fsync are blocking: on the
         // blocking pool, not on a runtime worker that also carries Raft
         // heartbeats and the API.
-        let this = self.clone();
-        let meta = tokio::task::spawn_blocking(move || this.build_snapshot_blocking())
-            .await
-            .map_err(snap_err)??;
-        // What was built, or a newer snapshot installed meanwhile.
-        match self.get_current_snapshot().await? {
-            Some(s) if s.meta.last_log_id >= meta.last_log_id => Ok(s),
-            _ => Err(snap_err(std::io::Error::other(
-                "the snapshot just built is not in the snapshot directory",
-            ))),
+        loop {
+            let this = self.clone();
+            let built = tokio::task::spawn_blocking(move || this.build_snapshot_blocking())
+                .await
+                .map_err(snap_err)??;
+            match built {
+                // What was built, or a newer snapshot installed meanwhile.
+                Some(meta) => {
+                    return match self.get_current_snapshot().await? {
+                        Some(s) if s.meta.last_log_id >= meta.last_log_id => Ok(s),
+                        _ => Err(snap_err(std::io::Error::other(
+                            "the snapshot just built is not in the snapshot directory",
+                        ))),
+                    }
+                }
+                // An install rewrote the state meanwhile. An error here
+                // would stop this node's Raft (openraft treats a failed
+                // build as a storage failure): wait for the install, whose
+                // snapshot is newer than anything this build could make,
+                // and answer with it (or build again if there is none).
+                None => {
+                    while self.installs.load(Ordering::Acquire) % 2 == 1 {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                    if let Some(s) = self.get_current_snapshot().await? {
+                        return Ok(s);
+                    }
+                }
+            }
         }
     }
 }
 
 impl StateMachineStore {
-    fn build_snapshot_blocking(&self) -> Result<Meta, StorageError> {
+    /// `None` when an install ran meanwhile (nothing is built).
+    fn build_snapshot_blocking(&self) -> Result<Option<Meta>, StorageError> {
         let tmp = self.temp_path("build");
         let r = self.write_snapshot_file(&tmp);
-        if r.is_err() {
+        if !matches!(r, Ok(Some(_))) {
             let _ = std::fs::remove_file(&tmp);
         }
-        let (meta, bytes) = r?;
+        let Some((meta, bytes)) = r? else {
+            return Ok(None);
+        };
         self.replace_current(&meta, &tmp).map_err(snap_err)?;
         tracing::info!(bytes, last = ?meta.last_log_id, "snapshot built");
-        Ok(meta)
+        Ok(Some(meta))
     }
 
-    /// Streams the state into a new snapshot file at `path`.
-    fn write_snapshot_file(&self, path: &Path) -> Result<(Meta, u64), StorageError> {
-        // Not from a state an install is rewriting (openraft builds in a
-        // task of its own): refused, and built again later.
+    /// Streams the state into a new snapshot file at `path`; `None` when
+    /// an install rewrote the state meanwhile (openraft builds in a task
+    /// of its own), so the file may hold part of it.
+    fn write_snapshot_file(&self, path: &Path) -> Result<Option<(Meta, u64)>, StorageError> {
         let installs = self.installs.load(Ordering::Acquire);
-        let installing = || {
-            snap_err(std::io::Error::other(
-                "a snapshot install ran while building; not built",
-            ))
-        };
         if installs % 2 == 1 {
-            return Err(installing());
+            return Ok(None);
         }
         let mut w = snapshot_file::Writer::create(path).map_err(snap_err)?;
         let mut applied: Option<LogId<NodeId>> = None;
@@ -339,10 +358,10 @@ impl StateMachineStore {
             snapshot_id,
         };
         if self.installs.load(Ordering::Acquire) != installs {
-            return Err(installing());
+            return Ok(None);
         }
         let bytes = w.finish(&meta).map_err(snap_err)?;
-        Ok((meta, bytes))
+        Ok(Some((meta, bytes)))
     }
 
     /// Installs the received snapshot file at `received` as the state.
@@ -519,12 +538,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotFile>, StorageError> {
-        // openraft receives one snapshot at a time: any earlier reception
+        // openraft receives one snapshot at a time: an earlier reception
         // (a stream it dropped for a newer snapshot, or one whose install
-        // it skipped) is garbage now.
+        // it skipped) is garbage.
+        // Only ones nothing wrote to for a while: a reception that just
+        // finished may still be on its way to being installed.
         if let Ok(dir) = std::fs::read_dir(&self.snapshot_dir) {
             for e in dir.flatten() {
-                if e.file_name().to_string_lossy().starts_with("incoming.") {
+                let stale = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age > STALE_RECEPTION);
+                if stale && e.file_name().to_string_lossy().starts_with("incoming.") {
                     let _ = std::fs::remove_file(e.path());
                 }
             }
@@ -832,9 +859,9 @@ mod tests {
     }
 
     /// While an install rewrites the state, reads fail (retryably) instead
-    /// of answering from part of it; so does a snapshot build.
+    /// of answering from part of it, and a snapshot build waits.
     #[tokio::test]
-    async fn reads_and_builds_fail_while_an_install_runs() {
+    async fn reads_fail_and_builds_wait_while_an_install_runs() {
         let d = tempfile::tempdir().unwrap();
         let mut sm = store_with_messages(d.path(), 3).await;
         let view = sm.view();
@@ -845,13 +872,19 @@ mod tests {
             Err(StateError::Installing)
         ));
         assert!(matches!(view.get(b"F"), Err(StateError::Installing)));
-        assert!(sm
-            .get_snapshot_builder()
-            .await
-            .build_snapshot()
-            .await
-            .is_err());
+        // A build waits for the install to end (an error would stop the
+        // node's Raft: openraft takes a failed build for a storage
+        // failure), then answers with a snapshot of the whole state.
+        let mut b = sm.get_snapshot_builder().await;
+        let build = tokio::spawn(async move { b.build_snapshot().await });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(
+            !build.is_finished(),
+            "no snapshot of a state being rewritten"
+        );
         sm.installs.fetch_add(1, Ordering::AcqRel);
+        let snap = build.await.unwrap().unwrap();
+        assert_eq!(snap.meta.last_log_id, sm.applied_state().await.unwrap().0);
         assert_eq!(view.scan(b"m", None, 10).unwrap().len(), 3);
     }
 }

@@ -182,9 +182,19 @@ impl SentEarly {
 
 type FeedStream = Pin<Box<dyn Stream<Item = Result<FeedBatch, Status>> + Send>>;
 
+/// A state error as the asker sees it: a node installing a snapshot is
+/// busy (retry, or ask another node), anything else is internal.
+fn state_status(e: mailbox_state::StateError) -> Status {
+    match e {
+        mailbox_state::StateError::Installing => Status::unavailable(e.to_string()),
+        e => Status::internal(e.to_string()),
+    }
+}
+
 /// When `since` is below the feed's trimmed floor, streams the origin's
 /// state instead of the records the asker lacks (see
 /// `Command::ApplyResync`) and returns the floor the feed goes on from.
+#[allow(clippy::too_many_arguments)]
 async fn resync(
     raft: &RaftNode,
     origin: &str,
@@ -192,11 +202,14 @@ async fn resync(
     identity: &str,
     segments: &dyn SegmentStore,
     since: u64,
+    resynced: bool,
     tx: &mpsc::Sender<Result<FeedBatch, Status>>,
 ) -> Result<Option<u64>, Status> {
-    let internal = |e: mailbox_state::StateError| Status::internal(e.to_string());
+    let internal = state_status;
     let floor = feed_floor(raft.view()).map_err(internal)?;
-    if since >= floor {
+    // Below the floor; or at 0 (first contact, a reset, a DC rebuilt from
+    // empty: its own messages held here are not in this feed), once.
+    if since >= floor && (since > 0 || resynced) {
         return Ok(None);
     }
     tracing::warn!(
@@ -232,6 +245,7 @@ async fn resync(
             payloads: pushed,
             resync_floor: floor,
             resync_done: next.is_none(),
+            resync: true,
         };
         if tx.send(Ok(msg)).await.is_err() {
             return Err(Status::cancelled("the asker went away"));
@@ -271,7 +285,7 @@ impl Replication for FeedService {
     async fn ack(&self, req: Request<AckRequest>) -> Result<Response<AckReply>, Status> {
         let req = req.into_inner();
         let identity = mailbox_state::feed_identity(self.raft.view())
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(state_status)?
             .unwrap_or_default();
         if req.identity != identity || identity.is_empty() {
             return Err(Status::failed_precondition(format!(
@@ -309,7 +323,7 @@ impl Replication for FeedService {
         let mut since = req.since;
         let raft = self.raft.clone();
         let identity = mailbox_state::feed_identity(raft.view())
-            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(state_status)?
             .ok_or_else(|| {
                 Status::unavailable(format!(
                     "DC {}'s feed has no identity yet (its leader records it after the first election); retry shortly",
@@ -339,6 +353,7 @@ impl Replication for FeedService {
             // storing and committing while the rest of a backlog is still
             // on the way, instead of after the first 32 MiB.
             let mut budget = PUSH_FIRST_BATCH;
+            let mut resynced = false;
             loop {
                 applied.mark_unchanged();
                 // Below the trimmed floor (at the start, or because the
@@ -351,11 +366,15 @@ impl Replication for FeedService {
                     &identity,
                     segments.as_ref(),
                     since,
+                    resynced,
                     &tx,
                 )
                 .await
                 {
-                    Ok(Some(floor)) => since = floor,
+                    Ok(Some(floor)) => {
+                        since = floor;
+                        resynced = true;
+                    }
                     Ok(None) => {}
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
@@ -367,7 +386,7 @@ impl Replication for FeedService {
                 let (mut records, head) = match batch {
                     Ok(b) => b,
                     Err(e) => {
-                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        let _ = tx.send(Err(state_status(e))).await;
                         return;
                     }
                 };

@@ -325,7 +325,7 @@ async fn pull_once(
                 }
             }
             let mut job = None;
-            let resync = batch.resync_floor > 0;
+            let resync = batch.resync || batch.resync_floor > 0;
             if batch.records.is_empty() && !batch.payloads.is_empty() && !resync {
                 store_early(&mut early, segments, status, &remote.name, batch.payloads);
             } else if !batch.records.is_empty() || resync {

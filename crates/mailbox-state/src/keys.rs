@@ -31,6 +31,7 @@
 //! | `i` | origin DC                   | its feed identity seen  |
 //! | `r` | remote DC                   | its cursor on own feed  |
 //! | `T` |                             | own feed trimmed up to  |
+//! | `G` | id                          | settled delete re-acked |
 
 use mailbox_types::{MailboxPath, MessageId};
 
@@ -232,3 +233,8 @@ pub const FEED_ACK_PREFIX: &[u8] = b"r";
 
 /// Own feed records up to this sequence number are trimmed.
 pub const FEED_FLOOR: &[u8] = b"T";
+
+/// This DC acknowledged again the settled delete of `id` (once).
+pub fn reacked(id: &MessageId) -> Vec<u8> {
+    tagged(b'G', &[id.as_bytes()])
+}

@@ -801,6 +801,7 @@ fn expire(base: &dyn KvRead, ov: &mut Overlay, before_ms: i64) -> CommandRespons
                     continue;
                 };
                 ov.delete(keys::gone(&id));
+                ov.delete(keys::reacked(&id));
                 let ik = keys::message_idempotency(&id);
                 if let Some(key) = ov.get(base, &ik)? {
                     let kk = keys::idempotency(&g.meta.mailbox, &String::from_utf8_lossy(&key));

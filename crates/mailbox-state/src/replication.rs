@@ -246,6 +246,23 @@ fn remote_tombstone(
         // old news, and must not start a tombstone nobody will settle.
         let was_here = gone(base, ov, id)?;
         if !present && was_here.as_ref().is_some_and(|g| g.settled) {
+            // But the sender may lack this DC's acknowledgement (it was in
+            // this DC's feed before it was rebuilt and resynced): say it
+            // again, once (every DC reads the feed; twice would ping-pong
+            // with DCs doing the same), without a tombstone to wait on.
+            let rk = keys::reacked(id);
+            if from != ctx.local_dc && ov.get(base, &rk)?.is_none() {
+                ov.put(rk, Vec::new());
+                feed_append(
+                    base,
+                    ov,
+                    &FeedRecord::TombstoneAck {
+                        id: *id,
+                        dc: ctx.local_dc.clone(),
+                        at_ms,
+                    },
+                )?;
+            }
             return Ok(());
         }
         let t = Tombstone {
@@ -581,7 +598,16 @@ pub(crate) fn apply_remote(
                 next: *seq,
             });
         }
-        apply_one(base, ov, ctx, origin, rec, received_ms, payload_here)?;
+        apply_one(
+            base,
+            ov,
+            ctx,
+            origin,
+            rec,
+            received_ms,
+            payload_here,
+            Via::Feed,
+        )?;
         cursor = *seq;
         applied += 1;
     }
@@ -589,6 +615,16 @@ pub(crate) fn apply_remote(
     Ok(CommandResult::Remote { applied, cursor })
 }
 
+/// How a record reached this DC.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// The origin's feed: a `Message` record means the origin holds it.
+    Feed,
+    /// A resync of the origin's state: holds come as their own records.
+    Resync,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn apply_one(
     base: &dyn KvRead,
     ov: &mut Overlay,
@@ -597,6 +633,7 @@ fn apply_one(
     rec: &FeedRecord,
     received_ms: i64,
     payload_here: &[MessageId],
+    via: Via,
 ) -> Result<(), StateError> {
     match rec {
         FeedRecord::Mailbox { record } => {
@@ -666,7 +703,9 @@ fn apply_one(
                     return remove_twin(base, ov, &loser, received_ms);
                 }
             }
-            ov.put(keys::holder(&meta.id, origin), encode(&meta.created_ms));
+            if via == Via::Feed {
+                ov.put(keys::holder(&meta.id, origin), encode(&meta.created_ms));
+            }
             ov.put(keys::metadata_since(&meta.id), encode(&received_ms));
             if inline.is_some() || meta.segments().is_empty() {
                 // Arrived in full with the record: held since it arrived
@@ -699,6 +738,13 @@ fn apply_one(
             idempotency_key,
             settled,
         } => {
+            if *settled && load_tombstone(base, ov, &meta.id)?.is_some() {
+                // Every DC acknowledged its delete at the origin: nothing
+                // to wait for here either.
+                if let Some(dcs) = cluster_dcs(base, ov)? {
+                    return purge(base, ov, &meta.id, &dcs);
+                }
+            }
             if let Some(mut t) = load_tombstone(base, ov, &meta.id)? {
                 if !t.seen_creation {
                     t.seen_creation = true;
@@ -1146,12 +1192,23 @@ pub(crate) fn apply_resync(
     check_identity(base, ov, r.origin, r.identity)?;
     let ck = keys::cursor(r.origin);
     let cursor: u64 = ov.load(base, &ck)?.unwrap_or(0);
-    if cursor >= r.floor {
+    // (A resync at floor 0, for a DC at cursor 0, applies until a feed
+    // record moves the cursor.)
+    if cursor > r.floor || (cursor == r.floor && cursor > 0) {
         // A resync from an older pull, overtaken by the feed: stale.
         return Ok(CommandResult::Remote { applied: 0, cursor });
     }
     for rec in r.records {
-        apply_one(base, ov, ctx, r.origin, rec, r.received_ms, r.payload_here)?;
+        apply_one(
+            base,
+            ov,
+            ctx,
+            r.origin,
+            rec,
+            r.received_ms,
+            r.payload_here,
+            Via::Resync,
+        )?;
     }
     let cursor = if r.done {
         ov.put(ck, encode(&r.floor));
@@ -1216,8 +1273,11 @@ pub fn resync_page(
                         inline += resync_message(kv, origin, asker, meta, &mut out)?;
                     }
                     2 => {
+                        // Of every origin: the asker records them as gone (a
+                        // replayed creation then stays deleted) and can
+                        // acknowledge their deletes.
                         let g: crate::Gone = decode(&k, &v)?;
-                        if g.meta.origin_dc == origin || g.meta.origin_dc == asker {
+                        {
                             let id = g.meta.id;
                             out.push(FeedRecord::Withdrawn {
                                 idempotency_key: message_key(kv, &id)?,

@@ -403,6 +403,21 @@ async fn check(cl: &mut TestCluster, names: &[&str], files: &Files) -> anyhow::R
                 for c in &dcs {
                     st.push(c.replication_status().await.ok()?);
                 }
+                static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                if PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 50 == 49 {
+                    // What is still missing, for a run that times out.
+                    for a in &st {
+                        let rs: Vec<_> = a
+                            .remotes
+                            .iter()
+                            .map(|r| format!("{}@{}/{} {}", r.dc, r.cursor, r.remote_head, r.state))
+                            .collect();
+                        eprintln!(
+                            "  {}: head {} pending {} tombstones {} remotes {rs:?}",
+                            a.dc, a.feed_head, a.pending_messages, a.tombstones
+                        );
+                    }
+                }
                 for a in &st {
                     // Every delete acknowledged by every DC, every payload here.
                     if a.pending_messages != 0 || a.tombstones != 0 {

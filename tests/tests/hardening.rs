@@ -33,6 +33,28 @@ fn opts(name: &str) -> PutOptions {
     }
 }
 
+/// Waits until node `follower` has applied everything any node had
+/// applied when this was called.
+async fn wait_caught_up(c: &Client, follower: u64, timeout: Duration) -> anyhow::Result<()> {
+    let target = c
+        .cluster_status()
+        .await?
+        .nodes
+        .iter()
+        .map(|n| n.applied_index)
+        .max()
+        .unwrap_or(0);
+    wait_for(timeout, &format!("node {follower} caught up"), || {
+        let c = c.clone();
+        async move {
+            let s = c.cluster_status().await.ok()?;
+            let f = s.nodes.iter().find(|n| n.node_id == follower)?;
+            (f.reachable && f.applied_index >= target).then_some(())
+        }
+    })
+    .await
+}
+
 /// Message directories in the DC's segment store.
 fn message_dirs(dc: &TestDc) -> usize {
     let mut dirs = std::collections::BTreeSet::new();
@@ -251,27 +273,7 @@ async fn a_follower_paused_under_inline_load_catches_up_through_a_snapshot() -> 
     assert!(lag > 5.0, "the paused follower's lag is visible: {lag}");
     let log_at = dc.log_len(follower);
     dc.resume(follower);
-    let target = c
-        .cluster_status()
-        .await?
-        .nodes
-        .iter()
-        .map(|n| n.applied_index)
-        .max()
-        .unwrap_or(0);
-    wait_for(
-        Duration::from_secs(90),
-        "the resumed follower caught up",
-        || {
-            let c = c.clone();
-            async move {
-                let s = c.cluster_status().await.ok()?;
-                let f = s.nodes.iter().find(|n| n.node_id == follower)?;
-                (f.reachable && f.applied_index >= target).then_some(())
-            }
-        },
-    )
-    .await?;
+    wait_caught_up(&c, follower, Duration::from_secs(90)).await?;
     assert!(
         dc.log_contains_since(follower, log_at, "snapshot installed"),
         "the follower caught up through a snapshot: {}",
@@ -352,27 +354,7 @@ async fn a_follower_with_a_wiped_disk_rejoins_and_the_leader_keeps_leading() -> 
     .await?;
     dc.restart(follower)?;
     acked.extend(writer.await??);
-    let target = c
-        .cluster_status()
-        .await?
-        .nodes
-        .iter()
-        .map(|n| n.applied_index)
-        .max()
-        .unwrap_or(0);
-    wait_for(
-        Duration::from_secs(60),
-        "the wiped follower caught up",
-        || {
-            let c = c.clone();
-            async move {
-                let s = c.cluster_status().await.ok()?;
-                let f = s.nodes.iter().find(|n| n.node_id == follower)?;
-                (f.reachable && f.applied_index >= target).then_some(())
-            }
-        },
-    )
-    .await?;
+    wait_caught_up(&c, follower, Duration::from_secs(60)).await?;
     assert_eq!(
         dc.wait_leader(Duration::from_secs(5)).await?,
         leader,

@@ -651,16 +651,7 @@ fn apply_one(
             inline,
             idempotency_key,
         } => {
-            if let Some(mut t) = load_tombstone(base, ov, &meta.id)? {
-                // Deleted before we saw it: now we have, and can acknowledge.
-                if !t.seen_creation {
-                    t.seen_creation = true;
-                    settle_tombstone(base, ov, ctx, &meta.id, t)?;
-                }
-                return Ok(());
-            }
-            // Here already, or here and deleted since (its tombstone purged).
-            if message(base, ov, &meta.id)?.is_some() || gone(base, ov, &meta.id)?.is_some() {
+            if creation_known(base, ov, ctx, &meta.id)? {
                 return Ok(());
             }
             let regs = load_attrs(base, ov, &meta.id)?;
@@ -745,14 +736,7 @@ fn apply_one(
                     return purge(base, ov, &meta.id, &dcs);
                 }
             }
-            if let Some(mut t) = load_tombstone(base, ov, &meta.id)? {
-                if !t.seen_creation {
-                    t.seen_creation = true;
-                    settle_tombstone(base, ov, ctx, &meta.id, t)?;
-                }
-                return Ok(());
-            }
-            if message(base, ov, &meta.id)?.is_some() || gone(base, ov, &meta.id)?.is_some() {
+            if creation_known(base, ov, ctx, &meta.id)? {
                 return Ok(());
             }
             // Created and removed before we read it: it is recorded as
@@ -807,6 +791,26 @@ fn apply_one(
         }
     }
     Ok(())
+}
+
+/// A message's creation (its record, or its withdrawal) arrives: whether
+/// this DC knows the message already. Deleted before we saw it: now we
+/// have, and acknowledge the delete. Here already, or here and deleted
+/// since (its tombstone purged): nothing to do.
+fn creation_known(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    id: &MessageId,
+) -> Result<bool, StateError> {
+    if let Some(mut t) = load_tombstone(base, ov, id)? {
+        if !t.seen_creation {
+            t.seen_creation = true;
+            settle_tombstone(base, ov, ctx, id, t)?;
+        }
+        return Ok(true);
+    }
+    Ok(message(base, ov, id)?.is_some() || gone(base, ov, id)?.is_some())
 }
 
 fn held_here(

@@ -24,7 +24,7 @@
 # while the leader builds a snapshot of the whole state and a follower that
 # lost its data receives and installs it. Reports each node's RSS growth
 # over its level before the window and both windows' p99.
-# BENCH_ONLY=single, BENCH_ONLY=repl or BENCH_ONLY=snapshot runs one part;
+# BENCH_ONLY=single, BENCH_ONLY=repl, BENCH_ONLY=sweep or BENCH_ONLY=snapshot runs one part;
 # BENCH_ONLY=small only the small-upload comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -184,6 +184,80 @@ if [ "$ONLY" = all ] || [ "$ONLY" = repl ]; then
   log "catch-up"
   "$BIN/mailbox-bench" catch-up --rtt "$RTT" --outage "${REPL_OUTAGE:-20s}" \
     --rate "${REPL_RATE:-8}" --held-factor "${REPL_HELD_FACTOR:-3}" --rounds "${REPL_ROUNDS:-A,B,C}"
+fi
+
+# --- sizes around the inline threshold (issue #8) ---------------------------
+# Three 3-node DCs one after the other, alike but for `inline-threshold`:
+# every size inline (4 MiB), every size in segments (0), and the default.
+# Each size from 1 KiB to 1 MiB gets SWEEP_DURATION of uploads from 16
+# leader-routed clients on each. The crossover is the smallest size at
+# which segments take at least as many uploads as inline; "smooth" means
+# no size takes fewer than 0.8x the uploads/s of the next larger size.
+if [ "$ONLY" = all ] || [ "$ONLY" = sweep ]; then
+  SWD="${SWEEP_DURATION:-10s}"
+  SIZES="${SWEEP_SIZES:-1KiB 4KiB 8KiB 16KiB 24KiB 32KiB 48KiB 60KiB 64KiB 70KiB 128KiB 256KiB 512KiB 1MiB}"
+  sweep_dc() { # tag port-base threshold(or "default")
+    local tag=$1 pb=$2 thr=$3 d="$WORK/sweep-$1" members="" line
+    mkdir -p "$d/segments"
+    for i in 1 2 3; do members+=$'[[members]]\n'"id = $i"$'\n'"addr = \"127.0.0.1:$((pb + i))\""$'\n'; done
+    line=""; [ "$thr" != default ] && line="inline-threshold = \"$thr\""
+    for i in 1 2 3; do
+      mkdir -p "$d/node$i"
+      cat >"$d/node$i/node.toml" <<TOML
+node-id = $i
+dc = "sweep"
+listen = "127.0.0.1:$((pb + i))"
+http-listen = "127.0.0.1:$((pb + 50 + i))"
+data-dir = "$d/node$i/data"
+segment-dir = "$d/segments"
+$line
+
+$members
+TOML
+      "$BIN/mailboxd" --config "$d/node$i/node.toml" >>"$d/node$i/log" 2>&1 &
+      echo $! >"$d/node$i/pid"
+    done
+    local eps="127.0.0.1:$((pb + 1)),127.0.0.1:$((pb + 2)),127.0.0.1:$((pb + 3))"
+    for _ in $(seq 1 150); do
+      "$BIN/mailbox" --endpoint "127.0.0.1:$((pb + 1))" cluster status >/dev/null 2>&1 && break; sleep 0.2
+    done
+    for size in $SIZES; do
+      log "sweep $tag: $size"
+      "$BIN/mailbox-bench" small --endpoints "$eps" --size "$size" --concurrency 16 --duration "$SWD" \
+        | python3 -c 'import json,sys; r=json.load(sys.stdin); r.update(kind="sweep", config=sys.argv[1], size=sys.argv[2]); print(json.dumps(r))' "$tag" "$size" \
+        | tee -a "$WORK/sweep.jsonl"
+    done
+    for i in 1 2 3; do kill "$(cat "$d/node$i/pid")" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$d"
+  }
+  : >"$WORK/sweep.jsonl"
+  # SWEEP_CONFIGS=default measures the default threshold alone.
+  for c in ${SWEEP_CONFIGS:-inline segments default}; do
+    case $c in
+      inline) sweep_dc inline 17400 4MiB ;;
+      segments) sweep_dc segments 17500 0B ;;
+      default) sweep_dc default 17600 default ;;
+    esac
+  done
+  python3 - "$WORK/sweep.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault(r["config"], []).append((r["size"], r["ops_per_sec"], r["p99_ms"]))
+inl = dict((s, o) for s, o, _ in by.get("inline", []))
+seg = dict((s, o) for s, o, _ in by.get("segments", []))
+cross = next((s for s in inl if s in seg and seg[s] >= inl[s]), None)
+d = by.get("default", [])
+dips = [{"size": d[i][0], "ops_per_sec": d[i][1], "next": d[i + 1][0], "next_ops_per_sec": d[i + 1][1]}
+        for i in range(len(d) - 1) if d[i][1] < 0.8 * d[i + 1][1]]
+print(json.dumps({"summary": True, "kind": "sweep",
+                  "settings": "3-node DC, 16 leader-routed clients, sizes 1 KiB..1 MiB, each config alike but for inline-threshold",
+                  "ops_per_sec": {c: {s: round(o) for s, o, _ in v} for c, v in by.items()},
+                  "crossover_segments_at_least_inline": cross,
+                  "default_smooth": not dips, "default_dips_below_0_8x_next": dips}))
+PY
 fi
 
 # --- snapshots of a large inline state (issue #8) ----------------------------

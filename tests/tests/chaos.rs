@@ -30,8 +30,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use mailbox_client::{Client, PutOptions};
-use mailbox_testkit::{pattern_sha256, wait_for, DcOptions, HashSink, PatternReader, TestCluster};
+use mailbox_testkit::{pattern_sha256, DcOptions, HashSink, PatternReader, TestCluster};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -392,49 +393,10 @@ async fn check(cl: &mut TestCluster, names: &[&str], files: &Files) -> anyhow::R
         leaders.insert(n.to_string(), cl.dc(n).client_of(l).await?);
     }
     // Every DC has applied every other DC's whole feed and holds every payload.
-    let dcs: Vec<Client> = leaders.values().cloned().collect();
-    wait_for(
-        Duration::from_secs(180),
-        "all DCs synced after healing",
-        || {
-            let dcs = dcs.clone();
-            async move {
-                let mut st = Vec::new();
-                for c in &dcs {
-                    st.push(c.replication_status().await.ok()?);
-                }
-                static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                if PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 50 == 49 {
-                    // What is still missing, for a run that times out.
-                    for a in &st {
-                        let rs: Vec<_> = a
-                            .remotes
-                            .iter()
-                            .map(|r| format!("{}@{}/{} {}", r.dc, r.cursor, r.remote_head, r.state))
-                            .collect();
-                        eprintln!(
-                            "  {}: head {} pending {} tombstones {} remotes {rs:?}",
-                            a.dc, a.feed_head, a.pending_messages, a.tombstones
-                        );
-                    }
-                }
-                for a in &st {
-                    // Every delete acknowledged by every DC, every payload here.
-                    if a.pending_messages != 0 || a.tombstones != 0 {
-                        return None;
-                    }
-                    for b in st.iter().filter(|b| b.dc != a.dc) {
-                        let r = a.remotes.iter().find(|r| r.dc == b.dc)?;
-                        if r.cursor < b.feed_head {
-                            return None;
-                        }
-                    }
-                }
-                Some(())
-            }
-        },
-    )
-    .await?;
+    let dcs: Vec<&Client> = leaders.values().collect();
+    mailbox_testkit::wait_dcs_synced(&dcs, true, Duration::from_secs(180))
+        .await
+        .context("after healing")?;
     // Every node of every DC, not only the leaders.
     let mut reference: Option<BTreeMap<String, (String, String)>> = None;
     for n in names {

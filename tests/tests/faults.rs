@@ -12,13 +12,17 @@ use mailbox_testkit::{pattern_sha256, DcOptions, HashSink, PatternReader, TestDc
 /// What a writer saw acknowledged: id -> (seed, len, sha256).
 type Acked = Arc<Mutex<BTreeMap<String, (u64, u64, String)>>>;
 
+/// Every acknowledged upload downloads from `c` with the bytes the client
+/// sent (its length and the digest of the generated payload, not the
+/// digest the server reported).
 async fn verify_all(c: &Client, acked: &Acked) -> anyhow::Result<()> {
     let acked = acked.lock().unwrap().clone();
-    for (id, (_, len, sha)) in &acked {
+    for (id, (seed, len, sha)) in &acked {
         let mut sink = HashSink::default();
         c.get_to(id, 0, 0, &mut sink, |_, _| {}).await?;
         assert_eq!(sink.len, *len, "size of {id}");
-        assert_eq!(&sink.hex(), sha, "bytes of {id}");
+        assert_eq!(sink.hex(), pattern_sha256(*seed, *len), "bytes of {id}");
+        assert_eq!(*sha, pattern_sha256(*seed, *len), "reported digest of {id}");
     }
     Ok(())
 }
@@ -35,10 +39,13 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
     let leader = dc.wait_leader(Duration::from_secs(10)).await?;
     let endpoints = dc.endpoints();
     let acked: Acked = Arc::default();
+    // Every upload attempted, acknowledged or not: name -> (seed, len).
+    let sent: Arc<Mutex<BTreeMap<String, (u64, u64)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..8u64 {
         let acked = acked.clone();
+        let sent = sent.clone();
         let stop = stop.clone();
         // Each writer sticks to a node other than the leader where possible,
         // so forwarding is exercised, and fails over to any node.
@@ -61,11 +68,13 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
                     errors += 1;
                     continue;
                 };
+                let name = format!("w{w}-{seq}");
+                sent.lock().unwrap().insert(name.clone(), (seed, len));
                 let res = c
                     .put(
                         PutOptions {
                             mailbox: "/inbox".into(),
-                            name: format!("w{w}-{seq}"),
+                            name,
                             ..Default::default()
                         },
                         PatternReader::new(seed, len),
@@ -110,15 +119,37 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
     for id in 1..=3 {
         verify_all(&dc.client_of(id).await?, &acked).await?;
     }
-    // Unacknowledged uploads are whole or absent: every listed message
-    // downloads with its recorded digest.
+    // Unacknowledged uploads are whole or absent: every listed message is
+    // one the clients sent and downloads with exactly the bytes sent.
     let c = dc.client().await?;
     let listed = c.list_all("/inbox").await?;
+    let sent = sent.lock().unwrap().clone();
+    let unacked = listed
+        .iter()
+        .filter(|m| !acked.lock().unwrap().contains_key(&m.id))
+        .count();
     for m in &listed {
+        let (seed, len) = *sent
+            .get(&m.name)
+            .unwrap_or_else(|| panic!("listed {} ({}) was never sent", m.id, m.name));
         let mut sink = HashSink::default();
         c.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
-        assert_eq!(sink.hex(), m.sha256, "listed message {} is whole", m.id);
+        assert_eq!(sink.len, len, "listed message {} has the length sent", m.name);
+        assert_eq!(
+            sink.hex(),
+            pattern_sha256(seed, len),
+            "listed message {} has the bytes sent",
+            m.name
+        );
     }
+    let names: std::collections::BTreeSet<&str> = listed.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names.len(), listed.len(), "a name listed twice: an upload stored twice");
+    eprintln!(
+        "{} uploads sent, {} acknowledged, {} listed ({unacked} unacknowledged but committed)",
+        sent.len(),
+        acked.lock().unwrap().len(),
+        listed.len()
+    );
     let acked_n = acked.lock().unwrap().len();
     assert!(
         listed.len() >= acked_n,

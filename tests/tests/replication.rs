@@ -87,31 +87,9 @@ async fn wait_caught_up(c: &Client, timeout: Duration) -> anyhow::Result<()> {
     .await
 }
 
-/// Waits until every DC has applied every other DC's whole feed (cursor at
-/// the other's own feed head) and holds every payload.
+/// Every DC has applied every other's whole feed and holds every payload.
 async fn wait_synced(dcs: &[&Client], timeout: Duration) -> anyhow::Result<()> {
-    wait_for(timeout, "all DCs synced", || {
-        let dcs: Vec<Client> = dcs.iter().map(|c| (*c).clone()).collect();
-        async move {
-            let mut st = Vec::new();
-            for c in &dcs {
-                st.push(c.replication_status().await.ok()?);
-            }
-            for a in &st {
-                if a.pending_messages != 0 {
-                    return None;
-                }
-                for b in st.iter().filter(|b| b.dc != a.dc) {
-                    let r = a.remotes.iter().find(|r| r.dc == b.dc)?;
-                    if r.cursor < b.feed_head {
-                        return None;
-                    }
-                }
-            }
-            Some(())
-        }
-    })
-    .await
+    mailbox_testkit::wait_dcs_synced(dcs, false, timeout).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,6 +377,10 @@ async fn delete_and_attribute_conflicts_during_partition_converge_and_pending_do
         .message
         .unwrap();
     let pending = first_stat(&west, &big.id).await?;
+    assert!(
+        pending.payload_pending,
+        "west must not hold the payload yet, or the download below proves nothing: {pending:?}"
+    );
     let mut sink = HashSink::default();
     west.get_to(&big.id, 0, 0, &mut sink, |_, _| {}).await?;
     assert_eq!(sink.hex(), big.sha256);
@@ -412,10 +394,6 @@ async fn delete_and_attribute_conflicts_during_partition_converge_and_pending_do
     assert!(
         !first_seen.payload_pending,
         "payload should arrive with the record: {first_seen:?}"
-    );
-    eprintln!(
-        "west payload pending at download time: {}",
-        pending.payload_pending
     );
     Ok(())
 }
@@ -477,24 +455,51 @@ async fn leader_kills_in_both_dcs_during_replication_lose_and_duplicate_nothing(
         ..Default::default()
     };
     let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
-    // Slow the inter-DC link so segments are in flight when leaders die.
-    cl.set_delay(Duration::from_millis(20));
     let east = cl.dc("east").client().await?;
     east.mkdir("/inbox", true).await?;
+    let west = cl.dc("west").client().await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
+    // Uploaded while west is cut off, so that all of it is still to copy
+    // when the link comes back, slowly.
+    cl.cut("east", "west");
     let mut acked = BTreeMap::new();
+    let mut big = Vec::new();
     for i in 0..12u64 {
-        let len = if i % 2 == 0 { 1_500_000 } else { 5_000 };
+        // Past the size that travels with its feed record: west's
+        // fetcher copies these segment by segment.
+        let len = if i % 2 == 0 { 5_000_000 } else { 5_000 };
         let m = put(&east, &format!("f{i}"), i, len, None)
             .await?
             .message
             .unwrap();
+        assert_eq!(m.sha256, pattern_sha256(i, len), "digest of what was sent");
+        if len > 16 << 10 {
+            big.push(m.id.clone());
+        }
         acked.insert(m.id, m.sha256);
     }
-    // Kill both leaders while west is still copying segments.
+    // 6 messages of 20 segments of 256 KiB each.
+    let total = big.len() * 20;
+    let seg_dir = cl.dc("west").segment_dir();
+    let copied = |dir: &std::path::Path| big.iter().map(|id| segment_files(dir, id)).sum::<usize>();
+    cl.set_delay(Duration::from_millis(40));
+    cl.heal("east", "west");
+    // Kill both leaders while west is provably still copying segments.
+    let at_kill = wait_for(Duration::from_secs(60), "west mid-copy", || {
+        let n = copied(&seg_dir);
+        async move { (1..total / 2).contains(&n).then_some(n) }
+    })
+    .await?;
     let el = cl.dc("east").wait_leader(Duration::from_secs(10)).await?;
     let wl = cl.dc("west").wait_leader(Duration::from_secs(10)).await?;
     cl.dc("east").kill(el);
     cl.dc("west").kill(wl);
+    let after_kill = copied(&seg_dir);
+    assert!(
+        after_kill < total,
+        "the copy finished before the kills ({at_kill} then {after_kill} of {total} segments)"
+    );
+    eprintln!("killed both leaders with {at_kill}..{after_kill} of {total} segments copied");
     cl.dc("east").wait_leader(Duration::from_secs(20)).await?;
     cl.dc("west").wait_leader(Duration::from_secs(20)).await?;
     cl.dc("east").restart(el)?;
@@ -791,5 +796,168 @@ async fn a_dc_rebuilt_from_empty_is_resynced_from_a_trimmed_feed() -> anyhow::Re
         assert!(retry.deduplicated, "{retry:?}");
         assert_eq!(retry.message.unwrap().id, *id);
     }
+    Ok(())
+}
+
+/// What one side's writers sent and had acknowledged.
+#[derive(Default)]
+struct Sent {
+    /// Every upload attempted: name -> (seed, len).
+    sent: BTreeMap<String, (u64, u64)>,
+    /// Acknowledged: id -> name.
+    acked: BTreeMap<String, String>,
+}
+
+/// Writers uploading into `eps` (one DC) until `stop`, each with its own
+/// client that fails over between the DC's nodes; inline and segmented
+/// sizes, delayed acks.
+fn start_writers(
+    side: &'static str,
+    eps: Vec<String>,
+    n: u64,
+    sent: std::sync::Arc<std::sync::Mutex<Sent>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|w| {
+            let (eps, sent, stop) = (eps.clone(), sent.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seq = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    seq += 1;
+                    let seed = (side == "w") as u64 * 1_000_000_000 + w * 1_000_000 + seq;
+                    let len = if seq.is_multiple_of(4) {
+                        600_000
+                    } else {
+                        1 + seed % 9000
+                    };
+                    let name = format!("{side}{w}-{seq}");
+                    let Ok(c) = Client::connect(&eps).await else {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    };
+                    sent.lock().unwrap().sent.insert(name.clone(), (seed, len));
+                    if let Ok(Some(m)) = put(&c, &name, seed, len, None).await.map(|r| r.message) {
+                        sent.lock().unwrap().acked.insert(m.id, name);
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// Invariant 1 across a long DC partition: two 3-node DCs cut off from each
+/// other for `MAILBOX_PARTITION_SECS` (120 s) while 4 clients per side keep
+/// uploading, and each DC's leader is killed (and restarted) during the
+/// cut. After healing, both DCs list the same set; every acknowledged
+/// upload is there with the bytes its client sent; every listed message is
+/// one a client sent, whole, and stored once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_minute_partition_with_leader_kills_on_both_sides_loses_nothing() -> anyhow::Result<()>
+{
+    let secs: u64 = std::env::var("MAILBOX_PARTITION_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let opts = DcOptions {
+        nodes: 3,
+        inline_threshold: "16KiB".into(),
+        segment_size: "256KiB".into(),
+        ..Default::default()
+    };
+    let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
+    cl.cut("east", "west");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (es, ws) = (
+        std::sync::Arc::new(std::sync::Mutex::new(Sent::default())),
+        std::sync::Arc::new(std::sync::Mutex::new(Sent::default())),
+    );
+    let mut writers = start_writers("e", cl.dc("east").endpoints(), 4, es.clone(), stop.clone());
+    writers.extend(start_writers("w", cl.dc("west").endpoints(), 4, ws.clone(), stop.clone()));
+    let started = tokio::time::Instant::now();
+    let cut_ends = started + Duration::from_secs(secs);
+    // A leader kill in each DC during the cut: east's at a third of it,
+    // west's at two thirds, each once that side has acknowledged uploads.
+    for (dc, sent, at) in [("east", &es, secs / 3), ("west", &ws, 2 * secs / 3)] {
+        let before = sent.lock().unwrap().acked.len();
+        wait_for(Duration::from_secs(secs + 60), "uploads acknowledged before the kill", || {
+            let n = sent.lock().unwrap().acked.len();
+            let due = tokio::time::Instant::now() >= started + Duration::from_secs(at);
+            async move { (due && n > before + 10).then_some(()) }
+        })
+        .await?;
+        let l = cl.dc(dc).wait_leader(Duration::from_secs(20)).await?;
+        cl.dc(dc).kill(l);
+        let nl = cl.dc(dc).wait_leader(Duration::from_secs(30)).await?;
+        assert_ne!(nl, l, "{dc} elected a new leader");
+        cl.dc(dc).restart(l)?;
+        let after = sent.lock().unwrap().acked.len();
+        wait_for(Duration::from_secs(60), "uploads acknowledged after the kill", || {
+            let n = sent.lock().unwrap().acked.len();
+            async move { (n > after + 10).then_some(()) }
+        })
+        .await?;
+        eprintln!("{dc}: killed leader {l}, new leader {nl}, {after} acknowledged so far");
+    }
+    // The cut lasts its full length, with the writers going.
+    wait_for(Duration::from_secs(secs + 60), "the end of the cut", || async move {
+        (tokio::time::Instant::now() >= cut_ends).then_some(())
+    })
+    .await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await?;
+    }
+    cl.heal("east", "west");
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    wait_synced(&[&east, &west], Duration::from_secs(240)).await?;
+    let mut sent = es.lock().unwrap().sent.clone();
+    sent.extend(ws.lock().unwrap().sent.clone());
+    let mut acked = es.lock().unwrap().acked.clone();
+    acked.extend(ws.lock().unwrap().acked.clone());
+    let mut reference: Option<BTreeMap<String, String>> = None;
+    for dc in ["east", "west"] {
+        cl.dc(dc).wait_converged(Duration::from_secs(120)).await?;
+        let c = cl.dc(dc).client().await?;
+        let listed = c.list_all("/inbox").await?;
+        let mut ids = BTreeMap::new();
+        for m in &listed {
+            let (seed, len) = *sent
+                .get(&m.name)
+                .unwrap_or_else(|| panic!("{dc} lists {} ({}), never sent", m.id, m.name));
+            anyhow::ensure!(
+                ids.insert(m.id.clone(), m.name.clone()).is_none(),
+                "{dc} lists {} twice",
+                m.id
+            );
+            let mut sink = HashSink::default();
+            c.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
+            anyhow::ensure!(
+                sink.len == len && sink.hex() == pattern_sha256(seed, len),
+                "{dc}: {} does not hold the bytes sent",
+                m.name
+            );
+        }
+        let names: std::collections::BTreeSet<&String> = ids.values().collect();
+        anyhow::ensure!(names.len() == ids.len(), "{dc}: an upload stored twice");
+        for (id, name) in &acked {
+            anyhow::ensure!(ids.get(id) == Some(name), "{dc} lost acknowledged {name} ({id})");
+        }
+        match &reference {
+            None => reference = Some(ids),
+            Some(r) => anyhow::ensure!(*r == ids, "east and west list different sets"),
+        }
+    }
+    eprintln!(
+        "partition of {secs}s: {} uploads sent, {} acknowledged, {} listed in both DCs",
+        sent.len(),
+        acked.len(),
+        reference.map(|r| r.len()).unwrap_or(0)
+    );
     Ok(())
 }

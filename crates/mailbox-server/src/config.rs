@@ -17,6 +17,12 @@ use crate::error::ConfigError;
 /// Largest inline payload we allow: it travels inside one Raft entry.
 pub const MAX_INLINE_THRESHOLD: u64 = 4 << 20;
 
+/// The default inline threshold. Every inline byte is written to each
+/// node's log and state (and compacted there), a segment once to the DC's
+/// segment store: measured with `BENCH_ONLY=sweep benches/run.sh`, inline
+/// takes more uploads than segments up to 8 KiB and fewer from 16 KiB on.
+pub const DEFAULT_INLINE_THRESHOLD: u64 = 8 << 10;
+
 /// Configuration of one `mailboxd` node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, rename_all = "kebab-case", deny_unknown_fields)]
@@ -38,7 +44,9 @@ pub struct NodeConfig {
     pub segment_dir: PathBuf,
     /// Initial voting members of the DC log; the lowest id forms the group.
     pub members: Vec<Member>,
-    /// Payloads up to this size are stored inline in the DC log.
+    /// Payloads up to this size are stored inline in the DC log (default
+    /// 8 KiB: where segments start taking as many uploads as inline, see
+    /// docs/benchmarks.md, "sizes around the inline threshold").
     pub inline_threshold: ByteSize,
     /// Larger payloads are cut into segments of this size.
     pub segment_size: ByteSize,
@@ -217,7 +225,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("data/node1"),
             segment_dir: PathBuf::from("data/segments"),
             members: Vec::new(),
-            inline_threshold: ByteSize(64 << 10),
+            inline_threshold: ByteSize(DEFAULT_INLINE_THRESHOLD),
             segment_size: ByteSize(8 << 20),
             orphan_grace: ms(3_600_000),
             gc_interval: ms(60_000),

@@ -155,7 +155,7 @@ pub struct Upload {
     declared: Option<Digest>,
     attributes: BTreeMap<String, String>,
     ack: AckPolicy,
-    whole: Sha256,
+    whole: WholeHash,
     size: u64,
     inline: Vec<u8>,
     spilled: bool,
@@ -168,6 +168,46 @@ pub struct Upload {
     /// The payload kept for sending to other DCs ahead of the record, while
     /// it is small enough (see `mailbox_replication::early`).
     early: Option<mailbox_replication::early::EarlyCollector>,
+}
+
+/// The SHA-256 of the whole payload, computed as chunks arrive. A large
+/// chunk is hashed on a blocking thread while the upload goes on (the
+/// segment writer hashes and writes its own copy on another), so hashing a
+/// large upload neither stalls an async worker nor waits in line behind
+/// the segment write; the next chunk waits for the previous one's hash.
+enum WholeHash {
+    Idle(Sha256),
+    Busy(tokio::task::JoinHandle<Sha256>),
+}
+
+/// Chunks at least this large are hashed off the async workers (a 64 KiB
+/// chunk is ~30 µs of SHA-256; smaller ones are not worth a thread hop).
+const HASH_OFF_WORKER_MIN: usize = 64 << 10;
+
+impl WholeHash {
+    async fn take(&mut self) -> Result<Sha256, ServiceError> {
+        match std::mem::replace(self, WholeHash::Idle(Sha256::new())) {
+            WholeHash::Idle(h) => Ok(h),
+            WholeHash::Busy(job) => job.await.map_err(|e| ServiceError::Internal {
+                reason: format!("payload hashing task: {e}"),
+            }),
+        }
+    }
+
+    async fn update(&mut self, data: &Bytes) -> Result<(), ServiceError> {
+        let mut h = self.take().await?;
+        if data.len() < HASH_OFF_WORKER_MIN {
+            h.update(data);
+            *self = WholeHash::Idle(h);
+        } else {
+            let data = data.clone();
+            *self = WholeHash::Busy(tokio::task::spawn_blocking(move || {
+                h.update(&data);
+                h
+            }));
+        }
+        Ok(())
+    }
 }
 
 type FinishJob = tokio::task::JoinHandle<Result<SegmentMeta, mailbox_segments::SegmentError>>;
@@ -261,7 +301,7 @@ impl Upload {
             idempotency_key: req.idempotency_key,
             declared,
             attributes: req.attributes,
-            whole: Sha256::new(),
+            whole: WholeHash::Idle(Sha256::new()),
             size: 0,
             inline: Vec::new(),
             spilled: false,
@@ -281,7 +321,7 @@ impl Upload {
     /// go to the segment writer as they are (sliced at segment boundaries,
     /// not copied).
     pub async fn write(&mut self, data: Bytes) -> Result<(), ServiceError> {
-        self.whole.update(&data);
+        self.whole.update(&data).await?;
         self.size += data.len() as u64;
         if let Some(early) = &mut self.early {
             early.push(&data);
@@ -409,7 +449,7 @@ impl Upload {
                 ));
             }
         }
-        let sha256 = Digest::from(std::mem::take(&mut self.whole));
+        let sha256 = Digest::from(self.whole.take().await.map_err(|e| (e, true))?);
         if let Some(d) = self.declared {
             if d != sha256 {
                 return Err((

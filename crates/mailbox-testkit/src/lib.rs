@@ -485,6 +485,57 @@ where
     }
 }
 
+/// Waits until every DC in `dcs` has applied every other DC's whole feed
+/// (its cursor at the other's own feed head) and holds every payload; with
+/// `deletes_settled`, also until every delete has been acknowledged by
+/// every DC (no tombstone left). Prints what is still missing every few
+/// seconds, so a run that times out says why.
+pub async fn wait_dcs_synced(
+    dcs: &[&Client],
+    deletes_settled: bool,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let dcs: Vec<Client> = dcs.iter().map(|c| (*c).clone()).collect();
+    let mut probes = 0u64;
+    wait_for(timeout, "all DCs synced", || {
+        let dcs = dcs.clone();
+        probes += 1;
+        let report = probes % 60 == 0;
+        async move {
+            let mut st = Vec::new();
+            for c in &dcs {
+                st.push(c.replication_status().await.ok()?);
+            }
+            if report {
+                for a in &st {
+                    let rs: Vec<_> = a
+                        .remotes
+                        .iter()
+                        .map(|r| format!("{}@{}/{} {}", r.dc, r.cursor, r.remote_head, r.state))
+                        .collect();
+                    eprintln!(
+                        "  not synced yet: {}: head {} pending {} tombstones {} remotes {rs:?}",
+                        a.dc, a.feed_head, a.pending_messages, a.tombstones
+                    );
+                }
+            }
+            for a in &st {
+                if a.pending_messages != 0 || (deletes_settled && a.tombstones != 0) {
+                    return None;
+                }
+                for b in st.iter().filter(|b| b.dc != a.dc) {
+                    let r = a.remotes.iter().find(|r| r.dc == b.dc)?;
+                    if r.cursor < b.feed_head {
+                        return None;
+                    }
+                }
+            }
+            Some(())
+        }
+    })
+    .await
+}
+
 /// A deterministic pseudo-random byte stream of a given length (xorshift),
 /// generated on the fly so multi-GiB payloads never sit in memory.
 pub struct PatternReader {

@@ -263,7 +263,7 @@ fi
 # --- snapshots of a large inline state (issue #8) ----------------------------
 if [ "$ONLY" = all ] || [ "$ONLY" = snapshot ]; then
   SD="$WORK/snap"; mkdir -p "$SD/segments"
-  SIZE=61440   # 60 KiB: inline (the threshold is 64 KiB)
+  SIZE=61440   # 60 KiB: inline (this DC is configured with 64 KiB below)
   TARGET=$(( ${SNAP_MIB:-1100} * 1048576 ))
   WINDOW="${SNAP_WINDOW:-20s}"
   EPS="127.0.0.1:17301,127.0.0.1:17302,127.0.0.1:17303"

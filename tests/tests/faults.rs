@@ -134,7 +134,11 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
             .unwrap_or_else(|| panic!("listed {} ({}) was never sent", m.id, m.name));
         let mut sink = HashSink::default();
         c.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
-        assert_eq!(sink.len, len, "listed message {} has the length sent", m.name);
+        assert_eq!(
+            sink.len, len,
+            "listed message {} has the length sent",
+            m.name
+        );
         assert_eq!(
             sink.hex(),
             pattern_sha256(seed, len),
@@ -143,7 +147,11 @@ async fn leader_killed_under_load_loses_no_acknowledged_upload() -> anyhow::Resu
         );
     }
     let names: std::collections::BTreeSet<&str> = listed.iter().map(|m| m.name.as_str()).collect();
-    assert_eq!(names.len(), listed.len(), "a name listed twice: an upload stored twice");
+    assert_eq!(
+        names.len(),
+        listed.len(),
+        "a name listed twice: an upload stored twice"
+    );
     eprintln!(
         "{} uploads sent, {} acknowledged, {} listed ({unacked} unacknowledged but committed)",
         sent.len(),

@@ -467,21 +467,28 @@ async fn leader_kills_in_both_dcs_during_replication_lose_and_duplicate_nothing(
     for i in 0..12u64 {
         // Past the size that travels with its feed record: west's
         // fetcher copies these segment by segment.
-        let len = if i % 2 == 0 { 5_000_000 } else { 5_000 };
+        // Two of the others travel with their feed records (pushed).
+        let len = match i % 6 {
+            0 | 2 | 4 => 5_000_000,
+            1 => 1_500_000,
+            _ => 5_000,
+        };
         let m = put(&east, &format!("f{i}"), i, len, None)
             .await?
             .message
             .unwrap();
         assert_eq!(m.sha256, pattern_sha256(i, len), "digest of what was sent");
-        if len > 16 << 10 {
+        if len > 4 << 20 {
             big.push(m.id.clone());
         }
         acked.insert(m.id, m.sha256);
     }
-    // 6 messages of 20 segments of 256 KiB each.
+    // 6 fetched messages of 20 segments of 256 KiB each.
     let total = big.len() * 20;
     let seg_dir = cl.dc("west").segment_dir();
     let copied = |dir: &std::path::Path| big.iter().map(|id| segment_files(dir, id)).sum::<usize>();
+    let el = cl.dc("east").wait_leader(Duration::from_secs(10)).await?;
+    let wl = cl.dc("west").wait_leader(Duration::from_secs(10)).await?;
     cl.set_delay(Duration::from_millis(40));
     cl.heal("east", "west");
     // Kill both leaders while west is provably still copying segments.
@@ -490,8 +497,6 @@ async fn leader_kills_in_both_dcs_during_replication_lose_and_duplicate_nothing(
         async move { (1..total / 2).contains(&n).then_some(n) }
     })
     .await?;
-    let el = cl.dc("east").wait_leader(Duration::from_secs(10)).await?;
-    let wl = cl.dc("west").wait_leader(Duration::from_secs(10)).await?;
     cl.dc("east").kill(el);
     cl.dc("west").kill(wl);
     let after_kill = copied(&seg_dir);
@@ -553,6 +558,39 @@ async fn a_byte_flipped_in_transit_is_detected_and_fetched_again() -> anyhow::Re
     west.get_to(&m.id, 0, 0, &mut sink, |_, _| {}).await?;
     assert_eq!(sink.hex(), m.sha256, "west stored the corrupt copy");
     assert!(!west.stat(&m.id).await?.payload_pending);
+    Ok(())
+}
+
+/// Inline payloads travel inside the feed's records: one damaged in transit
+/// must be refused like a damaged segment, not stored as the message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_payload_flipped_in_transit_is_refused_and_pulled_again() -> anyhow::Result<()> {
+    let mut cl = TestCluster::start(&["east", "west"], small_dcs(), "").await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    wait_synced(&[&east, &west], Duration::from_secs(30)).await?;
+    // 640 KB of inline payloads (16 KB each, the threshold) wait for west.
+    cl.cut("east", "west");
+    let mut sent = BTreeMap::new();
+    for i in 0..40u64 {
+        let m = put(&east, &format!("i{i}"), 500 + i, 16_000, None)
+            .await?
+            .message
+            .unwrap();
+        sent.insert(m.id, pattern_sha256(500 + i, 16_000));
+    }
+    // The first stream from east to reach 300 KB after the heal is the
+    // feed carrying them: nearly all of its bytes are payload bytes.
+    cl.corrupt_once("west", "east", 300_000);
+    cl.heal("east", "west");
+    wait_synced(&[&east, &west], Duration::from_secs(60)).await?;
+    let got = content_digest(&west).await?;
+    assert_eq!(got, sent, "west holds exactly the bytes east was sent");
+    eprintln!(
+        "corrupt copies detected by west: {}",
+        west.replication_status().await?.corrupt_copies
+    );
     Ok(())
 }
 
@@ -831,6 +869,9 @@ fn start_writers(
                     } else {
                         1 + seed % 9000
                     };
+                    // Paced (about 5 uploads/s per writer), so that two
+                    // minutes of them stay a few hundred MB per side.
+                    let next = tokio::time::Instant::now() + Duration::from_millis(200);
                     let name = format!("{side}{w}-{seq}");
                     let Ok(c) = Client::connect(&eps).await else {
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -840,6 +881,7 @@ fn start_writers(
                     if let Ok(Some(m)) = put(&c, &name, seed, len, None).await.map(|r| r.message) {
                         sent.lock().unwrap().acked.insert(m.id, name);
                     }
+                    tokio::time::sleep_until(next).await;
                 }
             })
         })
@@ -877,44 +919,69 @@ async fn a_two_minute_partition_with_leader_kills_on_both_sides_loses_nothing() 
         std::sync::Arc::new(std::sync::Mutex::new(Sent::default())),
     );
     let mut writers = start_writers("e", cl.dc("east").endpoints(), 4, es.clone(), stop.clone());
-    writers.extend(start_writers("w", cl.dc("west").endpoints(), 4, ws.clone(), stop.clone()));
+    writers.extend(start_writers(
+        "w",
+        cl.dc("west").endpoints(),
+        4,
+        ws.clone(),
+        stop.clone(),
+    ));
     let started = tokio::time::Instant::now();
     let cut_ends = started + Duration::from_secs(secs);
     // A leader kill in each DC during the cut: east's at a third of it,
     // west's at two thirds, each once that side has acknowledged uploads.
     for (dc, sent, at) in [("east", &es, secs / 3), ("west", &ws, 2 * secs / 3)] {
         let before = sent.lock().unwrap().acked.len();
-        wait_for(Duration::from_secs(secs + 60), "uploads acknowledged before the kill", || {
-            let n = sent.lock().unwrap().acked.len();
-            let due = tokio::time::Instant::now() >= started + Duration::from_secs(at);
-            async move { (due && n > before + 10).then_some(()) }
-        })
+        wait_for(
+            Duration::from_secs(secs + 60),
+            "uploads acknowledged before the kill",
+            || {
+                let n = sent.lock().unwrap().acked.len();
+                let due = tokio::time::Instant::now() >= started + Duration::from_secs(at);
+                async move { (due && n > before + 10).then_some(()) }
+            },
+        )
         .await?;
         let l = cl.dc(dc).wait_leader(Duration::from_secs(20)).await?;
         cl.dc(dc).kill(l);
         let nl = cl.dc(dc).wait_leader(Duration::from_secs(30)).await?;
-        assert_ne!(nl, l, "{dc} elected a new leader");
         cl.dc(dc).restart(l)?;
         let after = sent.lock().unwrap().acked.len();
-        wait_for(Duration::from_secs(60), "uploads acknowledged after the kill", || {
-            let n = sent.lock().unwrap().acked.len();
-            async move { (n > after + 10).then_some(()) }
-        })
+        wait_for(
+            Duration::from_secs(60),
+            "uploads acknowledged after the kill",
+            || {
+                let n = sent.lock().unwrap().acked.len();
+                async move { (n > after + 10).then_some(()) }
+            },
+        )
         .await?;
         eprintln!("{dc}: killed leader {l}, new leader {nl}, {after} acknowledged so far");
     }
     // The cut lasts its full length, with the writers going.
-    wait_for(Duration::from_secs(secs + 60), "the end of the cut", || async move {
-        (tokio::time::Instant::now() >= cut_ends).then_some(())
-    })
+    wait_for(
+        Duration::from_secs(secs + 60),
+        "the end of the cut",
+        || async move { (tokio::time::Instant::now() >= cut_ends).then_some(()) },
+    )
     .await?;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         w.await?;
     }
-    cl.heal("east", "west");
+    // The cut held: neither side has anything of the other's yet.
     let east = cl.dc("east").client().await?;
     let west = cl.dc("west").client().await?;
+    let (le, lw) = (
+        east.list_all("/inbox").await?,
+        west.list_all("/inbox").await?,
+    );
+    anyhow::ensure!(
+        le.iter().all(|m| m.name.starts_with('e')) && lw.iter().all(|m| m.name.starts_with('w')),
+        "uploads crossed the cut"
+    );
+    anyhow::ensure!(!le.is_empty() && !lw.is_empty(), "no uploads on one side");
+    cl.heal("east", "west");
     wait_synced(&[&east, &west], Duration::from_secs(240)).await?;
     let mut sent = es.lock().unwrap().sent.clone();
     sent.extend(ws.lock().unwrap().sent.clone());
@@ -946,7 +1013,10 @@ async fn a_two_minute_partition_with_leader_kills_on_both_sides_loses_nothing() 
         let names: std::collections::BTreeSet<&String> = ids.values().collect();
         anyhow::ensure!(names.len() == ids.len(), "{dc}: an upload stored twice");
         for (id, name) in &acked {
-            anyhow::ensure!(ids.get(id) == Some(name), "{dc} lost acknowledged {name} ({id})");
+            anyhow::ensure!(
+                ids.get(id) == Some(name),
+                "{dc} lost acknowledged {name} ({id})"
+            );
         }
         match &reference {
             None => reference = Some(ids),

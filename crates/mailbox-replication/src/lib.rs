@@ -75,6 +75,18 @@ pub enum ReplicationError {
         /// Segment index.
         index: u32,
     },
+    /// An inline payload that arrived on a feed does not match the size or
+    /// SHA-256 its record declares: the batch is refused whole (nothing of
+    /// it is applied) and pulled again.
+    #[error("inline payload of {id} from DC {dc} is corrupt: {reason}")]
+    CorruptInline {
+        /// Source DC.
+        dc: String,
+        /// Message id.
+        id: String,
+        /// What did not match.
+        reason: String,
+    },
     /// The remote DC's feed is not the one this DC's cursor counts (it was
     /// rebuilt from empty): pulls stop until an admin resets the cursor
     /// (`mailbox replication reset-feed DC`).

@@ -333,6 +333,20 @@ async fn pull_once(
                     .map_err(|e| {
                         ReplicationError::Local(format!("bad feed batch from {}: {e}", remote.name))
                     })?;
+                // Every inline payload is checked against its record before
+                // anything of the batch is applied: a payload damaged in
+                // transit would otherwise be stored as the message.
+                let (checked, bad) = verify_inline(records).await;
+                let records = checked;
+                if let Some((id, reason)) = bad {
+                    status.fetch.lock().expect("lock").corrupt += 1;
+                    tracing::warn!(%id, from = %remote.name, "inline payload on the feed is corrupt ({reason}); pulling the batch again");
+                    return Err(ReplicationError::CorruptInline {
+                        dc: remote.name.clone(),
+                        id,
+                        reason,
+                    });
+                }
                 for (_, rec) in &records {
                     if let FeedRecord::Held { id, dc, .. } = rec {
                         status.acks.observe(id, dc);
@@ -548,6 +562,64 @@ impl CursorAcks {
 
 /// Feed batches committed together at most.
 const MERGE_MAX: usize = 4;
+/// Checks every inline payload in `records` against its record's size
+/// and SHA-256 (on the blocking pool: a batch holds up to a few MiB);
+/// returns the records and the first mismatch, if any.
+async fn verify_inline(
+    records: Vec<(u64, FeedRecord)>,
+) -> (Vec<(u64, FeedRecord)>, Option<(String, String)>) {
+    let has_inline = records.iter().any(|(_, r)| {
+        matches!(
+            r,
+            FeedRecord::Message {
+                inline: Some(_),
+                ..
+            }
+        )
+    });
+    if !has_inline {
+        return (records, None);
+    }
+    tokio::task::spawn_blocking(move || {
+        let bad = first_bad_inline(&records);
+        (records, bad)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        (
+            Vec::new(),
+            Some(("(batch)".into(), format!("check task: {e}"))),
+        )
+    })
+}
+
+/// The first inline payload whose length or SHA-256 differs from what its
+/// record declares.
+fn first_bad_inline(records: &[(u64, FeedRecord)]) -> Option<(String, String)> {
+    records.iter().find_map(|(_, r)| match r {
+        FeedRecord::Message {
+            meta,
+            inline: Some(b),
+            ..
+        } => {
+            if b.len() as u64 != meta.size {
+                Some((
+                    meta.id.to_string(),
+                    format!("{} bytes, the record says {}", b.len(), meta.size),
+                ))
+            } else if Digest::of(b) != meta.sha256 {
+                Some((
+                    meta.id.to_string(),
+                    "SHA-256 differs from the record's".into(),
+                ))
+            } else {
+                None
+            }
+        }
+        _ => None,
+    })
+}
+
 /// Inline payload bytes merged into one `ApplyRemote` at most: it is one
 /// log entry, which must reach the DC's followers within a heartbeat.
 const MERGE_MAX_BYTES: usize = 2 << 20;
@@ -811,4 +883,50 @@ async fn store_pushed(
         .filter(|(id, idx)| metas[id].segments().len() == idx.len())
         .map(|(id, _)| id)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mailbox_types::{MailboxPath, Payload};
+
+    fn inline_record(payload: &[u8], declared: &[u8]) -> (u64, FeedRecord) {
+        let meta = MessageMeta {
+            id: MessageId::new(),
+            mailbox: MailboxPath::parse("/inbox").unwrap(),
+            name: "m".into(),
+            size: declared.len() as u64,
+            sha256: Digest::of(declared),
+            created_ms: 1,
+            origin_dc: "east".into(),
+            attributes: Default::default(),
+            payload: Payload::Inline,
+        };
+        (
+            1,
+            FeedRecord::Message {
+                meta,
+                inline: Some(payload.to_vec()),
+                idempotency_key: None,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn an_inline_payload_damaged_in_transit_is_refused() {
+        let good = inline_record(b"hello world", b"hello world");
+        assert!(verify_inline(vec![good.clone()]).await.1.is_none());
+        // One bit flipped: same length, another digest.
+        let flipped = inline_record(b"hello worle", b"hello world");
+        let (_, bad) = verify_inline(vec![good.clone(), flipped]).await;
+        let (_, reason) = bad.expect("a flipped bit is detected");
+        assert!(reason.contains("SHA-256"), "{reason}");
+        // Cut short.
+        let short = inline_record(b"hello", b"hello world");
+        let (_, bad) = verify_inline(vec![short, good]).await;
+        assert!(bad
+            .expect("a short payload is detected")
+            .1
+            .contains("bytes"));
+    }
 }

@@ -178,6 +178,9 @@ pub struct Upload {
 enum WholeHash {
     Idle(Sha256),
     Busy(tokio::task::JoinHandle<Sha256>),
+    /// A hashing task failed, or a write was abandoned while one ran: the
+    /// digest no longer covers every byte, so every later use fails.
+    Failed,
 }
 
 /// Chunks at least this large are hashed off the async workers (a 64 KiB
@@ -185,11 +188,25 @@ enum WholeHash {
 const HASH_OFF_WORKER_MIN: usize = 64 << 10;
 
 impl WholeHash {
+    /// The hasher once every chunk given so far is in. The job is awaited
+    /// in place, so a caller that gives up while it runs leaves `Busy`
+    /// (awaited again next time), never a fresh hasher.
     async fn take(&mut self) -> Result<Sha256, ServiceError> {
-        match std::mem::replace(self, WholeHash::Idle(Sha256::new())) {
+        if let WholeHash::Busy(job) = self {
+            match job.await {
+                Ok(h) => *self = WholeHash::Idle(h),
+                Err(e) => {
+                    *self = WholeHash::Failed;
+                    return Err(ServiceError::Internal {
+                        reason: format!("payload hashing task: {e}"),
+                    });
+                }
+            }
+        }
+        match std::mem::replace(self, WholeHash::Failed) {
             WholeHash::Idle(h) => Ok(h),
-            WholeHash::Busy(job) => job.await.map_err(|e| ServiceError::Internal {
-                reason: format!("payload hashing task: {e}"),
+            _ => Err(ServiceError::Internal {
+                reason: "the payload's digest is incomplete after an earlier failure".into(),
             }),
         }
     }
@@ -635,5 +652,32 @@ pub async fn wait_replicated(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_whole_hash_covers_every_chunk_in_order() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 13) as u8).collect();
+        // Small and large chunks mixed: some hashed in place, some on the
+        // blocking pool, one behind the other.
+        let sizes = [10usize, 70_000, 1, 200_000, 65_535, 65_536, 1_000_000, 3];
+        let mut h = WholeHash::Idle(Sha256::new());
+        let (mut at, mut i) = (0, 0);
+        while at < data.len() {
+            let n = sizes[i % sizes.len()].min(data.len() - at);
+            h.update(&Bytes::copy_from_slice(&data[at..at + n]))
+                .await
+                .unwrap();
+            at += n;
+            i += 1;
+        }
+        let got = Digest::from(h.take().await.unwrap());
+        assert_eq!(got, Digest::of(&data));
+        // Taken once: a second take (a digest of nothing) is refused.
+        assert!(h.take().await.is_err());
     }
 }

@@ -29,7 +29,6 @@ use mailbox_segments::{FsSegmentStore, SegmentStore};
 use mailbox_state::Command;
 use mailbox_storage::Store;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::NodeConfig;
 pub use error::{ConfigError, ServiceError};
@@ -240,8 +239,21 @@ pub async fn serve_with(
         shutdown.await;
         let _ = stopper.send(true);
     };
+    // `Server::tcp_nodelay` applies only to listeners tonic binds itself;
+    // on a listener handed in, accepted sockets kept Nagle's algorithm, and
+    // every small reply (an upload's answer, a forwarded proposal's, an
+    // AppendEntries acknowledgement) could wait for the peer's delayed ACK.
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
+        .map_err(|e| NodeError::Bind {
+            field: "listen",
+            addr,
+            reason: e.to_string(),
+        })?;
     let result = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         // HTTP/2's default 64 KiB windows turn a bulk upload into thousands
         // of window-update round trips; let a stream have 8 MiB in flight.
         .initial_stream_window_size(Some(STREAM_WINDOW))
@@ -250,7 +262,7 @@ pub async fn serve_with(
         .add_service(api)
         .add_service(internal)
         .add_service(feed)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = stop_tx.send(true);
     if let Some(t) = http_task {

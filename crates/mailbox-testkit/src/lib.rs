@@ -500,7 +500,7 @@ pub async fn wait_dcs_synced(
     wait_for(timeout, "all DCs synced", || {
         let dcs = dcs.clone();
         probes += 1;
-        let report = probes % 60 == 0;
+        let report = probes.is_multiple_of(60);
         async move {
             let mut st = Vec::new();
             for c in &dcs {

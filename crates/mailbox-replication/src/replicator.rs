@@ -162,6 +162,7 @@ async fn pull_loop(
         };
         if let Err(e) = result {
             let refused = matches!(e, ReplicationError::FeedIdentityChanged { .. });
+            let corrupt = matches!(e, ReplicationError::CorruptInline { .. });
             if refused {
                 tracing::error!(dc = %remote.name, "feed pull stopped: {e}; after checking that DC, run `mailbox replication reset-feed {}`", remote.name);
             } else {
@@ -170,6 +171,10 @@ async fn pull_loop(
             set_status(&status, &remote.name, |s| {
                 s.state = if refused {
                     "feed-identity-changed".into()
+                } else if corrupt {
+                    // Shown until a batch passes the check: a record that
+                    // stays damaged stops this feed here, visibly.
+                    "corrupt-feed".into()
                 } else {
                     "disconnected".into()
                 };
@@ -309,21 +314,12 @@ async fn pull_once(
                 // A new leader resumes from the persisted cursor.
                 return Ok::<(), ReplicationError>(());
             }
-            if !connected {
-                // Connected and serving: the failure streak is over.
-                connected = true;
-                if let Err(e) = retry.clear(RetryKind::Pull, remote.name.as_bytes()) {
-                    tracing::error!("{e}");
-                }
-                // Fetches that backed off while the link was down go now.
-                match retry.expedite(RetryKind::Fetch, mailbox_types::now_ms(), 4096) {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        tracing::info!(dc = %remote.name, "link up: {n} backed-off fetches retried now")
-                    }
-                    Err(e) => tracing::error!("{e}"),
-                }
-            }
+            // The remote's head as last heard, before any check: a feed
+            // that stops on a damaged record still shows how far behind
+            // this DC is.
+            set_status(status, &remote.name, |st| {
+                st.remote_head = st.remote_head.max(batch.head)
+            });
             let mut job = None;
             let resync = batch.resync || batch.resync_floor > 0;
             if batch.records.is_empty() && !batch.payloads.is_empty() && !resync {
@@ -401,6 +397,22 @@ async fn pull_once(
                         }
                     }
                 })));
+            }
+            if !connected {
+                // Connected, serving and passing the checks: the failure
+                // streak is over.
+                connected = true;
+                if let Err(e) = retry.clear(RetryKind::Pull, remote.name.as_bytes()) {
+                    tracing::error!("{e}");
+                }
+                // Fetches that backed off while the link was down go now.
+                match retry.expedite(RetryKind::Fetch, mailbox_types::now_ms(), 4096) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(dc = %remote.name, "link up: {n} backed-off fetches retried now")
+                    }
+                    Err(e) => tracing::error!("{e}"),
+                }
             }
             if tx.send((batch.head, job, resync)).await.is_err() {
                 return Ok(());
@@ -578,7 +590,8 @@ async fn verify_inline(
         )
     });
     if !has_inline {
-        return (records, None);
+        let bad = first_bad_inline(&records);
+        return (records, bad);
     }
     tokio::task::spawn_blocking(move || {
         let bad = first_bad_inline(&records);
@@ -597,6 +610,23 @@ async fn verify_inline(
 /// record declares.
 fn first_bad_inline(records: &[(u64, FeedRecord)]) -> Option<(String, String)> {
     records.iter().find_map(|(_, r)| match r {
+        // The payload's shape must match its metadata: inline bytes for
+        // an inline message (none only when it is empty), none for a
+        // segmented one (whose segments are fetched and checked).
+        FeedRecord::Message {
+            meta, inline: None, ..
+        } if matches!(meta.payload, mailbox_types::Payload::Inline) && meta.size > 0 => Some((
+            meta.id.to_string(),
+            "an inline message without its payload".into(),
+        )),
+        FeedRecord::Message {
+            meta,
+            inline: Some(_),
+            ..
+        } if !matches!(meta.payload, mailbox_types::Payload::Inline) => Some((
+            meta.id.to_string(),
+            "inline bytes for a segmented message".into(),
+        )),
         FeedRecord::Message {
             meta,
             inline: Some(b),
@@ -923,10 +953,24 @@ mod tests {
         assert!(reason.contains("SHA-256"), "{reason}");
         // Cut short.
         let short = inline_record(b"hello", b"hello world");
-        let (_, bad) = verify_inline(vec![short, good]).await;
+        let (_, bad) = verify_inline(vec![short, good.clone()]).await;
         assert!(bad
             .expect("a short payload is detected")
             .1
             .contains("bytes"));
+        // Shapes that do not match the metadata.
+        let (seq, mut missing) = good.clone();
+        if let FeedRecord::Message { inline, .. } = &mut missing {
+            *inline = None;
+        }
+        assert!(verify_inline(vec![(seq, missing)]).await.1.is_some());
+        let (seq, mut segmented) = good;
+        if let FeedRecord::Message { meta, .. } = &mut segmented {
+            meta.payload = Payload::Segments {
+                segment_size: 1 << 20,
+                segments: Vec::new(),
+            };
+        }
+        assert!(verify_inline(vec![(seq, segmented)]).await.1.is_some());
     }
 }

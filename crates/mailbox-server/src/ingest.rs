@@ -178,8 +178,8 @@ pub struct Upload {
 enum WholeHash {
     Idle(Sha256),
     Busy(tokio::task::JoinHandle<Sha256>),
-    /// A hashing task failed, or a write was abandoned while one ran: the
-    /// digest no longer covers every byte, so every later use fails.
+    /// A hashing task failed, or the digest was already taken: it no
+    /// longer covers every byte, so every later use fails.
     Failed,
 }
 

@@ -90,6 +90,35 @@ pub async fn serve(
 }
 
 /// Binds the address of the `http-listen` setting.
+/// Accepted gRPC connections, each with `TCP_NODELAY`.
+///
+/// Not `TcpListenerStream`: tonic's `Server::tcp_nodelay` applies only to
+/// listeners it binds itself, so accepted sockets kept Nagle's algorithm
+/// and every small reply (an upload's answer, a forwarded proposal's, an
+/// AppendEntries acknowledgement) could wait for the peer's delayed ACK.
+/// Not tonic's `TcpIncoming` either: it ends the stream on EMFILE and
+/// the like, which stops the whole server with success. An accept error
+/// here is logged and retried after a pause; the node keeps serving the
+/// connections it has.
+fn grpc_incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(listener, |listener| async move {
+        loop {
+            match listener.accept().await {
+                Ok((s, _)) => {
+                    let _ = s.set_nodelay(true);
+                    return Some((Ok(s), listener));
+                }
+                Err(e) => {
+                    tracing::warn!("grpc accept: {e}; retrying in 100 ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    })
+}
+
 pub async fn bind_http(addr: &str) -> Result<TcpListener, NodeError> {
     TcpListener::bind(addr).await.map_err(|e| NodeError::Bind {
         field: "http-listen",
@@ -239,20 +268,7 @@ pub async fn serve_with(
         shutdown.await;
         let _ = stopper.send(true);
     };
-    // `Server::tcp_nodelay` applies only to listeners tonic binds itself;
-    // on a listener handed in, accepted sockets kept Nagle's algorithm, and
-    // every small reply (an upload's answer, a forwarded proposal's, an
-    // AppendEntries acknowledgement) could wait for the peer's delayed ACK.
-    let addr = listener
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let incoming = tonic::transport::server::TcpIncoming::from_listener(listener, true, None)
-        .map_err(|e| NodeError::Bind {
-            field: "listen",
-            addr,
-            reason: e.to_string(),
-        })?;
+    let incoming = grpc_incoming(listener);
     let result = tonic::transport::Server::builder()
         // HTTP/2's default 64 KiB windows turn a bulk upload into thousands
         // of window-update round trips; let a stream have 8 MiB in flight.

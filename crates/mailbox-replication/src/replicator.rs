@@ -201,7 +201,7 @@ async fn pull_loop(
 }
 
 fn keep_refused(s: &mut RemoteStatus, state: &str) {
-    if s.state != "feed-identity-changed" {
+    if s.state != "feed-identity-changed" && s.state != "corrupt-feed" {
         s.state = state.into();
     }
 }
@@ -261,9 +261,13 @@ async fn pull_once(
         reason: last_err,
     })?;
     set_status(status, &remote.name, |s| {
-        s.state = "connected".into();
         s.cursor = cursor;
-        s.last_error.clear();
+        // A feed stopped at a damaged record stays shown as such, with its
+        // error, until a batch passes the checks.
+        if s.state != "corrupt-feed" {
+            s.state = "connected".into();
+            s.last_error.clear();
+        }
     });
     // Two stages: the receiver takes batches off the stream and starts
     // storing their pushed segments while the proposer commits earlier
@@ -402,6 +406,12 @@ async fn pull_once(
                 // Connected, serving and passing the checks: the failure
                 // streak is over.
                 connected = true;
+                set_status(status, &remote.name, |st| {
+                    if st.state == "corrupt-feed" {
+                        st.state = "connected".into();
+                        st.last_error.clear();
+                    }
+                });
                 if let Err(e) = retry.clear(RetryKind::Pull, remote.name.as_bytes()) {
                     tracing::error!("{e}");
                 }

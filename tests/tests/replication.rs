@@ -19,6 +19,14 @@ fn small_dcs() -> DcOptions {
     }
 }
 
+/// Like [`small_dcs`], with 3 nodes per DC (leaders can be killed).
+fn three_node_dcs() -> DcOptions {
+    DcOptions {
+        nodes: 3,
+        ..small_dcs()
+    }
+}
+
 async fn put(
     c: &Client,
     name: &str,
@@ -448,12 +456,7 @@ async fn three_dcs_one_down_majority_acks_and_all_times_out() -> anyhow::Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_kills_in_both_dcs_during_replication_lose_and_duplicate_nothing(
 ) -> anyhow::Result<()> {
-    let opts = DcOptions {
-        nodes: 3,
-        inline_threshold: "16KiB".into(),
-        segment_size: "256KiB".into(),
-        ..Default::default()
-    };
+    let opts = three_node_dcs();
     let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
     let east = cl.dc("east").client().await?;
     east.mkdir("/inbox", true).await?;
@@ -620,12 +623,7 @@ fn segment_files(dir: &std::path::Path, id: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_fetching_node_mid_message_resumes_and_duplicates_nothing() -> anyhow::Result<()>
 {
-    let opts = DcOptions {
-        nodes: 3,
-        inline_threshold: "16KiB".into(),
-        segment_size: "256KiB".into(),
-        ..Default::default()
-    };
+    let opts = three_node_dcs();
     let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
     let east = cl.dc("east").client().await?;
     east.mkdir("/inbox", true).await?;
@@ -901,12 +899,7 @@ async fn a_two_minute_partition_with_leader_kills_on_both_sides_loses_nothing() 
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(120);
-    let opts = DcOptions {
-        nodes: 3,
-        inline_threshold: "16KiB".into(),
-        segment_size: "256KiB".into(),
-        ..Default::default()
-    };
+    let opts = three_node_dcs();
     let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
     let east = cl.dc("east").client().await?;
     let west = cl.dc("west").client().await?;

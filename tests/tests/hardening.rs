@@ -373,3 +373,58 @@ async fn a_follower_with_a_wiped_disk_rejoins_and_the_leader_keeps_leading() -> 
     }
     Ok(())
 }
+
+/// A node whose state fails while applying (here a message's metadata
+/// damaged on its disk) must not stay up serving a state that no longer
+/// advances: before, its Raft stopped but the process went on answering
+/// reads and serving its frozen feed to other DCs as caught up. It exits
+/// with an error and a clear log line; the rest of the DC carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_state_fails_to_apply_exits_instead_of_serving_a_frozen_state(
+) -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions::default()).await?;
+    let c = dc.client().await?;
+    c.mkdir("/inbox", false).await?;
+    let m = c
+        .put_bytes(opts("victim"), b"payload".to_vec())
+        .await?
+        .message
+        .expect("the stored message");
+    dc.wait_converged(Duration::from_secs(20)).await?;
+    let leader = dc.wait_leader(Duration::from_secs(10)).await?;
+    let victim = (1..=3).find(|&i| i != leader).expect("a follower");
+    dc.stop(victim).await?;
+    {
+        let store = mailbox_storage::Store::open(&dc.data_dir(victim).join("db"))?;
+        let id: mailbox_types::MessageId = m.id.parse()?;
+        let mut b = mailbox_storage::Batch::new();
+        b.put(
+            mailbox_storage::Cf::State,
+            mailbox_state::keys::message(&id),
+            b"\xffnot a message".to_vec(),
+        );
+        store.write(b, true)?;
+    }
+    let offset = dc.log_len(victim);
+    dc.restart(victim)?;
+    wait_caught_up(&dc.client_of(leader).await?, victim, Duration::from_secs(20)).await?;
+    // Applying the delete reads the damaged record on the victim only.
+    dc.client_of(leader).await?.delete(&m.id).await?;
+    let status = wait_for(Duration::from_secs(30), "the damaged node to exit", || {
+        let s = dc.exit_status(victim);
+        async move { s }
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}; its log:\n{}", dc.log_tail(victim)))?;
+    assert!(!status.success(), "it exits with an error, not {status}");
+    assert!(
+        dc.log_contains_since(victim, offset, "raft stopped"),
+        "its log says why: {}",
+        dc.log_tail(victim)
+    );
+    // The two healthy nodes go on taking uploads.
+    let c = dc.client_of(leader).await?;
+    c.put_bytes(opts("after"), b"more".to_vec())
+        .await?;
+    Ok(())
+}

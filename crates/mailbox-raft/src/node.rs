@@ -644,6 +644,21 @@ impl RaftNode {
         self.inner.raft.metrics().borrow().current_leader == Some(self.inner.id)
     }
 
+    /// Resolves when this node's Raft stops on its own (openraft's fatal
+    /// error: a log or state-machine storage failure), with the reason.
+    /// Never resolves while Raft runs.
+    pub async fn stopped(&self) -> String {
+        let mut m = self.inner.raft.metrics();
+        loop {
+            if let Err(f) = &m.borrow_and_update().running_state {
+                return f.to_string();
+            }
+            if m.changed().await.is_err() {
+                return "raft stopped".into();
+            }
+        }
+    }
+
     /// This node's current Raft state.
     pub fn report(&self) -> NodeReport {
         let m = self.inner.raft.metrics().borrow().clone();

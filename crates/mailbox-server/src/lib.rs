@@ -72,6 +72,14 @@ pub enum NodeError {
         /// OS error.
         reason: String,
     },
+    /// This node's Raft stopped on its own: its log or state storage
+    /// failed (see the log line before). The node exits rather than go on
+    /// serving reads and feeds from a state that no longer advances.
+    #[error("raft stopped: {reason}; the node exits so that it is restarted and replays its log")]
+    RaftStopped {
+        /// openraft's fatal error.
+        reason: String,
+    },
 }
 
 /// Runs a node until `shutdown` resolves, then stops Raft cleanly. Binds
@@ -89,7 +97,6 @@ pub async fn serve(
     serve_with(cfg, listener, http, shutdown).await
 }
 
-/// Binds the address of the `http-listen` setting.
 /// Accepted gRPC connections, each with `TCP_NODELAY`.
 ///
 /// Not `TcpListenerStream`: tonic's `Server::tcp_nodelay` applies only to
@@ -119,6 +126,7 @@ fn grpc_incoming(
     })
 }
 
+/// Binds the address of the `http-listen` setting.
 pub async fn bind_http(addr: &str) -> Result<TcpListener, NodeError> {
     TcpListener::bind(addr).await.map_err(|e| NodeError::Bind {
         field: "http-listen",
@@ -263,9 +271,25 @@ pub async fn serve_with(
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     // Background tasks and open feed streams stop as soon as shutdown is
     // requested, so the graceful stop does not wait on other DCs' pulls.
+    //
+    // A Raft that stops on its own (a storage failure in the log or while
+    // applying) stops the node too: a node whose state no longer advances
+    // would otherwise go on answering reads and serving its frozen feed to
+    // the other DCs as if caught up.
     let stopper = stop_tx.clone();
+    let died: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let (watched, died_in) = (raft.clone(), died.clone());
     let shutdown = async move {
-        shutdown.await;
+        tokio::select! {
+            _ = shutdown => {}
+            reason = watched.stopped() => {
+                tracing::error!(
+                    %reason,
+                    "raft stopped on its own (storage failure); the node shuts down and exits with an error"
+                );
+                *died_in.lock().expect("lock") = Some(reason);
+            }
+        }
         let _ = stopper.send(true);
     };
     let incoming = grpc_incoming(listener);
@@ -286,6 +310,9 @@ pub async fn serve_with(
         let _ = t.await;
     }
     raft.shutdown().await;
+    if let Some(reason) = died.lock().expect("lock").take() {
+        return Err(NodeError::RaftStopped { reason });
+    }
     tracing::info!(node = cfg.node_id, "mailboxd stopped");
     result.map_err(NodeError::from)
 }

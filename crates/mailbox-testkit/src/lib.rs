@@ -427,6 +427,18 @@ impl TestDc {
         Ok(())
     }
 
+    /// How a node's process ended, if it has ended on its own (`None`
+    /// while it runs, or once it was killed or stopped through here).
+    pub fn exit_status(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        self.node_mut(id).child.as_mut()?.try_wait().ok().flatten()
+    }
+
+    /// A node's data directory (its RocksDB is `db` inside), to damage
+    /// it while the node is stopped.
+    pub fn data_dir(&self, id: u64) -> PathBuf {
+        self.dir.path().join(format!("node{id}")).join("data")
+    }
+
     /// Starts a stopped or killed node again with its data.
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         if self.node_mut(id).is_running() {

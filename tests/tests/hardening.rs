@@ -428,3 +428,78 @@ async fn a_node_whose_state_fails_to_apply_exits_instead_of_serving_a_frozen_sta
         .await?;
     Ok(())
 }
+
+/// A leader that lost its quorum (its followers hang; openraft does not
+/// step it down) must answer a proposal within the propose timeout, not
+/// hold it until the quorum returns: before, an upload to it hung
+/// indefinitely, and so did a feed pull committing on it (a chaos seed
+/// showed a DC stuck for minutes behind one such proposal, shown as
+/// connected). The upload then fails as retryable; once the followers are
+/// back, its retry with the same idempotency key yields one message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proposal_on_a_leader_without_quorum_fails_within_the_propose_timeout(
+) -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions {
+        propose_timeout: "2s".into(),
+        ..Default::default()
+    })
+    .await?;
+    dc.client().await?.mkdir("/inbox", false).await?;
+    let leader = dc.wait_leader(Duration::from_secs(10)).await?;
+    let c = dc.client_of(leader).await?;
+    let followers: Vec<u64> = (1..=3).filter(|&i| i != leader).collect();
+    for &f in &followers {
+        dc.pause(f);
+    }
+    let put = PutOptions {
+        idempotency_key: Some("retry-me".into()),
+        ..opts("stuck")
+    };
+    let started = std::time::Instant::now();
+    let res = tokio::time::timeout(
+        Duration::from_secs(20),
+        c.put_bytes(put.clone(), b"no quorum".to_vec()),
+    )
+    .await;
+    for &f in &followers {
+        dc.resume(f);
+    }
+    let res = res.map_err(|_| anyhow::anyhow!("the upload was still unanswered after 20s"))?;
+    let err = match res {
+        Ok(r) => anyhow::bail!("committed without a quorum: {r:?}"),
+        Err(e) => e,
+    };
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "answered after {:?}",
+        started.elapsed()
+    );
+    // Retryable. (Usually this node's own "not committed within"; if
+    // leadership moved just before the pause, the forward's timeout.)
+    assert!(
+        matches!(
+            err,
+            mailbox_client::ClientError::Status {
+                code: tonic::Code::Unavailable,
+                ..
+            }
+        ),
+        "a clear, retryable error: {err}"
+    );
+    eprintln!("answered in {:?}: {err}", started.elapsed());
+    // The retry after the quorum is back is the same upload, stored once.
+    let c = dc.client().await?;
+    let again = wait_for(Duration::from_secs(20), "the retry to succeed", || {
+        let (c, put) = (c.clone(), put.clone());
+        async move { c.put_bytes(put, b"no quorum".to_vec()).await.ok() }
+    })
+    .await?;
+    let listed = c.list_all("/inbox").await?;
+    assert_eq!(listed.len(), 1, "one message: {listed:?}");
+    assert_eq!(
+        listed[0].id,
+        again.message.expect("stored").id,
+        "the retry answers with the stored message"
+    );
+    Ok(())
+}

@@ -572,7 +572,31 @@ impl RaftNode {
                     leader: Some(l),
                     addr: Some(addr),
                 },
-                None => self.propose_local(cmd.clone()).await,
+                // Bounded like a forward: openraft answers a leader's
+                // proposal only once it is applied or overwritten, so a
+                // leader without its quorum (which openraft does not step
+                // down) or one whose entry was replaced by a snapshot would
+                // hold the caller forever, and with it, say, a whole feed
+                // pull. The outcome is then unknown (the entry may still
+                // commit), which every caller already handles as for a
+                // forward that timed out.
+                None => match tokio::time::timeout_at(
+                    deadline,
+                    self.propose_local(cmd.clone()),
+                )
+                .await
+                {
+                    Ok(reply) => reply,
+                    Err(_) => {
+                        return Err(RaftError::Unavailable {
+                            reason: format!(
+                                "not committed within {:?} (this node may have lost its quorum); \
+                                 the outcome is unknown: retry with the same idempotency key",
+                                self.inner.propose_timeout
+                            ),
+                        })
+                    }
+                },
             };
             last_problem = match reply {
                 ForwardReply::Applied { response, .. } => return Ok(response),

@@ -407,7 +407,12 @@ async fn a_node_whose_state_fails_to_apply_exits_instead_of_serving_a_frozen_sta
     }
     let offset = dc.log_len(victim);
     dc.restart(victim)?;
-    wait_caught_up(&dc.client_of(leader).await?, victim, Duration::from_secs(20)).await?;
+    wait_caught_up(
+        &dc.client_of(leader).await?,
+        victim,
+        Duration::from_secs(20),
+    )
+    .await?;
     // Applying the delete reads the damaged record on the victim only.
     dc.client_of(leader).await?.delete(&m.id).await?;
     let status = wait_for(Duration::from_secs(30), "the damaged node to exit", || {
@@ -424,8 +429,7 @@ async fn a_node_whose_state_fails_to_apply_exits_instead_of_serving_a_frozen_sta
     );
     // The two healthy nodes go on taking uploads.
     let c = dc.client_of(leader).await?;
-    c.put_bytes(opts("after"), b"more".to_vec())
-        .await?;
+    c.put_bytes(opts("after"), b"more".to_vec()).await?;
     Ok(())
 }
 

@@ -580,20 +580,15 @@ impl RaftNode {
                 // pull. The outcome is then unknown (the entry may still
                 // commit), which every caller already handles as for a
                 // forward that timed out.
-                None => {
-                    match tokio::time::timeout_at(deadline, self.propose_local(cmd.clone())).await {
-                        Ok(reply) => reply,
-                        Err(_) => {
-                            return Err(RaftError::Unavailable {
-                                reason: format!(
-                                "not committed within {:?} (this node may have lost its quorum); \
-                                 the outcome is unknown: retry with the same idempotency key",
-                                self.inner.propose_timeout
-                            ),
-                            })
-                        }
-                    }
-                }
+                None => tokio::time::timeout_at(deadline, self.propose_local(cmd.clone()))
+                    .await
+                    .map_err(|_| RaftError::Unavailable {
+                        reason: format!(
+                            "not committed within {:?} (this node may have lost its quorum); \
+                             the outcome is unknown: retry with the same idempotency key",
+                            self.inner.propose_timeout
+                        ),
+                    })?,
             };
             last_problem = match reply {
                 ForwardReply::Applied { response, .. } => return Ok(response),

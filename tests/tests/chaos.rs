@@ -318,6 +318,32 @@ async fn listing(c: &Client) -> anyhow::Result<BTreeMap<String, (String, String)
         .collect())
 }
 
+/// Runs every seed, also after one failed (a soak counts all violations,
+/// not only the first), then fails naming each failed seed.
+async fn run_seeds(seeds: Vec<u64>, names: &[&str], nodes: usize, secs: u64) -> anyhow::Result<()> {
+    let mut failed = Vec::new();
+    for (i, &seed) in seeds.iter().enumerate() {
+        if let Err(e) = run_seed(seed, names, nodes, secs).await {
+            failed.push(format!("{seed}: {e:#}"));
+        }
+        eprintln!(
+            "chaos: {} of {} seeds run ({} DCs x {nodes} nodes), {} failed",
+            i + 1,
+            seeds.len(),
+            names.len(),
+            failed.len()
+        );
+    }
+    anyhow::ensure!(
+        failed.is_empty(),
+        "{} of {} seeds failed:\n{}",
+        failed.len(),
+        seeds.len(),
+        failed.join("\n")
+    );
+    Ok(())
+}
+
 async fn run_seed(seed: u64, names: &[&str], nodes: usize, secs: u64) -> anyhow::Result<()> {
     eprintln!(
         "chaos: seed {seed} ({} DCs x {nodes} nodes, {secs}s); rerun with MAILBOX_CHAOS_SEED={seed}",
@@ -367,6 +393,9 @@ async fn run_seed(seed: u64, names: &[&str], nodes: usize, secs: u64) -> anyhow:
     }
     let result = check(&mut cl, names, &files).await;
     if let Err(e) = &result {
+        for n in names {
+            cl.dc(n).keep_for_post_mortem();
+        }
         eprintln!(
             "chaos: seed {seed} FAILED: {e:#}\nfaults:\n  {}",
             log.join("\n  ")
@@ -497,18 +526,12 @@ async fn check(cl: &mut TestCluster, names: &[&str], files: &Files) -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_two_dcs_of_three_nodes() -> anyhow::Result<()> {
     let secs = env_u64("MAILBOX_CHAOS_SECS").unwrap_or(20);
-    for seed in seeds(1124055946) {
-        run_seed(seed, &["east", "west"], 3, secs).await?;
-    }
-    Ok(())
+    run_seeds(seeds(1124055946), &["east", "west"], 3, secs).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chaos_three_dcs() -> anyhow::Result<()> {
     let secs = env_u64("MAILBOX_CHAOS_SECS").unwrap_or(15);
     let nodes = env_u64("MAILBOX_CHAOS_3DC_NODES").unwrap_or(1) as usize;
-    for seed in seeds(1751823491) {
-        run_seed(seed, &["east", "west", "north"], nodes, secs).await?;
-    }
-    Ok(())
+    run_seeds(seeds(1751823491), &["east", "west", "north"], nodes, secs).await
 }

@@ -85,6 +85,11 @@ pub enum ForwardReply {
     /// One reply per command of a forwarded `Command::Batch`, in order
     /// (each was proposed on its own: some may be applied, some not).
     Many(Vec<ForwardReply>),
+    /// Not answered within the propose timeout: the entry may still
+    /// commit, or never (a snapshot or a new leader replaced it). The
+    /// caller retries as for a forward that timed out. (Last, so the
+    /// other variants keep their bincode tags.)
+    Unknown(String),
 }
 
 /// One node's view of itself, for cluster status.
@@ -204,7 +209,14 @@ impl RaftNode {
                 reason: e.to_string(),
             })?;
         let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
-        tokio::spawn(group_commit(raft.clone(), queue));
+        tokio::spawn(group_commit(
+            {
+                let raft = raft.clone();
+                move |cmd| client_write(raft.clone(), cmd)
+            },
+            queue,
+            tuning.propose_timeout,
+        ));
         let peers = Peers::default();
         let (forwards, fqueue) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
         tokio::spawn(forward_batches(peers.clone(), fqueue));
@@ -437,7 +449,22 @@ async fn forward_batches(peers: Peers, mut queue: tokio::sync::mpsc::Receiver<Fo
 /// Group commit: proposals that queue up while earlier log entries are being
 /// committed go out together as one `Command::Batch` entry, so one WAL fsync
 /// and one replication round serve them all. A lone proposal is sent as is.
-async fn group_commit(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Proposal>) {
+///
+/// Each entry is awaited for `timeout` at most: openraft answers a
+/// proposal only once its entry is applied or overwritten, and never for
+/// one a snapshot covered before it was applied here (a former leader
+/// catching up past its own proposals). Awaited for good, such entries
+/// would keep their slots and every later proposal would wait behind them.
+/// (`write` is openraft's `client_write`; a parameter so the slot
+/// accounting can be tested against a write that never returns.)
+async fn group_commit<W, F>(
+    write: W,
+    mut queue: tokio::sync::mpsc::Receiver<Proposal>,
+    timeout: Duration,
+) where
+    W: Fn(Command) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = ForwardReply> + Send,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
@@ -457,15 +484,15 @@ async fn group_commit(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Proposa
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        let write = write.clone();
         tokio::spawn(async move {
             if group.len() == 1 {
                 let (cmd, tx) = group.pop().expect("one proposal");
-                let _ = tx.send(client_write(&raft, cmd).await);
+                let _ = tx.send(bounded(write(cmd), timeout).await);
             } else {
                 let (cmds, txs): (Vec<_>, Vec<_>) = group.into_iter().unzip();
                 let n = cmds.len();
-                match client_write(&raft, Command::Batch(cmds)).await {
+                match bounded(write(Command::Batch(cmds)), timeout).await {
                     ForwardReply::Applied {
                         index,
                         response: Ok(CommandResult::Batch(results)),
@@ -491,6 +518,21 @@ async fn group_commit(raft: Raft, mut queue: tokio::sync::mpsc::Receiver<Proposa
             drop(slot);
         });
     }
+}
+
+/// `write`'s reply, or `Unknown` once `timeout` has passed.
+async fn bounded(
+    write: impl std::future::Future<Output = ForwardReply>,
+    timeout: Duration,
+) -> ForwardReply {
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| {
+            ForwardReply::Unknown(format!(
+                "not committed within {timeout:?} (the leader may have lost its quorum); \
+             the outcome is unknown"
+            ))
+        })
 }
 
 fn inline_bytes(cmd: &Command) -> usize {
@@ -520,7 +562,7 @@ fn record_bytes(r: &mailbox_state::FeedRecord) -> usize {
     }
 }
 
-async fn client_write(raft: &Raft, cmd: Command) -> ForwardReply {
+async fn client_write(raft: Raft, cmd: Command) -> ForwardReply {
     {
         match raft.client_write(cmd).await {
             Ok(r) => ForwardReply::Applied {
@@ -596,6 +638,7 @@ impl RaftNode {
                 ForwardReply::Many(_) => {
                     return Err(fatal("a single proposal answered with many replies"))
                 }
+                ForwardReply::Unknown(reason) => return Err(RaftError::Unavailable { reason }),
                 ForwardReply::NotLeader {
                     leader: Some(l),
                     addr: Some(addr),
@@ -611,6 +654,7 @@ impl RaftNode {
                         }
                         Ok(ForwardReply::Fatal(reason)) => format!("leader {l}: {reason}"),
                         Ok(ForwardReply::Many(_)) => format!("leader {l}: many replies to one"),
+                        Ok(ForwardReply::Unknown(reason)) => format!("leader {l}: {reason}"),
                         Ok(ForwardReply::NotLeader { .. }) => {
                             format!("node {l} is no longer leader")
                         }
@@ -727,5 +771,69 @@ impl RaftNode {
 fn fatal(f: impl std::fmt::Display) -> RaftError {
     RaftError::Fatal {
         reason: f.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A proposal whose write never returns (openraft never answers an
+    /// entry a snapshot covered before it was applied) must give its batch
+    /// slot back after the timeout: before, each held one for good, and
+    /// once `BATCHES_IN_FLIGHT` were held no proposal was written again.
+    #[tokio::test]
+    async fn a_write_that_never_returns_frees_its_slot_after_the_timeout() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let write = {
+            let calls = calls.clone();
+            move |_cmd: Command| {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    if n < BATCHES_IN_FLIGHT {
+                        std::future::pending::<()>().await;
+                    }
+                    ForwardReply::Applied {
+                        index: n as u64,
+                        response: Ok(CommandResult::None),
+                    }
+                }
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(group_commit(write, rx, Duration::from_millis(200)));
+        let mut stuck = Vec::new();
+        for i in 0..BATCHES_IN_FLIGHT {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            tx.send((Command::Expire { before_ms: 0 }, reply))
+                .await
+                .unwrap();
+            // One entry each: the next is queued only once this one is out.
+            while calls.load(Ordering::SeqCst) <= i {
+                tokio::task::yield_now().await;
+            }
+            stuck.push(answer);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send((Command::Expire { before_ms: 0 }, reply))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), answer)
+            .await
+            .expect("a proposal behind writes that never return is still written")
+            .unwrap();
+        assert!(
+            matches!(got, ForwardReply::Applied { .. }),
+            "written: {got:?}"
+        );
+        for answer in stuck {
+            let got = answer.await.unwrap();
+            assert!(
+                matches!(got, ForwardReply::Unknown(_)),
+                "the stuck one's outcome is unknown: {got:?}"
+            );
+        }
     }
 }

@@ -92,6 +92,8 @@ pub struct TestDc {
     bin: PathBuf,
     /// DC name.
     pub name: String,
+    /// Keep data and logs when dropped (see [`TestDc::keep_for_post_mortem`]).
+    keep: bool,
 }
 
 fn mailboxd_bin() -> anyhow::Result<PathBuf> {
@@ -203,6 +205,7 @@ impl TestDc {
             });
         }
         let mut dc = TestDc {
+            keep: false,
             dir,
             nodes,
             bin,
@@ -364,6 +367,12 @@ impl TestDc {
         .await
     }
 
+    /// Keeps this DC's data and logs when it is dropped (a failed run's
+    /// evidence; otherwise they go, so a long soak does not fill the disk).
+    pub fn keep_for_post_mortem(&mut self) {
+        self.keep = true;
+    }
+
     /// SIGKILLs a node: no shutdown, no flush.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut c) = self.node_mut(id).child.take() {
@@ -470,7 +479,7 @@ impl Drop for TestDc {
             }
         }
         // MAILBOX_TESTKIT_KEEP=1 keeps data and logs for a post-mortem.
-        if std::env::var_os("MAILBOX_TESTKIT_KEEP").is_some_and(|v| v == "1") {
+        if self.keep || std::env::var_os("MAILBOX_TESTKIT_KEEP").is_some_and(|v| v == "1") {
             if let Ok(dir) = tempfile::Builder::new().tempdir() {
                 let kept = std::mem::replace(&mut self.dir, dir).keep();
                 eprintln!("# kept {}", kept.display());

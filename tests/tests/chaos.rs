@@ -396,6 +396,24 @@ async fn run_seed(seed: u64, names: &[&str], nodes: usize, secs: u64) -> anyhow:
         for n in names {
             cl.dc(n).keep_for_post_mortem();
         }
+        // MAILBOX_CHAOS_HOLD=<secs>: leave the failed cluster running that
+        // long, for a debugger (`gdb -p <pid>`) or `mailbox cluster status`.
+        if let Some(hold) = env_u64("MAILBOX_CHAOS_HOLD") {
+            for n in names {
+                let dc = cl.dc(n);
+                let pids: Vec<String> = (1..=dc.nodes.len() as u64)
+                    .map(|id| {
+                        format!(
+                            "node{id}={:?} at {}",
+                            dc.pid(id),
+                            dc.nodes[id as usize - 1].addr
+                        )
+                    })
+                    .collect();
+                eprintln!("chaos: holding DC {n}: {}", pids.join(", "));
+            }
+            tokio::time::sleep(Duration::from_secs(hold)).await;
+        }
         eprintln!(
             "chaos: seed {seed} FAILED: {e:#}\nfaults:\n  {}",
             log.join("\n  ")

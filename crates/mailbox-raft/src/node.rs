@@ -359,9 +359,15 @@ async fn forward_rpc(
         data: encode(cmd).into(),
     });
     req.set_timeout(timeout);
-    let reply = client
-        .forward(req)
+    // Bounded here too: `set_timeout` only asks the server to give up
+    // (grpc-timeout); a leader that stopped answering altogether (frozen,
+    // or behind a link that drops packets) would hold the forward, and one
+    // of the few forward slots, until HTTP/2 keep-alive noticed.
+    let reply = tokio::time::timeout(timeout, client.forward(req))
         .await
+        .map_err(|_| RaftError::Unavailable {
+            reason: format!("forward to leader at {addr}: no answer within {timeout:?}"),
+        })?
         .map_err(|s| RaftError::Unavailable {
             reason: format!("forward to leader at {addr}: {}", s.message()),
         })?;
@@ -597,7 +603,13 @@ impl RaftNode {
             .send((addr.to_string(), cmd.clone(), timeout, tx))
             .await
             .map_err(|_| fatal("raft stopped"))?;
-        rx.await.map_err(|_| fatal("raft stopped"))?
+        // Waiting for a forward slot counts against the deadline too.
+        tokio::time::timeout(timeout, rx)
+            .await
+            .map_err(|_| RaftError::Unavailable {
+                reason: format!("forward to leader at {addr}: no answer within {timeout:?}"),
+            })?
+            .map_err(|_| fatal("raft stopped"))?
     }
 
     /// Commits `cmd` to the DC log from any member and returns the state

@@ -30,6 +30,25 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 const PIPELINE_DEPTH: usize = 2;
 /// Pushed segments written at once.
 const STORE_CONCURRENCY: usize = 4;
+/// A pipeline step that takes longer than this is logged (once), naming
+/// what it waits for: a pull that stalls must say where, not only show a
+/// cursor that stopped.
+const SLOW_STEP: Duration = Duration::from_secs(10);
+
+/// Awaits `fut`, warning once if it takes longer than [`SLOW_STEP`].
+async fn warn_if_slow<F: std::future::Future>(dc: &str, what: &str, fut: F) -> F::Output {
+    tokio::pin!(fut);
+    match tokio::time::timeout(SLOW_STEP, &mut fut).await {
+        Ok(v) => v,
+        Err(_) => {
+            tracing::warn!(%dc, "feed pull: still waiting after {SLOW_STEP:?} for {what}");
+            let started = std::time::Instant::now();
+            let v = fut.await;
+            tracing::warn!(%dc, "feed pull: {what} done after {:?} more", started.elapsed());
+            v
+        }
+    }
+}
 
 /// Runs the feed pulls and the segment fetcher of one node.
 pub struct Replicator {
@@ -424,7 +443,12 @@ async fn pull_once(
                     Err(e) => tracing::error!("{e}"),
                 }
             }
-            if tx.send((batch.head, job, resync)).await.is_err() {
+            let queued = warn_if_slow(
+                &remote.name,
+                "the proposer to take the next batch",
+                tx.send((batch.head, job, resync)),
+            );
+            if queued.await.is_err() {
                 return Ok(());
             }
         }
@@ -445,9 +469,10 @@ async fn pull_once(
             }
             let (mut head, job, resync) = queued.pop_front().expect("one queued");
             if let Some(mut job) = job {
-                let mut cmd = (&mut job.0)
-                    .await
-                    .map_err(|e| ReplicationError::Local(format!("storing a batch: {e}")))?;
+                let mut cmd =
+                    warn_if_slow(&remote.name, "a batch's segments to be stored", &mut job.0)
+                        .await
+                        .map_err(|e| ReplicationError::Local(format!("storing a batch: {e}")))?;
                 // Batches behind it whose segments are already stored go in
                 // the same commit: under load the DC commits once for
                 // several batches instead of queueing a commit per batch.
@@ -471,8 +496,7 @@ async fn pull_once(
                         merged += 1;
                     }
                 }
-                let res = raft
-                    .propose(cmd)
+                let res = warn_if_slow(&remote.name, "a batch's commit", raft.propose(cmd))
                     .await
                     .map_err(|e| ReplicationError::Local(e.to_string()))?;
                 match res {

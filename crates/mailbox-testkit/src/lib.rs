@@ -373,6 +373,11 @@ impl TestDc {
         self.keep = true;
     }
 
+    /// The process id of node `id`, while it runs.
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes[id as usize - 1].child.as_ref().map(|c| c.id())
+    }
+
     /// SIGKILLs a node: no shutdown, no flush.
     pub fn kill(&mut self, id: u64) {
         if let Some(mut c) = self.node_mut(id).child.take() {

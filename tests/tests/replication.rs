@@ -1024,3 +1024,116 @@ async fn a_two_minute_partition_with_leader_kills_on_both_sides_loses_nothing() 
     );
     Ok(())
 }
+
+/// The leader `id` of a DC names, asked with a bound (a paused node
+/// answers nothing, and the client has no deadline of its own).
+async fn leader_seen_by(dc: &mailbox_testkit::TestDc, id: u64) -> Option<u64> {
+    let bound = Duration::from_secs(1);
+    let c = tokio::time::timeout(bound, dc.client_of(id))
+        .await
+        .ok()?
+        .ok()?;
+    let s = tokio::time::timeout(bound, c.cluster_status())
+        .await
+        .ok()?
+        .ok()?;
+    let l = s.nodes.iter().find(|n| n.node_id == s.leader_id)?;
+    (s.has_leader && l.reachable && l.state == "Leader").then_some(s.leader_id)
+}
+
+/// Freezes whoever leads DC `dc` (other than `want`) until `want` wins an
+/// election.
+async fn lead_again(cl: &mut TestCluster, dc: &str, want: u64) -> anyhow::Result<()> {
+    for round in 0.. {
+        let d = cl.dc(dc);
+        let l = wait_for(Duration::from_secs(30), "a leader", || {
+            leader_seen_by(d, want)
+        })
+        .await?;
+        if l == want {
+            return Ok(());
+        }
+        anyhow::ensure!(round < 20, "node {want} of {dc} never became leader again");
+        let d = cl.dc(dc);
+        d.pause(l);
+        let d = &*d;
+        let other = wait_for(Duration::from_secs(30), "another leader", || async move {
+            leader_seen_by(d, want).await.filter(|&x| x != l)
+        })
+        .await;
+        cl.dc(dc).resume(l);
+        other?;
+    }
+    unreachable!()
+}
+
+/// A leader that loses leadership while its feed pull is connected (and
+/// idle) must give the pull up, so that it pulls again when it leads
+/// again. Before, the pull's receiver stopped on the next keep-alive but
+/// its committing half waited for more batches forever: the node, once it
+/// led again, never pulled that feed again, shown as `connected` with a
+/// frozen cursor (seen in the fault suite as a DC stuck behind another's
+/// feed head for minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_leads_again_pulls_again() -> anyhow::Result<()> {
+    let mut cl = TestCluster::start(&["east", "west"], three_node_dcs(), "").await?;
+    let west = cl.dc("west").client().await?;
+    west.mkdir("/inbox", true).await?;
+    cl.dc("east").client().await?.mkdir("/inbox", true).await?;
+    put(&west, "before", 1, 100, None).await?;
+    let east = cl.dc("east").client().await?;
+    wait_for(Duration::from_secs(30), "the first upload in east", || {
+        let east = east.clone();
+        async move { (east.list_all("/inbox").await.ok()?.len() == 1).then_some(()) }
+    })
+    .await?;
+    let first = cl.dc("east").wait_leader(Duration::from_secs(10)).await?;
+    // Leadership away from `first` while it stays up, then back to it.
+    let others: Vec<u64> = (1..=3).filter(|&i| i != first).collect();
+    cl.dc("east").pause(first);
+    {
+        let d = &*cl.dc("east");
+        let others = &others;
+        wait_for(
+            Duration::from_secs(30),
+            "another east leader",
+            || async move {
+                for &o in others {
+                    if let Some(l) = leader_seen_by(d, o).await.filter(|&l| l != first) {
+                        return Some(l);
+                    }
+                }
+                None
+            },
+        )
+        .await?;
+    }
+    cl.dc("east").resume(first);
+    // Once it knows it no longer leads, its pull of west ends (within a
+    // keep-alive): shown as idle, not as a `connected` pull nobody runs.
+    let c_first = cl.dc("east").client_of(first).await?;
+    wait_for(
+        Duration::from_secs(20),
+        "the former leader's pull to end",
+        || {
+            let c = c_first.clone();
+            async move {
+                let s = c.replication_status().await.ok()?;
+                s.remotes
+                    .iter()
+                    .any(|r| r.dc == "west" && r.state == "idle")
+                    .then_some(())
+            }
+        },
+    )
+    .await?;
+    lead_again(&mut cl, "east", first).await?;
+    put(&west, "after", 2, 100, None).await?;
+    let east = cl.dc("east").client_of(first).await?;
+    wait_for(Duration::from_secs(30), "the second upload in east", || {
+        let east = east.clone();
+        async move { (east.list_all("/inbox").await.ok()?.len() == 2).then_some(()) }
+    })
+    .await?;
+    Ok(())
+}

@@ -298,7 +298,14 @@ async fn pull_once(
     // those are never merged with feed batches.)
     let (tx, mut rx) =
         tokio::sync::mpsc::channel::<(u64, Option<AbortOnDrop<Command>>, bool)>(PIPELINE_DEPTH);
-    let receiver = async {
+    // The receiver owns the sending half: when it ends (this node no
+    // longer leads, or an error), the proposer sees the channel close once
+    // it has committed what was queued, and the pull ends. Borrowed
+    // instead, the sender outlived the receiver, and a receiver that ended
+    // cleanly (leadership lost) left the proposer waiting forever: this
+    // node never pulled again, even once it led again.
+    let receiver = async move {
+        let tx = tx;
         let mut connected = false;
         // Payloads sent ahead of their records, being stored or stored.
         let mut early: EarlyJobs = HashMap::new();

@@ -114,22 +114,15 @@ impl Connection {
         let mut request = Request::new(RaftBytes {
             data: encode(req).into(),
         });
-        let ttl = option.hard_ttl();
-        request.set_timeout(ttl);
-        // `set_timeout` only tells the server; a peer that answers nothing
-        // (frozen, or a link dropping packets) is bounded here.
-        let call = async {
-            match which {
-                "append" => client.append_entries(request).await,
-                "vote" => client.vote(request).await,
-                _ => client.install_snapshot(request).await,
-            }
+        // openraft bounds every call by this same deadline itself (and
+        // treats its own timeout unlike `Unreachable`, which would put the
+        // stream into backoff): the header only lets the server give up.
+        request.set_timeout(option.hard_ttl());
+        let resp = match which {
+            "append" => client.append_entries(request).await,
+            "vote" => client.vote(request).await,
+            _ => client.install_snapshot(request).await,
         };
-        let resp = tokio::time::timeout(ttl, call).await.unwrap_or_else(|_| {
-            Err(Status::deadline_exceeded(format!(
-                "no answer within {ttl:?}"
-            )))
-        });
         let bytes = match resp {
             Ok(r) => r.into_inner().data,
             Err(status) => {

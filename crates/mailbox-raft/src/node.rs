@@ -136,11 +136,11 @@ const FORWARD_QUEUE: usize = 4096;
 /// and go out together in the next one.
 const FORWARDS_IN_FLIGHT: usize = 4;
 
-/// A proposal for the leader at `addr`, with its RPC deadline.
+/// A proposal for the leader at `addr`, with its caller's deadline.
 type Forwarded = (
     String,
     Command,
-    Duration,
+    Instant,
     tokio::sync::oneshot::Sender<Result<ForwardReply, RaftError>>,
 );
 
@@ -374,6 +374,12 @@ async fn forward_rpc(
     decode(&reply.into_inner().data)
 }
 
+/// Whether a queued forward's caller has given up (its deadline passed or
+/// it stopped waiting); such a forward is dropped unsent.
+fn abandoned(f: &Forwarded) -> bool {
+    f.3.is_closed() || f.2 <= Instant::now()
+}
+
 /// Batched forwarding, the follower's half of group commit: proposals for
 /// the leader that queue up while earlier forward RPCs are out go together
 /// in one RPC (a `Command::Batch`, which the leader proposes command by
@@ -393,13 +399,23 @@ async fn forward_batches(peers: Peers, mut queue: tokio::sync::mpsc::Receiver<Fo
                 None => return,
             },
         };
-        let (addr, timeout) = (first.0.clone(), first.2);
+        // A proposal whose caller gave up while it queued is not sent: its
+        // caller already answered "outcome unknown", and sending it now
+        // would only stretch that window.
+        if abandoned(&first) {
+            continue;
+        }
+        let addr = first.0.clone();
+        let mut deadline = first.2;
         let mut bytes = approx_bytes(&first.1);
         let mut group = vec![first];
         while group.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match queue.try_recv() {
+                Ok(f) if abandoned(&f) => {}
                 Ok(f) if f.0 == addr => {
                     bytes += approx_bytes(&f.1);
+                    // The RPC waits as long as its most patient caller.
+                    deadline = deadline.max(f.2);
                     group.push(f);
                 }
                 // For another leader (it changed): the next RPC.
@@ -411,6 +427,7 @@ async fn forward_batches(peers: Peers, mut queue: tokio::sync::mpsc::Receiver<Fo
             }
         }
         let peers = peers.clone();
+        let timeout = deadline.saturating_duration_since(Instant::now());
         tokio::spawn(async move {
             if group.len() == 1 {
                 let (_, cmd, _, tx) = group.pop().expect("one forward");
@@ -479,10 +496,17 @@ async fn group_commit<W, F>(
         let Some(first) = queue.recv().await else {
             return;
         };
+        // A proposal whose caller stopped waiting (it timed out and
+        // answered "outcome unknown") is not written: it would only commit
+        // later than anyone expects.
+        if first.1.is_closed() {
+            continue;
+        }
         let mut bytes = inline_bytes(&first.0);
         let mut group = vec![first];
         while group.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match queue.try_recv() {
+                Ok(p) if p.1.is_closed() => {}
                 Ok(p) => {
                     bytes += inline_bytes(&p.0);
                     group.push(p);
@@ -598,13 +622,15 @@ impl RaftNode {
         timeout: Duration,
     ) -> Result<ForwardReply, RaftError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let deadline = Instant::now() + timeout;
         self.inner
             .forwards
-            .send((addr.to_string(), cmd.clone(), timeout, tx))
+            .send((addr.to_string(), cmd.clone(), deadline, tx))
             .await
             .map_err(|_| fatal("raft stopped"))?;
-        // Waiting for a forward slot counts against the deadline too.
-        tokio::time::timeout(timeout, rx)
+        // Waiting for a forward slot counts against the deadline too (and
+        // a forward still queued at it is dropped unsent).
+        tokio::time::timeout_at(deadline, rx)
             .await
             .map_err(|_| RaftError::Unavailable {
                 reason: format!("forward to leader at {addr}: no answer within {timeout:?}"),
@@ -666,7 +692,11 @@ impl RaftNode {
                         }
                         Ok(ForwardReply::Fatal(reason)) => format!("leader {l}: {reason}"),
                         Ok(ForwardReply::Many(_)) => format!("leader {l}: many replies to one"),
-                        Ok(ForwardReply::Unknown(reason)) => format!("leader {l}: {reason}"),
+                        Ok(ForwardReply::Unknown(reason)) => {
+                            return Err(RaftError::Unavailable {
+                                reason: format!("leader {l}: {reason}"),
+                            })
+                        }
                         Ok(ForwardReply::NotLeader { .. }) => {
                             format!("node {l} is no longer leader")
                         }
@@ -847,5 +877,36 @@ mod tests {
                 "the stuck one's outcome is unknown: {got:?}"
             );
         }
+    }
+
+    /// A proposal whose caller stopped waiting before it was written is
+    /// dropped, not committed later than anyone expects.
+    #[tokio::test]
+    async fn a_proposal_nobody_waits_for_is_not_written() {
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let write = {
+            let written = written.clone();
+            move |cmd: Command| {
+                written.lock().unwrap().push(format!("{cmd:?}"));
+                async move {
+                    ForwardReply::Applied {
+                        index: 1,
+                        response: Ok(CommandResult::None),
+                    }
+                }
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (gone, answer) = tokio::sync::oneshot::channel();
+        drop(answer);
+        tx.send((Command::Expire { before_ms: 1 }, gone)).await.unwrap();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.send((Command::Expire { before_ms: 2 }, reply)).await.unwrap();
+        tokio::spawn(group_commit(write, rx, Duration::from_secs(10)));
+        let got = answer.await.unwrap();
+        assert!(matches!(got, ForwardReply::Applied { .. }), "{got:?}");
+        let written = written.lock().unwrap().clone();
+        assert_eq!(written.len(), 1, "{written:?}");
+        assert!(written[0].contains("before_ms: 2"), "{written:?}");
     }
 }

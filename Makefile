@@ -42,6 +42,9 @@ test: build
 
 # The randomized fault suite over many seeds (make test runs one per variant):
 # `make soak SEEDS=200`; one seed again: `MAILBOX_CHAOS_SEED=N make soak`.
+# It runs every seed and then lists the failed ones; a failed seed's data and
+# logs are kept under $TMPDIR, and MAILBOX_CHAOS_HOLD=<secs> leaves its
+# cluster running that long (for `mailbox cluster status`, gdb).
 SEEDS ?= 20
 # (The same package selection as `test`: a `-p` selection resolves features
 # differently and would compile RocksDB's C++ a second time.)

@@ -899,9 +899,13 @@ mod tests {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let (gone, answer) = tokio::sync::oneshot::channel();
         drop(answer);
-        tx.send((Command::Expire { before_ms: 1 }, gone)).await.unwrap();
+        tx.send((Command::Expire { before_ms: 1 }, gone))
+            .await
+            .unwrap();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        tx.send((Command::Expire { before_ms: 2 }, reply)).await.unwrap();
+        tx.send((Command::Expire { before_ms: 2 }, reply))
+            .await
+            .unwrap();
         tokio::spawn(group_commit(write, rx, Duration::from_secs(10)));
         let got = answer.await.unwrap();
         assert!(matches!(got, ForwardReply::Applied { .. }), "{got:?}");

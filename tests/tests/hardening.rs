@@ -508,22 +508,6 @@ async fn a_proposal_on_a_leader_without_quorum_fails_within_the_propose_timeout(
     Ok(())
 }
 
-/// The leader node `id` names, asked with a bound: a paused node answers
-/// nothing, and the client has no deadline of its own.
-async fn leader_seen_by(dc: &TestDc, id: u64) -> Option<u64> {
-    let bound = Duration::from_secs(1);
-    let c = tokio::time::timeout(bound, dc.client_of(id))
-        .await
-        .ok()?
-        .ok()?;
-    let s = tokio::time::timeout(bound, c.cluster_status())
-        .await
-        .ok()?
-        .ok()?;
-    let l = s.nodes.iter().find(|n| n.node_id == s.leader_id)?;
-    (s.has_leader && l.reachable && l.state == "Leader").then_some(s.leader_id)
-}
-
 /// A former leader whose proposals were stranded (its followers hung
 /// while it proposed, then went on without it, far enough that it caught
 /// up from a snapshot) takes writes again once it leads again. Stranded
@@ -575,7 +559,7 @@ async fn a_former_leaders_unanswered_proposals_do_not_block_its_writes_when_it_l
             let others = others.clone();
             async move {
                 for f in others {
-                    if let Some(l) = leader_seen_by(dc, f).await.filter(|&l| l != old) {
+                    if let Some(l) = dc.leader_seen_by(f).await.filter(|&l| l != old) {
                         return Some(l);
                     }
                 }
@@ -600,24 +584,8 @@ async fn a_former_leaders_unanswered_proposals_do_not_block_its_writes_when_it_l
         "the old leader caught up through a snapshot: {}",
         dc.log_tail(old)
     );
-    // Leadership back on the old leader: freeze whoever leads instead
-    // until the old one wins an election.
-    for round in 0.. {
-        let l = wait_for(Duration::from_secs(30), "a leader", || {
-            leader_seen_by(&dc, old)
-        })
-        .await?;
-        if l == old {
-            break;
-        }
-        anyhow::ensure!(round < 20, "node {old} never became leader again");
-        dc.pause(l);
-        wait_for(Duration::from_secs(30), "another leader", || async {
-            leader_seen_by(&dc, old).await.filter(|&x| x != l)
-        })
-        .await?;
-        dc.resume(l);
-    }
+    // Leadership back on the old leader.
+    dc.lead_again(old).await?;
     let started = std::time::Instant::now();
     let r = tokio::time::timeout(
         Duration::from_secs(20),

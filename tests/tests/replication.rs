@@ -1025,48 +1025,6 @@ async fn a_two_minute_partition_with_leader_kills_on_both_sides_loses_nothing() 
     Ok(())
 }
 
-/// The leader `id` of a DC names, asked with a bound (a paused node
-/// answers nothing, and the client has no deadline of its own).
-async fn leader_seen_by(dc: &mailbox_testkit::TestDc, id: u64) -> Option<u64> {
-    let bound = Duration::from_secs(1);
-    let c = tokio::time::timeout(bound, dc.client_of(id))
-        .await
-        .ok()?
-        .ok()?;
-    let s = tokio::time::timeout(bound, c.cluster_status())
-        .await
-        .ok()?
-        .ok()?;
-    let l = s.nodes.iter().find(|n| n.node_id == s.leader_id)?;
-    (s.has_leader && l.reachable && l.state == "Leader").then_some(s.leader_id)
-}
-
-/// Freezes whoever leads DC `dc` (other than `want`) until `want` wins an
-/// election.
-async fn lead_again(cl: &mut TestCluster, dc: &str, want: u64) -> anyhow::Result<()> {
-    for round in 0.. {
-        let d = cl.dc(dc);
-        let l = wait_for(Duration::from_secs(30), "a leader", || {
-            leader_seen_by(d, want)
-        })
-        .await?;
-        if l == want {
-            return Ok(());
-        }
-        anyhow::ensure!(round < 20, "node {want} of {dc} never became leader again");
-        let d = cl.dc(dc);
-        d.pause(l);
-        let d = &*d;
-        let other = wait_for(Duration::from_secs(30), "another leader", || async move {
-            leader_seen_by(d, want).await.filter(|&x| x != l)
-        })
-        .await;
-        cl.dc(dc).resume(l);
-        other?;
-    }
-    unreachable!()
-}
-
 /// A leader that loses leadership while its feed pull is connected (and
 /// idle) must give the pull up, so that it pulls again when it leads
 /// again. Before, the pull's receiver stopped on the next keep-alive but
@@ -1099,7 +1057,7 @@ async fn a_leader_that_leads_again_pulls_again() -> anyhow::Result<()> {
             "another east leader",
             || async move {
                 for &o in others {
-                    if let Some(l) = leader_seen_by(d, o).await.filter(|&l| l != first) {
+                    if let Some(l) = d.leader_seen_by(o).await.filter(|&l| l != first) {
                         return Some(l);
                     }
                 }
@@ -1127,7 +1085,7 @@ async fn a_leader_that_leads_again_pulls_again() -> anyhow::Result<()> {
         },
     )
     .await?;
-    lead_again(&mut cl, "east", first).await?;
+    cl.dc("east").lead_again(first).await?;
     put(&west, "after", 2, 100, None).await?;
     let east = cl.dc("east").client_of(first).await?;
     wait_for(Duration::from_secs(30), "the second upload in east", || {

@@ -336,6 +336,48 @@ impl TestDc {
         .await
     }
 
+    /// The leader node `id` names, asked with a one-second bound (a paused
+    /// node answers nothing, and the client has no deadline of its own).
+    pub async fn leader_seen_by(&self, id: u64) -> Option<u64> {
+        let bound = Duration::from_secs(1);
+        let c = tokio::time::timeout(bound, self.client_of(id))
+            .await
+            .ok()?
+            .ok()?;
+        let s = tokio::time::timeout(bound, c.cluster_status())
+            .await
+            .ok()?
+            .ok()?;
+        let l = s.nodes.iter().find(|n| n.node_id == s.leader_id)?;
+        (s.has_leader && l.reachable && l.state == "Leader").then_some(s.leader_id)
+    }
+
+    /// Moves leadership to node `want`: freezes whoever else leads until
+    /// another node takes over, then lets it run again, until `want` wins
+    /// an election (20 rounds at most).
+    pub async fn lead_again(&mut self, want: u64) -> anyhow::Result<()> {
+        for round in 0.. {
+            let this = &*self;
+            let l = wait_for(Duration::from_secs(30), "a leader", || {
+                this.leader_seen_by(want)
+            })
+            .await?;
+            if l == want {
+                return Ok(());
+            }
+            anyhow::ensure!(round < 20, "node {want} never became leader again");
+            self.pause(l);
+            let this = &*self;
+            let other = wait_for(Duration::from_secs(30), "another leader", || async move {
+                this.leader_seen_by(want).await.filter(|&x| x != l)
+            })
+            .await;
+            self.resume(l);
+            other?;
+        }
+        unreachable!("the loop returns or fails")
+    }
+
     /// Waits until every running node has applied at least the leader's
     /// last log index at the time of the call.
     pub async fn wait_converged(&mut self, timeout: Duration) -> anyhow::Result<()> {

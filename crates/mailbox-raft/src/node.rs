@@ -717,13 +717,13 @@ impl RaftNode {
 
     /// Waits until this node has applied `index` (best effort, until `deadline`).
     async fn wait_applied(&self, index: u64, deadline: Instant) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let _ = self
-            .inner
-            .raft
-            .wait(Some(left.max(Duration::from_millis(500))))
-            .applied_index_at_least(Some(index), "read your write")
-            .await;
+        // On the state machine's own watch of the applied index, not
+        // openraft's `wait()`: that clones the whole metrics (membership
+        // maps included) for every waiter on every metrics change, and a
+        // follower under load has dozens of writes waiting here.
+        let until = deadline.max(Instant::now() + Duration::from_millis(500));
+        let mut applied = self.inner.applied.clone();
+        let _ = tokio::time::timeout_at(until, applied.wait_for(|a| *a >= index)).await;
     }
 
     /// Waits until the DC has a leader that this node knows, or `timeout`.

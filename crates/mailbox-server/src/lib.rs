@@ -325,10 +325,29 @@ async fn publish_cluster_dcs(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut metrics = raft.raft().metrics();
+    // Checked when this node's leadership (or term) changes, and every 5 s
+    // (a retry after a failed proposal): not on every metrics change, which
+    // under load comes thousands of times a second.
+    let mut seen = None;
+    let mut next_check = tokio::time::Instant::now();
     loop {
         if *stop.borrow() {
             return;
         }
+        let now = {
+            let m = metrics.borrow_and_update();
+            (m.current_leader, m.current_term)
+        };
+        if seen == Some(now) && tokio::time::Instant::now() < next_check {
+            tokio::select! {
+                r = metrics.changed() => if r.is_err() { return },
+                _ = tokio::time::sleep_until(next_check) => {}
+                _ = stop.changed() => {}
+            }
+            continue;
+        }
+        seen = Some(now);
+        next_check = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
         if raft.is_leader() {
             let current = mailbox_state::replication::configured_dcs(raft.view())
                 .ok()
@@ -352,11 +371,6 @@ async fn publish_cluster_dcs(
                     Err(e) => tracing::warn!("cannot record cluster DCs: {e}"),
                 }
             }
-        }
-        tokio::select! {
-            _ = metrics.changed() => {}
-            _ = tokio::time::sleep(std::time::Duration::from_secs(5)) => {}
-            _ = stop.changed() => {}
         }
     }
 }

@@ -157,6 +157,11 @@ impl StateMachineStore {
             installs: Arc::new(AtomicU64::new(0)),
         };
         this.recover_install().map_err(std::io::Error::other)?;
+        // The watch starts at what is applied on disk, not at 0, so a
+        // reader after a restart sees the truth before the first apply.
+        if let Ok((Some(l), _)) = this.read_apply_point() {
+            this.applied_tx.send_replace(l.index);
+        }
         Ok(this)
     }
 

@@ -330,6 +330,7 @@ async fn publish_cluster_dcs(
     // under load comes thousands of times a second.
     let mut seen = None;
     let mut next_check = tokio::time::Instant::now();
+    let mut retry = std::time::Duration::from_millis(200);
     loop {
         if *stop.borrow() {
             return;
@@ -342,12 +343,15 @@ async fn publish_cluster_dcs(
             tokio::select! {
                 r = metrics.changed() => if r.is_err() { return },
                 _ = tokio::time::sleep_until(next_check) => {}
-                _ = stop.changed() => {}
+                r = stop.changed() => if r.is_err() { return },
             }
             continue;
         }
         seen = Some(now);
         next_check = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        // Uploads wait for the cluster DCs to be recorded: a failed
+        // proposal is retried soon, backing off to the 5 s check.
+        let mut failed = false;
         if raft.is_leader() {
             let current = mailbox_state::replication::configured_dcs(raft.view())
                 .ok()
@@ -359,7 +363,10 @@ async fn publish_cluster_dcs(
                 let identity = uuid::Uuid::now_v7().to_string();
                 match raft.propose(Command::InitFeedIdentity { identity }).await {
                     Ok(_) => tracing::info!("feed identity recorded in the DC log"),
-                    Err(e) => tracing::warn!("cannot record the feed identity: {e}"),
+                    Err(e) => {
+                        tracing::warn!("cannot record the feed identity: {e}");
+                        failed = true;
+                    }
                 }
             }
             if current.as_ref() != Some(&dcs) {
@@ -368,9 +375,18 @@ async fn publish_cluster_dcs(
                     .await
                 {
                     Ok(_) => tracing::info!(?dcs, "cluster DCs recorded in the DC log"),
-                    Err(e) => tracing::warn!("cannot record cluster DCs: {e}"),
+                    Err(e) => {
+                        tracing::warn!("cannot record cluster DCs: {e}");
+                        failed = true;
+                    }
                 }
             }
+        }
+        if failed {
+            next_check = tokio::time::Instant::now() + retry;
+            retry = (retry * 2).min(std::time::Duration::from_secs(5));
+        } else {
+            retry = std::time::Duration::from_millis(200);
         }
     }
 }

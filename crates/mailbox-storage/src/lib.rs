@@ -26,7 +26,7 @@ use rocksdb::{
 pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_KEY: &[u8] = b"format-version";
 /// Block cache shared by every column family: data, index and filter
-/// blocks (RocksDB's default is 8 MiB per table factory).
+/// blocks (bounded here rather than left to RocksDB's internal default).
 const BLOCK_CACHE_BYTES: usize = 64 << 20;
 
 /// A key and its value.
@@ -256,7 +256,12 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>, StoreError> {
-        let start = after.unwrap_or(prefix);
+        // Never before the prefix: a position below it would seek to a key
+        // outside the prefix and end the scan before reaching it.
+        let start = match after {
+            Some(a) if a > prefix => a,
+            _ => prefix,
+        };
         // Bounded at the prefix's end, so RocksDB skips files that hold
         // nothing of it and stops at its end instead of reading the first
         // key past it (a scan of an empty prefix, as for a new message's

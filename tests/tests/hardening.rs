@@ -607,3 +607,81 @@ async fn a_former_leaders_unanswered_proposals_do_not_block_its_writes_when_it_l
     }
     Ok(())
 }
+
+/// The state machine is written to RocksDB's memtable only (the Raft log
+/// is its write-ahead log), so a killed node loses the state it applied
+/// since its last flush and rebuilds it from its log. That holds only if
+/// no log entry is purged while the state it produced is still unflushed:
+/// a node killed after purging behind a snapshot would otherwise restart
+/// with a state older than its log's start, and could not replay. Here a
+/// follower builds several snapshots (every 50 entries, 5 kept), purges,
+/// takes more entries that no snapshot covers, and is SIGKILLed; it must
+/// restart, catch up and serve every acknowledged upload from its own
+/// state, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_after_purging_its_log_restarts_with_every_applied_upload(
+) -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions {
+        snapshot_every: 50,
+        keep_logs: 5,
+        ..Default::default()
+    })
+    .await?;
+    let leader = dc.wait_leader(Duration::from_secs(20)).await?;
+    let victim = (1..=3).find(|&i| i != leader).expect("a follower");
+    let c = dc.client_of(leader).await?;
+    c.mkdir("/inbox", false).await?;
+    let mut acked = Vec::new();
+    for i in 0..230u64 {
+        let len = 1_000 + i;
+        let m = c
+            .put(opts(&format!("p{i}")), PatternReader::new(i, len), |_| {})
+            .await?
+            .message
+            .expect("the stored message");
+        acked.push((m.id, pattern_sha256(i, len)));
+    }
+    wait_caught_up(&c, victim, Duration::from_secs(30)).await?;
+    // Its log was purged behind a snapshot past the first 100 entries.
+    let purged = wait_for(Duration::from_secs(30), "the victim's log purged", || {
+        let dc = &dc;
+        async move {
+            let p = dc
+                .scrape(victim)
+                .await
+                .ok()?
+                .get("mailbox_raft_purged_index", &[])?;
+            (p >= 100.0).then_some(p)
+        }
+    })
+    .await?;
+    let offset = dc.log_len(victim);
+    dc.kill(victim);
+    dc.restart(victim)?;
+    wait_caught_up(&c, victim, Duration::from_secs(30))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (purged up to {purged}); its log:\n{}",
+                dc.log_tail(victim)
+            )
+        })?;
+    assert!(
+        dc.exit_status(victim).is_none(),
+        "the restarted node runs: {}",
+        dc.log_tail(victim)
+    );
+    assert!(
+        !dc.log_contains_since(victim, offset, "raft stopped"),
+        "its Raft did not stop: {}",
+        dc.log_tail(victim)
+    );
+    let vc = dc.client_of(victim).await?;
+    assert_eq!(vc.list_all("/inbox").await?.len(), acked.len());
+    for (id, sha) in &acked {
+        let mut sink = mailbox_testkit::HashSink::default();
+        vc.get_to(id, 0, 0, &mut sink, |_, _| {}).await?;
+        assert_eq!(&sink.hex(), sha, "{id} read from the restarted node");
+    }
+    Ok(())
+}

@@ -240,10 +240,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        // State produced by these entries was written lazily; make it durable
-        // before the entries that could replay it disappear.
+        // State produced by these entries was written to the memtable only
+        // (unlogged, see `StateMachineStore::apply`): make it durable
+        // before the entries that could replay it disappear. The snapshot
+        // builder flushed just before, so this is usually a small flush.
         let store = self.store.clone();
-        blocking(move || store.sync_wal().map_err(write_err)).await?;
+        blocking(move || store.flush(Cf::State).map_err(write_err)).await?;
         let mut b = Batch::new();
         b.put(
             Cf::Raft,

@@ -323,6 +323,10 @@ impl StateMachineStore {
             return Ok(None);
         };
         self.replace_current(&meta, &tmp).map_err(snap_err)?;
+        // openraft purges the log behind a new snapshot; the purge must
+        // first make the unlogged state durable, and flushing here, off the
+        // Raft core, leaves it only what was applied since.
+        self.store.flush(Cf::State).map_err(sm_write_err)?;
         tracing::info!(bytes, last = ?meta.last_log_id, "snapshot built");
         Ok(Some(meta))
     }
@@ -531,9 +535,15 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 bincode::serialize(&m).map_err(sm_write_err)?,
             );
         }
-        // Not fsynced: the log entries are durable and replay this batch after
-        // a crash; LogStore::purge syncs before dropping them.
-        self.store.write(b, false).map_err(sm_write_err)?;
+        // Not in RocksDB's WAL at all: the Raft log is this state's
+        // write-ahead log (its entries are fsynced before they commit, and
+        // replay this batch after a crash), so logging every state write a
+        // second time only doubled the bytes written and fsynced per
+        // upload. A crash loses a suffix of applied batches, consistently
+        // with the apply point written in the same batch; `LogStore::purge`
+        // flushes the state to table files before dropping the entries
+        // that could replay it.
+        self.store.write_unlogged(b).map_err(sm_write_err)?;
         self.applied_tx.send_replace(last.index);
         Ok(out)
     }

@@ -305,6 +305,18 @@ impl MetricsSource {
             "Index of the last entry in this node's DC log.",
             r.last_log_index.unwrap_or(0),
         );
+        e.single(
+            "mailbox_raft_snapshot_index",
+            Kind::Gauge,
+            "Last DC log index covered by this node's latest snapshot.",
+            r.snapshot_index.unwrap_or(0),
+        );
+        e.single(
+            "mailbox_raft_purged_index",
+            Kind::Gauge,
+            "Last DC log index purged from this node's log (entries up to it are only in the snapshot and the state).",
+            r.purged_index.unwrap_or(0),
+        );
 
         if !r.matched.is_empty() {
             e.family(

@@ -242,6 +242,42 @@ impl Store {
         self.db.write_opt(wb, &wo).map_err(rerr("write"))
     }
 
+    /// Applies `batch` atomically without writing it to the WAL: it lives
+    /// in the memtable until [`Store::flush`] (or RocksDB's own flush)
+    /// writes it to a table file, and a crash before that loses it. Only
+    /// for data that can be rebuilt from something durable (the state
+    /// machine, from the Raft log); a write that must survive a crash on
+    /// its own uses [`Store::write`]. Writes of one column family become
+    /// durable in order (a flush writes a memtable whole), so a crash loses
+    /// a suffix of them, never a write from the middle.
+    #[tracing::instrument(level = "trace", skip(self, batch), fields(ops = batch.len()))]
+    pub fn write_unlogged(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut wb = WriteBatch::default();
+        for (cf, op) in batch.ops {
+            let h = self.cf(cf);
+            match op {
+                Op::Put(k, v) => wb.put_cf(h, k, v),
+                Op::Delete(k) => wb.delete_cf(h, k),
+                Op::DeleteRange(a, b) => wb.delete_range_cf(h, a, b),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(wb, &wo).map_err(rerr("write"))
+    }
+
+    /// Writes `cf`'s memtables to table files and waits until they are
+    /// durable: every earlier write to `cf`, logged or not, survives a
+    /// crash from then on.
+    #[tracing::instrument(level = "debug", skip(self))]
+    pub fn flush(&self, cf: Cf) -> Result<(), StoreError> {
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(true);
+        self.db
+            .flush_cf_opt(self.cf(cf), &fo)
+            .map_err(rerr("flush"))
+    }
+
     /// Fsyncs the WAL, making every earlier write durable.
     pub fn sync_wal(&self) -> Result<(), StoreError> {
         self.db.flush_wal(true).map_err(rerr("flush_wal"))

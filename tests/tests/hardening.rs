@@ -685,3 +685,46 @@ async fn a_node_killed_after_purging_its_log_restarts_with_every_applied_upload(
     }
     Ok(())
 }
+
+/// openraft's snapshot policy counts entries only, and an entry holds
+/// from a few hundred bytes to 4 MiB: `snapshot-log-size` bounds the log
+/// by bytes too. With the entry count out of reach, 3 MiB of uploads
+/// against a 1 MiB bound must make every node build a snapshot and purge
+/// its log behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_grows_past_its_size_bound_is_snapshotted_and_purged() -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions {
+        snapshot_every: 1_000_000,
+        snapshot_log_size: "1MiB".into(),
+        keep_logs: 5,
+        ..Default::default()
+    })
+    .await?;
+    let c = dc.client().await?;
+    c.mkdir("/inbox", false).await?;
+    for i in 0..60u64 {
+        c.put(
+            opts(&format!("s{i}")),
+            PatternReader::new(i, 50_000),
+            |_| {},
+        )
+        .await?;
+    }
+    for id in 1..=3u64 {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("node {id} snapshotted and purged by size"),
+            || {
+                let dc = &dc;
+                async move {
+                    let s = dc.scrape(id).await.ok()?;
+                    let snap = s.get("mailbox_raft_snapshot_index", &[])?;
+                    let purged = s.get("mailbox_raft_purged_index", &[])?;
+                    (snap > 0.0 && purged > 0.0).then_some(())
+                }
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}

@@ -45,6 +45,9 @@ const FLUSH_QUEUE: usize = 4096;
 pub struct LogStore {
     store: Store,
     flusher: std::sync::Arc<Flusher>,
+    /// Bytes appended since this process started (what triggers a
+    /// snapshot by size; see `RaftTuning::snapshot_log_bytes`).
+    appended: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The WAL flusher thread and its queue. Dropping the last handle closes
@@ -82,7 +85,13 @@ impl LogStore {
                 tx: Some(tx),
                 thread: Some(thread),
             }),
+            appended: Default::default(),
         }
+    }
+
+    /// The count of bytes appended to the log by this process, shared.
+    pub fn appended_bytes(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.appended.clone()
     }
 
     fn get_meta<T: for<'de> serde::Deserialize<'de>>(
@@ -193,13 +202,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut b = Batch::new();
+        let mut bytes = 0u64;
         for e in entries {
-            b.put(
-                Cf::Log,
-                index_key(e.log_id.index).to_vec(),
-                bincode::serialize(&e).map_err(write_err)?,
-            );
+            let v = bincode::serialize(&e).map_err(write_err)?;
+            bytes += v.len() as u64;
+            b.put(Cf::Log, index_key(e.log_id.index).to_vec(), v);
         }
+        self.appended
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
         // Readable now, durable when the flusher has fsynced the WAL: only
         // then may openraft count this node towards a commit quorum.
         match self.store.write(b, false) {

@@ -176,6 +176,9 @@ pub struct RaftConfig {
     pub election_timeout_max: HumanDuration,
     /// Build a snapshot every this many log entries.
     pub snapshot_every: u64,
+    /// Build a snapshot, too, once this many bytes were appended to the log
+    /// since the last one (bounds the log on disk when entries are large).
+    pub snapshot_log_size: ByteSize,
     /// Log entries kept behind the latest snapshot for lagging followers.
     pub keep_logs: u64,
     /// How long a write waits for a leader before failing with UNAVAILABLE.
@@ -194,6 +197,7 @@ impl Default for RaftConfig {
             election_timeout_min: HumanDuration(t.election_min),
             election_timeout_max: HumanDuration(t.election_max),
             snapshot_every: t.snapshot_every,
+            snapshot_log_size: ByteSize(t.snapshot_log_bytes),
             keep_logs: t.keep_logs,
             propose_timeout: HumanDuration(t.propose_timeout),
         }
@@ -208,6 +212,7 @@ impl RaftConfig {
             election_min: self.election_timeout_min.0,
             election_max: self.election_timeout_max.0,
             snapshot_every: self.snapshot_every,
+            snapshot_log_bytes: self.snapshot_log_size.0,
             keep_logs: self.keep_logs,
             propose_timeout: self.propose_timeout.0,
         }
@@ -372,6 +377,12 @@ impl NodeConfig {
         }
         if r.snapshot_every == 0 {
             return bad("raft.snapshot-every", "must be positive".into());
+        }
+        if r.snapshot_log_size.0 < 1 << 20 {
+            return bad(
+                "raft.snapshot-log-size",
+                format!("{} is below the minimum of 1MiB", r.snapshot_log_size),
+            );
         }
         if self.orphan_grace.0 < r.propose_timeout.0 * 2 {
             return bad(

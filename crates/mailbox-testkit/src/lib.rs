@@ -39,6 +39,8 @@ pub struct DcOptions {
     pub segment_size: String,
     /// Snapshot every N entries.
     pub snapshot_every: u64,
+    /// Snapshot once the log grew this much, e.g. "256MiB".
+    pub snapshot_log_size: String,
     /// Entries kept behind a snapshot.
     pub keep_logs: u64,
     /// Orphan grace period.
@@ -56,6 +58,7 @@ impl Default for DcOptions {
             inline_threshold: "64KiB".into(),
             segment_size: "1MiB".into(),
             snapshot_every: 10_000,
+            snapshot_log_size: "256MiB".into(),
             keep_logs: 1_000,
             orphan_grace: "1h".into(),
             gc_interval: "1m".into(),
@@ -182,7 +185,7 @@ impl TestDc {
                 "node-id = {id}\ndc = \"{name}\"\nlisten = \"{addr}\"\nhttp-listen = \"{http}\"\ndata-dir = \"{data}\"\nsegment-dir = \"{seg}\"\n\
                  inline-threshold = \"{it}\"\nsegment-size = \"{ss}\"\norphan-grace = \"{og}\"\ngc-interval = \"{gi}\"\n\n\
                  [raft]\nheartbeat = \"50ms\"\nelection-timeout-min = \"300ms\"\nelection-timeout-max = \"600ms\"\n\
-                 snapshot-every = {se}\nkeep-logs = {kl}\npropose-timeout = \"{pt}\"\n\n{members}\n{cluster_toml}",
+                 snapshot-every = {se}\nsnapshot-log-size = \"{sls}\"\nkeep-logs = {kl}\npropose-timeout = \"{pt}\"\n\n{members}\n{cluster_toml}",
                 data = ndir.join("data").display(),
                 seg = dir.path().join("segments").display(),
                 it = opts.inline_threshold,
@@ -190,6 +193,7 @@ impl TestDc {
                 og = opts.orphan_grace,
                 gi = opts.gc_interval,
                 se = opts.snapshot_every,
+                sls = opts.snapshot_log_size,
                 kl = opts.keep_logs,
                 pt = opts.propose_timeout,
             );

@@ -3,9 +3,13 @@
 //! Entries live in [`Cf::Log`] under their big-endian index; the vote, the
 //! committed id and the purge point live in [`Cf::Raft`]. Durability rule:
 //! `append` fsyncs the WAL before calling `log_io_completed`, `save_vote`
-//! fsyncs before returning, and `purge` fsyncs the WAL first so that the
-//! state-machine writes produced by the purged entries are on disk before the
-//! entries that could replay them are gone.
+//! fsyncs before returning, and `purge` drops entries only once the state
+//! they produced is applied *and* durable: the state machine writes skip
+//! the WAL (this log is their write-ahead log), so `purge` flushes the
+//! state's memtable first unless a snapshot build already did, and defers
+//! a purge past what the state has applied (openraft purges behind a
+//! snapshot it is still installing; a crash then would leave a state older
+//! than the log's start, and a node that cannot restart).
 //!
 //! `append` writes the entries without syncing (so they are readable at
 //! once, as openraft requires) and hands the completion callback to the
@@ -44,6 +48,10 @@ const FLUSH_QUEUE: usize = 4096;
 #[derive(Debug, Clone)]
 pub struct LogStore {
     store: Store,
+    /// What `purge` needs to know of the state machine; `None` in
+    /// openraft's storage suite (which purges entries it never applied),
+    /// where every purge flushes.
+    state: Option<StateDurability>,
     flusher: std::sync::Arc<Flusher>,
     /// Bytes appended since this process started (what triggers a
     /// snapshot by size; see `RaftTuning::snapshot_log_bytes`).
@@ -69,6 +77,19 @@ impl Drop for Flusher {
     }
 }
 
+/// The state machine's apply and durability marks, as `LogStore::purge`
+/// reads them.
+#[derive(Debug, Clone)]
+pub struct StateDurability {
+    /// The last applied log index.
+    pub(crate) applied: tokio::sync::watch::Receiver<u64>,
+    /// One past the last log index whose state is known to be in table
+    /// files or synced (0: none known).
+    pub(crate) durable: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// How long a purge waits for the state to apply what it drops.
+    pub(crate) wait: std::time::Duration,
+}
+
 impl LogStore {
     /// A log store over `store`, with its WAL flusher thread (which ends
     /// when the last clone is dropped).
@@ -86,7 +107,15 @@ impl LogStore {
                 thread: Some(thread),
             }),
             appended: Default::default(),
+            state: None,
         }
+    }
+
+    /// Purges that wait for (and trust) the state machine's durability
+    /// marks, from [`crate::StateMachineStore::durability`].
+    pub fn with_state(mut self, state: StateDurability) -> Self {
+        self.state = Some(state);
+        self
     }
 
     /// The count of bytes appended to the log by this process, shared.
@@ -250,12 +279,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError> {
-        // State produced by these entries was written to the memtable only
-        // (unlogged, see `StateMachineStore::apply`): make it durable
-        // before the entries that could replay it disappear. The snapshot
-        // builder flushed just before, so this is usually a small flush.
-        let store = self.store.clone();
-        blocking(move || store.flush(Cf::State).map_err(write_err)).await?;
+        let upto = log_id.index;
+        match &self.state {
+            // A snapshot build flushed the state past `upto`: the usual
+            // purge, behind a snapshot, needs no flush (which, awaited in
+            // the Raft core, could hold heartbeats behind a busy flush).
+            Some(s) if s.durable.load(std::sync::atomic::Ordering::Acquire) > upto => {}
+            Some(s) => {
+                // openraft purges behind a snapshot it is still installing:
+                // wait for the install (it raises the applied index), and
+                // if it takes too long, keep the entries for a later purge.
+                let mut applied = s.applied.clone();
+                let reached = tokio::time::timeout(s.wait, applied.wait_for(|&a| a >= upto)).await;
+                let Ok(Ok(a)) = reached.map(|r| r.map(|a| *a)) else {
+                    tracing::warn!(
+                        upto,
+                        applied = *s.applied.borrow(),
+                        "log purge deferred: the state has not applied the entries yet"
+                    );
+                    return Ok(());
+                };
+                // Unlogged state writes (see `StateMachineStore::apply`):
+                // durable before the entries that could replay them go.
+                let store = self.store.clone();
+                blocking(move || store.flush(Cf::State).map_err(write_err)).await?;
+                s.durable
+                    .fetch_max(a + 1, std::sync::atomic::Ordering::AcqRel);
+            }
+            None => {
+                let store = self.store.clone();
+                blocking(move || store.flush(Cf::State).map_err(write_err)).await?;
+            }
+        }
         let mut b = Batch::new();
         b.put(
             Cf::Raft,
@@ -298,5 +353,65 @@ fn flush_loop(store: Store, rx: std::sync::mpsc::Receiver<LogFlushed<TypeConfig>
                     .map_err(|e| std::io::Error::other(e.to_string())),
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mailbox_state::ApplyCtx;
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+    use crate::sm_store::snapshot_dir;
+    use crate::StateMachineStore;
+
+    fn entry(i: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), i),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    /// Review finding on the unlogged state: openraft purges the log behind
+    /// a snapshot it is still installing, before the state has it. Had the
+    /// purge dropped those entries, a crash during the install would leave
+    /// a state older than the log's start and a node that cannot restart.
+    /// Seen failing without the state marks (every purge flushed and
+    /// dropped): 5 of the 20 entries were left.
+    #[tokio::test]
+    async fn a_purge_never_drops_entries_the_state_has_not_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let mut sm =
+            StateMachineStore::new(store.clone(), snapshot_dir(dir.path()), ApplyCtx::new("t"))
+                .unwrap();
+        let mut b = Batch::new();
+        for i in 1..=20 {
+            b.put(
+                Cf::Log,
+                index_key(i).to_vec(),
+                bincode::serialize(&entry(i)).unwrap(),
+            );
+        }
+        store.write(b, true).unwrap();
+        sm.apply((1..=5).map(entry)).await.unwrap();
+        let mut state = sm.durability();
+        state.wait = std::time::Duration::from_millis(200);
+        let mut log = LogStore::new(store).with_state(state);
+
+        log.purge(entry(15).log_id).await.unwrap();
+        let kept = log.try_get_log_entries(1..=20).await.unwrap();
+        assert_eq!(kept.len(), 20, "nothing dropped while the state is at 5");
+        assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, None);
+
+        sm.apply((6..=15).map(entry)).await.unwrap();
+        log.purge(entry(15).log_id).await.unwrap();
+        let kept = log.try_get_log_entries(1..=20).await.unwrap();
+        assert_eq!(kept.first().map(|e| e.log_id.index), Some(16));
+        assert_eq!(
+            log.get_log_state().await.unwrap().last_purged_log_id,
+            Some(entry(15).log_id)
+        );
     }
 }

@@ -214,7 +214,7 @@ impl RaftNode {
         })?;
         let view = sm.view();
         let applied = sm.applied_watch();
-        let log = LogStore::new(store);
+        let log = LogStore::new(store).with_state(sm.durability());
         let appended = log.appended_bytes();
         let raft = Raft::new(id, Arc::new(config), Network, log, sm)
             .await

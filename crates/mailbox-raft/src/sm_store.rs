@@ -36,6 +36,9 @@ use crate::snapshot_file::{self, Meta, SnapshotFile};
 use crate::{BasicNode, NodeId, StorageError, TypeConfig};
 
 const APPLIED: &[u8] = b"\0applied";
+/// How long a log purge waits for the state to apply what it would drop
+/// (a snapshot install still running) before it defers.
+const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 const MEMBERSHIP: &[u8] = b"\0membership";
 /// Set while a snapshot is being installed (value: its id).
 const INSTALLING: &[u8] = b"\0installing";
@@ -116,6 +119,9 @@ pub struct StateMachineStore {
     current_lock: Arc<Mutex<()>>,
     /// Odd while a snapshot install rewrites the state (see [`StateView`]).
     installs: Arc<AtomicU64>,
+    /// One past the last log index whose state is known durable (flushed
+    /// after a snapshot build, or synced by an install); 0: none known.
+    durable: Arc<AtomicU64>,
 }
 /// Last applied log id and membership.
 type ApplyPoint = (Option<LogId<NodeId>>, StoredMembership<NodeId, BasicNode>);
@@ -153,6 +159,7 @@ impl StateMachineStore {
             snapshot_dir,
             ctx,
             applied_tx: tokio::sync::watch::channel(0).0,
+            durable: Arc::new(AtomicU64::new(0)),
             current_lock: Arc::new(Mutex::new(())),
             installs: Arc::new(AtomicU64::new(0)),
         };
@@ -211,6 +218,16 @@ impl StateMachineStore {
                 }
             }
             None => Ok(()),
+        }
+    }
+
+    /// The apply and durability marks `LogStore::purge` goes by (see
+    /// [`crate::LogStore::with_state`]).
+    pub fn durability(&self) -> crate::log_store::StateDurability {
+        crate::log_store::StateDurability {
+            applied: self.applied_tx.subscribe(),
+            durable: self.durable.clone(),
+            wait: PURGE_WAIT,
         }
     }
 
@@ -322,11 +339,15 @@ impl StateMachineStore {
         let Some((meta, bytes)) = r? else {
             return Ok(None);
         };
-        self.replace_current(&meta, &tmp).map_err(snap_err)?;
-        // openraft purges the log behind a new snapshot; the purge must
-        // first make the unlogged state durable, and flushing here, off the
-        // Raft core, leaves it only what was applied since.
+        // openraft purges the log behind a new snapshot, and the state
+        // those entries produced must be durable first (it is written
+        // unlogged): flushed here, off the Raft core, and marked, so the
+        // purge needs no flush of its own.
         self.store.flush(Cf::State).map_err(sm_write_err)?;
+        if let Some(l) = meta.last_log_id {
+            self.durable.fetch_max(l.index + 1, Ordering::AcqRel);
+        }
+        self.replace_current(&meta, &tmp).map_err(snap_err)?;
         tracing::info!(bytes, last = ?meta.last_log_id, "snapshot built");
         Ok(Some(meta))
     }
@@ -464,6 +485,9 @@ impl StateMachineStore {
         );
         b.delete(Cf::State, INSTALLING);
         self.store.write(b, true).map_err(sm_write_err)?;
+        if let Some(l) = meta.last_log_id {
+            self.durable.fetch_max(l.index + 1, Ordering::AcqRel);
+        }
         self.installs.fetch_add(1, Ordering::AcqRel);
         tracing::debug!(frames, "snapshot frames written");
         Ok(())

@@ -8,10 +8,10 @@
 //!
 //! All column families share one WAL. A write with `durable = true` is synced
 //! to disk before [`Store::write`] returns; that is how a Raft log append or a
-//! vote is made durable before openraft is told so. State-machine writes may
-//! be lazy because the log can replay them, but [`Store::sync_wal`] must run
-//! before any log entry is purged, so the state those entries produced is on
-//! disk first.
+//! vote is made durable before openraft is told so. State-machine writes skip
+//! the WAL ([`Store::write_unlogged`]) because the log replays them, so the
+//! state must be flushed ([`Store::flush`]) before any log entry that
+//! produced it is purged.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -101,16 +101,18 @@ echo "$OURS"
 SPREAD=$("$BIN/mailbox-bench" small --target mailbox --spread --endpoints "$MB_EPS" --duration "$DURATION")
 echo "$SPREAD"
 if [ -n "$ETCD_EPS" ]; then
-  # Like for like: etcd's clients spread over its members (against ours
-  # spread), and every etcd client on its leader (against ours routed to
-  # the leader).
-  THEIRS=$("$BIN/mailbox-bench" small --target etcd --endpoints "$ETCD_EPS" --duration "$DURATION")
-  echo "$THEIRS"
+  # Like for like: every etcd client on its leader (against ours routed
+  # to the leader), then etcd's clients spread over its members (against
+  # ours spread). Same order as ours: the spread run of each side finds
+  # the state its leader run left (each run adds ~100k keys, and a larger
+  # state costs more to compact and snapshot).
   ETCD_LEADER=$(ETCDCTL_API=3 etcdctl --endpoints "$ETCD_EPS" endpoint status -w json \
     | python3 -c 'import json,sys; print([e["Endpoint"] for e in json.load(sys.stdin) if e["Status"]["leader"] == e["Status"]["header"]["member_id"]][0])')
   THEIRS_LEADER=$("$BIN/mailbox-bench" small --target etcd --endpoints "${ETCD_LEADER#http://}" \
     --routing leader --duration "$DURATION")
   echo "$THEIRS_LEADER"
+  THEIRS=$("$BIN/mailbox-bench" small --target etcd --endpoints "$ETCD_EPS" --duration "$DURATION")
+  echo "$THEIRS"
 fi
 
 # --- large: ours vs dd on the same disk ------------------------------------

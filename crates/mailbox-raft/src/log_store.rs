@@ -6,10 +6,10 @@
 //! fsyncs before returning, and `purge` drops entries only once the state
 //! they produced is applied *and* durable: the state machine writes skip
 //! the WAL (this log is their write-ahead log), so `purge` flushes the
-//! state's memtable first unless a snapshot build already did, and defers
-//! a purge past what the state has applied (openraft purges behind a
-//! snapshot it is still installing; a crash then would leave a state older
-//! than the log's start, and a node that cannot restart).
+//! state's memtable first unless a snapshot build already did, and waits
+//! for the state to apply what it drops (openraft purges behind a snapshot
+//! it is still installing; a crash then would leave a state older than the
+//! log's start, and a node that cannot restart).
 //!
 //! `append` writes the entries without syncing (so they are readable at
 //! once, as openraft requires) and hands the completion callback to the
@@ -286,25 +286,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             // the Raft core, could hold heartbeats behind a busy flush).
             Some(s) if s.durable.load(std::sync::atomic::Ordering::Acquire) > upto => {}
             Some(s) => {
-                // openraft purges behind a snapshot it is still installing:
-                // wait for the install (it raises the applied index), and
-                // if it takes too long, keep the entries for a later purge.
+                // openraft purges behind a snapshot it is still installing
+                // (and counts the entries gone once this returns Ok, never
+                // asking again): wait for the install, which raises the
+                // applied index. Never Ok without purging, and an install
+                // that outlasts its own RPC deadline fails the purge: the
+                // node's Raft stops and it restarts with its log intact.
                 let mut applied = s.applied.clone();
-                let reached = tokio::time::timeout(s.wait, applied.wait_for(|&a| a >= upto)).await;
-                let Ok(Ok(a)) = reached.map(|r| r.map(|a| *a)) else {
-                    tracing::warn!(
-                        upto,
-                        applied = *s.applied.borrow(),
-                        "log purge deferred: the state has not applied the entries yet"
-                    );
-                    return Ok(());
+                let reached = tokio::time::timeout(s.wait, async {
+                    applied.wait_for(|&a| a >= upto).await.map(|a| *a)
+                })
+                .await;
+                let a = match reached {
+                    Ok(Ok(a)) => a,
+                    _ => {
+                        let applied = *s.applied.borrow();
+                        tracing::error!(
+                            upto,
+                            applied,
+                            "log purge refused: the state has not applied the entries it would drop"
+                        );
+                        return Err(write_err(std::io::Error::other(format!(
+                            "purge up to {upto} while the state is applied to {applied} only"
+                        ))));
+                    }
                 };
-                // Unlogged state writes (see `StateMachineStore::apply`):
-                // durable before the entries that could replay them go.
-                let store = self.store.clone();
-                blocking(move || store.flush(Cf::State).map_err(write_err)).await?;
-                s.durable
-                    .fetch_max(a + 1, std::sync::atomic::Ordering::AcqRel);
+                // An install marks its state durable before it announces
+                // it; otherwise flush the unlogged state writes (see
+                // `StateMachineStore::apply`) before the entries that could
+                // replay them go.
+                if s.durable.load(std::sync::atomic::Ordering::Acquire) <= upto {
+                    let store = self.store.clone();
+                    blocking(move || store.flush(Cf::State).map_err(write_err)).await?;
+                    s.durable
+                        .fetch_max(a + 1, std::sync::atomic::Ordering::AcqRel);
+                }
             }
             None => {
                 let store = self.store.clone();
@@ -377,8 +393,10 @@ mod tests {
     /// a snapshot it is still installing, before the state has it. Had the
     /// purge dropped those entries, a crash during the install would leave
     /// a state older than the log's start and a node that cannot restart.
-    /// Seen failing without the state marks (every purge flushed and
-    /// dropped): 5 of the 20 entries were left.
+    /// The purge waits, and fails rather than answer Ok without purging
+    /// (openraft would count the entries gone and never ask again). Seen
+    /// failing without the state marks: the purge answered Ok and 5 of the
+    /// 20 entries were left.
     #[tokio::test]
     async fn a_purge_never_drops_entries_the_state_has_not_applied() {
         let dir = tempfile::tempdir().unwrap();
@@ -397,16 +415,24 @@ mod tests {
         store.write(b, true).unwrap();
         sm.apply((1..=5).map(entry)).await.unwrap();
         let mut state = sm.durability();
-        state.wait = std::time::Duration::from_millis(200);
+        state.wait = std::time::Duration::from_millis(300);
         let mut log = LogStore::new(store).with_state(state);
 
-        log.purge(entry(15).log_id).await.unwrap();
+        assert!(
+            log.purge(entry(15).log_id).await.is_err(),
+            "a purge past the applied state fails (never Ok without purging)"
+        );
         let kept = log.try_get_log_entries(1..=20).await.unwrap();
         assert_eq!(kept.len(), 20, "nothing dropped while the state is at 5");
         assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, None);
 
+        // The state reaches 15 while the purge waits (an install ending).
+        let purge = {
+            let mut log = log.clone();
+            tokio::spawn(async move { log.purge(entry(15).log_id).await })
+        };
         sm.apply((6..=15).map(entry)).await.unwrap();
-        log.purge(entry(15).log_id).await.unwrap();
+        purge.await.unwrap().unwrap();
         let kept = log.try_get_log_entries(1..=20).await.unwrap();
         assert_eq!(kept.first().map(|e| e.log_id.index), Some(16));
         assert_eq!(

@@ -37,8 +37,9 @@ use crate::{BasicNode, NodeId, StorageError, TypeConfig};
 
 const APPLIED: &[u8] = b"\0applied";
 /// How long a log purge waits for the state to apply what it would drop
-/// (a snapshot install still running) before it defers.
-const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+/// (a snapshot install still running) before it fails: an install is
+/// bounded by its last chunk's RPC deadline.
+const PURGE_WAIT: std::time::Duration = crate::node::SNAPSHOT_RPC_TIMEOUT;
 const MEMBERSHIP: &[u8] = b"\0membership";
 /// Set while a snapshot is being installed (value: its id).
 const INSTALLING: &[u8] = b"\0installing";

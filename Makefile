@@ -9,7 +9,7 @@ export CARGO_TARGET_DIR
 BIN := $(CARGO_TARGET_DIR)/debug
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all deps build run test soak lint fmt bench bench-deps clean
+.PHONY: all deps build run test soak lint fmt bench bench-sustained bench-deps clean
 
 all: build
 
@@ -67,6 +67,11 @@ bench-deps: deps
 # Benchmarks against baselines measured in the same run (see docs/benchmarks.md).
 bench: build bench-deps
 	benches/run.sh
+
+# Back-to-back small-write runs on one growing DC (a cost that grows with
+# the data held shows as a falling rate).
+bench-sustained: build
+	benches/sustained.sh
 
 clean:
 	$(CARGO) clean

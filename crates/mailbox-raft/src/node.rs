@@ -403,15 +403,17 @@ fn abandoned(f: &Forwarded) -> bool {
 /// holds from a few hundred bytes to 4 MiB, so a count alone bounds the
 /// log's size on disk only at 4 MiB times the count. Ends with the node.
 async fn snapshot_by_size(raft: Raft, appended: Arc<AtomicU64>, limit: u64) {
-    let mut metrics = raft.metrics();
+    let metrics = raft.metrics();
     let snapshot_index = |m: &openraft::RaftMetrics<NodeId, BasicNode>| m.snapshot.map(|l| l.index);
     let mut seen = snapshot_index(&metrics.borrow());
     // Bytes appended when the latest snapshot (or trigger) was seen.
     let mut mark = appended.load(Ordering::Relaxed);
     loop {
-        match tokio::time::timeout(Duration::from_secs(1), metrics.changed()).await {
-            Ok(Err(_)) => return,
-            Ok(Ok(())) | Err(_) => {}
+        // A tick, not every metrics change (thousands a second under load).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The metrics sender is gone once this node's Raft has shut down.
+        if metrics.has_changed().is_err() {
+            return;
         }
         let now = appended.load(Ordering::Relaxed);
         let snap = snapshot_index(&metrics.borrow());

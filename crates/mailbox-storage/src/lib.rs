@@ -238,9 +238,7 @@ impl Store {
         self.db.get_cf(self.cf(cf), key).map_err(rerr("get"))
     }
 
-    /// Applies `batch` atomically; with `durable`, the WAL is fsynced first.
-    #[tracing::instrument(level = "trace", skip(self, batch), fields(ops = batch.len()))]
-    pub fn write(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+    fn rocks_batch(&self, batch: Batch) -> WriteBatch {
         let mut wb = WriteBatch::default();
         for (cf, op) in batch.ops {
             let h = self.cf(cf);
@@ -250,6 +248,13 @@ impl Store {
                 Op::DeleteRange(a, b) => wb.delete_range_cf(h, a, b),
             }
         }
+        wb
+    }
+
+    /// Applies `batch` atomically; with `durable`, the WAL is fsynced first.
+    #[tracing::instrument(level = "trace", skip(self, batch), fields(ops = batch.len()))]
+    pub fn write(&self, batch: Batch, durable: bool) -> Result<(), StoreError> {
+        let wb = self.rocks_batch(batch);
         let mut wo = WriteOptions::default();
         wo.set_sync(durable);
         self.db.write_opt(wb, &wo).map_err(rerr("write"))
@@ -265,15 +270,7 @@ impl Store {
     /// a suffix of them, never a write from the middle.
     #[tracing::instrument(level = "trace", skip(self, batch), fields(ops = batch.len()))]
     pub fn write_unlogged(&self, batch: Batch) -> Result<(), StoreError> {
-        let mut wb = WriteBatch::default();
-        for (cf, op) in batch.ops {
-            let h = self.cf(cf);
-            match op {
-                Op::Put(k, v) => wb.put_cf(h, k, v),
-                Op::Delete(k) => wb.delete_cf(h, k),
-                Op::DeleteRange(a, b) => wb.delete_range_cf(h, a, b),
-            }
-        }
+        let wb = self.rocks_batch(batch);
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
         self.db.write_opt(wb, &wo).map_err(rerr("write"))

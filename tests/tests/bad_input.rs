@@ -230,3 +230,74 @@ async fn bad_paths_names_and_missing_mailboxes() -> anyhow::Result<()> {
     assert!(files_under(&dc.segment_dir()).is_empty());
     Ok(())
 }
+
+/// The one-message upload (`PutOne`, what clients use up to 1 MiB) checks
+/// what `Put` checks: a request without a header or over its size cap is
+/// refused, a wrong checksum of a segmented payload stores nothing, and a
+/// good one is stored byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn put_one_refuses_bad_requests_and_leaves_nothing() -> anyhow::Result<()> {
+    use mailbox_proto::v1::PutOneRequest;
+    let mut dc = TestDc::start(DcOptions::default()).await?;
+    let c = dc.client().await?;
+    c.mkdir("/inbox", false).await?;
+    let leader = dc.wait_leader(Duration::from_secs(10)).await?;
+    let addr = dc.nodes[leader as usize - 1].addr.clone();
+    let mut raw = MailboxClient::connect(format!("http://{addr}"))
+        .await?
+        .max_encoding_message_size(64 << 20);
+    let head = || PutHeader {
+        mailbox: "/inbox".into(),
+        name: "one".into(),
+        ..Default::default()
+    };
+    let err = raw
+        .put_one(PutOneRequest {
+            header: None,
+            data: vec![1u8; 10].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("header"), "{}", err.message());
+    let err = raw
+        .put_one(PutOneRequest {
+            header: Some(head()),
+            data: vec![1u8; (4 << 20) + 1].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("stream"), "{}", err.message());
+    // Past the inline threshold: segments are written, then the checksum
+    // fails and they go again.
+    let err = raw
+        .put_one(PutOneRequest {
+            header: Some(PutHeader {
+                sha256: "00".repeat(32),
+                ..head()
+            }),
+            data: vec![2u8; 1 << 20].into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss, "{err:?}");
+    assert!(c.list_all("/inbox").await?.is_empty());
+    assert!(
+        files_under(&dc.segment_dir()).is_empty(),
+        "segments left behind"
+    );
+    let data: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let r = raw
+        .put_one(PutOneRequest {
+            header: Some(head()),
+            data: data.clone().into(),
+        })
+        .await?
+        .into_inner();
+    let id = r.message.expect("message").id;
+    let mut got = Vec::new();
+    c.get_to(&id, 0, 0, &mut got, |_, _| {}).await?;
+    assert!(got == data, "downloaded bytes differ");
+    Ok(())
+}

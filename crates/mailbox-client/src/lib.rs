@@ -14,8 +14,9 @@ use mailbox_proto::v1::mailbox_client::MailboxClient;
 use mailbox_proto::v1::{
     put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
     CreateMailboxResponse, DeleteRequest, GetRequest, ListMailboxesRequest, ListRequest,
-    ListResponse, MailboxInfo, MessageInfo, PutHeader, PutRequest, PutResponse, PutTrailer,
-    ReplicationStatusRequest, ReplicationStatusResponse, SetAttributesRequest, StatRequest,
+    ListResponse, MailboxInfo, MessageInfo, PutHeader, PutOneRequest, PutRequest, PutResponse,
+    PutTrailer, ReplicationStatusRequest, ReplicationStatusResponse, SetAttributesRequest,
+    StatRequest,
 };
 use mailbox_proto::MAX_MESSAGE_SIZE;
 use mailbox_types::Digest;
@@ -157,14 +158,31 @@ async fn open(ep: &str, timeout: Duration) -> Result<MailboxClient<Channel>, Str
 /// The first message of an upload: what the client declares.
 fn header_part(opts: PutOptions) -> PutRequest {
     PutRequest {
-        part: Some(put_request::Part::Header(PutHeader {
-            mailbox: opts.mailbox,
-            name: opts.name,
-            idempotency_key: opts.idempotency_key.unwrap_or_default(),
-            sha256: opts.sha256.unwrap_or_default(),
-            attributes: opts.attributes.into_iter().collect(),
-            ack: opts.ack.unwrap_or_default(),
-        })),
+        part: Some(put_request::Part::Header(header_of(opts))),
+    }
+}
+
+/// Up to `UPLOAD_CHUNK` bytes of `reader`; fewer only at its end.
+async fn read_chunk<R: AsyncRead + Unpin>(reader: &mut R) -> std::io::Result<Vec<u8>> {
+    // Read into spare capacity: no zero-filling a fresh chunk buffer for
+    // every megabyte (or every small upload).
+    let mut buf = Vec::with_capacity(UPLOAD_CHUNK);
+    while buf.len() < UPLOAD_CHUNK {
+        if reader.read_buf(&mut buf).await? == 0 {
+            break;
+        }
+    }
+    Ok(buf)
+}
+
+fn header_of(opts: PutOptions) -> PutHeader {
+    PutHeader {
+        mailbox: opts.mailbox,
+        name: opts.name,
+        idempotency_key: opts.idempotency_key.unwrap_or_default(),
+        sha256: opts.sha256.unwrap_or_default(),
+        attributes: opts.attributes.into_iter().collect(),
+        ack: opts.ack.unwrap_or_default(),
     }
 }
 
@@ -270,6 +288,27 @@ impl Client {
     where
         R: AsyncRead + Unpin + Send + 'static,
     {
+        // A source that ends within the first chunk goes out in one
+        // `PutOne` request; a read error there stores nothing.
+        let first = read_chunk(&mut reader)
+            .await
+            .map_err(|source| ClientError::Io {
+                context: "reading upload source".into(),
+                source,
+            })?;
+        if first.len() < UPLOAD_CHUNK {
+            let n = first.len() as u64;
+            let r = self
+                .inner
+                .clone()
+                .put_one(PutOneRequest {
+                    header: Some(header_of(opts)),
+                    data: first.into(),
+                })
+                .await?;
+            progress(n);
+            return Ok(r.into_inner());
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<PutRequest>(4);
         let header = header_part(opts);
         // Reads the source; on a read error it stops without a trailer, which
@@ -278,16 +317,16 @@ impl Client {
             if tx.send(header).await.is_err() {
                 return Ok(());
             }
-            let mut total = 0u64;
+            let mut total = first.len() as u64;
+            let msg = PutRequest {
+                part: Some(put_request::Part::Chunk(first.into())),
+            };
+            if tx.send(msg).await.is_err() {
+                return Ok(());
+            }
+            progress(total);
             loop {
-                // Read into spare capacity: no zero-filling a fresh chunk
-                // buffer for every megabyte (or every small upload).
-                let mut buf = Vec::with_capacity(UPLOAD_CHUNK);
-                while buf.len() < UPLOAD_CHUNK {
-                    if reader.read_buf(&mut buf).await? == 0 {
-                        break;
-                    }
-                }
+                let buf = read_chunk(&mut reader).await?;
                 let filled = buf.len();
                 if filled == 0 {
                     break;
@@ -322,30 +361,36 @@ impl Client {
     }
 
     /// Uploads an in-memory payload: the bytes go out as they are (moved,
-    /// not copied, when they fit in one chunk), with no reader task.
+    /// not copied), with no reader task; up to one chunk in a single
+    /// `PutOne` request, larger ones streamed.
     pub async fn put_bytes(
         &self,
         opts: PutOptions,
         data: Vec<u8>,
     ) -> Result<PutResponse, ClientError> {
         let size = data.len() as u64;
+        if data.len() <= UPLOAD_CHUNK {
+            // One request, no stream framing: the server's checks and
+            // acknowledgement are the same.
+            let r = self
+                .inner
+                .clone()
+                .put_one(PutOneRequest {
+                    header: Some(header_of(opts)),
+                    data: data.into(),
+                })
+                .await?;
+            return Ok(r.into_inner());
+        }
         let mut parts = Vec::with_capacity(2 + data.len() / UPLOAD_CHUNK + 1);
         parts.push(header_part(opts));
-        if data.len() <= UPLOAD_CHUNK {
-            if !data.is_empty() {
-                parts.push(PutRequest {
-                    part: Some(put_request::Part::Chunk(data.into())),
-                });
-            }
-        } else {
-            // Slices of one buffer: no copy per chunk.
-            let data = bytes::Bytes::from(data);
-            for start in (0..data.len()).step_by(UPLOAD_CHUNK) {
-                let end = (start + UPLOAD_CHUNK).min(data.len());
-                parts.push(PutRequest {
-                    part: Some(put_request::Part::Chunk(data.slice(start..end))),
-                });
-            }
+        // Slices of one buffer: no copy per chunk.
+        let data = bytes::Bytes::from(data);
+        for start in (0..data.len()).step_by(UPLOAD_CHUNK) {
+            let end = (start + UPLOAD_CHUNK).min(data.len());
+            parts.push(PutRequest {
+                part: Some(put_request::Part::Chunk(data.slice(start..end))),
+            });
         }
         parts.push(PutRequest {
             part: Some(put_request::Part::Trailer(PutTrailer { size })),

@@ -240,7 +240,16 @@ impl RaftNode {
         ));
         let peers = Peers::default();
         let (forwards, fqueue) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
-        tokio::spawn(forward_batches(peers.clone(), fqueue));
+        tokio::spawn(forward_batches(
+            {
+                let peers = peers.clone();
+                move |addr: String, cmd: Command, timeout: Duration| {
+                    let peers = peers.clone();
+                    async move { forward_rpc(&peers, &addr, &cmd, timeout).await }
+                }
+            },
+            fqueue,
+        ));
         Ok(Self {
             inner: Arc::new(Inner {
                 id,
@@ -443,19 +452,54 @@ async fn snapshot_by_size(raft: Raft, appended: Arc<AtomicU64>, limit: u64) {
 /// in one RPC (a `Command::Batch`, which the leader proposes command by
 /// command into its own group commit, answering `ForwardReply::Many`).
 /// Without it every upload through a follower was an RPC of its own.
-async fn forward_batches(peers: Peers, mut queue: tokio::sync::mpsc::Receiver<Forwarded>) {
+///
+/// Each leader address has a lane of its own (queue and slots): forwards
+/// stuck on a leader that stopped answering hold only that lane's slots
+/// until their deadlines, and forwards to the leader elected after it go
+/// out at once. A lane whose queue is full answers `Unavailable` at once
+/// (the caller retries against whatever leader it knows then).
+async fn forward_batches<R, F>(rpc: R, mut queue: tokio::sync::mpsc::Receiver<Forwarded>)
+where
+    R: Fn(String, Command, Duration) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Result<ForwardReply, RaftError>> + Send + 'static,
+{
+    let mut lanes: HashMap<String, tokio::sync::mpsc::Sender<Forwarded>> = HashMap::new();
+    while let Some(f) = queue.recv().await {
+        if abandoned(&f) {
+            continue;
+        }
+        let lane = lanes.entry(f.0.clone()).or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(FORWARD_QUEUE);
+            tokio::spawn(forward_lane(rpc.clone(), f.0.clone(), rx));
+            tx
+        });
+        if let Err(e) = lane.try_send(f) {
+            let (tokio::sync::mpsc::error::TrySendError::Full(f)
+            | tokio::sync::mpsc::error::TrySendError::Closed(f)) = e;
+            let _ = f.3.send(Err(RaftError::Unavailable {
+                reason: format!(
+                    "{FORWARD_QUEUE} forwards already queued for the leader at {}",
+                    f.0
+                ),
+            }));
+        }
+    }
+}
+
+/// One leader address's forwards, batched into RPCs with
+/// `FORWARDS_IN_FLIGHT` of them out at once.
+async fn forward_lane<R, F>(rpc: R, addr: String, mut queue: tokio::sync::mpsc::Receiver<Forwarded>)
+where
+    R: Fn(String, Command, Duration) -> F + Clone + Send + 'static,
+    F: std::future::Future<Output = Result<ForwardReply, RaftError>> + Send + 'static,
+{
     let slots = Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT));
-    let mut held: Option<Forwarded> = None;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let first = match held.take() {
-            Some(f) => f,
-            None => match queue.recv().await {
-                Some(f) => f,
-                None => return,
-            },
+        let Some(first) = queue.recv().await else {
+            return;
         };
         // A proposal whose caller gave up while it queued is not sent: its
         // caller already answered "outcome unknown", and sending it now
@@ -463,38 +507,33 @@ async fn forward_batches(peers: Peers, mut queue: tokio::sync::mpsc::Receiver<Fo
         if abandoned(&first) {
             continue;
         }
-        let addr = first.0.clone();
         let mut deadline = first.2;
         let mut bytes = approx_bytes(&first.1);
         let mut group = vec![first];
         while group.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             match queue.try_recv() {
                 Ok(f) if abandoned(&f) => {}
-                Ok(f) if f.0 == addr => {
+                Ok(f) => {
                     bytes += approx_bytes(&f.1);
                     // The RPC waits as long as its most patient caller.
                     deadline = deadline.max(f.2);
                     group.push(f);
                 }
-                // For another leader (it changed): the next RPC.
-                Ok(f) => {
-                    held = Some(f);
-                    break;
-                }
                 Err(_) => break,
             }
         }
-        let peers = peers.clone();
+        let rpc = rpc.clone();
+        let addr = addr.clone();
         let timeout = deadline.saturating_duration_since(Instant::now());
         tokio::spawn(async move {
             if group.len() == 1 {
                 let (_, cmd, _, tx) = group.pop().expect("one forward");
-                let _ = tx.send(forward_rpc(&peers, &addr, &cmd, timeout).await);
+                let _ = tx.send(rpc(addr, cmd, timeout).await);
             } else {
                 let (cmds, txs): (Vec<_>, Vec<_>) =
                     group.into_iter().map(|(_, c, _, tx)| (c, tx)).unzip();
                 let n = cmds.len();
-                match forward_rpc(&peers, &addr, &Command::Batch(cmds), timeout).await {
+                match rpc(addr, Command::Batch(cmds), timeout).await {
                     Ok(ForwardReply::Many(replies)) if replies.len() == n => {
                         for (tx, r) in txs.into_iter().zip(replies) {
                             let _ = tx.send(Ok(r));
@@ -935,6 +974,74 @@ mod tests {
                 "the stuck one's outcome is unknown: {got:?}"
             );
         }
+    }
+
+    /// Forwards to a leader that stopped answering (frozen, or behind a
+    /// link that drops packets) must not hold up forwards to the leader
+    /// elected after it: before, every address shared the same few slots,
+    /// so writes through followers stalled until the old forwards' deadlines
+    /// (up to the propose timeout) after a failover.
+    #[tokio::test]
+    async fn forwards_to_a_frozen_leader_do_not_block_forwards_to_the_new_one() {
+        let frozen_calls = Arc::new(AtomicUsize::new(0));
+        let rpc = {
+            let frozen_calls = frozen_calls.clone();
+            move |addr: String, _cmd: Command, timeout: Duration| {
+                let frozen_calls = frozen_calls.clone();
+                async move {
+                    if addr == "frozen" {
+                        frozen_calls.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(timeout).await;
+                        return Err(RaftError::Unavailable {
+                            reason: "no answer".into(),
+                        });
+                    }
+                    Ok(ForwardReply::Applied {
+                        index: 7,
+                        response: Ok(CommandResult::None),
+                    })
+                }
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tokio::spawn(forward_batches(rpc, rx));
+        let mut stuck = Vec::new();
+        for i in 0..FORWARDS_IN_FLIGHT + 2 {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            tx.send((
+                "frozen".into(),
+                Command::Expire { before_ms: 0 },
+                deadline,
+                reply,
+            ))
+            .await
+            .unwrap();
+            // One RPC each while slots are free (no batching them together).
+            while i < FORWARDS_IN_FLIGHT && frozen_calls.load(Ordering::SeqCst) <= i {
+                tokio::task::yield_now().await;
+            }
+            stuck.push(answer);
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        tx.send((
+            "new".into(),
+            Command::Expire { before_ms: 0 },
+            deadline,
+            reply,
+        ))
+        .await
+        .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), answer)
+            .await
+            .expect("a forward to the new leader is sent while the old one's are stuck")
+            .unwrap();
+        assert!(
+            matches!(got, Ok(ForwardReply::Applied { index: 7, .. })),
+            "{got:?}"
+        );
+        drop(stuck);
     }
 
     /// A proposal whose caller stopped waiting before it was written is

@@ -14,9 +14,9 @@ use mailbox_proto::v1::{
     put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
     CreateMailboxResponse, DcCopy, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
     ListMailboxesRequest, ListMailboxesResponse, ListRequest, ListResponse, MessageInfo,
-    NodeStatus, PutRequest, PutResponse, RemoteDcStatus, ReplicaInfo, ReplicationStatusRequest,
-    ReplicationStatusResponse, SetAttributesRequest, SetAttributesResponse, StatRequest,
-    StatResponse,
+    NodeStatus, PutHeader, PutOneRequest, PutRequest, PutResponse, RemoteDcStatus, ReplicaInfo,
+    ReplicationStatusRequest, ReplicationStatusResponse, SetAttributesRequest,
+    SetAttributesResponse, StatRequest, StatResponse,
 };
 use mailbox_raft::RaftNode;
 use mailbox_replication::{RemoteDc, StatusHandle};
@@ -33,6 +33,8 @@ use crate::ingest::{IngestContext, Upload, UploadRequest};
 
 /// Size of the chunks a download is sent in.
 pub const DOWNLOAD_CHUNK: u64 = 1 << 20;
+/// Largest payload `PutOne` takes (larger ones stream through `Put`).
+pub const MAX_PUT_ONE: usize = 4 << 20;
 /// Largest page a list returns.
 pub const MAX_LIST_PAGE: u32 = 1000;
 
@@ -180,28 +182,7 @@ impl MailboxService {
             }
             None => return Err(ServiceError::invalid("empty upload stream")),
         };
-        let opt = |s: String| (!s.is_empty()).then_some(s);
-        let mut upload = Upload::begin(
-            self.ctx.clone(),
-            UploadRequest {
-                mailbox: header.mailbox,
-                name: header.name,
-                idempotency_key: opt(header.idempotency_key),
-                sha256: opt(header.sha256),
-                attributes: header.attributes.into_iter().collect(),
-                ack: match header.ack.as_str() {
-                    "" => None,
-                    "delayed" => Some(AckMode::Delayed),
-                    "immediate" => Some(AckMode::Immediate),
-                    other => {
-                        return Err(ServiceError::invalid(format!(
-                            "ack must be \"delayed\" or \"immediate\", not {other:?}"
-                        )))
-                    }
-                },
-            },
-        )
-        .await?;
+        let mut upload = Upload::begin(self.ctx.clone(), upload_request(header)?).await?;
         let trailer = loop {
             let next = match stream.next().await {
                 Some(Ok(m)) => m.part,
@@ -239,6 +220,54 @@ impl MailboxService {
             deduplicated: stored.deduplicated,
         })
     }
+
+    /// A whole upload in one message (`PutOne`).
+    async fn receive_one(&self, req: PutOneRequest) -> Result<PutResponse, ServiceError> {
+        let header = req
+            .header
+            .ok_or_else(|| ServiceError::invalid("an upload needs a header"))?;
+        if req.data.len() > MAX_PUT_ONE {
+            return Err(ServiceError::invalid(format!(
+                "PutOne takes at most {MAX_PUT_ONE} bytes, got {}; stream larger payloads with Put",
+                req.data.len()
+            )));
+        }
+        let size = req.data.len() as u64;
+        let mut upload = Upload::begin(self.ctx.clone(), upload_request(header)?).await?;
+        if !req.data.is_empty() {
+            if let Err(e) = upload.write(req.data).await {
+                upload.abort().await;
+                return Err(e);
+            }
+        }
+        let stored = upload.finish(Some(size)).await?;
+        Ok(PutResponse {
+            message: Some(self.info(&stored.meta)?),
+            deduplicated: stored.deduplicated,
+        })
+    }
+}
+
+/// What an upload's header asks for, checked.
+fn upload_request(header: PutHeader) -> Result<UploadRequest, ServiceError> {
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    Ok(UploadRequest {
+        mailbox: header.mailbox,
+        name: header.name,
+        idempotency_key: opt(header.idempotency_key),
+        sha256: opt(header.sha256),
+        attributes: header.attributes.into_iter().collect(),
+        ack: match header.ack.as_str() {
+            "" => None,
+            "delayed" => Some(AckMode::Delayed),
+            "immediate" => Some(AckMode::Immediate),
+            other => {
+                return Err(ServiceError::invalid(format!(
+                    "ack must be \"delayed\" or \"immediate\", not {other:?}"
+                )))
+            }
+        },
+    })
 }
 
 type GetStream = Pin<Box<dyn Stream<Item = Result<GetResponse, Status>> + Send>>;
@@ -336,6 +365,12 @@ impl Mailbox for MailboxService {
         req: Request<Streaming<PutRequest>>,
     ) -> Result<Response<PutResponse>, Status> {
         let resp = self.receive_upload(req.into_inner()).await?;
+        Ok(Response::new(resp))
+    }
+
+    #[tracing::instrument(level = "info", skip_all)]
+    async fn put_one(&self, req: Request<PutOneRequest>) -> Result<Response<PutResponse>, Status> {
+        let resp = self.receive_one(req.into_inner()).await?;
         Ok(Response::new(resp))
     }
 

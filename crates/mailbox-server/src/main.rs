@@ -9,6 +9,13 @@ use mailbox_server::NodeConfig;
 
 mod dev;
 
+/// jemalloc rather than glibc's malloc: many small, short-lived buffers
+/// (gRPC frames, log entries, RocksDB reads) cross threads under load,
+/// which glibc's arenas handle poorly (see docs/benchmarks.md, session 13).
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "mailboxd", version, about = "Multi-DC replicated mailbox node")]
 struct Cli {

@@ -296,18 +296,12 @@ impl Client {
                 context: "reading upload source".into(),
                 source,
             })?;
+        let first = bytes::Bytes::from(first);
         if first.len() < UPLOAD_CHUNK {
-            let n = first.len() as u64;
-            let r = self
-                .inner
-                .clone()
-                .put_one(PutOneRequest {
-                    header: Some(header_of(opts)),
-                    data: first.into(),
-                })
-                .await?;
-            progress(n);
-            return Ok(r.into_inner());
+            if let Some(r) = self.put_one(&opts, first.clone()).await? {
+                progress(first.len() as u64);
+                return Ok(r);
+            }
         }
         let (tx, rx) = tokio::sync::mpsc::channel::<PutRequest>(4);
         let header = header_part(opts);
@@ -319,7 +313,7 @@ impl Client {
             }
             let mut total = first.len() as u64;
             let msg = PutRequest {
-                part: Some(put_request::Part::Chunk(first.into())),
+                part: Some(put_request::Part::Chunk(first)),
             };
             if tx.send(msg).await.is_err() {
                 return Ok(());
@@ -360,6 +354,30 @@ impl Client {
         Ok(result?.into_inner())
     }
 
+    /// Uploads `data` in one `PutOne` request (one message, no stream
+    /// framing; the server's checks and acknowledgement are those of
+    /// `Put`). `None` when the server predates `PutOne` (then the caller
+    /// streams).
+    async fn put_one(
+        &self,
+        opts: &PutOptions,
+        data: bytes::Bytes,
+    ) -> Result<Option<PutResponse>, ClientError> {
+        match self
+            .inner
+            .clone()
+            .put_one(PutOneRequest {
+                header: Some(header_of(opts.clone())),
+                data,
+            })
+            .await
+        {
+            Ok(r) => Ok(Some(r.into_inner())),
+            Err(s) if s.code() == tonic::Code::Unimplemented => Ok(None),
+            Err(s) => Err(s.into()),
+        }
+    }
+
     /// Uploads an in-memory payload: the bytes go out as they are (moved,
     /// not copied), with no reader task; up to one chunk in a single
     /// `PutOne` request, larger ones streamed.
@@ -369,23 +387,15 @@ impl Client {
         data: Vec<u8>,
     ) -> Result<PutResponse, ClientError> {
         let size = data.len() as u64;
+        // Slices of one buffer: no copy per chunk.
+        let data = bytes::Bytes::from(data);
         if data.len() <= UPLOAD_CHUNK {
-            // One request, no stream framing: the server's checks and
-            // acknowledgement are the same.
-            let r = self
-                .inner
-                .clone()
-                .put_one(PutOneRequest {
-                    header: Some(header_of(opts)),
-                    data: data.into(),
-                })
-                .await?;
-            return Ok(r.into_inner());
+            if let Some(r) = self.put_one(&opts, data.clone()).await? {
+                return Ok(r);
+            }
         }
         let mut parts = Vec::with_capacity(2 + data.len() / UPLOAD_CHUNK + 1);
         parts.push(header_part(opts));
-        // Slices of one buffer: no copy per chunk.
-        let data = bytes::Bytes::from(data);
         for start in (0..data.len()).step_by(UPLOAD_CHUNK) {
             let end = (start + UPLOAD_CHUNK).min(data.len());
             parts.push(PutRequest {

@@ -732,7 +732,11 @@ impl RaftNode {
             .map_err(|_| RaftError::Unavailable {
                 reason: format!("forward to leader at {addr}: no answer within {timeout:?}"),
             })?
-            .map_err(|_| fatal("raft stopped"))?
+            // Dropped unanswered: still queued when its deadline passed
+            // (so never sent), or the forwarding task ended with the node.
+            .map_err(|_| RaftError::Unavailable {
+                reason: format!("forward to leader at {addr}: not sent before its deadline"),
+            })?
     }
 
     /// Commits `cmd` to the DC log from any member and returns the state

@@ -264,7 +264,10 @@ pub async fn serve_with(
     // make the node decode gigabytes.
     .max_decoding_message_size(mailbox_replication::early::EARLY_REQUEST_MAX);
     let api = MailboxServer::new(MailboxService::new(ctx, remotes, repl_status))
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
+        // Client requests are at most a `PutOne` (4 MiB and its header) or
+        // an upload chunk of that size: larger ones are refused before
+        // they are decoded, so concurrent requests cannot take gigabytes.
+        .max_decoding_message_size(crate::service::MAX_API_REQUEST)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
     let internal = RaftInternalServer::new(InternalService::new(raft.clone()))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)

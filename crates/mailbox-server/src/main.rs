@@ -9,9 +9,10 @@ use mailbox_server::NodeConfig;
 
 mod dev;
 
-/// jemalloc rather than glibc's malloc: many small, short-lived buffers
-/// (gRPC frames, log entries, RocksDB reads) cross threads under load,
-/// which glibc's arenas handle poorly (see docs/benchmarks.md, session 13).
+/// jemalloc rather than glibc's malloc for Rust's allocations (RocksDB's
+/// C++ keeps its own): many small, short-lived buffers (gRPC frames, log
+/// entries, values read back) cross threads under load, which glibc's
+/// arenas handle poorly (see docs/benchmarks.md, session 13).
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

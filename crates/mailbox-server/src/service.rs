@@ -35,6 +35,10 @@ use crate::ingest::{IngestContext, Upload, UploadRequest};
 pub const DOWNLOAD_CHUNK: u64 = 1 << 20;
 /// Largest payload `PutOne` takes (larger ones stream through `Put`).
 pub const MAX_PUT_ONE: usize = 4 << 20;
+/// Largest request message the API decodes: a `PutOne` of `MAX_PUT_ONE`
+/// with a header of the largest name, key and attributes, or a `Put`
+/// chunk of that size.
+pub const MAX_API_REQUEST: usize = MAX_PUT_ONE + (1 << 20);
 /// Largest page a list returns.
 pub const MAX_LIST_PAGE: u32 = 1000;
 

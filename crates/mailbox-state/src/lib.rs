@@ -395,13 +395,28 @@ type UndoEntry = (Vec<u8>, Option<Option<Vec<u8>>>);
 
 /// Pending writes of one apply batch: later commands in the same batch must
 /// see the writes of earlier ones, so reads go through this overlay first.
+///
+/// It also remembers what it read from `base`: the base does not change
+/// while one batch is applied (only the apply writes the state, after the
+/// batch, and openraft never installs a snapshot during an apply), and
+/// every command of a batch reads the same few records again (its
+/// mailbox, the cluster's DC list). An overlay therefore lives for one
+/// batch over one base.
 #[derive(Debug, Default)]
 pub struct Overlay {
     writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// Previous overlay values of keys touched by the command being
     /// applied, so a refused command can be rolled back.
     undo: Vec<UndoEntry>,
+    /// Values read from the base (`None`: absent), small ones only.
+    reads: std::cell::RefCell<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
 }
+
+/// Base values larger than this are not kept by the overlay's read cache
+/// (records read again within a batch are small; payloads are not).
+const READ_CACHE_MAX_VALUE: usize = 4096;
+/// Keys the read cache holds at most (a large remote batch reads many).
+const READ_CACHE_MAX_KEYS: usize = 4096;
 
 impl Overlay {
     /// An empty overlay.
@@ -410,10 +425,20 @@ impl Overlay {
     }
 
     pub(crate) fn get(&self, base: &dyn KvRead, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
-        match self.writes.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => base.get(key),
+        if let Some(v) = self.writes.get(key) {
+            return Ok(v.clone());
         }
+        if let Some(v) = self.reads.borrow().get(key) {
+            return Ok(v.clone());
+        }
+        let v = base.get(key)?;
+        let mut reads = self.reads.borrow_mut();
+        if reads.len() < READ_CACHE_MAX_KEYS
+            && v.as_ref().is_none_or(|v| v.len() <= READ_CACHE_MAX_VALUE)
+        {
+            reads.insert(key.to_vec(), v.clone());
+        }
+        Ok(v)
     }
 
     /// [`KvRead::scan`] over `base` with this overlay's pending writes

@@ -1490,6 +1490,95 @@ mod replication {
         assert_eq!(tombstone_count(&east.kv, 10).unwrap(), 0);
     }
 
+    /// The overlay remembers what it read from the base for the rest of
+    /// its batch: no key is read from the base twice in one batch (every
+    /// command of a batch read its mailbox and the DC list again), and
+    /// the batch still ends where one command per batch does, with
+    /// replays, duplicates, deletes and refusals among its commands.
+    #[test]
+    fn a_batch_reads_each_key_from_the_base_once_and_ends_as_one_by_one() {
+        struct Counting<'a> {
+            kv: &'a MemKv,
+            gets: std::cell::RefCell<BTreeMap<Vec<u8>, usize>>,
+        }
+        impl KvRead for Counting<'_> {
+            fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+                *self.gets.borrow_mut().entry(key.to_vec()).or_default() += 1;
+                self.kv.get(key)
+            }
+            fn scan(
+                &self,
+                prefix: &[u8],
+                after: Option<&[u8]>,
+                limit: usize,
+            ) -> Result<KvPairs, StateError> {
+                self.kv.scan(prefix, after, limit)
+            }
+        }
+        let mut east = Dc::in_cluster("east", &["east", "west"]);
+        let first = put_inline(&mut east, "/in");
+        let mut cmds = Vec::new();
+        let mut metas = Vec::new();
+        for i in 0..20 {
+            let mut m = meta("/in", &format!("f{i}"));
+            m.origin_dc = "east".into();
+            metas.push(m.clone());
+            cmds.push(Command::PutMessage {
+                meta: m,
+                inline: Some(b"abc".to_vec()),
+                // Every fifth shares a key with the one before: deduplicated.
+                idempotency_key: Some(format!("k{}", i - usize::from(i % 5 == 4))),
+            });
+        }
+        cmds.push(Command::DeleteMessage {
+            id: metas[3].id,
+            at_ms: 9,
+        });
+        // Refused: no such mailbox (rolled back, nothing written).
+        cmds.push(Command::PutMessage {
+            meta: meta("/nope", "x"),
+            inline: Some(b"abc".to_vec()),
+            idempotency_key: None,
+        });
+        // A replay of a message committed in an earlier batch, and of one
+        // committed earlier in this batch.
+        for m in [&first, &metas[0]] {
+            cmds.push(Command::PutMessage {
+                meta: m.clone(),
+                inline: Some(b"abc".to_vec()),
+                idempotency_key: None,
+            });
+        }
+        let mut one_by_one = Dc {
+            kv: east.kv.clone(),
+            ctx: east.ctx.clone(),
+        };
+        let expected: Vec<_> = cmds.iter().map(|c| one_by_one.run(c.clone())).collect();
+        let counting = Counting {
+            kv: &east.kv,
+            gets: Default::default(),
+        };
+        let mut ov = Overlay::new();
+        let got = apply(&counting, &mut ov, &east.ctx, &Command::Batch(cmds));
+        let twice: Vec<_> = counting
+            .gets
+            .borrow()
+            .iter()
+            .filter(|(_, n)| **n > 1)
+            .map(|(k, n)| (keys::hex(k), *n))
+            .collect();
+        assert!(
+            twice.is_empty(),
+            "read from the base more than once: {twice:?}"
+        );
+        let Ok(CommandResult::Batch(got)) = got else {
+            panic!("batch refused: {got:?}")
+        };
+        assert_eq!(format!("{got:?}"), format!("{expected:?}"));
+        east.kv.commit(ov);
+        assert_eq!(east.kv.0, one_by_one.kv.0);
+    }
+
     /// Issue #8: the feed kept a second copy of every inline payload (the
     /// snapshot of a DC with 1.6 GB inline was 3.4 GB). The stored feed
     /// record has no payload; the record as sent has it, read from the

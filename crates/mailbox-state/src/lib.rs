@@ -410,6 +410,10 @@ pub struct Overlay {
     undo: Vec<UndoEntry>,
     /// Values read from the base (`None`: absent), small ones only.
     reads: std::cell::RefCell<std::collections::HashMap<Vec<u8>, Option<Vec<u8>>>>,
+    /// The base the cached reads came from (its address), checked in
+    /// debug builds: an overlay reused over another base would answer
+    /// from a stale cache.
+    base: std::cell::Cell<usize>,
 }
 
 /// Base values larger than this are not kept by the overlay's read cache
@@ -428,6 +432,11 @@ impl Overlay {
         if let Some(v) = self.writes.get(key) {
             return Ok(v.clone());
         }
+        let addr = base as *const dyn KvRead as *const () as usize;
+        if self.base.get() == 0 {
+            self.base.set(addr);
+        }
+        debug_assert_eq!(self.base.get(), addr, "one overlay is read over one base");
         if let Some(v) = self.reads.borrow().get(key) {
             return Ok(v.clone());
         }

@@ -980,6 +980,25 @@ mod tests {
         }
     }
 
+    /// Queues a forward to `addr` whose caller waits `patience`.
+    async fn forward_to(
+        tx: &tokio::sync::mpsc::Sender<Forwarded>,
+        addr: &str,
+        patience: Duration,
+    ) -> tokio::sync::oneshot::Receiver<Result<ForwardReply, RaftError>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let deadline = Instant::now() + patience;
+        tx.send((
+            addr.into(),
+            Command::Expire { before_ms: 0 },
+            deadline,
+            reply,
+        ))
+        .await
+        .unwrap();
+        answer
+    }
+
     /// Forwards to a leader that stopped answering (frozen, or behind a
     /// link that drops packets) must not hold up forwards to the leader
     /// elected after it: before, every address shared the same few slots,
@@ -1011,32 +1030,14 @@ mod tests {
         tokio::spawn(forward_batches(rpc, rx));
         let mut stuck = Vec::new();
         for i in 0..FORWARDS_IN_FLIGHT + 2 {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            tx.send((
-                "frozen".into(),
-                Command::Expire { before_ms: 0 },
-                deadline,
-                reply,
-            ))
-            .await
-            .unwrap();
+            let answer = forward_to(&tx, "frozen", Duration::from_secs(60)).await;
             // One RPC each while slots are free (no batching them together).
             while i < FORWARDS_IN_FLIGHT && frozen_calls.load(Ordering::SeqCst) <= i {
                 tokio::task::yield_now().await;
             }
             stuck.push(answer);
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        tx.send((
-            "new".into(),
-            Command::Expire { before_ms: 0 },
-            deadline,
-            reply,
-        ))
-        .await
-        .unwrap();
+        let answer = forward_to(&tx, "new", Duration::from_secs(5)).await;
         let got = tokio::time::timeout(Duration::from_secs(5), answer)
             .await
             .expect("a forward to the new leader is sent while the old one's are stuck")

@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::AckMode;
 use crate::error::ServiceError;
-use crate::ingest::{IngestContext, Upload, UploadRequest};
+use crate::ingest::{IngestContext, Stored, Upload, UploadRequest};
 
 /// Size of the chunks a download is sent in.
 pub const DOWNLOAD_CHUNK: u64 = 1 << 20;
@@ -219,6 +219,11 @@ impl MailboxService {
             }
         };
         let stored = upload.finish(Some(trailer.size)).await?;
+        self.put_response(&stored)
+    }
+
+    /// The answer to a committed upload, whichever RPC carried it.
+    fn put_response(&self, stored: &Stored) -> Result<PutResponse, ServiceError> {
         Ok(PutResponse {
             message: Some(self.info(&stored.meta)?),
             deduplicated: stored.deduplicated,
@@ -245,10 +250,7 @@ impl MailboxService {
             }
         }
         let stored = upload.finish(Some(size)).await?;
-        Ok(PutResponse {
-            message: Some(self.info(&stored.meta)?),
-            deduplicated: stored.deduplicated,
-        })
+        self.put_response(&stored)
     }
 }
 

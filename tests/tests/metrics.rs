@@ -37,6 +37,10 @@ const FAMILIES: &[(&str, &str)] = &[
     ("mailbox_raft_has_leader", "gauge"),
     ("mailbox_raft_applied_index", "gauge"),
     ("mailbox_raft_last_log_index", "gauge"),
+    ("mailbox_raft_proposed_entries_total", "counter"),
+    ("mailbox_raft_proposed_commands_total", "counter"),
+    ("mailbox_raft_forward_rpcs_total", "counter"),
+    ("mailbox_raft_forwarded_commands_total", "counter"),
     ("mailbox_replication_feed_head", "gauge"),
     ("mailbox_replication_connected", "gauge"),
     ("mailbox_replication_cursor", "gauge"),
@@ -130,6 +134,22 @@ async fn metrics_follow_uploads_errors_and_raft_state() -> anyhow::Result<()> {
             &[("code", "invalid_argument")]
         ) >= 1.0
     );
+    // Batching: node 1's two uploads went into its own log entries if it
+    // leads, into forward RPCs to the leader if it follows.
+    let grew = |name: &str| val(&after, name, &[]) - val(&before, name, &[]);
+    if val(&after, "mailbox_raft_is_leader", &[]) == 1.0 {
+        let (entries, commands) = (
+            grew("mailbox_raft_proposed_entries_total"),
+            grew("mailbox_raft_proposed_commands_total"),
+        );
+        assert!(entries >= 1.0 && commands >= 2.0 && commands >= entries);
+    } else {
+        let (rpcs, forwarded) = (
+            grew("mailbox_raft_forward_rpcs_total"),
+            grew("mailbox_raft_forwarded_commands_total"),
+        );
+        assert!(rpcs >= 1.0 && forwarded >= 2.0 && forwarded >= rpcs);
+    }
     // Only node 1 took uploads.
     let other = dc.scrape(2).await?;
     assert_eq!(val(&other, "mailbox_uploads_total", labels), 0.0);

@@ -23,7 +23,7 @@ pub mod snapshot_file;
 use mailbox_state::{Command, CommandResponse};
 
 pub use log_store::LogStore;
-pub use node::{RaftNode, RaftTuning};
+pub use node::{BatchStats, RaftNode, RaftTuning};
 pub use sm_store::{StateMachineStore, StateView};
 
 pub use openraft::BasicNode;

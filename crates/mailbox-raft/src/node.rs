@@ -160,6 +160,60 @@ type Forwarded = (
 
 type Peers = Arc<Mutex<HashMap<String, RaftInternalClient<Channel>>>>;
 
+/// How well proposals are being batched, counted since the node started:
+/// the commands per log entry and per forward RPC are the ratios that
+/// decide small-write throughput (`/metrics` publishes both pairs).
+#[derive(Debug, Default)]
+pub struct BatchCounters {
+    entries: AtomicU64,
+    commands: AtomicU64,
+    forward_rpcs: AtomicU64,
+    forwarded: AtomicU64,
+}
+
+/// A reading of [`BatchCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Log entries this node proposed as leader (group-commit batches).
+    pub entries: u64,
+    /// Commands in those entries.
+    pub commands: u64,
+    /// Forward RPCs this node sent to a leader.
+    pub forward_rpcs: u64,
+    /// Commands in those RPCs.
+    pub forwarded: u64,
+}
+
+impl BatchCounters {
+    fn commands_in(cmd: &Command) -> u64 {
+        match cmd {
+            Command::Batch(c) => c.len() as u64,
+            _ => 1,
+        }
+    }
+
+    fn entry(&self, cmd: &Command) {
+        self.entries.fetch_add(1, Ordering::Relaxed);
+        self.commands
+            .fetch_add(Self::commands_in(cmd), Ordering::Relaxed);
+    }
+
+    fn forward(&self, cmd: &Command) {
+        self.forward_rpcs.fetch_add(1, Ordering::Relaxed);
+        self.forwarded
+            .fetch_add(Self::commands_in(cmd), Ordering::Relaxed);
+    }
+
+    fn read(&self) -> BatchStats {
+        BatchStats {
+            entries: self.entries.load(Ordering::Relaxed),
+            commands: self.commands.load(Ordering::Relaxed),
+            forward_rpcs: self.forward_rpcs.load(Ordering::Relaxed),
+            forwarded: self.forwarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
 struct Inner {
     id: NodeId,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
@@ -170,6 +224,7 @@ struct Inner {
     forwards: tokio::sync::mpsc::Sender<Forwarded>,
     propose_timeout: Duration,
     snapshot_dir: std::path::PathBuf,
+    batching: Arc<BatchCounters>,
 }
 
 /// A running DC log member. Cheap to clone.
@@ -229,11 +284,16 @@ impl RaftNode {
             appended,
             tuning.snapshot_log_bytes,
         ));
+        let batching = Arc::new(BatchCounters::default());
         let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
         tokio::spawn(group_commit(
             {
                 let raft = raft.clone();
-                move |cmd| client_write(raft.clone(), cmd)
+                let batching = batching.clone();
+                move |cmd| {
+                    batching.entry(&cmd);
+                    client_write(raft.clone(), cmd)
+                }
             },
             queue,
             tuning.propose_timeout,
@@ -243,7 +303,9 @@ impl RaftNode {
         tokio::spawn(forward_batches(
             {
                 let peers = peers.clone();
+                let batching = batching.clone();
                 move |addr: String, cmd: Command, timeout: Duration| {
+                    batching.forward(&cmd);
                     let peers = peers.clone();
                     async move { forward_rpc(&peers, &addr, &cmd, timeout).await }
                 }
@@ -261,8 +323,14 @@ impl RaftNode {
                 forwards,
                 propose_timeout: tuning.propose_timeout,
                 snapshot_dir: snapshot_dir(data_dir),
+                batching,
             }),
         })
+    }
+
+    /// How this node's proposals and forwards were batched so far.
+    pub fn batch_stats(&self) -> BatchStats {
+        self.inner.batching.read()
     }
 
     /// This node's id.

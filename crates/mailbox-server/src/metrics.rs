@@ -318,6 +318,32 @@ impl MetricsSource {
             r.purged_index.unwrap_or(0),
         );
 
+        let b = self.raft.batch_stats();
+        e.single(
+            "mailbox_raft_proposed_entries_total",
+            Kind::Counter,
+            "Log entries this node proposed as leader (each a group-commit batch of commands).",
+            b.entries,
+        );
+        e.single(
+            "mailbox_raft_proposed_commands_total",
+            Kind::Counter,
+            "Commands in the log entries this node proposed as leader (divided by the entries: the group-commit batch size).",
+            b.commands,
+        );
+        e.single(
+            "mailbox_raft_forward_rpcs_total",
+            Kind::Counter,
+            "Forward RPCs this node sent to its leader (each a batch of proposals).",
+            b.forward_rpcs,
+        );
+        e.single(
+            "mailbox_raft_forwarded_commands_total",
+            Kind::Counter,
+            "Proposals this node forwarded to its leader (divided by the RPCs: the forward batch size).",
+            b.forwarded,
+        );
+
         if !r.matched.is_empty() {
             e.family(
                 "mailbox_raft_follower_lag_entries",

@@ -112,6 +112,12 @@ async fn partitioned_dcs_converge_with_identical_bytes() -> anyhow::Result<()> {
         .await?
         .message
         .unwrap();
+    // A `delayed` answer shows the upload's own DC, since the message's
+    // creation (as its apply recorded it).
+    assert_eq!(m.replicas.len(), 1, "{m:?}");
+    assert_eq!(m.replicas[0].dc, "east");
+    assert_eq!(m.replicas[0].held_since_ms, m.created_ms);
+    assert!(!m.payload_pending, "{m:?}");
     wait_for(Duration::from_secs(20), "complete in both DCs", || {
         let east = east.clone();
         let id = m.id.clone();

@@ -52,6 +52,25 @@ async fn sizes_round_trip_with_equal_sha256() -> anyhow::Result<()> {
         assert_eq!(m.size, len);
         assert_eq!(m.sha256, want, "server digest for {len}");
         assert_eq!(m.inline, len <= T, "inline flag for {len}");
+        // The answer's replication status is built without reading the
+        // state (a new `delayed` upload): it must be what the state says.
+        let st = c.stat_local(&m.id).await?;
+        assert_eq!(
+            (
+                &m.replicas,
+                m.complete_ms,
+                m.payload_pending,
+                m.metadata_since_ms
+            ),
+            (
+                &st.replicas,
+                st.complete_ms,
+                st.payload_pending,
+                st.metadata_since_ms
+            ),
+            "status in the put answer against stat for {len}"
+        );
+        assert!(m.complete_ms != 0 && m.replicas.len() == 1, "{m:?}");
         let expect_segments = if len <= T { 0 } else { len.div_ceil(S) };
         assert_eq!(
             m.segments.len() as u64,

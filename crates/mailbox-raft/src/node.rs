@@ -174,11 +174,12 @@ pub struct BatchCounters {
 /// A reading of [`BatchCounters`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatchStats {
-    /// Log entries this node proposed as leader (group-commit batches).
+    /// Log entries this node proposed as leader and saw applied
+    /// (group-commit batches; background commands included).
     pub entries: u64,
     /// Commands in those entries.
     pub commands: u64,
-    /// Forward RPCs this node sent to a leader.
+    /// Forward RPCs this node sent to a leader that answered them.
     pub forward_rpcs: u64,
     /// Commands in those RPCs.
     pub forwarded: u64,
@@ -192,16 +193,14 @@ impl BatchCounters {
         }
     }
 
-    fn entry(&self, cmd: &Command) {
+    fn entry(&self, commands: u64) {
         self.entries.fetch_add(1, Ordering::Relaxed);
-        self.commands
-            .fetch_add(Self::commands_in(cmd), Ordering::Relaxed);
+        self.commands.fetch_add(commands, Ordering::Relaxed);
     }
 
-    fn forward(&self, cmd: &Command) {
+    fn forward(&self, commands: u64) {
         self.forward_rpcs.fetch_add(1, Ordering::Relaxed);
-        self.forwarded
-            .fetch_add(Self::commands_in(cmd), Ordering::Relaxed);
+        self.forwarded.fetch_add(commands, Ordering::Relaxed);
     }
 
     fn read(&self) -> BatchStats {
@@ -290,9 +289,17 @@ impl RaftNode {
             {
                 let raft = raft.clone();
                 let batching = batching.clone();
-                move |cmd| {
-                    batching.entry(&cmd);
-                    client_write(raft.clone(), cmd)
+                move |cmd: Command| {
+                    let (raft, batching) = (raft.clone(), batching.clone());
+                    async move {
+                        let commands = BatchCounters::commands_in(&cmd);
+                        let reply = client_write(raft, cmd).await;
+                        // Only entries that made it into the log count.
+                        if matches!(reply, ForwardReply::Applied { .. }) {
+                            batching.entry(commands);
+                        }
+                        reply
+                    }
                 }
             },
             queue,
@@ -305,9 +312,15 @@ impl RaftNode {
                 let peers = peers.clone();
                 let batching = batching.clone();
                 move |addr: String, cmd: Command, timeout: Duration| {
-                    batching.forward(&cmd);
-                    let peers = peers.clone();
-                    async move { forward_rpc(&peers, &addr, &cmd, timeout).await }
+                    let (peers, batching) = (peers.clone(), batching.clone());
+                    async move {
+                        let reply = forward_rpc(&peers, &addr, &cmd, timeout).await;
+                        // Only RPCs the leader answered count.
+                        if reply.is_ok() {
+                            batching.forward(BatchCounters::commands_in(&cmd));
+                        }
+                        reply
+                    }
                 }
             },
             fqueue,

@@ -241,12 +241,11 @@ const FINISHING_MAX: usize = 6;
 /// and there are other DCs to send to.
 fn early_collector(
     ctx: &IngestContext,
+    several_dcs: bool,
 ) -> Result<Option<mailbox_replication::early::EarlyCollector>, ServiceError> {
     if ctx.raft.is_leader() {
         return Ok(ctx.replication.early.collector());
     }
-    let several_dcs = mailbox_state::replication::configured_dcs(ctx.raft.view())?
-        .is_some_and(|dcs| dcs.len() > 1);
     if !several_dcs {
         return Ok(None);
     }
@@ -264,6 +263,13 @@ pub struct Stored {
     pub meta: MessageMeta,
     /// True when an earlier upload with the same key was returned.
     pub deduplicated: bool,
+    /// True when this upload stored a new message and is acknowledged
+    /// `delayed`: its first apply recorded it as held by this DC alone,
+    /// since its creation, and nothing else of its replication yet, so an
+    /// answer needs no scan of its holders. (A replayed proposal answers
+    /// with that first apply's view too; acks of other DCs that arrived
+    /// since are not in it.)
+    pub fresh: bool,
 }
 
 impl Upload {
@@ -284,7 +290,10 @@ impl Upload {
         // leader records it moments after the first election.
         let mut applied = ctx.raft.applied_watch();
         let ready_by = tokio::time::Instant::now() + Duration::from_secs(5);
-        while mailbox_state::replication::configured_dcs(ctx.raft.view())?.is_none() {
+        let several_dcs = loop {
+            if let Some(dcs) = mailbox_state::replication::configured_dcs(ctx.raft.view())? {
+                break dcs.len() > 1;
+            }
             if tokio::time::timeout_at(ready_by, applied.changed())
                 .await
                 .is_err()
@@ -294,7 +303,7 @@ impl Upload {
                         .into(),
                 });
             }
-        }
+        };
         // Fail fast on a missing mailbox before any byte is stored; the state
         // machine checks again at commit.
         if mailbox_state::get_mailbox(ctx.raft.view(), &mailbox)?.is_none() {
@@ -307,7 +316,7 @@ impl Upload {
         if let Some(mode) = req.ack {
             ack.mode = mode;
         }
-        let early = early_collector(&ctx)?;
+        let early = early_collector(&ctx, several_dcs)?;
         Ok(Upload {
             ctx,
             early,
@@ -566,7 +575,13 @@ impl Upload {
                 if deduplicated && self.spilled && meta.id != self.id {
                     let _ = self.ctx.segments.delete_message(self.id).await;
                 }
-                Ok(Stored { meta, deduplicated })
+                let fresh =
+                    !deduplicated && meta.id == self.id && self.ack.mode == AckMode::Delayed;
+                Ok(Stored {
+                    meta,
+                    deduplicated,
+                    fresh,
+                })
             }
             Ok(other) => Err((
                 ServiceError::Internal {

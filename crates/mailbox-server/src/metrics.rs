@@ -322,7 +322,7 @@ impl MetricsSource {
         e.single(
             "mailbox_raft_proposed_entries_total",
             Kind::Counter,
-            "Log entries this node proposed as leader (each a group-commit batch of commands).",
+            "Log entries this node proposed as leader and saw applied (each a group-commit batch of commands).",
             b.entries,
         );
         e.single(
@@ -334,7 +334,7 @@ impl MetricsSource {
         e.single(
             "mailbox_raft_forward_rpcs_total",
             Kind::Counter,
-            "Forward RPCs this node sent to its leader (each a batch of proposals).",
+            "Forward RPCs this node sent to its leader and had answered (each a batch of proposals).",
             b.forward_rpcs,
         );
         e.single(

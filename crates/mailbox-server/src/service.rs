@@ -224,8 +224,29 @@ impl MailboxService {
 
     /// The answer to a committed upload, whichever RPC carried it.
     fn put_response(&self, stored: &Stored) -> Result<PutResponse, ServiceError> {
+        let info = if stored.fresh {
+            // Built from what the upload knows, but for completion (one
+            // point read: whether it completed depends on the DC list its
+            // apply saw). The full status lookup scans the holders and
+            // cost 6-8% of a node's CPU on 1 KiB uploads (profile,
+            // 2026-12-07).
+            let meta = &stored.meta;
+            let mut info = MessageInfo::from(meta);
+            info.replicas = vec![ReplicaInfo {
+                dc: self.ctx.dc.clone(),
+                held_since_ms: meta.created_ms,
+            }];
+            info.complete_ms =
+                mailbox_state::replication::complete_ms(self.raft().view(), &meta.id)?.unwrap_or(0);
+            info.payload_pending = false;
+            // Recorded only for messages from other DCs.
+            info.metadata_since_ms = meta.created_ms;
+            info
+        } else {
+            self.info(&stored.meta)?
+        };
         Ok(PutResponse {
-            message: Some(self.info(&stored.meta)?),
+            message: Some(info),
             deduplicated: stored.deduplicated,
         })
     }

@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../../proto/mailbox.proto",
         "../../proto/raft.proto",
         "../../proto/replication.proto",
+        "../../proto/events.proto",
         "../../proto/etcd/kv.proto",
     ];
     for f in files {

@@ -10,6 +10,7 @@ pub mod config;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use mailbox_proto::v1::events_client::EventsClient;
 use mailbox_proto::v1::mailbox_client::MailboxClient;
 use mailbox_proto::v1::{
     put_request, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
@@ -133,11 +134,12 @@ pub struct Downloaded {
 #[derive(Clone)]
 pub struct Client {
     inner: MailboxClient<Channel>,
+    channel: Channel,
     endpoint: String,
 }
 
 /// Opens a channel to one endpoint (`host:port` or a URI).
-async fn open(ep: &str, timeout: Duration) -> Result<MailboxClient<Channel>, String> {
+async fn open(ep: &str, timeout: Duration) -> Result<(MailboxClient<Channel>, Channel), String> {
     let uri = if ep.contains("://") {
         ep.to_string()
     } else {
@@ -150,9 +152,12 @@ async fn open(ep: &str, timeout: Duration) -> Result<MailboxClient<Channel>, Str
         .initial_stream_window_size(mailbox_proto::STREAM_WINDOW)
         .initial_connection_window_size(mailbox_proto::CONNECTION_WINDOW);
     let ch = endpoint.connect().await.map_err(|e| format!("{ep}: {e}"))?;
-    Ok(MailboxClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE_SIZE)
-        .max_encoding_message_size(MAX_MESSAGE_SIZE))
+    Ok((
+        MailboxClient::new(ch.clone())
+            .max_decoding_message_size(MAX_MESSAGE_SIZE)
+            .max_encoding_message_size(MAX_MESSAGE_SIZE),
+        ch,
+    ))
 }
 
 /// The first message of an upload: what the client declares.
@@ -211,8 +216,9 @@ impl Client {
         match leader {
             Some(addr) if addr != first.endpoint => {
                 match open(&addr, Duration::from_secs(1)).await {
-                    Ok(inner) => Ok(Client {
+                    Ok((inner, channel)) => Ok(Client {
                         inner,
+                        channel,
                         endpoint: addr,
                     }),
                     Err(_) => Ok(first),
@@ -228,9 +234,10 @@ impl Client {
         let mut last = String::from("no endpoints configured");
         for ep in endpoints {
             match open(ep, Duration::from_secs(3)).await {
-                Ok(inner) => {
+                Ok((inner, channel)) => {
                     return Ok(Client {
                         inner,
+                        channel,
                         endpoint: ep.clone(),
                     })
                 }
@@ -246,6 +253,12 @@ impl Client {
     /// The endpoint this client is connected to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
+    }
+
+    /// The events API (rules, queues, the dead-letter queue) on the same
+    /// connection.
+    pub fn events(&self) -> EventsClient<Channel> {
+        EventsClient::new(self.channel.clone())
     }
 
     /// Creates a mailbox.

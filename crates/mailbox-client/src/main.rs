@@ -3,6 +3,8 @@
 //! Every command exits non-zero on any error; `--json` prints a machine-
 //! readable result on stdout instead of the human-readable one.
 
+mod events_cli;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -123,6 +125,21 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ReplicationCmd,
     },
+    /// Event rules: which messages raise a replication-complete event, into which queue.
+    Rules {
+        #[command(subcommand)]
+        cmd: events_cli::RulesCmd,
+    },
+    /// Events: list them, lease and answer them, follow a queue.
+    Events {
+        #[command(subcommand)]
+        cmd: events_cli::EventsCmd,
+    },
+    /// The dead-letter queue: list, show, replay, discard.
+    Dlq {
+        #[command(subcommand)]
+        cmd: events_cli::DlqCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -146,13 +163,13 @@ enum ClusterCmd {
     Snapshot,
 }
 
-fn parse_attr(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_attr(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-fn human_time(ms: i64) -> String {
+pub(crate) fn human_time(ms: i64) -> String {
     // Civil date from days since the epoch (Howard Hinnant's algorithm).
     let secs = ms.div_euclid(1000);
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
@@ -391,9 +408,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Stat { id } => {
             let m = client.stat(id).await?;
-            if cli.json {
-                println!("{}", message_json(&m));
-            } else {
+            if !cli.json {
                 println!("id:        {}", m.id);
                 println!("mailbox:   {}", m.mailbox);
                 println!("name:      {}", m.name);
@@ -442,6 +457,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("complete:  in all DCs since {}", human_time(m.complete_ms));
                 }
             }
+            // Each rule's event for the message (or that it waits for
+            // replication); an older server without the events API has none.
+            let ev = client
+                .events()
+                .list_events(mailbox_proto::v1::ListEventsRequest {
+                    message_id: m.id.clone(),
+                    ..Default::default()
+                })
+                .await;
+            if let Ok(ev) = ev {
+                let ev = ev.into_inner();
+                if cli.json {
+                    let mut v = message_json(&m);
+                    v["events"] = serde_json::Value::Array(
+                        ev.events.iter().map(events_cli::event_json).collect(),
+                    );
+                    v["pending_replication_rules"] = json!(ev.pending_replication_rules);
+                    println!("{v}");
+                } else {
+                    for e in &ev.events {
+                        println!(
+                            "event:     {} rule {} queue {}: {} (attempt {})",
+                            e.id, e.rule, e.queue, e.status, e.attempt
+                        );
+                    }
+                    for r in &ev.pending_replication_rules {
+                        println!("event:     rule {r}: pending_replication (not in every DC yet)");
+                    }
+                }
+            } else if cli.json {
+                println!("{}", message_json(&m));
+            }
         }
         Cmd::Attr { id, set, remove } => {
             let m = client
@@ -477,6 +524,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("cursor on DC {dc}'s feed reset (was {old}); its feed is read again from the start");
             }
         }
+        Cmd::Rules { cmd } => events_cli::rules(&client, cli.json, cmd).await?,
+        Cmd::Events { cmd } => events_cli::events(&client, cli.json, cmd).await?,
+        Cmd::Dlq { cmd } => events_cli::dlq(&client, cli.json, cmd).await?,
         Cmd::Replication {
             cmd: ReplicationCmd::Status,
         } => {

@@ -196,6 +196,16 @@ impl From<StateError> for ServiceError {
                     reason: e.to_string(),
                 }
             }
+            StateError::Invalid { reason } => ServiceError::InvalidArgument { reason },
+            StateError::RuleNotFound { name } => ServiceError::NotFound {
+                what: format!("rule {name}"),
+            },
+            StateError::EventNotFound { id } => ServiceError::NotFound {
+                what: format!("event {id}"),
+            },
+            e @ StateError::LeaseLost { .. } => ServiceError::FailedPrecondition {
+                reason: e.to_string(),
+            },
             e @ (StateError::Corrupt { .. }
             | StateError::Read { .. }
             | StateError::FeedGap { .. }

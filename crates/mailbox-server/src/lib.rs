@@ -269,6 +269,10 @@ pub async fn serve_with(
         // they are decoded, so concurrent requests cannot take gigabytes.
         .max_decoding_message_size(crate::service::MAX_API_REQUEST)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
+    let events = mailbox_proto::v1::events_server::EventsServer::new(
+        mailbox_events::EventsService::new(raft.clone()),
+    );
+    tokio::spawn(mailbox_events::expire_leases(raft.clone(), stop_rx.clone()));
     let internal = RaftInternalServer::new(InternalService::new(raft.clone()))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -303,6 +307,7 @@ pub async fn serve_with(
         .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .concurrency_limit_per_connection(256)
         .add_service(api)
+        .add_service(events)
         .add_service(internal)
         .add_service(feed)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -344,6 +344,42 @@ impl MetricsSource {
             b.forwarded,
         );
 
+        let queues = mailbox_state::events::queue_counts(self.raft.view())?;
+        if !queues.is_empty() {
+            e.family(
+                "mailbox_event_queue_events",
+                Kind::Gauge,
+                "Events of a queue by status (pending, processing, complete, failed = in the dead-letter queue, discarded).",
+            );
+            for (q, c) in &queues {
+                for (status, n) in [
+                    ("pending", c.pending),
+                    ("processing", c.processing),
+                    ("complete", c.complete),
+                    ("failed", c.failed),
+                    ("discarded", c.discarded),
+                ] {
+                    e.sample(&[("queue", q.as_str()), ("status", status)], n);
+                }
+            }
+            e.family(
+                "mailbox_events_raised_total",
+                Kind::Counter,
+                "Events raised into a queue (one per matching rule per message held by every DC).",
+            );
+            for (q, c) in &queues {
+                e.sample(&[("queue", q.as_str())], c.raised);
+            }
+            e.family(
+                "mailbox_events_dead_lettered_total",
+                Kind::Counter,
+                "Times an event of a queue was dead-lettered (out of attempts, or failed permanently).",
+            );
+            for (q, c) in &queues {
+                e.sample(&[("queue", q.as_str())], c.dead_lettered);
+            }
+        }
+
         if !r.matched.is_empty() {
             e.family(
                 "mailbox_raft_follower_lag_entries",

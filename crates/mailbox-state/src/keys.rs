@@ -32,6 +32,17 @@
 //! | `r` | remote DC                   | its cursor on own feed  |
 //! | `T` |                             | own feed trimmed up to  |
 //! | `G` | id                          | settled delete re-acked |
+//! | `R` | rule name                   | `RuleRecord` (LWW)      |
+//! | `E` | event id                    | `Event`                 |
+//! | `v` | message id, rule name       | event id                |
+//! | `w` | queue NUL ms (BE) event id  | empty: due index        |
+//! | `O` | queue NUL path NUL seq (BE) | event id: mailbox order |
+//! | `y` | status, queue NUL event id  | empty: status index     |
+//! | `S` | queue                       | `QueueCounts`           |
+//! | `L` | ms (BE) event id            | queue: lease ends then  |
+//! | `P` | id                          | empty: origin, incomplete |
+//! | `U` | rule name                   | `Stamp` of its delete   |
+//! | `Y` | consumer                    | its last lease request  |
 
 use mailbox_types::{MailboxPath, MessageId};
 
@@ -237,4 +248,137 @@ pub const FEED_FLOOR: &[u8] = b"T";
 /// This DC acknowledged again the settled delete of `id` (once).
 pub fn reacked(id: &MessageId) -> Vec<u8> {
     tagged(b'G', &[id.as_bytes()])
+}
+
+/// Event rule `name` (a last-writer-wins register; deleted rules stay as
+/// stamped tombstones so an older write arriving late loses).
+pub fn rule(name: &str) -> Vec<u8> {
+    tagged(b'R', &[name.as_bytes()])
+}
+
+/// Prefix of event rules.
+pub const RULE_PREFIX: &[u8] = b"R";
+
+/// An event.
+pub fn event(id: &mailbox_types::EventId) -> Vec<u8> {
+    tagged(b'E', &[id.as_bytes()])
+}
+
+/// Prefix of events.
+pub const EVENT_PREFIX: &[u8] = b"E";
+
+/// Message `id`'s event for rule `rule`.
+pub fn message_event(id: &MessageId, rule: &str) -> Vec<u8> {
+    tagged(b'v', &[id.as_bytes(), rule.as_bytes()])
+}
+
+/// Prefix of message `id`'s events.
+pub fn message_events_prefix(id: &MessageId) -> Vec<u8> {
+    tagged(b'v', &[id.as_bytes()])
+}
+
+/// Prefix of queue `q`'s due index.
+pub fn due_prefix(q: &str) -> Vec<u8> {
+    tagged(b'w', &[q.as_bytes(), b"\0"])
+}
+
+/// Due-index entry: event `id` of queue `q` is due at `ms` (deliverable
+/// when pending, its lease runs out when processing).
+pub fn due(q: &str, ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
+    tagged(
+        b'w',
+        &[
+            q.as_bytes(),
+            b"\0",
+            &(ms.max(0) as u64).to_be_bytes(),
+            id.as_bytes(),
+        ],
+    )
+}
+
+/// Decodes a [`due`] key of queue prefix length `plen` into `(ms, id)`.
+pub fn decode_due(k: &[u8], plen: usize) -> Result<(i64, mailbox_types::EventId), StateError> {
+    if k.len() != plen + 8 + 16 {
+        return Err(StateError::Corrupt {
+            key: hex(k),
+            reason: "bad due key".into(),
+        });
+    }
+    let ms = u64::from_be_bytes(k[plen..plen + 8].try_into().expect("8 bytes")) as i64;
+    let id: [u8; 16] = k[plen + 8..].try_into().expect("16 bytes");
+    Ok((ms, mailbox_types::EventId::from_bytes(id)))
+}
+
+/// Prefix of the order chain of mailbox `p`'s events in queue `q`.
+pub fn order_prefix(q: &str, p: &MailboxPath) -> Vec<u8> {
+    tagged(b'O', &[q.as_bytes(), b"\0", p.as_str().as_bytes(), b"\0"])
+}
+
+/// Order-chain entry of the event raised `seq`th in queue `q`.
+pub fn order(q: &str, p: &MailboxPath, seq: u64) -> Vec<u8> {
+    tagged(
+        b'O',
+        &[
+            q.as_bytes(),
+            b"\0",
+            p.as_str().as_bytes(),
+            b"\0",
+            &seq.to_be_bytes(),
+        ],
+    )
+}
+
+/// Prefix of the status index for `status` (a one-byte code).
+pub fn status_prefix(status: u8) -> Vec<u8> {
+    vec![b'y', status]
+}
+
+/// Prefix of the status index for `status` in queue `q`.
+pub fn status_queue_prefix(status: u8, q: &str) -> Vec<u8> {
+    tagged(b'y', &[&[status], q.as_bytes(), b"\0"])
+}
+
+/// Status-index entry of event `id` of queue `q`.
+pub fn status(status: u8, q: &str, id: &mailbox_types::EventId) -> Vec<u8> {
+    tagged(b'y', &[&[status], q.as_bytes(), b"\0", id.as_bytes()])
+}
+
+/// Per-queue counts (and the raise sequence) of queue `q`.
+pub fn queue(q: &str) -> Vec<u8> {
+    tagged(b'S', &[q.as_bytes()])
+}
+
+/// Prefix of queue records.
+pub const QUEUE_PREFIX: &[u8] = b"S";
+
+/// Lease-end index entry: event `id`'s lease runs out at `ms` (every
+/// queue's, in time order, so the sweep reads only what is due).
+pub fn lease_end(ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
+    tagged(b'L', &[&(ms.max(0) as u64).to_be_bytes(), id.as_bytes()])
+}
+
+/// Prefix of the lease-end index.
+pub const LEASE_END_PREFIX: &[u8] = b"L";
+
+/// An origin message not yet held by every DC.
+pub fn incomplete(id: &MessageId) -> Vec<u8> {
+    tagged(b'P', &[id.as_bytes()])
+}
+
+/// Prefix of [`incomplete`] entries.
+pub const INCOMPLETE_PREFIX: &[u8] = b"P";
+
+/// The stamp of rule `name`'s delete (deleted rules live apart from the
+/// rules in force, so reading those never wades through deletes).
+pub fn rule_deleted(name: &str) -> Vec<u8> {
+    tagged(b'U', &[name.as_bytes()])
+}
+
+/// Prefix of [`rule_deleted`] entries.
+pub const RULE_DELETED_PREFIX: &[u8] = b"U";
+
+/// Consumer `c`'s last lease request and what it was given (a retried
+/// proposal of it is answered with the same events).
+pub fn last_lease(c: &str) -> Vec<u8> {
+    tagged(b'Y', &[c.as_bytes()])
 }

@@ -25,15 +25,19 @@
 //!   through the log before anything is removed) is never committed with
 //!   them: such a proposal is refused.
 
+pub mod events;
 pub mod keys;
 mod query;
 pub mod replication;
 
 use std::collections::BTreeMap;
 
-use mailbox_types::{MailboxPath, MailboxRecord, MessageId, MessageMeta};
+use mailbox_types::{
+    Event, EventId, EventRule, MailboxPath, MailboxRecord, MessageId, MessageMeta,
+};
 use serde::{Deserialize, Serialize};
 
+pub use events::{EventAck, QueueCounts, RuleRecord};
 pub use query::{
     feed_identity, get_gone, get_mailbox, get_message, inline_payload, list_mailboxes,
     list_messages, orphan_pending, pending_orphans,
@@ -192,6 +196,93 @@ pub enum Command {
         /// The last batch of the resync.
         done: bool,
     },
+    /// Adds or replaces an event rule (cluster configuration: stamped and
+    /// sent to every DC through the feed, last writer wins).
+    PutRule {
+        /// The rule, validated again here.
+        rule: EventRule,
+        /// The proposer's wall clock, ms since the epoch.
+        wall_ms: i64,
+    },
+    /// Deletes an event rule everywhere (events it raised stay).
+    DeleteRule {
+        /// The rule.
+        name: String,
+        /// The proposer's wall clock, ms since the epoch.
+        wall_ms: i64,
+    },
+    /// Raises rule `name`'s event for messages completed here that match
+    /// and have none yet: one page of the completed messages after `after`.
+    EvaluateRule {
+        /// The rule.
+        name: String,
+        /// Where the previous page ended.
+        after: Option<MessageId>,
+        /// Messages to look at.
+        limit: u32,
+        /// The proposer's clock.
+        now_ms: i64,
+    },
+    /// Leases up to `max` due events of `queue` to `consumer` (and settles
+    /// that queue's leases that ran out first).
+    LeaseEvents {
+        /// The queue.
+        queue: String,
+        /// Who takes them (shown in each attempt).
+        consumer: String,
+        /// How many at most.
+        max: u32,
+        /// Lease length; the rule's when `None`.
+        lease_ms: Option<u64>,
+        /// The proposer's clock.
+        now_ms: i64,
+        /// Randomness for backoff jitter (the proposer's).
+        seed: u64,
+        /// The request's id (random): a retried proposal of the same
+        /// request is answered with the events the first one leased.
+        request: u64,
+    },
+    /// A consumer's answer to delivery `attempt` of event `id`.
+    AckEvent {
+        /// The event.
+        id: EventId,
+        /// The delivery answered (the lease's token).
+        attempt: u32,
+        /// Who answers.
+        consumer: String,
+        /// The answer.
+        ack: EventAck,
+        /// The proposer's clock.
+        now_ms: i64,
+        /// Randomness for backoff jitter.
+        seed: u64,
+    },
+    /// Delivers dead-lettered (or, forced, complete) events again.
+    ReplayEvents {
+        /// The events.
+        ids: Vec<EventId>,
+        /// Also complete ones.
+        force: bool,
+        /// The proposer's clock.
+        now_ms: i64,
+    },
+    /// Removes dead-lettered events from the dead-letter queue (kept as
+    /// discarded, with the reason).
+    DiscardEvents {
+        /// The events.
+        ids: Vec<EventId>,
+        /// Why.
+        reason: String,
+        /// The proposer's clock.
+        now_ms: i64,
+    },
+    /// Settles leases that ran out by `now_ms`, in every queue.
+    ExpireLeases {
+        /// The proposer's clock.
+        now_ms: i64,
+        /// Randomness for backoff jitter.
+        seed: u64,
+    },
 }
 
 /// Successful outcome of a command.
@@ -251,6 +342,32 @@ pub enum CommandResult {
         floor: u64,
         /// Whether more can be trimmed (report again).
         more: bool,
+    },
+    /// A page of a rule's evaluation.
+    Evaluated {
+        /// Completed messages looked at.
+        scanned: u64,
+        /// Events raised.
+        added: u64,
+        /// Where the next page starts (`None`: done).
+        next: Option<MessageId>,
+    },
+    /// Events leased by [`Command::LeaseEvents`].
+    Leased {
+        /// The events, each at its new delivery.
+        events: Vec<Event>,
+    },
+    /// An event after an answer.
+    EventUpdated {
+        /// The event.
+        event: Event,
+    },
+    /// Events replayed or discarded, and the ones refused with why.
+    EventsChanged {
+        /// Changed.
+        changed: Vec<EventId>,
+        /// Refused, with the reason.
+        refused: Vec<(EventId, String)>,
     },
 }
 
@@ -341,6 +458,36 @@ pub enum StateError {
     /// read now could see part of it. Retry, or ask another node.
     #[error("this node is installing a snapshot of the state; retry shortly or ask another node")]
     Installing,
+    // (New variants go last: bincode numbers them by position.)
+    /// A value the state machine checks again (a rule) is not valid.
+    #[error("{reason}")]
+    Invalid {
+        /// What is wrong.
+        reason: String,
+    },
+    /// No such event rule.
+    #[error("rule {name} does not exist")]
+    RuleNotFound {
+        /// The rule.
+        name: String,
+    },
+    /// No such event.
+    #[error("event {id} does not exist")]
+    EventNotFound {
+        /// The event.
+        id: String,
+    },
+    /// An answer to a delivery that is no longer leased (its lease ran out
+    /// and it was settled or delivered again).
+    #[error("event {id}: delivery {attempt} is no longer leased ({reason}); its outcome is what happened since")]
+    LeaseLost {
+        /// The event.
+        id: String,
+        /// The delivery answered.
+        attempt: u32,
+        /// Where the event is now.
+        reason: String,
+    },
 }
 
 impl StateError {
@@ -666,6 +813,8 @@ fn apply_inner(
             // A DC leaving the cluster may have been the last one whose
             // acknowledgement some tombstones waited for.
             replication::purge_acknowledged_tombstones(base, overlay)?;
+            // And the last one some messages waited for.
+            replication::recheck_completion(base, overlay, ctx)?;
             Ok(CommandResult::None)
         }
         Command::CondemnOrphans { ids, at_ms } => condemn_orphans(base, overlay, ids, *at_ms),
@@ -712,6 +861,58 @@ fn apply_inner(
             overlay.delete(keys::cursor(origin));
             overlay.delete(keys::feed_identity(origin));
             Ok(CommandResult::None)
+        }
+        Command::PutRule { rule, wall_ms } => {
+            events::set_rule_local(base, overlay, ctx, &rule.name, Some(rule), *wall_ms)
+        }
+        Command::DeleteRule { name, wall_ms } => {
+            events::set_rule_local(base, overlay, ctx, name, None, *wall_ms)
+        }
+        Command::EvaluateRule {
+            name,
+            after,
+            limit,
+            now_ms,
+        } => events::evaluate_rule(base, overlay, ctx, name, after.as_ref(), *limit, *now_ms),
+        Command::LeaseEvents {
+            queue,
+            consumer,
+            max,
+            lease_ms,
+            now_ms,
+            seed,
+            request,
+        } => events::lease_events(
+            base,
+            overlay,
+            events::LeaseAsk {
+                queue,
+                consumer,
+                max: *max,
+                lease_ms: *lease_ms,
+                now_ms: *now_ms,
+                seed: *seed,
+                request: *request,
+            },
+        ),
+        Command::AckEvent {
+            id,
+            attempt,
+            consumer,
+            ack,
+            now_ms,
+            seed,
+        } => events::ack_event(base, overlay, id, *attempt, consumer, ack, *now_ms, *seed),
+        Command::ReplayEvents { ids, force, now_ms } => {
+            events::replay_events(base, overlay, ids, *force, *now_ms)
+        }
+        Command::DiscardEvents {
+            ids,
+            reason,
+            now_ms,
+        } => events::discard_events(base, overlay, ids, reason, *now_ms),
+        Command::ExpireLeases { now_ms, seed } => {
+            events::expire_leases(base, overlay, *now_ms, *seed, 1024)
         }
     }
 }
@@ -1059,6 +1260,7 @@ pub(crate) fn delete_message(
     ov.delete(keys::missing(id));
     ov.delete(keys::metadata_since(id));
     ov.delete(keys::merge(id));
+    ov.delete(keys::incomplete(id));
     ov.put(
         keys::gone(id),
         encode(&Gone {

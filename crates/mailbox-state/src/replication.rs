@@ -124,6 +124,16 @@ pub enum FeedRecord {
         /// acknowledged it): a late acknowledgement is then old news.
         settled: bool,
     },
+    /// An event rule was set (or deleted, `rule: None`) in the origin DC:
+    /// a last-writer-wins register every DC keeps alike.
+    Rule {
+        /// The rule's name.
+        name: String,
+        /// The rule; `None` deletes it.
+        rule: Option<mailbox_types::EventRule>,
+        /// The change's stamp.
+        stamp: Stamp,
+    },
 }
 
 /// What remains of a deleted message until every DC acknowledged the delete.
@@ -407,7 +417,7 @@ fn apply_attr_values<'a>(
     }
 }
 
-fn max_hlc(base: &dyn KvRead, ov: &Overlay) -> Result<Hlc, StateError> {
+pub(crate) fn max_hlc(base: &dyn KvRead, ov: &Overlay) -> Result<Hlc, StateError> {
     Ok(ov
         .get(base, keys::MAX_HLC)?
         .map(|v| decode(keys::MAX_HLC, &v))
@@ -504,15 +514,41 @@ pub(crate) fn mark_new_local(
         keys::holder(&meta.id, &ctx.local_dc),
         encode(&meta.created_ms),
     );
-    maybe_complete(base, ov, ctx, meta)
+    // Until every DC holds it (a smaller DC list can complete it too).
+    ov.put(keys::incomplete(&meta.id), Vec::new());
+    maybe_complete(base, ov, ctx, meta, meta.created_ms, true)
 }
 
-/// At the origin: if every cluster DC holds `meta`, record when.
+/// After the DC list changed: every origin message not yet complete is
+/// checked again (a DC that left may have been the last one missing).
+pub(crate) fn recheck_completion(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+) -> Result<(), StateError> {
+    for (k, _) in ov.scan(base, keys::INCOMPLETE_PREFIX, None, usize::MAX)? {
+        let id = keys::decode_id(&k, &k[1..])?;
+        match message(base, ov, &id)? {
+            // Due from its completion time (no clock travels with a DC list).
+            Some(meta) => maybe_complete(base, ov, ctx, &meta, i64::MIN, true)?,
+            None => ov.delete(k),
+        }
+    }
+    Ok(())
+}
+
+/// At the origin: if every cluster DC holds `meta`, record when, and raise
+/// its events (in the same write: exactly once, whatever replays).
+/// `now_ms` is the proposer's clock, when the events become due; `raise`
+/// is false for holds learned through a resync (a DC rebuilt from empty
+/// raised its messages' events before, and lost the records of them).
 fn maybe_complete(
     base: &dyn KvRead,
     ov: &mut Overlay,
     ctx: &ApplyCtx,
     meta: &MessageMeta,
+    now_ms: i64,
+    raise: bool,
 ) -> Result<(), StateError> {
     if meta.origin_dc != ctx.local_dc || ov.get(base, &keys::complete(&meta.id))?.is_some() {
         return Ok(());
@@ -529,7 +565,11 @@ fn maybe_complete(
         }
     }
     ov.put(keys::complete(&meta.id), encode(&latest));
-    Ok(())
+    ov.delete(keys::incomplete(&meta.id));
+    if !raise {
+        return Ok(());
+    }
+    crate::events::raise_events(base, ov, meta, latest, now_ms.max(latest))
 }
 
 /// Refuses records of `origin`'s feed under another identity than the one
@@ -702,12 +742,12 @@ fn apply_one(
                 // Arrived in full with the record: held since it arrived
                 // (not since the origin created it, which may be an outage
                 // earlier).
-                hold_locally(base, ov, ctx, meta, received_ms)?;
+                hold_locally(base, ov, ctx, meta, received_ms, via == Via::Feed)?;
             } else if payload_here.contains(&meta.id) && orphan(base, ov, &meta.id)?.is_none() {
                 // Segments were pushed with the record and stored first
                 // (and the orphan collector did not condemn them while the
                 // record was late: then they are fetched, and verified).
-                hold_locally(base, ov, ctx, meta, received_ms)?;
+                hold_locally(base, ov, ctx, meta, received_ms, via == Via::Feed)?;
             } else {
                 ov.put(keys::missing(&meta.id), Vec::new());
             }
@@ -777,6 +817,9 @@ fn apply_one(
         FeedRecord::Attributes { id, changes, stamp } => {
             remote_attributes(base, ov, id, changes, stamp)?;
         }
+        FeedRecord::Rule { name, rule, stamp } => {
+            crate::events::set_rule_remote(base, ov, name, rule.as_ref(), stamp)?;
+        }
         FeedRecord::Held { id, dc, at_ms } => {
             // Removed here already (deleted, or a twin): nothing to track.
             // (A hold that arrives before the message, from a third DC's
@@ -786,7 +829,7 @@ fn apply_one(
             }
             ov.put(keys::holder(id, dc), encode(at_ms));
             if let Some(meta) = message(base, ov, id)? {
-                maybe_complete(base, ov, ctx, &meta)?;
+                maybe_complete(base, ov, ctx, &meta, received_ms, via == Via::Feed)?;
             }
         }
     }
@@ -829,6 +872,7 @@ fn hold_locally(
     ctx: &ApplyCtx,
     meta: &MessageMeta,
     at_ms: i64,
+    raise: bool,
 ) -> Result<(), StateError> {
     let hk = keys::holder(&meta.id, &ctx.local_dc);
     if ov.get(base, &hk)?.is_some() {
@@ -845,7 +889,7 @@ fn hold_locally(
             at_ms,
         },
     )?;
-    maybe_complete(base, ov, ctx, meta)?;
+    maybe_complete(base, ov, ctx, meta, at_ms, raise)?;
     // A newer twin of this file waited for this DC to hold it.
     let mk = keys::merge(&meta.id);
     if let Some(raw) = ov.get(base, &mk)? {
@@ -869,7 +913,7 @@ pub(crate) fn payload_held(
         // Deleted meanwhile: nothing to acknowledge.
         None => Ok(CommandResult::None),
         Some(meta) => {
-            hold_locally(base, ov, ctx, &meta, at_ms)?;
+            hold_locally(base, ov, ctx, &meta, at_ms, true)?;
             Ok(CommandResult::None)
         }
     }
@@ -1227,8 +1271,10 @@ pub(crate) fn apply_resync(
 }
 
 /// A page of `origin`'s state as feed records, for a resync of DC `asker`
-/// (see [`Command::ApplyResync`]), in four phases:
+/// (see [`Command::ApplyResync`]), in these phases:
 ///
+/// 0. every event rule in force and (-1) every rule delete with its stamp,
+///    first so that messages completing during the resync meet them;
 /// 1. every mailbox;
 /// 2. every message it holds: those it or `asker` originated in full
 ///    (payload, key; `asker`'s own only where the origin holds them, so a
@@ -1253,7 +1299,14 @@ pub fn resync_page(
     max_inline: usize,
 ) -> Result<(Vec<FeedRecord>, Option<Vec<u8>>), StateError> {
     // A position is the phase's number and the last key it read.
-    const PHASES: [&[u8]; 4] = [b"M", b"m", b"g", keys::TOMBSTONE_PREFIX];
+    const PHASES: [&[u8]; 6] = [
+        keys::RULE_PREFIX,
+        keys::RULE_DELETED_PREFIX,
+        b"M",
+        b"m",
+        b"g",
+        keys::TOMBSTONE_PREFIX,
+    ];
     let mut out = Vec::new();
     let (mut rows_read, mut inline) = (0usize, 0usize);
     let (start, mut pos) = match after {
@@ -1269,14 +1322,27 @@ pub fn resync_page(
             let full = rows.len() == 64;
             for (k, v) in rows {
                 match n {
-                    0 => out.push(FeedRecord::Mailbox {
+                    0 => {
+                        let r: crate::RuleRecord = decode(&k, &v)?;
+                        out.push(FeedRecord::Rule {
+                            name: String::from_utf8_lossy(&k[1..]).into_owned(),
+                            rule: r.rule,
+                            stamp: r.stamp,
+                        });
+                    }
+                    1 => out.push(FeedRecord::Rule {
+                        name: String::from_utf8_lossy(&k[1..]).into_owned(),
+                        rule: None,
+                        stamp: decode(&k, &v)?,
+                    }),
+                    2 => out.push(FeedRecord::Mailbox {
                         record: decode(&k, &v)?,
                     }),
-                    1 => {
+                    3 => {
                         let meta: MessageMeta = decode(&k, &v)?;
                         inline += resync_message(kv, origin, asker, meta, &mut out)?;
                     }
-                    2 => {
+                    4 => {
                         // Of every origin: the asker records them as gone (a
                         // replayed creation then stays deleted) and can
                         // acknowledge their deletes.

@@ -103,19 +103,29 @@ fn mailboxd_bin() -> anyhow::Result<PathBuf> {
     if let Some(p) = std::env::var_os("MAILBOXD_BIN") {
         return Ok(PathBuf::from(p));
     }
+    sibling_bin("mailboxd")
+}
+
+/// The `mailbox` CLI built beside `mailboxd`, for tests that run it as a
+/// user would.
+pub fn mailbox_cli_bin() -> anyhow::Result<PathBuf> {
+    sibling_bin("mailbox")
+}
+
+fn sibling_bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // A binary (target/<profile>/mailbox-bench) sits next to mailboxd; a
     // test (target/<profile>/deps/<test>) one level below it.
     let dir = exe.parent().context("executable has no parent")?;
     let candidates = [Some(dir), dir.parent()];
     for c in candidates.into_iter().flatten() {
-        let p = c.join("mailboxd");
+        let p = c.join(name);
         if p.is_file() {
             return Ok(p);
         }
     }
     bail!(
-        "mailboxd not found next to {}: run `cargo build --workspace --bins` first (make test does), or set MAILBOXD_BIN",
+        "{name} not found next to {}: run `make build` first (make test does), or set MAILBOXD_BIN",
         exe.display()
     )
 }

@@ -5,19 +5,24 @@
 //! that every entry point (gRPC, CLI, later SFTP/FTP/HTTP) rejects the same bad
 //! input with the same message before anything is written.
 
+pub mod event;
 pub mod hlc;
 pub mod human;
 pub mod message;
 pub mod path;
 pub mod pattern;
 
+pub use event::{
+    validate_event_name, Attempt, AttemptOutcome, Event, EventId, EventMessage, EventOrdering,
+    EventRule, EventStatus, Lease, RetryPolicy, WebhookSink,
+};
 pub use hlc::{Hlc, Stamp};
 pub use human::{ByteSize, HumanDuration};
 pub use message::{
     Digest, MailboxRecord, MessageId, MessageMeta, Payload, SegmentMeta, DIGEST_LEN,
 };
 pub use path::{validate_message_name, MailboxPath, MAX_NAME_LEN, MAX_PATH_LEN};
-pub use pattern::PathPattern;
+pub use pattern::{NameGlob, PathPattern};
 
 /// Identifier of a node inside one data center's Raft group.
 pub type NodeId = u64;

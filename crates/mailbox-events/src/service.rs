@@ -1,0 +1,691 @@
+//! The `mailbox.v1.Events` gRPC service: rules, listings, leases and
+//! answers, replay and discard.
+//!
+//! Every change is a command in the DC log (see `mailbox_state::events`),
+//! proposed from whichever node the client reached; reads come from this
+//! node's applied state. A subscription is a loop on the serving node that
+//! leases due events for its consumer, never more than the consumer's
+//! in-flight cap unanswered, and sleeps on the applied index (new events,
+//! answers) or the next due time in between.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use mailbox_proto::v1 as pb;
+use mailbox_proto::v1::events_server::Events;
+use mailbox_raft::RaftNode;
+use mailbox_state::events::{self as ev, EventAck};
+use mailbox_state::{Command, CommandResult, KvRead};
+use mailbox_types::{now_ms, validate_event_name, EventId, EventStatus, MessageId};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{event_info, rule_from, rule_info};
+use crate::EventsError;
+
+/// Default in-flight cap of a subscription.
+pub const DEFAULT_IN_FLIGHT: u32 = 16;
+/// Largest in-flight cap a subscription may ask for.
+pub const MAX_IN_FLIGHT: u32 = 1000;
+/// Longest long poll of a lease request.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Largest page of a listing.
+pub const MAX_PAGE: u32 = 1000;
+
+/// The events API of one node.
+#[derive(Clone)]
+pub struct EventsService {
+    raft: RaftNode,
+}
+
+fn seed() -> u64 {
+    rand::random()
+}
+
+fn parse_event_id(s: &str) -> Result<EventId, EventsError> {
+    Ok(s.parse()?)
+}
+
+impl EventsService {
+    /// The service over this node's DC log.
+    pub fn new(raft: RaftNode) -> Self {
+        Self { raft }
+    }
+
+    fn view(&self) -> &dyn KvRead {
+        self.raft.view()
+    }
+
+    async fn write(&self, cmd: Command) -> Result<CommandResult, EventsError> {
+        Ok(self.raft.propose(cmd).await??)
+    }
+
+    /// Whether something in `queue` is due now (an event to deliver or a
+    /// lease that ran out).
+    fn due_now(&self, queue: &str) -> Result<Option<i64>, EventsError> {
+        Ok(ev::next_due(self.view(), queue)?)
+    }
+
+    /// Waits until something in `queue` is due, at most `for_at_most`;
+    /// whether it is.
+    async fn wait_due(&self, queue: &str, for_at_most: Duration) -> Result<bool, EventsError> {
+        let until = tokio::time::Instant::now() + for_at_most;
+        let mut applied = self.raft.applied_watch();
+        loop {
+            let now = now_ms();
+            let next = self.due_now(queue)?;
+            if next.is_some_and(|d| d <= now) {
+                return Ok(true);
+            }
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let nap = next
+                .map(|d| Duration::from_millis((d - now).max(1) as u64))
+                .unwrap_or(left)
+                .min(left);
+            tokio::select! {
+                r = applied.changed() => if r.is_err() { return Ok(false) },
+                _ = tokio::time::sleep(nap) => {}
+            }
+        }
+    }
+
+    /// One lease request; `request` identifies it, so that a retry of it
+    /// after an unknown outcome gets what the first attempt leased.
+    async fn lease(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: u32,
+        lease_ms: Option<u64>,
+        request: u64,
+    ) -> Result<Vec<mailbox_types::Event>, EventsError> {
+        match self
+            .write(Command::LeaseEvents {
+                queue: queue.to_string(),
+                consumer: consumer.to_string(),
+                max,
+                lease_ms,
+                now_ms: now_ms(),
+                seed: seed(),
+                request,
+            })
+            .await?
+        {
+            CommandResult::Leased { events } => Ok(events),
+            other => Err(EventsError::Internal {
+                reason: format!("unexpected result of a lease: {other:?}"),
+            }),
+        }
+    }
+
+    fn changed(r: CommandResult) -> Result<pb::ChangeEventsResponse, EventsError> {
+        match r {
+            CommandResult::EventsChanged { changed, refused } => Ok(pb::ChangeEventsResponse {
+                changed: changed.iter().map(ToString::to_string).collect(),
+                refused: refused
+                    .into_iter()
+                    .map(|(id, reason)| pb::RefusedEvent {
+                        id: id.to_string(),
+                        reason,
+                    })
+                    .collect(),
+            }),
+            other => Err(EventsError::Internal {
+                reason: format!("unexpected result: {other:?}"),
+            }),
+        }
+    }
+
+    fn list(&self, req: &pb::ListEventsRequest) -> Result<pb::ListEventsResponse, EventsError> {
+        let status = match req.status.as_str() {
+            "" => None,
+            s => Some(s.parse::<EventStatus>()?),
+        };
+        let limit = match req.limit {
+            0 => 100,
+            n => n.min(MAX_PAGE),
+        } as usize;
+        let keep = |e: &mailbox_types::Event| {
+            (req.queue.is_empty() || e.queue == req.queue)
+                && status.is_none_or(|s| e.status == s)
+                && (req.rule.is_empty() || e.rule == req.rule)
+                && (req.mailbox.is_empty() || e.message.mailbox.as_str() == req.mailbox)
+                && (req.since_ms == 0 || e.updated_ms >= req.since_ms)
+                && (req.until_ms == 0 || e.updated_ms <= req.until_ms)
+                && (req.error_contains.is_empty()
+                    || e.attempts
+                        .iter()
+                        .any(|a| a.error.contains(&req.error_contains)))
+        };
+        if !req.message_id.is_empty() {
+            let id: MessageId = req.message_id.parse()?;
+            let events: Vec<_> = ev::events_of_message(self.view(), &id)?;
+            let mut pending = Vec::new();
+            if let Some(meta) = mailbox_state::get_message(self.view(), &id)? {
+                let complete = mailbox_state::replication::complete_ms(self.view(), &id)?;
+                if complete.is_none() {
+                    for (rule, _) in ev::list_rules(self.view())? {
+                        if rule.enabled
+                            && rule.matches(&meta)
+                            && !events.iter().any(|e| e.rule == rule.name)
+                        {
+                            pending.push(rule.name);
+                        }
+                    }
+                }
+            }
+            return Ok(pb::ListEventsResponse {
+                events: events.iter().filter(|e| keep(e)).map(event_info).collect(),
+                next_after: String::new(),
+                pending_replication_rules: pending,
+            });
+        }
+        let queue = (!req.queue.is_empty()).then_some(req.queue.as_str());
+        if let Some(q) = queue {
+            validate_event_name("queue name", q)?;
+        }
+        let mut after = if req.after.is_empty() {
+            None
+        } else {
+            Some(
+                mailbox_types_hex_decode(&req.after)
+                    .ok_or_else(|| EventsError::invalid("bad `after` position"))?,
+            )
+        };
+        let mut out = Vec::new();
+        // Filters beyond queue and status apply after the index: read on,
+        // a bounded number of pages, until the page is full.
+        for _ in 0..64 {
+            let (page, next) =
+                ev::list_events(self.view(), queue, status, after.as_deref(), limit)?;
+            out.extend(page.iter().filter(|e| keep(e)).map(event_info));
+            after = next;
+            if out.len() >= limit || after.is_none() {
+                break;
+            }
+        }
+        out.truncate(limit);
+        Ok(pb::ListEventsResponse {
+            events: out,
+            next_after: after.map(|a| hex_encode(&a)).unwrap_or_default(),
+            pending_replication_rules: Vec::new(),
+        })
+    }
+}
+
+fn hex_encode(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn mailbox_types_hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::EventInfo, Status>> + Send>>;
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::EvaluateRuleProgress, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Events for EventsService {
+    #[tracing::instrument(level = "info", skip_all, fields(rule = %req.get_ref().rule.as_ref().map(|r| r.name.as_str()).unwrap_or("")))]
+    async fn put_rule(
+        &self,
+        req: Request<pb::PutRuleRequest>,
+    ) -> Result<Response<pb::PutRuleResponse>, Status> {
+        let mut rule = req
+            .into_inner()
+            .rule
+            .ok_or_else(|| EventsError::invalid("no rule given"))?;
+        // Secrets are never read back: a rule changed from a listing
+        // (enable, disable) keeps the ones it has for the same URL.
+        if !rule.webhook_url.is_empty() && rule.webhook_secrets.is_empty() {
+            if let Some(old) = ev::get_rule(self.view(), &rule.name)
+                .map_err(EventsError::from)?
+                .and_then(|r| r.webhook)
+                .filter(|w| w.url == rule.webhook_url)
+            {
+                rule.webhook_secrets = old.secrets;
+            }
+        }
+        let rule = rule_from(rule)?;
+        let name = rule.name.clone();
+        self.write(Command::PutRule {
+            rule,
+            wall_ms: now_ms(),
+        })
+        .await?;
+        let stored = ev::list_rules(self.view())
+            .map_err(EventsError::from)?
+            .into_iter()
+            .find(|(r, _)| r.name == name);
+        Ok(Response::new(pb::PutRuleResponse {
+            rule: stored.map(|(r, s)| rule_info(&r, Some(&s))),
+        }))
+    }
+
+    #[tracing::instrument(level = "info", skip_all, fields(rule = %req.get_ref().name))]
+    async fn delete_rule(
+        &self,
+        req: Request<pb::DeleteRuleRequest>,
+    ) -> Result<Response<pb::DeleteRuleResponse>, Status> {
+        let name = req.into_inner().name;
+        validate_event_name("rule name", &name).map_err(EventsError::from)?;
+        self.write(Command::DeleteRule {
+            name,
+            wall_ms: now_ms(),
+        })
+        .await?;
+        Ok(Response::new(pb::DeleteRuleResponse {}))
+    }
+
+    async fn list_rules(
+        &self,
+        _req: Request<pb::ListRulesRequest>,
+    ) -> Result<Response<pb::ListRulesResponse>, Status> {
+        let rules = ev::list_rules(self.view()).map_err(EventsError::from)?;
+        Ok(Response::new(pb::ListRulesResponse {
+            rules: rules.iter().map(|(r, s)| rule_info(r, Some(s))).collect(),
+        }))
+    }
+
+    type EvaluateRuleStream = ProgressStream;
+
+    #[tracing::instrument(level = "info", skip_all, fields(rule = %req.get_ref().name))]
+    async fn evaluate_rule(
+        &self,
+        req: Request<pb::EvaluateRuleRequest>,
+    ) -> Result<Response<Self::EvaluateRuleStream>, Status> {
+        let req = req.into_inner();
+        validate_event_name("rule name", &req.name).map_err(EventsError::from)?;
+        if ev::get_rule(self.view(), &req.name)
+            .map_err(EventsError::from)?
+            .is_none()
+        {
+            return Err(EventsError::NotFound {
+                what: format!("rule {}", req.name),
+            }
+            .into());
+        }
+        let page = match req.page {
+            0 => 1000,
+            n => n.min(ev::MAX_EVALUATE_BATCH),
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let (mut scanned, mut added, mut after) = (0u64, 0u64, None);
+            loop {
+                let r = this
+                    .write(Command::EvaluateRule {
+                        name: req.name.clone(),
+                        after,
+                        limit: page,
+                        now_ms: now_ms(),
+                    })
+                    .await;
+                let (s, a, next) = match r {
+                    Ok(CommandResult::Evaluated {
+                        scanned,
+                        added,
+                        next,
+                    }) => (scanned, added, next),
+                    Ok(other) => {
+                        let e = EventsError::Internal {
+                            reason: format!("unexpected result of an evaluation: {other:?}"),
+                        };
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                scanned += s;
+                added += a;
+                after = next;
+                let done = after.is_none();
+                let progress = pb::EvaluateRuleProgress {
+                    scanned,
+                    added,
+                    done,
+                };
+                if tx.send(Ok(progress)).await.is_err() || done {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_events(
+        &self,
+        req: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        Ok(Response::new(self.list(req.get_ref())?))
+    }
+
+    async fn get_event(
+        &self,
+        req: Request<pb::GetEventRequest>,
+    ) -> Result<Response<pb::EventInfo>, Status> {
+        let id = parse_event_id(&req.get_ref().id)?;
+        match ev::get_event(self.view(), &id).map_err(EventsError::from)? {
+            Some(e) => Ok(Response::new(event_info(&e))),
+            None => Err(EventsError::NotFound {
+                what: format!("event {id}"),
+            }
+            .into()),
+        }
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(queue = %req.get_ref().queue))]
+    async fn lease(
+        &self,
+        req: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let req = req.into_inner();
+        validate_event_name("queue name", &req.queue).map_err(EventsError::from)?;
+        let lease_ms = (req.lease_ms > 0).then_some(req.lease_ms);
+        if let Some(ms) = lease_ms {
+            if !(1_000..=mailbox_types::event::MAX_LEASE_MS).contains(&ms) {
+                return Err(EventsError::invalid("lease must be within 1s..=12h").into());
+            }
+        }
+        let max = req.max.clamp(1, ev::MAX_LEASE_BATCH);
+        let wait = Duration::from_millis(req.wait_ms).min(MAX_WAIT);
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            let events = self
+                .lease(&req.queue, &req.consumer, max, lease_ms, seed())
+                .await?;
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if !events.is_empty() || left.is_zero() {
+                return Ok(Response::new(pb::LeaseResponse {
+                    events: events.iter().map(event_info).collect(),
+                }));
+            }
+            if !self.wait_due(&req.queue, left).await? {
+                return Ok(Response::new(pb::LeaseResponse { events: vec![] }));
+            }
+        }
+    }
+
+    type SubscribeStream = EventStream;
+
+    #[tracing::instrument(level = "info", skip_all, fields(queue = %req.get_ref().queue, consumer = %req.get_ref().consumer))]
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = req.into_inner();
+        validate_event_name("queue name", &req.queue).map_err(EventsError::from)?;
+        let cap = match req.max_in_flight {
+            0 => DEFAULT_IN_FLIGHT,
+            n => n.min(MAX_IN_FLIGHT),
+        } as usize;
+        let lease_ms = (req.lease_ms > 0).then_some(req.lease_ms);
+        if let Some(ms) = lease_ms {
+            if !(1_000..=mailbox_types::event::MAX_LEASE_MS).contains(&ms) {
+                return Err(EventsError::invalid("lease must be within 1s..=12h").into());
+            }
+        }
+        if req.consumer.is_empty() {
+            return Err(EventsError::invalid("a subscription needs a consumer name").into());
+        }
+        let (tx, rx) = mpsc::channel(cap);
+        let this = self.clone();
+        tokio::spawn(async move {
+            // Delivered and not answered yet (as far as this node has applied).
+            let mut in_flight: HashMap<EventId, u32> = HashMap::new();
+            let mut applied = this.raft.applied_watch();
+            // The id of the lease request under way: kept across retries
+            // of one request, new for the next.
+            let mut request = seed();
+            loop {
+                in_flight.retain(|id, attempt| {
+                    ev::get_event(this.view(), id)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|e| {
+                            e.status == EventStatus::Processing && e.deliveries == *attempt
+                        })
+                });
+                let room = cap.saturating_sub(in_flight.len());
+                let due = room > 0
+                    && match this.due_now(&req.queue) {
+                        Ok(d) => d.is_some_and(|d| d <= now_ms()),
+                        Err(e) => {
+                            let _ = tx.send(Err(e.into())).await;
+                            return;
+                        }
+                    };
+                if !due {
+                    // Answers and new events arrive as applied entries; a
+                    // backoff ends on the clock.
+                    let nap = match this.due_now(&req.queue) {
+                        Ok(Some(d)) => Duration::from_millis((d - now_ms()).clamp(1, 1000) as u64),
+                        _ => Duration::from_secs(1),
+                    };
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        r = applied.changed() => if r.is_err() { return },
+                        _ = tokio::time::sleep(nap) => {}
+                    }
+                    continue;
+                }
+                match this
+                    .lease(&req.queue, &req.consumer, room as u32, lease_ms, request)
+                    .await
+                {
+                    Ok(events) => {
+                        request = seed();
+                        for e in events {
+                            in_flight.insert(e.id, e.deliveries);
+                            if tx.send(Ok(event_info(&e))).await.is_err() {
+                                // The consumer left: what it was given
+                                // expires and is delivered again.
+                                return;
+                            }
+                        }
+                    }
+                    Err(EventsError::Unavailable { reason }) => {
+                        tracing::debug!("lease for a subscription: {reason}; retrying");
+                        tokio::select! {
+                            _ = tx.closed() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    #[tracing::instrument(level = "debug", skip_all, fields(id = %req.get_ref().id, attempt = req.get_ref().attempt))]
+    async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::EventInfo>, Status> {
+        let req = req.into_inner();
+        let id = parse_event_id(&req.id)?;
+        let ack = match req.outcome.as_str() {
+            "complete" => EventAck::Complete,
+            "retry" => EventAck::Retry {
+                delay_ms: req.delay_ms,
+                reason: req.reason,
+            },
+            "fail" => {
+                if req.reason.is_empty() {
+                    return Err(EventsError::invalid("fail needs a reason").into());
+                }
+                EventAck::Fail { reason: req.reason }
+            }
+            "progress" => EventAck::Progress {
+                lease_ms: req.delay_ms.filter(|d| *d > 0),
+            },
+            other => {
+                return Err(EventsError::invalid(format!(
+                    "outcome {other:?}: use complete, retry, fail or progress"
+                ))
+                .into())
+            }
+        };
+        match self
+            .write(Command::AckEvent {
+                id,
+                attempt: req.attempt,
+                consumer: req.consumer,
+                ack,
+                now_ms: now_ms(),
+                seed: seed(),
+            })
+            .await?
+        {
+            CommandResult::EventUpdated { event } => Ok(Response::new(event_info(&event))),
+            other => Err(EventsError::Internal {
+                reason: format!("unexpected result of an answer: {other:?}"),
+            }
+            .into()),
+        }
+    }
+
+    #[tracing::instrument(level = "info", skip_all, fields(n = req.get_ref().ids.len()))]
+    async fn replay(
+        &self,
+        req: Request<pb::ReplayRequest>,
+    ) -> Result<Response<pb::ChangeEventsResponse>, Status> {
+        let req = req.into_inner();
+        let ids = req
+            .ids
+            .iter()
+            .map(|s| parse_event_id(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = self
+            .write(Command::ReplayEvents {
+                ids,
+                force: req.force,
+                now_ms: now_ms(),
+            })
+            .await?;
+        Ok(Response::new(Self::changed(r)?))
+    }
+
+    #[tracing::instrument(level = "info", skip_all, fields(n = req.get_ref().ids.len()))]
+    async fn discard(
+        &self,
+        req: Request<pb::DiscardRequest>,
+    ) -> Result<Response<pb::ChangeEventsResponse>, Status> {
+        let req = req.into_inner();
+        if req.reason.trim().is_empty() {
+            return Err(EventsError::invalid("discard needs a reason (it is kept)").into());
+        }
+        let ids = req
+            .ids
+            .iter()
+            .map(|s| parse_event_id(s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let r = self
+            .write(Command::DiscardEvents {
+                ids,
+                reason: req.reason,
+                now_ms: now_ms(),
+            })
+            .await?;
+        Ok(Response::new(Self::changed(r)?))
+    }
+
+    async fn queue_stats(
+        &self,
+        _req: Request<pb::QueueStatsRequest>,
+    ) -> Result<Response<pb::QueueStatsResponse>, Status> {
+        let queues = ev::queue_counts(self.view()).map_err(EventsError::from)?;
+        Ok(Response::new(pb::QueueStatsResponse {
+            queues: queues
+                .into_iter()
+                .map(|(queue, c)| pb::QueueStats {
+                    queue,
+                    raised: c.raised,
+                    pending: c.pending,
+                    processing: c.processing,
+                    complete: c.complete,
+                    failed: c.failed,
+                    discarded: c.discarded,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// Settles leases that ran out, on the leader, about once a second: an
+/// abandoned event is retried or dead-lettered even when no consumer asks
+/// for its queue. (A proposal, so a deposed leader's attempt simply does
+/// not commit.) Ends when `shutdown` flips to true.
+pub async fn expire_leases(raft: RaftNode, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        if !raft.is_leader() {
+            continue;
+        }
+        // Oldest first, a bounded number per entry; again at once while
+        // more are due (a burst of abandoned leases clears in one tick).
+        loop {
+            let due = match ev::earliest_lease_end(raft.view()) {
+                Ok(d) => d.is_some_and(|d| d <= now_ms()),
+                Err(e) => {
+                    tracing::warn!("reading running leases: {e}");
+                    break;
+                }
+            };
+            if !due || !raft.is_leader() {
+                break;
+            }
+            match raft
+                .propose(Command::ExpireLeases {
+                    now_ms: now_ms(),
+                    seed: seed(),
+                })
+                .await
+            {
+                Ok(Ok(CommandResult::Expired { count, more })) => {
+                    if count > 0 {
+                        tracing::info!(
+                            count,
+                            "leases ran out without an answer: retried or dead-lettered"
+                        );
+                    }
+                    if !more {
+                        break;
+                    }
+                }
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!("settling expired leases: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!("settling expired leases: {e}");
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,908 @@
+//! Event rules and events in the state machine: raised exactly once, only
+//! when every DC holds the message; leases, answers, backoff within its
+//! bounds, dead-lettering, replay and per-mailbox order.
+
+use std::collections::BTreeMap;
+
+use mailbox_types::{
+    AttemptOutcome, Digest, EventId, EventOrdering, EventRule, EventStatus, MailboxPath, MessageId,
+    MessageMeta, Payload, RetryPolicy,
+};
+
+use super::*;
+use crate::replication::{feed_since, ApplyCtx};
+use crate::{apply, Command, CommandResponse, CommandResult, MemKv, Overlay, StateError};
+
+struct Dc {
+    kv: MemKv,
+    ctx: ApplyCtx,
+    requests: u64,
+}
+
+impl Dc {
+    fn new(name: &str, dcs: &[&str]) -> Self {
+        let mut dc = Dc {
+            kv: MemKv::default(),
+            ctx: ApplyCtx::new(name),
+            requests: 0,
+        };
+        dc.run(Command::SetClusterDcs {
+            dcs: dcs.iter().map(|d| d.to_string()).collect(),
+        })
+        .unwrap();
+        for p in ["/in", "/in/sub", "/other"] {
+            dc.run(Command::CreateMailbox {
+                path: mb(p),
+                parents: true,
+                created_ms: 1,
+            })
+            .unwrap();
+        }
+        dc
+    }
+
+    fn run(&mut self, cmd: Command) -> CommandResponse {
+        let mut ov = Overlay::new();
+        let r = apply(&self.kv, &mut ov, &self.ctx, &cmd);
+        if r.is_err() {
+            assert!(ov.is_empty(), "refused command wrote {} keys", ov.len());
+        }
+        self.kv.commit(ov);
+        r
+    }
+
+    fn pull(&mut self, from: &Dc) -> u64 {
+        let since = crate::replication::cursor(&self.kv, &from.ctx.local_dc).unwrap();
+        let records = feed_since(&from.kv, since, 1000).unwrap();
+        match self
+            .run(Command::ApplyRemote {
+                origin: from.ctx.local_dc.clone(),
+                records,
+                received_ms: 1000,
+                payload_here: vec![],
+                identity: String::new(),
+            })
+            .unwrap()
+        {
+            CommandResult::Remote { applied, .. } => applied,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn put(&mut self, mailbox: &str, name: &str, at_ms: i64) -> MessageMeta {
+        let m = MessageMeta {
+            id: MessageId::new(),
+            mailbox: mb(mailbox),
+            name: name.into(),
+            size: 3,
+            sha256: Digest::of(b"abc"),
+            created_ms: at_ms,
+            origin_dc: self.ctx.local_dc.clone(),
+            attributes: BTreeMap::new(),
+            payload: Payload::Inline,
+        };
+        self.put_meta(&m).unwrap();
+        m
+    }
+
+    fn put_meta(&mut self, m: &MessageMeta) -> CommandResponse {
+        self.run(Command::PutMessage {
+            meta: m.clone(),
+            inline: Some(b"abc".to_vec()),
+            idempotency_key: None,
+        })
+    }
+
+    fn rule(&mut self, rule: EventRule, wall_ms: i64) {
+        self.run(Command::PutRule { rule, wall_ms }).unwrap();
+    }
+
+    fn lease(&mut self, queue: &str, consumer: &str, max: u32, now_ms: i64) -> Vec<Event> {
+        self.requests += 1;
+        let request = self.requests;
+        self.lease_as(queue, consumer, max, now_ms, request)
+    }
+
+    fn lease_as(
+        &mut self,
+        queue: &str,
+        consumer: &str,
+        max: u32,
+        now_ms: i64,
+        request: u64,
+    ) -> Vec<Event> {
+        match self
+            .run(Command::LeaseEvents {
+                queue: queue.into(),
+                consumer: consumer.into(),
+                max,
+                lease_ms: None,
+                now_ms,
+                seed: now_ms as u64 ^ 0x5eed,
+                request,
+            })
+            .unwrap()
+        {
+            CommandResult::Leased { events } => events,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn ack(&mut self, ev: &Event, ack: EventAck, now_ms: i64) -> CommandResponse {
+        self.run(Command::AckEvent {
+            id: ev.id,
+            attempt: ev.deliveries,
+            consumer: "c1".into(),
+            ack,
+            now_ms,
+            seed: now_ms as u64,
+        })
+    }
+
+    fn event(&self, id: &EventId) -> Event {
+        get_event(&self.kv, id).unwrap().unwrap()
+    }
+}
+
+fn mb(p: &str) -> MailboxPath {
+    MailboxPath::parse(p).unwrap()
+}
+
+fn rule(name: &str, mailbox: &str, queue: &str) -> EventRule {
+    let mut r = EventRule::new(name, mb(mailbox), queue);
+    r.retry = RetryPolicy {
+        max_attempts: 3,
+        initial_backoff_ms: 100,
+        max_backoff_ms: 1_000,
+        lease_ms: 1_000,
+    };
+    r
+}
+
+#[test]
+fn one_event_per_matching_rule_raised_once_at_completion() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    let mut csv = rule("csv", "/in", "q2");
+    csv.include = vec!["*.csv".into()];
+    csv.subtree = true;
+    east.rule(csv, 11);
+    let mut off = rule("off", "/in", "q");
+    off.enabled = false;
+    east.rule(off, 12);
+
+    let a = east.put("/in", "a.csv", 100);
+    let b = east.put("/in/sub", "b.txt", 101);
+    let c = east.put("/in/sub", "c.csv", 102);
+    let names = |m: &MessageMeta| -> Vec<String> {
+        events_of_message(&east.kv, &m.id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.rule)
+            .collect()
+    };
+    let mut got = names(&a);
+    got.sort();
+    assert_eq!(got, ["all", "csv"]);
+    assert!(names(&b).is_empty(), "not in /in, not *.csv");
+    assert_eq!(names(&c), ["csv"]);
+
+    // A replayed proposal (a forward retried) raises nothing more.
+    east.put_meta(&a).unwrap();
+    assert_eq!(events_of_message(&east.kv, &a.id).unwrap().len(), 2);
+    let counts: BTreeMap<_, _> = queue_counts(&east.kv).unwrap().into_iter().collect();
+    assert_eq!(counts["q"].raised, 1);
+    assert_eq!(counts["q"].pending, 1);
+    assert_eq!(counts["q2"].raised, 2);
+    let ev = &events_of_message(&east.kv, &a.id).unwrap()[0];
+    assert_eq!(ev.id, EventId::for_message(&a.id, &ev.rule));
+    assert_eq!(ev.message.sha256, a.sha256);
+    assert_eq!(ev.status, EventStatus::Pending);
+}
+
+#[test]
+fn nothing_is_raised_before_every_dc_holds_the_message_and_only_at_the_origin() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    // The rule replicates: west learns it through east's feed.
+    west.pull(&east);
+    assert_eq!(list_rules(&west.kv).unwrap().len(), 1);
+    let m = east.put("/in", "x", 100);
+    assert!(events_of_message(&east.kv, &m.id).unwrap().is_empty());
+    assert!(east.lease("q", "c", 10, 5_000).is_empty());
+    west.pull(&east); // west holds it now and says so in its feed
+    assert!(events_of_message(&east.kv, &m.id).unwrap().is_empty());
+    east.pull(&west);
+    let evs = events_of_message(&east.kv, &m.id).unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].complete_ms, 1000, "the latest of the holders' times");
+    // Pulling again, and west's own view: still one, and none at west.
+    east.pull(&west);
+    west.pull(&east);
+    assert_eq!(events_of_message(&east.kv, &m.id).unwrap().len(), 1);
+    assert!(events_of_message(&west.kv, &m.id).unwrap().is_empty());
+}
+
+#[test]
+fn rules_converge_last_writer_wins_and_deletes_stay_deleted() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut r1 = rule("r", "/in", "from-east");
+    east.rule(r1.clone(), 100);
+    let r2 = rule("r", "/in", "from-west");
+    west.rule(r2, 200);
+    east.pull(&west);
+    west.pull(&east);
+    for dc in [&east, &west] {
+        assert_eq!(get_rule(&dc.kv, "r").unwrap().unwrap().queue, "from-west");
+    }
+    // A delete in east (stamped above everything east has seen) wins, and a
+    // late copy of an older write does not bring the rule back.
+    east.run(Command::DeleteRule {
+        name: "r".into(),
+        wall_ms: 150,
+    })
+    .unwrap();
+    west.pull(&east);
+    for dc in [&east, &west] {
+        assert!(get_rule(&dc.kv, "r").unwrap().is_none());
+    }
+    r1.queue = "stale".into();
+    let old = Stamp::new(mailbox_types::Hlc::at(50), "east");
+    let mut ov = Overlay::new();
+    set_rule_remote(&west.kv, &mut ov, "r", Some(&r1), &old).unwrap();
+    west.kv.commit(ov);
+    assert!(get_rule(&west.kv, "r").unwrap().is_none());
+    // Deleting again is the same success; a rule that never was is not found.
+    assert!(east
+        .run(Command::DeleteRule {
+            name: "r".into(),
+            wall_ms: 300
+        })
+        .is_ok());
+    assert!(matches!(
+        east.run(Command::DeleteRule {
+            name: "never".into(),
+            wall_ms: 300
+        }),
+        Err(StateError::RuleNotFound { .. })
+    ));
+    // A bad rule is refused by the state machine too.
+    let mut bad = rule("bad", "/in", "q");
+    bad.include = vec!["[oops".into()];
+    assert!(matches!(
+        east.run(Command::PutRule {
+            rule: bad,
+            wall_ms: 1
+        }),
+        Err(StateError::Invalid { .. })
+    ));
+}
+
+#[test]
+fn a_lease_goes_to_one_consumer_and_complete_ends_it() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    east.put("/in", "x", 100);
+    let got = east.lease("q", "c1", 10, 1_000);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].deliveries, 1);
+    assert_eq!(got[0].status, EventStatus::Processing);
+    assert!(
+        east.lease("q", "c2", 10, 1_001).is_empty(),
+        "leased already"
+    );
+    let done = east.ack(&got[0], EventAck::Complete, 1_500).unwrap();
+    let CommandResult::EventUpdated { event } = done else {
+        panic!()
+    };
+    assert_eq!(event.status, EventStatus::Complete);
+    assert_eq!(event.failures, 0);
+    assert_eq!(event.attempts[0].outcome, Some(AttemptOutcome::Complete));
+    // The same answer again (a retried proposal) is the same success;
+    // another answer finds the lease gone. Nothing changes either way.
+    assert!(matches!(
+        east.ack(&got[0], EventAck::Complete, 1_600),
+        Ok(CommandResult::EventUpdated { event }) if event.status == EventStatus::Complete
+    ));
+    assert!(matches!(
+        east.ack(
+            &got[0],
+            EventAck::Retry {
+                delay_ms: None,
+                reason: String::new()
+            },
+            1_600
+        ),
+        Err(StateError::LeaseLost { .. })
+    ));
+    assert!(east.lease("q", "c2", 10, 99_000).is_empty());
+    let counts: BTreeMap<_, _> = queue_counts(&east.kv).unwrap().into_iter().collect();
+    assert_eq!((counts["q"].pending, counts["q"].complete), (0, 1));
+}
+
+#[test]
+fn retries_back_off_within_the_policy_then_dead_letter_with_every_attempt() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10); // 3 attempts, 100 ms doubling to 1 s
+    east.put("/in", "x", 100);
+    let mut now = 1_000;
+    let mut id = None;
+    for n in 1..=3u32 {
+        let got = east.lease("q", "c1", 1, now);
+        assert_eq!(got.len(), 1, "delivery {n}");
+        assert_eq!(got[0].deliveries, n);
+        id = Some(got[0].id);
+        east.ack(
+            &got[0],
+            EventAck::Retry {
+                delay_ms: None,
+                reason: format!("downstream busy {n}"),
+            },
+            now,
+        )
+        .unwrap();
+        let ev = east.event(&got[0].id);
+        if n < 3 {
+            assert_eq!(ev.status, EventStatus::Pending);
+            let cap = 100 << (n - 1);
+            assert!(
+                ev.due_ms >= now && ev.due_ms <= now + cap,
+                "retry {n} due {} not within [{now}, {}]",
+                ev.due_ms,
+                now + cap
+            );
+            if ev.due_ms > now {
+                assert!(
+                    east.lease("q", "c1", 1, ev.due_ms - 1).is_empty(),
+                    "not before it is due"
+                );
+            }
+            now = ev.due_ms;
+        }
+    }
+    let ev = east.event(&id.unwrap());
+    assert_eq!(ev.status, EventStatus::Failed);
+    assert_eq!(ev.attempts.len(), 3);
+    for (i, a) in ev.attempts.iter().enumerate() {
+        assert_eq!(a.number, i as u32 + 1);
+        assert_eq!(a.outcome, Some(AttemptOutcome::Retry));
+        assert_eq!(a.error, format!("downstream busy {}", i + 1));
+        assert_eq!(a.consumer, "c1");
+    }
+    let (dlq, _) = list_events(&east.kv, Some("q"), Some(EventStatus::Failed), None, 10).unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert!(east.lease("q", "c1", 1, now + 1_000_000).is_empty());
+}
+
+#[test]
+fn the_jitter_spreads_over_the_whole_window() {
+    // Full jitter: over many events the waits cover [0, cap], not one point.
+    let mut east = Dc::new("east", &["east"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 10;
+    r.retry.initial_backoff_ms = 10_000;
+    r.retry.max_backoff_ms = 10_000;
+    east.rule(r, 10);
+    for i in 0..200 {
+        east.put("/in", &format!("m{i}"), 100);
+    }
+    let got = east.lease("q", "c", 1000, 1_000);
+    assert_eq!(got.len(), 200);
+    let mut waits = Vec::new();
+    for ev in &got {
+        east.ack(
+            ev,
+            EventAck::Retry {
+                delay_ms: None,
+                reason: String::new(),
+            },
+            2_000,
+        )
+        .unwrap();
+        waits.push(east.event(&ev.id).due_ms - 2_000);
+    }
+    assert!(waits.iter().all(|w| (0..=10_000).contains(w)));
+    let low = waits.iter().filter(|w| **w < 2_500).count();
+    let high = waits.iter().filter(|w| **w > 7_500).count();
+    assert!(low > 20 && high > 20, "low {low}, high {high}: {waits:?}");
+}
+
+#[test]
+fn an_expired_lease_is_a_failure_and_a_late_answer_changes_nothing() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10); // lease 1 s
+    east.put("/in", "x", 100);
+    let first = east.lease("q", "killed", 1, 1_000).remove(0);
+    assert!(east.lease("q", "c2", 1, 1_999).is_empty(), "still leased");
+    // At the lease's end the next lease call settles it: a failure, backed
+    // off from the lease's end.
+    assert!(east.lease("q", "c2", 1, 2_000).is_empty());
+    let ev = east.event(&first.id);
+    assert_eq!(ev.status, EventStatus::Pending);
+    assert_eq!(ev.failures, 1);
+    assert!(ev.due_ms >= 2_000 && ev.due_ms <= 2_100);
+    assert_eq!(ev.attempts[0].outcome, Some(AttemptOutcome::Expired));
+    let second = east.lease("q", "c2", 1, ev.due_ms).remove(0);
+    assert_eq!(second.id, first.id, "same id");
+    assert_eq!(second.deliveries, 2, "attempt + 1");
+    // A late retry or fail for the expired delivery changes nothing.
+    assert!(matches!(
+        east.ack(
+            &first,
+            EventAck::Fail {
+                reason: "late".into()
+            },
+            2_200
+        ),
+        Err(StateError::LeaseLost { attempt: 1, .. })
+    ));
+    assert_eq!(east.event(&first.id).status, EventStatus::Processing);
+    east.ack(&second, EventAck::Complete, 2_300).unwrap();
+    assert_eq!(east.event(&first.id).status, EventStatus::Complete);
+    // The same answer again (a retried proposal) is the same success.
+    let again = east.ack(&second, EventAck::Complete, 2_400).unwrap();
+    assert!(
+        matches!(again, CommandResult::EventUpdated { event } if event.status == EventStatus::Complete)
+    );
+}
+
+#[test]
+fn a_late_complete_after_the_lease_ran_out_completes_the_event() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    east.put("/in", "x", 100);
+    let first = east.lease("q", "slow", 1, 1_000).remove(0);
+    east.run(Command::ExpireLeases {
+        now_ms: 2_000,
+        seed: 1,
+    })
+    .unwrap();
+    let due = east.event(&first.id).due_ms;
+    let second = east.lease("q", "c2", 1, due).remove(0);
+    assert_eq!(second.deliveries, 2);
+    // The slow consumer finishes after all: the event is complete, and the
+    // second delivery's own complete is the same success.
+    east.ack(&first, EventAck::Complete, due + 10).unwrap();
+    let ev = east.event(&first.id);
+    assert_eq!(ev.status, EventStatus::Complete);
+    assert_eq!(ev.attempts[1].outcome, Some(AttemptOutcome::Complete));
+    east.ack(&second, EventAck::Complete, due + 20).unwrap();
+    assert!(east.lease("q", "c3", 1, due + 1_000_000).is_empty());
+}
+
+#[test]
+fn progress_keeps_a_long_job_and_receiving_costs_no_attempt() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10); // lease 1 s, 3 attempts
+    east.put("/in", "x", 100);
+    let ev = east.lease("q", "slow", 1, 1_000).remove(0);
+    let mut now = 1_000;
+    for _ in 0..10 {
+        now += 900;
+        east.ack(&ev, EventAck::Progress { lease_ms: None }, now)
+            .unwrap();
+        assert!(east.lease("q", "other", 1, now + 500).is_empty());
+        // The sweep does not take it either.
+        east.run(Command::ExpireLeases {
+            now_ms: now + 500,
+            seed: 1,
+        })
+        .unwrap();
+    }
+    east.ack(&ev, EventAck::Complete, now + 100).unwrap();
+    let done = east.event(&ev.id);
+    assert_eq!(done.status, EventStatus::Complete);
+    assert_eq!((done.deliveries, done.failures), (1, 0));
+}
+
+#[test]
+fn the_sweep_settles_abandoned_leases_in_every_queue() {
+    let mut east = Dc::new("east", &["east"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 1;
+    east.rule(r, 10);
+    east.put("/in", "x", 100);
+    let ev = east.lease("q", "gone", 1, 1_000).remove(0);
+    let r = east
+        .run(Command::ExpireLeases {
+            now_ms: 2_000,
+            seed: 7,
+        })
+        .unwrap();
+    assert!(matches!(r, CommandResult::Expired { count: 1, .. }));
+    assert_eq!(east.event(&ev.id).status, EventStatus::Failed);
+}
+
+#[test]
+fn fail_dead_letters_at_once_and_replay_keeps_the_id_and_counts_on() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    east.put("/in", "x", 100);
+    let ev = east.lease("q", "c1", 1, 1_000).remove(0);
+    east.ack(
+        &ev,
+        EventAck::Fail {
+            reason: "bad EDI envelope".into(),
+        },
+        1_100,
+    )
+    .unwrap();
+    let dead = east.event(&ev.id);
+    assert_eq!(dead.status, EventStatus::Failed);
+    assert_eq!(dead.attempts[0].error, "bad EDI envelope");
+    // Replay: same id, next delivery number, a fresh budget.
+    let r = east
+        .run(Command::ReplayEvents {
+            ids: vec![ev.id],
+            force: false,
+            now_ms: 5_000,
+        })
+        .unwrap();
+    assert!(
+        matches!(&r, CommandResult::EventsChanged { changed, refused } if changed == &[ev.id] && refused.is_empty())
+    );
+    let again = east.lease("q", "c1", 1, 5_000).remove(0);
+    assert_eq!(again.id, ev.id);
+    assert_eq!(again.deliveries, 2);
+    for i in 0..2 {
+        let cur = east.event(&ev.id);
+        assert_eq!(cur.status, EventStatus::Processing, "retry {i}");
+        east.ack(
+            &cur,
+            EventAck::Retry {
+                delay_ms: Some(0),
+                reason: "again".into(),
+            },
+            6_000,
+        )
+        .unwrap();
+        east.lease("q", "c1", 1, 6_000);
+    }
+    // Two retries after the replay: within the budget of 3.
+    assert_eq!(east.event(&ev.id).status, EventStatus::Processing);
+    let cur = east.event(&ev.id);
+    east.ack(&cur, EventAck::Complete, 6_100).unwrap();
+    // Replaying a complete event needs force.
+    let r = east
+        .run(Command::ReplayEvents {
+            ids: vec![ev.id],
+            force: false,
+            now_ms: 7_000,
+        })
+        .unwrap();
+    assert!(
+        matches!(&r, CommandResult::EventsChanged { changed, refused } if changed.is_empty() && refused[0].1.contains("--force"))
+    );
+    let r = east
+        .run(Command::ReplayEvents {
+            ids: vec![ev.id],
+            force: true,
+            now_ms: 7_000,
+        })
+        .unwrap();
+    assert!(matches!(&r, CommandResult::EventsChanged { changed, .. } if changed.len() == 1));
+    let forced = east.lease("q", "c1", 1, 7_000).remove(0);
+    assert_eq!((forced.id, forced.deliveries), (ev.id, 5));
+}
+
+#[test]
+fn discard_keeps_the_event_with_its_reason() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    east.put("/in", "x", 100);
+    let ev = east.lease("q", "c1", 1, 1_000).remove(0);
+    let r = east
+        .run(Command::DiscardEvents {
+            ids: vec![ev.id],
+            reason: "no".into(),
+            now_ms: 1,
+        })
+        .unwrap();
+    assert!(
+        matches!(&r, CommandResult::EventsChanged { refused, .. } if refused.len() == 1),
+        "not dead-lettered"
+    );
+    east.ack(&ev, EventAck::Fail { reason: "x".into() }, 1_100)
+        .unwrap();
+    east.run(Command::DiscardEvents {
+        ids: vec![ev.id],
+        reason: "partner withdrew the file".into(),
+        now_ms: 2_000,
+    })
+    .unwrap();
+    let d = east.event(&ev.id);
+    assert_eq!(d.status, EventStatus::Discarded);
+    assert_eq!(d.note, "partner withdrew the file");
+    let (dlq, _) = list_events(&east.kv, None, Some(EventStatus::Failed), None, 10).unwrap();
+    assert!(dlq.is_empty());
+}
+
+#[test]
+fn per_mailbox_order_delivers_a_mailboxs_next_event_only_after_the_previous() {
+    let mut east = Dc::new("east", &["east"]);
+    let mut r = rule("ordered", "/in", "q");
+    r.subtree = true;
+    r.ordering = EventOrdering::PerMailbox;
+    east.rule(r, 10);
+    let a1 = east.put("/in", "1", 100);
+    let a2 = east.put("/in", "2", 101);
+    let a3 = east.put("/in", "3", 102);
+    let b1 = east.put("/in/sub", "1", 103);
+    // Two consumers asking for many: one event per mailbox.
+    let got = east.lease("q", "c1", 10, 1_000);
+    let ids: Vec<_> = got.iter().map(|e| e.message.id).collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&a1.id) && ids.contains(&b1.id));
+    assert!(east.lease("q", "c2", 10, 1_000).is_empty());
+    let e1 = got.iter().find(|e| e.message.id == a1.id).unwrap();
+    // A retry of the first keeps the rest waiting.
+    east.ack(
+        e1,
+        EventAck::Retry {
+            delay_ms: Some(0),
+            reason: "later".into(),
+        },
+        1_100,
+    )
+    .unwrap();
+    let again = east.lease("q", "c2", 10, 1_100);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message.id, a1.id);
+    east.ack(&again[0], EventAck::Complete, 1_200).unwrap();
+    let next = east.lease("q", "c2", 10, 1_200);
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].message.id, a2.id);
+    // Dead-lettering also lets the next one go.
+    east.ack(&next[0], EventAck::Fail { reason: "x".into() }, 1_300)
+        .unwrap();
+    let last = east.lease("q", "c2", 10, 1_300);
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].message.id, a3.id);
+}
+
+#[test]
+fn evaluate_raises_only_what_is_missing() {
+    let mut east = Dc::new("east", &["east"]);
+    let before: Vec<_> = (0..5)
+        .map(|i| east.put("/in", &format!("m{i}"), 100))
+        .collect();
+    east.put("/other", "o", 100);
+    east.rule(rule("late", "/in", "q"), 10);
+    let after = east.put("/in", "new", 200);
+    assert_eq!(events_of_message(&east.kv, &after.id).unwrap().len(), 1);
+    let mut added = 0;
+    let mut from = None;
+    loop {
+        let r = east
+            .run(Command::EvaluateRule {
+                name: "late".into(),
+                after: from,
+                limit: 2,
+                now_ms: 300,
+            })
+            .unwrap();
+        let CommandResult::Evaluated { added: a, next, .. } = r else {
+            panic!()
+        };
+        added += a;
+        from = next;
+        if from.is_none() {
+            break;
+        }
+    }
+    assert_eq!(
+        added, 5,
+        "the five older messages, not the new one nor /other"
+    );
+    for m in &before {
+        assert_eq!(events_of_message(&east.kv, &m.id).unwrap().len(), 1);
+    }
+    let r = east
+        .run(Command::EvaluateRule {
+            name: "late".into(),
+            after: None,
+            limit: 100,
+            now_ms: 400,
+        })
+        .unwrap();
+    assert!(matches!(r, CommandResult::Evaluated { added: 0, .. }));
+    assert!(matches!(
+        east.run(Command::EvaluateRule {
+            name: "nope".into(),
+            after: None,
+            limit: 1,
+            now_ms: 1
+        }),
+        Err(StateError::RuleNotFound { .. })
+    ));
+}
+
+#[test]
+fn event_state_is_the_same_on_every_node() {
+    // Two nodes applying the same log end with the same bytes (time and
+    // randomness come from the commands).
+    let mut a = Dc::new("east", &["east"]);
+    let mut log = vec![Command::PutRule {
+        rule: rule("all", "/in", "q"),
+        wall_ms: 5,
+    }];
+    a.run(log[0].clone()).unwrap();
+    for i in 0..20 {
+        let m = MessageMeta {
+            id: MessageId::new(),
+            mailbox: mb("/in"),
+            name: format!("m{i}"),
+            size: 3,
+            sha256: Digest::of(b"abc"),
+            created_ms: 100,
+            origin_dc: "east".into(),
+            attributes: BTreeMap::new(),
+            payload: Payload::Inline,
+        };
+        log.push(Command::PutMessage {
+            meta: m,
+            inline: Some(b"abc".to_vec()),
+            idempotency_key: None,
+        });
+    }
+    log.push(Command::LeaseEvents {
+        queue: "q".into(),
+        consumer: "c".into(),
+        max: 20,
+        lease_ms: None,
+        now_ms: 1_000,
+        seed: 42,
+        request: 9,
+    });
+    log.push(Command::ExpireLeases {
+        now_ms: 5_000,
+        seed: 43,
+    });
+    let mut b = Dc::new("east", &["east"]);
+    for c in &log[1..] {
+        a.run(c.clone()).unwrap();
+    }
+    for c in &log {
+        b.run(c.clone()).unwrap();
+    }
+    assert_eq!(a.kv.0, b.kv.0);
+}
+
+#[test]
+fn new_variant_numbers_are_stable() {
+    fn tag<T: serde::Serialize>(v: &T) -> u32 {
+        let b = bincode::serialize(v).unwrap();
+        u32::from_le_bytes(b[..4].try_into().unwrap())
+    }
+    assert_eq!(
+        tag(&Command::DeleteRule {
+            name: String::new(),
+            wall_ms: 0
+        }),
+        16
+    );
+    assert_eq!(tag(&Command::ExpireLeases { now_ms: 0, seed: 0 }), 22);
+    assert_eq!(
+        tag(&FeedRecord::Rule {
+            name: String::new(),
+            rule: None,
+            stamp: Stamp::default()
+        }),
+        7
+    );
+    assert_eq!(tag(&CommandResult::Leased { events: vec![] }), 11);
+    assert_eq!(
+        tag(&StateError::RuleNotFound {
+            name: String::new()
+        }),
+        13
+    );
+}
+
+#[test]
+fn a_retried_lease_request_gets_the_same_events_not_more() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    for i in 0..4 {
+        east.put("/in", &format!("m{i}"), 100);
+    }
+    let first = east.lease_as("q", "c", 2, 1_000, 77);
+    // The reply was lost and the proposal is applied again: the same two,
+    // not two more leased to nobody.
+    let again = east.lease_as("q", "c", 2, 1_050, 77);
+    let ids = |v: &[Event]| v.iter().map(|e| (e.id, e.deliveries)).collect::<Vec<_>>();
+    assert_eq!(ids(&first), ids(&again));
+    let counts: BTreeMap<_, _> = queue_counts(&east.kv).unwrap().into_iter().collect();
+    assert_eq!((counts["q"].processing, counts["q"].pending), (2, 2));
+    // A new request gets the others.
+    assert_eq!(east.lease_as("q", "c", 10, 1_100, 78).len(), 2);
+}
+
+#[test]
+fn a_dc_leaving_the_cluster_completes_what_only_it_lacked() {
+    let mut east = Dc::new("east", &["east", "west", "north"]);
+    let mut west = Dc::new("west", &["east", "west", "north"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    let m = east.put("/in", "x", 100);
+    west.pull(&east);
+    east.pull(&west);
+    assert!(
+        events_of_message(&east.kv, &m.id).unwrap().is_empty(),
+        "north lacks it"
+    );
+    east.run(Command::SetClusterDcs {
+        dcs: vec!["east".into(), "west".into()],
+    })
+    .unwrap();
+    let evs = events_of_message(&east.kv, &m.id).unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].due_ms, 1000, "due from its completion");
+    // Setting the list again raises nothing more.
+    east.run(Command::SetClusterDcs {
+        dcs: vec!["east".into(), "west".into()],
+    })
+    .unwrap();
+    assert_eq!(events_of_message(&east.kv, &m.id).unwrap().len(), 1);
+}
+
+#[test]
+fn deleted_rules_do_not_hide_rules_in_force_and_deletes_retry_as_success() {
+    let mut east = Dc::new("east", &["east"]);
+    for i in 0..(MAX_RULES + 5) {
+        let name = format!("a{i:05}");
+        east.rule(rule(&name, "/in", "q"), 10);
+        east.run(Command::DeleteRule {
+            name: name.clone(),
+            wall_ms: 11,
+        })
+        .unwrap();
+        if i == 0 {
+            // Applied again (a retried proposal): the same success.
+            east.run(Command::DeleteRule { name, wall_ms: 11 }).unwrap();
+        }
+    }
+    east.rule(rule("zz-live", "/in", "live"), 20);
+    let m = east.put("/in", "x", 100);
+    let evs = events_of_message(&east.kv, &m.id).unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].rule, "zz-live");
+}
+
+#[test]
+fn replay_and_discard_applied_twice_are_the_same_success() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    east.put("/in", "x", 100);
+    let ev = east.lease("q", "c1", 1, 1_000).remove(0);
+    east.ack(&ev, EventAck::Fail { reason: "x".into() }, 1_100)
+        .unwrap();
+    let replay = Command::ReplayEvents {
+        ids: vec![ev.id],
+        force: false,
+        now_ms: 2_000,
+    };
+    for _ in 0..2 {
+        let r = east.run(replay.clone()).unwrap();
+        assert!(
+            matches!(&r, CommandResult::EventsChanged { changed, refused } if changed.len() == 1 && refused.is_empty()),
+            "{r:?}"
+        );
+    }
+    let ev = east.lease("q", "c1", 1, 2_000).remove(0);
+    east.ack(&ev, EventAck::Fail { reason: "y".into() }, 2_100)
+        .unwrap();
+    let discard = Command::DiscardEvents {
+        ids: vec![ev.id],
+        reason: "gone".into(),
+        now_ms: 3_000,
+    };
+    for _ in 0..2 {
+        let r = east.run(discard.clone()).unwrap();
+        assert!(
+            matches!(&r, CommandResult::EventsChanged { changed, refused } if changed.len() == 1 && refused.is_empty()),
+            "{r:?}"
+        );
+    }
+}

@@ -1,0 +1,438 @@
+//! Replication-complete events against real processes (invariant 4): no
+//! event while a DC is cut off, exactly one per rule and message after it
+//! heals; consumers share a queue; a consumer that dies mid-lease gets its
+//! event delivered again after the lease (same id, attempt + 1), also
+//! across a leader kill; `progress` keeps a long job's lease; the CLI's
+//! rule, lease, answer and dead-letter commands work as a user runs them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command as Proc;
+use std::time::{Duration, Instant};
+
+use mailbox_client::{Client, PutOptions};
+use mailbox_proto::v1 as pb;
+use mailbox_testkit::{mailbox_cli_bin, wait_for, DcOptions, PatternReader, TestCluster, TestDc};
+use tokio_stream::StreamExt;
+
+fn rule(name: &str, queue: &str, lease_ms: u64) -> pb::RuleInfo {
+    pb::RuleInfo {
+        name: name.into(),
+        enabled: true,
+        mailbox: "/inbox".into(),
+        queue: queue.into(),
+        max_attempts: 5,
+        initial_backoff_ms: 100,
+        max_backoff_ms: 200,
+        lease_ms,
+        ordering: "none".into(),
+        ..Default::default()
+    }
+}
+
+async fn put(c: &Client, name: &str, seed: u64) -> anyhow::Result<String> {
+    let r = c
+        .put(
+            PutOptions {
+                mailbox: "/inbox".into(),
+                name: name.into(),
+                ..Default::default()
+            },
+            PatternReader::new(seed, 1000),
+            |_| {},
+        )
+        .await?;
+    Ok(r.message.expect("message").id)
+}
+
+async fn queue(c: &Client, q: &str) -> anyhow::Result<pb::QueueStats> {
+    let all = c
+        .events()
+        .queue_stats(pb::QueueStatsRequest {})
+        .await?
+        .into_inner()
+        .queues;
+    Ok(all
+        .into_iter()
+        .find(|s| s.queue == q)
+        .unwrap_or(pb::QueueStats {
+            queue: q.into(),
+            ..Default::default()
+        }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_event_while_a_dc_is_cut_off_then_exactly_one_each_shared_by_consumers(
+) -> anyhow::Result<()> {
+    let opts = DcOptions {
+        nodes: 1,
+        ..Default::default()
+    };
+    let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
+    let t = Duration::from_secs(30);
+    cl.dc("east").wait_leader(t).await?;
+    cl.dc("west").wait_leader(t).await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    east.events()
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(rule("arrivals", "q", 5_000)),
+        })
+        .await?;
+    // Rules are cluster configuration: west learns it through the feed.
+    wait_for(t, "the rule in west", || async {
+        let r = west
+            .events()
+            .list_rules(pb::ListRulesRequest {})
+            .await
+            .ok()?;
+        (r.into_inner().rules.len() == 1).then_some(())
+    })
+    .await?;
+
+    cl.cut("east", "west");
+    let mut ids = BTreeSet::new();
+    for i in 0..6 {
+        ids.insert(put(&east, &format!("f{i}"), i).await?);
+    }
+    // East knows west is unreachable; nothing may fire before west holds
+    // the files, and each file says it waits for replication.
+    wait_for(t, "east to see west disconnected", || async {
+        let s = east.replication_status().await.ok()?;
+        s.remotes
+            .iter()
+            .any(|r| r.dc == "west" && r.state != "connected")
+            .then_some(())
+    })
+    .await?;
+    for id in &ids {
+        let r = east
+            .events()
+            .list_events(pb::ListEventsRequest {
+                message_id: id.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        assert!(
+            r.events.is_empty(),
+            "an event for {id} before west holds it"
+        );
+        assert_eq!(r.pending_replication_rules, ["arrivals"]);
+    }
+    assert_eq!(queue(&east, "q").await?.raised, 0);
+
+    cl.heal("east", "west");
+    wait_for(t, "6 events after healing", || async {
+        let s = queue(&east, "q").await.ok()?;
+        (s.raised == 6).then_some(())
+    })
+    .await?;
+
+    // Two consumers share the queue; each event goes to one of them.
+    let mut streams = Vec::new();
+    for name in ["c1", "c2"] {
+        let s = east
+            .events()
+            .subscribe(pb::SubscribeRequest {
+                queue: "q".into(),
+                consumer: name.into(),
+                max_in_flight: 2,
+                lease_ms: 0,
+            })
+            .await?
+            .into_inner();
+        streams.push((name, s));
+    }
+    let mut seen: BTreeMap<String, (String, u32)> = BTreeMap::new();
+    let deadline = Instant::now() + t;
+    let mut by_consumer: BTreeMap<&str, usize> = BTreeMap::new();
+    while seen.len() < 6 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {} events delivered",
+            seen.len()
+        );
+        for (name, s) in streams.iter_mut() {
+            let Ok(Some(e)) = tokio::time::timeout(Duration::from_millis(200), s.next()).await
+            else {
+                continue;
+            };
+            let e = e?;
+            assert_eq!(e.attempt, 1, "first delivery");
+            let msg = e.message.clone().expect("message");
+            assert!(ids.contains(&msg.id));
+            assert!(
+                seen.insert(e.id.clone(), (msg.id, e.attempt)).is_none(),
+                "event {} delivered twice",
+                e.id
+            );
+            *by_consumer.entry(name).or_default() += 1;
+            east.events()
+                .ack(pb::AckRequest {
+                    id: e.id,
+                    attempt: e.attempt,
+                    consumer: name.to_string(),
+                    outcome: "complete".into(),
+                    ..Default::default()
+                })
+                .await?;
+        }
+    }
+    let messages: BTreeSet<_> = seen.values().map(|(m, _)| m.clone()).collect();
+    assert_eq!(messages, ids, "one event per message");
+    assert!(
+        by_consumer.len() == 2,
+        "both consumers got work: {by_consumer:?}"
+    );
+    let s = wait_for(t, "all complete", || async {
+        let s = queue(&east, "q").await.ok()?;
+        (s.complete == 6).then_some(s)
+    })
+    .await?;
+    assert_eq!((s.pending, s.processing, s.failed), (0, 0, 0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_consumer_killed_mid_lease_gets_the_event_again_after_the_lease_even_across_a_leader_kill(
+) -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions {
+        nodes: 3,
+        ..Default::default()
+    })
+    .await?;
+    let t = Duration::from_secs(30);
+    let leader = dc.wait_leader(t).await?;
+    let c = dc.client().await?;
+    c.mkdir("/inbox", true).await?;
+    c.events()
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(rule("r", "work", 2_000)),
+        })
+        .await?;
+    let msg = put(&c, "job.csv", 7).await?;
+
+    // Consumer A leases it and dies (never answers).
+    let leased_at = Instant::now();
+    let first = wait_for(t, "the event", || async {
+        let r = c
+            .events()
+            .lease(pb::LeaseRequest {
+                queue: "work".into(),
+                consumer: "a".into(),
+                max: 1,
+                lease_ms: 0,
+                wait_ms: 1_000,
+            })
+            .await
+            .ok()?;
+        r.into_inner().events.into_iter().next()
+    })
+    .await?;
+    assert_eq!(first.attempt, 1);
+    assert_eq!(first.message.as_ref().unwrap().id, msg);
+    // The lease is in the log: killing the leader loses nothing.
+    dc.kill(leader);
+    dc.wait_leader(t).await?;
+    let c = dc.client().await?;
+    let mut sub = c
+        .events()
+        .subscribe(pb::SubscribeRequest {
+            queue: "work".into(),
+            consumer: "b".into(),
+            max_in_flight: 4,
+            lease_ms: 0,
+        })
+        .await?
+        .into_inner();
+    let second = tokio::time::timeout(t, sub.next())
+        .await?
+        .expect("stream open")?;
+    assert!(
+        leased_at.elapsed() >= Duration::from_millis(2_000),
+        "delivered again after {:?}, before the 2 s lease ran out",
+        leased_at.elapsed()
+    );
+    assert_eq!(second.id, first.id, "same id");
+    assert_eq!(second.attempt, 2, "attempt + 1");
+    assert_eq!(second.attempts[0].outcome, "expired");
+    // A late answer for the first delivery is refused; the event stays B's.
+    let late = c
+        .events()
+        .ack(pb::AckRequest {
+            id: first.id.clone(),
+            attempt: 1,
+            consumer: "a".into(),
+            outcome: "retry".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(late.unwrap_err().code(), tonic::Code::FailedPrecondition);
+
+    // B works for three lease lengths, reporting progress.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(6_000) {
+        c.events()
+            .ack(pb::AckRequest {
+                id: second.id.clone(),
+                attempt: 2,
+                consumer: "b".into(),
+                outcome: "progress".into(),
+                ..Default::default()
+            })
+            .await?;
+        let next = tokio::time::timeout(Duration::from_millis(700), sub.next()).await;
+        assert!(
+            next.is_err(),
+            "delivered again while its lease was kept: {next:?}"
+        );
+    }
+    let done = c
+        .events()
+        .ack(pb::AckRequest {
+            id: second.id.clone(),
+            attempt: 2,
+            consumer: "b".into(),
+            outcome: "complete".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(done.status, "complete");
+    assert_eq!((done.attempt, done.failures), (2, 1));
+    Ok(())
+}
+
+fn cli(dc: &TestDc, args: &[&str]) -> anyhow::Result<(bool, String, String)> {
+    let mut cmd = Proc::new(mailbox_cli_bin()?);
+    for ep in dc.endpoints() {
+        cmd.arg("--endpoint").arg(ep);
+    }
+    let out = cmd.args(args).output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_rules_answers_events_and_replays_the_dead_letter_queue(
+) -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions {
+        nodes: 1,
+        ..Default::default()
+    })
+    .await?;
+    dc.wait_leader(Duration::from_secs(30)).await?;
+    let c = dc.client().await?;
+    c.mkdir("/inbox", true).await?;
+
+    // A bad pattern is refused with a clear error, and nothing is stored.
+    let (ok, _, err) = cli(
+        &dc,
+        &[
+            "rules",
+            "add",
+            "edi",
+            "--mailbox",
+            "/inbox",
+            "--queue",
+            "q",
+            "--include",
+            "[abc",
+        ],
+    )?;
+    assert!(!ok);
+    assert!(err.contains("never closed"), "{err}");
+    let (ok, out, _) = cli(&dc, &["--json", "rules", "ls"])?;
+    assert!(ok);
+    assert_eq!(json(&out).as_array().unwrap().len(), 0);
+
+    let (ok, out, err) = cli(
+        &dc,
+        &[
+            "--json",
+            "rules",
+            "add",
+            "edi",
+            "--mailbox",
+            "/inbox",
+            "--queue",
+            "q",
+            "--include",
+            "*.edi",
+            "--max-attempts",
+            "2",
+            "--backoff",
+            "100ms..200ms",
+            "--lease",
+            "5s",
+        ],
+    )?;
+    assert!(ok, "{err}");
+    assert_eq!(json(&out)["queue"], "q");
+    let skipped = put(&c, "notes.txt", 1).await?;
+    let msg = put(&c, "order.edi", 2).await?;
+
+    let ev = wait_for(Duration::from_secs(10), "an event to lease", || async {
+        let (ok, out, _) = cli(&dc, &["--json", "events", "next", "q", "--wait", "2s"]).ok()?;
+        let v = json(&out);
+        (ok && v.as_array()?.len() == 1).then(|| v[0].clone())
+    })
+    .await?;
+    assert_eq!(ev["message"]["id"], msg.as_str());
+    assert_eq!(ev["attempt"], 1);
+    let id = ev["id"].as_str().unwrap().to_string();
+    let (ok, out, _) = cli(&dc, &["--json", "events", "ls", "--message", &skipped])?;
+    assert!(ok);
+    assert_eq!(
+        json(&out).as_array().unwrap().len(),
+        0,
+        "notes.txt is not *.edi"
+    );
+
+    // A permanent failure dead-letters at once, with its reason.
+    let (ok, _, err) = cli(
+        &dc,
+        &["events", "ack", &id, "fail", "--reason", "bad envelope"],
+    )?;
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&dc, &["--json", "dlq", "ls", "--queue", "q"])?;
+    assert!(ok);
+    let dlq = json(&out);
+    assert_eq!(dlq.as_array().unwrap().len(), 1);
+    assert_eq!(dlq[0]["attempts"][0]["error"], "bad envelope");
+    let (_, out, _) = cli(&dc, &["--json", "dlq", "ls", "--error", "nothing like it"])?;
+    assert_eq!(json(&out).as_array().unwrap().len(), 0);
+
+    // Replay: the same id again, attempt 2.
+    let (ok, _, err) = cli(&dc, &["dlq", "replay", &id])?;
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&dc, &["--json", "events", "next", "q", "--wait", "5s"])?;
+    assert!(ok);
+    let again = &json(&out)[0];
+    assert_eq!(again["id"], id.as_str());
+    assert_eq!(again["attempt"], 2);
+    let (ok, _, err) = cli(&dc, &["events", "ack", &id, "complete"])?;
+    assert!(ok, "{err}");
+    // Replaying a complete event needs --force, and says so.
+    let (ok, _, err) = cli(&dc, &["dlq", "replay", &id])?;
+    assert!(!ok);
+    assert!(err.contains("--force"), "{err}");
+    let (ok, _, err) = cli(&dc, &["dlq", "replay", &id, "--force"])?;
+    assert!(ok, "{err}");
+
+    // `stat` shows each rule's event.
+    let (ok, out, _) = cli(&dc, &["--json", "stat", &msg])?;
+    assert!(ok);
+    let v = json(&out);
+    assert_eq!(v["events"][0]["id"], id.as_str());
+    assert_eq!(v["events"][0]["status"], "pending");
+    Ok(())
+}

@@ -436,3 +436,109 @@ async fn the_cli_manages_rules_answers_events_and_replays_the_dead_letter_queue(
     assert_eq!(v["events"][0]["status"], "pending");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_a_dc_suspended_events_fire_without_it_and_not_again_when_it_returns(
+) -> anyhow::Result<()> {
+    let opts = DcOptions {
+        nodes: 1,
+        ..Default::default()
+    };
+    let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
+    let t = Duration::from_secs(30);
+    cl.dc("east").wait_leader(t).await?;
+    cl.dc("west").wait_leader(t).await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    east.events()
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(rule("arrivals", "q", 5_000)),
+        })
+        .await?;
+    cl.cut("east", "west");
+    let mut ids = BTreeSet::new();
+    for i in 0..4 {
+        ids.insert(put(&east, &format!("f{i}"), i).await?);
+    }
+    assert_eq!(queue(&east, "q").await?.raised, 0);
+
+    // West is down for long: the admin suspends it (through the CLI).
+    let (ok, out, err) = cli(
+        cl.dc("east"),
+        &[
+            "--json",
+            "dc",
+            "suspend",
+            "west",
+            "--reason",
+            "west DC power work",
+        ],
+    )?;
+    assert!(ok, "{err}");
+    let dcs = json(&out);
+    let w = dcs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["dc"] == "west")
+        .unwrap();
+    assert_eq!(w["suspended"], true);
+    assert_eq!(w["reason"], "west DC power work");
+    // What waited only for west fires now, marked so; new uploads too.
+    ids.insert(put(&east, "during", 9).await?);
+    let events = wait_for(t, "5 events without west", || async {
+        let r = east
+            .events()
+            .list_events(pb::ListEventsRequest {
+                queue: "q".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner();
+        (r.events.len() == 5).then_some(r.events)
+    })
+    .await?;
+    for e in &events {
+        assert_eq!(e.without, ["west"]);
+        assert!(ids.contains(&e.message.as_ref().unwrap().id));
+    }
+
+    // West returns and catches up; its holds raise nothing more.
+    cl.heal("east", "west");
+    wait_for(t, "west to hold all five", || async {
+        let l = west.list_all("/inbox").await.ok()?;
+        (l.len() == 5).then_some(())
+    })
+    .await?;
+    wait_for(t, "east to learn west holds them", || async {
+        for id in &ids {
+            let m = east.stat_local(id).await.ok()?;
+            m.replicas.iter().find(|r| r.dc == "west")?;
+        }
+        Some(())
+    })
+    .await?;
+    assert_eq!(queue(&east, "q").await?.raised, 5);
+    // West learned of the suspension too (cluster configuration).
+    let (ok, out, _) = cli(cl.dc("west"), &["--json", "dc", "ls"])?;
+    assert!(ok);
+    let w = json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["dc"] == "west")
+        .cloned()
+        .unwrap();
+    assert_eq!(w["suspended"], true);
+    let (ok, _, err) = cli(cl.dc("east"), &["dc", "resume", "west"])?;
+    assert!(ok, "{err}");
+    let (_, out, _) = cli(cl.dc("east"), &["--json", "dc", "ls"])?;
+    assert!(json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["suspended"] == false));
+    Ok(())
+}

@@ -224,6 +224,27 @@ pub enum DlqCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum DcCmd {
+    /// The cluster's DCs and which are suspended from completion.
+    Ls,
+    /// Suspend a DC that is down for long from completion: messages every
+    /// other DC holds complete without it, and their events fire (marked
+    /// so). It keeps replicating and catching up; nothing fires twice.
+    Suspend {
+        /// The DC.
+        dc: String,
+        /// Why (kept and shown).
+        #[arg(long)]
+        reason: String,
+    },
+    /// Let messages wait for the DC again (those completed without it stay complete).
+    Resume {
+        /// The DC.
+        dc: String,
+    },
+}
+
 fn st(s: tonic::Status) -> anyhow::Error {
     ClientError::from(s).into()
 }
@@ -257,6 +278,7 @@ pub fn event_json(e: &pb::EventInfo) -> serde_json::Value {
             "attributes": m.attributes,
         },
         "complete_ms": e.complete_ms, "raised_ms": e.raised_ms, "due_ms": e.due_ms,
+        "without": e.without,
         "lease_consumer": (!e.lease_consumer.is_empty()).then_some(&e.lease_consumer),
         "blocked": e.blocked, "ordering": e.ordering, "seq": e.seq,
         "note": (!e.note.is_empty()).then_some(&e.note),
@@ -302,10 +324,18 @@ fn print_event(e: &pb::EventInfo) {
     for (k, v) in &m.attributes {
         println!("attr:      {k}={v}");
     }
-    println!(
-        "complete:  in all DCs since {}",
-        crate::human_time(e.complete_ms)
-    );
+    if e.without.is_empty() {
+        println!(
+            "complete:  in all DCs since {}",
+            crate::human_time(e.complete_ms)
+        );
+    } else {
+        println!(
+            "complete:  since {}, without {} (suspended from completion)",
+            crate::human_time(e.complete_ms),
+            e.without.join(", ")
+        );
+    }
     println!(
         "deliveries: {}  failures: {} of {}",
         e.attempt, e.failures, e.max_attempts
@@ -857,6 +887,60 @@ fn report_change(
     }
     if !refused.is_empty() {
         bail!("{} event(s) refused", refused.len());
+    }
+    Ok(())
+}
+
+/// `mailbox dc ...`.
+pub async fn dc(client: &Client, json: bool, cmd: &DcCmd) -> anyhow::Result<()> {
+    let mut api = client.events();
+    let r = match cmd {
+        DcCmd::Ls => api.list_dcs(pb::ListDcsRequest {}).await,
+        DcCmd::Suspend { dc, reason } => {
+            api.set_dc_suspension(pb::SetDcSuspensionRequest {
+                dc: dc.clone(),
+                suspended: true,
+                reason: reason.clone(),
+            })
+            .await
+        }
+        DcCmd::Resume { dc } => {
+            api.set_dc_suspension(pb::SetDcSuspensionRequest {
+                dc: dc.clone(),
+                suspended: false,
+                reason: String::new(),
+            })
+            .await
+        }
+    }
+    .map_err(st)?
+    .into_inner();
+    if json {
+        let v: Vec<_> = r
+            .dcs
+            .iter()
+            .map(|d| {
+                json!({"dc": d.dc, "suspended": d.suspended,
+                       "reason": (!d.reason.is_empty()).then_some(&d.reason),
+                       "since_ms": (d.since_ms != 0).then_some(d.since_ms),
+                       "set_in_dc": (!d.set_in_dc.is_empty()).then_some(&d.set_in_dc)})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else {
+        for d in &r.dcs {
+            if d.suspended {
+                println!(
+                    "{:<12} SUSPENDED from completion since {} (in {}): {}",
+                    d.dc,
+                    crate::human_time(d.since_ms),
+                    d.set_in_dc,
+                    d.reason
+                );
+            } else {
+                println!("{:<12} active", d.dc);
+            }
+        }
     }
     Ok(())
 }

@@ -140,6 +140,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: events_cli::DlqCmd,
     },
+    /// DCs: suspend one that is down for long from completion, resume it.
+    Dc {
+        #[command(subcommand)]
+        cmd: events_cli::DcCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -527,6 +532,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Rules { cmd } => events_cli::rules(&client, cli.json, cmd).await?,
         Cmd::Events { cmd } => events_cli::events(&client, cli.json, cmd).await?,
         Cmd::Dlq { cmd } => events_cli::dlq(&client, cli.json, cmd).await?,
+        Cmd::Dc { cmd } => events_cli::dc(&client, cli.json, cmd).await?,
         Cmd::Replication {
             cmd: ReplicationCmd::Status,
         } => {

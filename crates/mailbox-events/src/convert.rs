@@ -123,5 +123,6 @@ pub fn event_info(e: &Event) -> pb::EventInfo {
         note: e.note.clone(),
         seq: e.seq,
         ordering: e.ordering.as_str().to_string(),
+        without: e.without.clone(),
     }
 }

@@ -607,6 +607,40 @@ impl Events for EventsService {
         Ok(Response::new(Self::changed(r)?))
     }
 
+    #[tracing::instrument(level = "info", skip_all, fields(dc = %req.get_ref().dc, suspended = req.get_ref().suspended))]
+    async fn set_dc_suspension(
+        &self,
+        req: Request<pb::SetDcSuspensionRequest>,
+    ) -> Result<Response<pb::ListDcsResponse>, Status> {
+        let req = req.into_inner();
+        if req.suspended && req.reason.trim().is_empty() {
+            return Err(EventsError::invalid(
+                "suspending a DC needs a reason (it is kept and shown)",
+            )
+            .into());
+        }
+        self.write(Command::SuspendDc {
+            dc: req.dc.clone(),
+            suspended: req.suspended,
+            reason: req.reason,
+            wall_ms: now_ms(),
+        })
+        .await?;
+        tracing::warn!(
+            dc = %req.dc,
+            suspended = req.suspended,
+            "DC completion suspension changed by an admin"
+        );
+        Ok(Response::new(self.dcs()?))
+    }
+
+    async fn list_dcs(
+        &self,
+        _req: Request<pb::ListDcsRequest>,
+    ) -> Result<Response<pb::ListDcsResponse>, Status> {
+        Ok(Response::new(self.dcs()?))
+    }
+
     async fn queue_stats(
         &self,
         _req: Request<pb::QueueStatsRequest>,
@@ -626,6 +660,30 @@ impl Events for EventsService {
                 })
                 .collect(),
         }))
+    }
+}
+
+impl EventsService {
+    fn dcs(&self) -> Result<pb::ListDcsResponse, EventsError> {
+        let configured =
+            mailbox_state::replication::configured_dcs(self.view())?.unwrap_or_default();
+        let regs: HashMap<String, mailbox_state::Suspension> =
+            ev::suspensions(self.view())?.into_iter().collect();
+        Ok(pb::ListDcsResponse {
+            dcs: configured
+                .into_iter()
+                .map(|dc| {
+                    let s = regs.get(&dc);
+                    pb::DcInfo {
+                        suspended: s.is_some_and(|s| s.suspended),
+                        reason: s.map(|s| s.reason.clone()).unwrap_or_default(),
+                        since_ms: s.map_or(0, |s| s.at_ms),
+                        set_in_dc: s.map(|s| s.stamp.dc.clone()).unwrap_or_default(),
+                        dc,
+                    }
+                })
+                .collect(),
+        })
     }
 }
 

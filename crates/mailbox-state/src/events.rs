@@ -375,6 +375,116 @@ pub fn get_rule(kv: &dyn KvRead, name: &str) -> Result<Option<EventRule>, StateE
         .and_then(|r| r.rule))
 }
 
+// ---------------------------------------------------------- suspension
+
+/// Whether a DC is suspended from completion: a last-writer-wins register
+/// per DC, cluster configuration like the rules.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suspension {
+    /// Suspended (messages complete without it) or resumed.
+    pub suspended: bool,
+    /// The admin's reason.
+    pub reason: String,
+    /// When it was set (the proposer's clock).
+    pub at_ms: i64,
+    /// Who set it, and when.
+    pub stamp: Stamp,
+}
+
+/// Whether `dc` is suspended from completion now.
+pub(crate) fn is_suspended(base: &dyn KvRead, ov: &Overlay, dc: &str) -> Result<bool, StateError> {
+    Ok(ov
+        .load::<Suspension>(base, &keys::suspension(dc))?
+        .is_some_and(|s| s.suspended))
+}
+
+/// An admin suspends (or resumes) DC `dc` here; sent to every DC. A
+/// suspension completes at once every message here that only `dc` lacked.
+pub(crate) fn set_suspension_local(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    dc: &str,
+    suspended: bool,
+    reason: &str,
+    wall_ms: i64,
+) -> CommandResponse {
+    if dc == ctx.local_dc {
+        return Err(StateError::Invalid {
+            reason: format!("{dc} is this DC: suspend it from another DC"),
+        });
+    }
+    let dcs: Vec<String> = ov.load(base, keys::CLUSTER_DCS)?.unwrap_or_default();
+    if !dcs.iter().any(|d| d == dc) {
+        return Err(StateError::Invalid {
+            reason: format!("{dc} is not a DC of this cluster ({})", dcs.join(", ")),
+        });
+    }
+    let prev = ov.load::<Suspension>(base, &keys::suspension(dc))?;
+    let mut hlc = max_hlc(base, ov)?;
+    if let Some(p) = &prev {
+        hlc = hlc.max(p.stamp.hlc);
+    }
+    let hlc = hlc.tick(wall_ms);
+    ov.put(keys::MAX_HLC.to_vec(), encode(&hlc));
+    let s = Suspension {
+        suspended,
+        reason: clip(reason),
+        at_ms: wall_ms,
+        stamp: Stamp::new(hlc, ctx.local_dc.clone()),
+    };
+    ov.put(keys::suspension(dc), encode(&s));
+    feed_append(
+        base,
+        ov,
+        &FeedRecord::Suspension {
+            dc: dc.to_string(),
+            suspension: s,
+        },
+    )?;
+    if suspended {
+        crate::replication::recheck_completion(base, ov, ctx)?;
+    }
+    Ok(CommandResult::None)
+}
+
+/// A suspension register from another DC's feed: kept if newer.
+pub(crate) fn set_suspension_remote(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    dc: &str,
+    s: &Suspension,
+) -> Result<(), StateError> {
+    if s.stamp.hlc > max_hlc(base, ov)? {
+        ov.put(keys::MAX_HLC.to_vec(), encode(&s.stamp.hlc));
+    }
+    if ov
+        .load::<Suspension>(base, &keys::suspension(dc))?
+        .is_some_and(|p| p.stamp >= s.stamp)
+    {
+        return Ok(());
+    }
+    ov.put(keys::suspension(dc), encode(s));
+    if s.suspended {
+        crate::replication::recheck_completion(base, ov, ctx)?;
+    }
+    Ok(())
+}
+
+/// Every DC's suspension register (resumed ones too), by DC.
+pub fn suspensions(kv: &dyn KvRead) -> Result<Vec<(String, Suspension)>, StateError> {
+    kv.scan(keys::SUSPENSION_PREFIX, None, usize::MAX)?
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                String::from_utf8_lossy(&k[1..]).into_owned(),
+                decode(&k, &v)?,
+            ))
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------- raising
 
 /// At the origin, in the write that records `meta` as held by every DC:
@@ -385,6 +495,7 @@ pub(crate) fn raise_events(
     meta: &MessageMeta,
     complete_ms: i64,
     now_ms: i64,
+    without: &[String],
 ) -> Result<(), StateError> {
     // Only rules in force live under this prefix (deletes are apart).
     let rows = ov.scan(base, keys::RULE_PREFIX, None, usize::MAX)?;
@@ -394,7 +505,7 @@ pub(crate) fn raise_events(
     for (k, v) in rows {
         let rec: RuleRecord = decode(&k, &v)?;
         if let Some(rule) = rec.rule.filter(|r| r.enabled && r.matches(meta)) {
-            raise_one(base, ov, &rule, meta, complete_ms, now_ms)?;
+            raise_one(base, ov, &rule, meta, complete_ms, now_ms, without)?;
         }
     }
     Ok(())
@@ -408,6 +519,7 @@ fn raise_one(
     meta: &MessageMeta,
     complete_ms: i64,
     now_ms: i64,
+    without: &[String],
 ) -> Result<bool, StateError> {
     let mk = keys::message_event(&meta.id, &rule.name);
     if ov.get(base, &mk)?.is_some() {
@@ -434,7 +546,7 @@ fn raise_one(
         message: EventMessage::from(meta),
         complete_ms,
         raised_ms: now_ms,
-        without: Vec::new(),
+        without: without.to_vec(),
         status: EventStatus::Pending,
         blocked,
         deliveries: 0,
@@ -494,7 +606,7 @@ pub(crate) fn evaluate_rule(
         };
         if meta.origin_dc == ctx.local_dc
             && rule.matches(&meta)
-            && raise_one(base, ov, &rule, &meta, complete_ms, now_ms)?
+            && raise_one(base, ov, &rule, &meta, complete_ms, now_ms, &[])?
         {
             added += 1;
         }

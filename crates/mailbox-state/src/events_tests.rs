@@ -794,6 +794,15 @@ fn new_variant_numbers_are_stable() {
     );
     assert_eq!(tag(&CommandResult::Leased { events: vec![] }), 11);
     assert_eq!(
+        tag(&Command::SuspendDc {
+            dc: String::new(),
+            suspended: false,
+            reason: String::new(),
+            wall_ms: 0
+        }),
+        23
+    );
+    assert_eq!(
         tag(&StateError::RuleNotFound {
             name: String::new()
         }),
@@ -905,4 +914,70 @@ fn replay_and_discard_applied_twice_are_the_same_success() {
             "{r:?}"
         );
     }
+}
+
+#[test]
+fn a_suspended_dc_lets_messages_complete_without_it_and_nothing_fires_twice() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    let waiting = east.put("/in", "before", 100);
+    assert!(events_of_message(&east.kv, &waiting.id).unwrap().is_empty());
+    assert!(matches!(
+        east.run(Command::SuspendDc {
+            dc: "east".into(),
+            suspended: true,
+            reason: "x".into(),
+            wall_ms: 1
+        }),
+        Err(StateError::Invalid { .. })
+    ));
+    assert!(matches!(
+        east.run(Command::SuspendDc {
+            dc: "mars".into(),
+            suspended: true,
+            reason: "x".into(),
+            wall_ms: 1
+        }),
+        Err(StateError::Invalid { .. })
+    ));
+    east.run(Command::SuspendDc {
+        dc: "west".into(),
+        suspended: true,
+        reason: "west is down for maintenance".into(),
+        wall_ms: 200,
+    })
+    .unwrap();
+    // What waited only for west completes now, and new uploads at once.
+    let evs = events_of_message(&east.kv, &waiting.id).unwrap();
+    assert_eq!(evs.len(), 1);
+    assert_eq!(evs[0].without, ["west"]);
+    let during = east.put("/in", "during", 300);
+    assert_eq!(
+        events_of_message(&east.kv, &during.id).unwrap()[0].without,
+        ["west"]
+    );
+    // West comes back and catches up: its holds raise nothing more.
+    west.pull(&east);
+    east.pull(&west);
+    for m in [&waiting, &during] {
+        assert_eq!(events_of_message(&east.kv, &m.id).unwrap().len(), 1);
+    }
+    // West learned it was suspended (cluster configuration).
+    assert!(suspensions(&west.kv).unwrap()[0].1.suspended);
+    // Resumed: new messages wait for west again.
+    east.run(Command::SuspendDc {
+        dc: "west".into(),
+        suspended: false,
+        reason: String::new(),
+        wall_ms: 400,
+    })
+    .unwrap();
+    let after = east.put("/in", "after", 500);
+    assert!(events_of_message(&east.kv, &after.id).unwrap().is_empty());
+    west.pull(&east);
+    east.pull(&west);
+    let evs = events_of_message(&east.kv, &after.id).unwrap();
+    assert_eq!(evs.len(), 1);
+    assert!(evs[0].without.is_empty());
 }

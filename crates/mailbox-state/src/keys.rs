@@ -43,6 +43,7 @@
 //! | `P` | id                          | empty: origin, incomplete |
 //! | `U` | rule name                   | `Stamp` of its delete   |
 //! | `Y` | consumer                    | its last lease request  |
+//! | `X` | DC name                     | `Suspension` (LWW)      |
 
 use mailbox_types::{MailboxPath, MessageId};
 
@@ -382,3 +383,11 @@ pub const RULE_DELETED_PREFIX: &[u8] = b"U";
 pub fn last_lease(c: &str) -> Vec<u8> {
     tagged(b'Y', &[c.as_bytes()])
 }
+
+/// Whether DC `dc` is suspended from completion (a register).
+pub fn suspension(dc: &str) -> Vec<u8> {
+    tagged(b'X', &[dc.as_bytes()])
+}
+
+/// Prefix of [`suspension`] registers.
+pub const SUSPENSION_PREFIX: &[u8] = b"X";

@@ -37,7 +37,7 @@ use mailbox_types::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use events::{EventAck, QueueCounts, RuleRecord};
+pub use events::{EventAck, QueueCounts, RuleRecord, Suspension};
 pub use query::{
     feed_identity, get_gone, get_mailbox, get_message, inline_payload, list_mailboxes,
     list_messages, orphan_pending, pending_orphans,
@@ -282,6 +282,19 @@ pub enum Command {
         now_ms: i64,
         /// Randomness for backoff jitter.
         seed: u64,
+    },
+    /// Suspends DC `dc` from completion (messages then complete without
+    /// it, and their events fire, marked so), or resumes it. Cluster
+    /// configuration: sent to every DC, last writer wins.
+    SuspendDc {
+        /// The DC.
+        dc: String,
+        /// Suspend, or resume.
+        suspended: bool,
+        /// The admin's reason (kept, shown).
+        reason: String,
+        /// The proposer's wall clock.
+        wall_ms: i64,
     },
 }
 
@@ -914,6 +927,12 @@ fn apply_inner(
         Command::ExpireLeases { now_ms, seed } => {
             events::expire_leases(base, overlay, *now_ms, *seed, 1024)
         }
+        Command::SuspendDc {
+            dc,
+            suspended,
+            reason,
+            wall_ms,
+        } => events::set_suspension_local(base, overlay, ctx, dc, *suspended, reason, *wall_ms),
     }
 }
 

@@ -134,6 +134,14 @@ pub enum FeedRecord {
         /// The change's stamp.
         stamp: Stamp,
     },
+    /// A DC was suspended from completion, or resumed, in the origin DC
+    /// (a last-writer-wins register per DC).
+    Suspension {
+        /// The suspended (or resumed) DC.
+        dc: String,
+        /// The register's new value.
+        suspension: crate::events::Suspension,
+    },
 }
 
 /// What remains of a deleted message until every DC acknowledged the delete.
@@ -557,10 +565,14 @@ fn maybe_complete(
         return Ok(());
     };
     let mut latest = i64::MIN;
+    // DCs suspended from completion by an admin that do not hold it: the
+    // message completes without them, and its events say so.
+    let mut without = Vec::new();
     for dc in dcs {
         let k = keys::holder(&meta.id, &dc);
         match ov.get(base, &k)? {
             Some(v) => latest = latest.max(decode(&k, &v)?),
+            None if crate::events::is_suspended(base, ov, &dc)? => without.push(dc),
             None => return Ok(()),
         }
     }
@@ -569,7 +581,7 @@ fn maybe_complete(
     if !raise {
         return Ok(());
     }
-    crate::events::raise_events(base, ov, meta, latest, now_ms.max(latest))
+    crate::events::raise_events(base, ov, meta, latest, now_ms.max(latest), &without)
 }
 
 /// Refuses records of `origin`'s feed under another identity than the one
@@ -819,6 +831,9 @@ fn apply_one(
         }
         FeedRecord::Rule { name, rule, stamp } => {
             crate::events::set_rule_remote(base, ov, name, rule.as_ref(), stamp)?;
+        }
+        FeedRecord::Suspension { dc, suspension } => {
+            crate::events::set_suspension_remote(base, ov, ctx, dc, suspension)?;
         }
         FeedRecord::Held { id, dc, at_ms } => {
             // Removed here already (deleted, or a twin): nothing to track.
@@ -1273,8 +1288,9 @@ pub(crate) fn apply_resync(
 /// A page of `origin`'s state as feed records, for a resync of DC `asker`
 /// (see [`Command::ApplyResync`]), in these phases:
 ///
-/// 0. every event rule in force and (-1) every rule delete with its stamp,
-///    first so that messages completing during the resync meet them;
+/// 0. every event rule in force, every rule delete (its stamp) and every
+///    DC suspension register: first, so that messages completing during
+///    the resync meet them;
 /// 1. every mailbox;
 /// 2. every message it holds: those it or `asker` originated in full
 ///    (payload, key; `asker`'s own only where the origin holds them, so a
@@ -1299,9 +1315,10 @@ pub fn resync_page(
     max_inline: usize,
 ) -> Result<(Vec<FeedRecord>, Option<Vec<u8>>), StateError> {
     // A position is the phase's number and the last key it read.
-    const PHASES: [&[u8]; 6] = [
+    const PHASES: [&[u8]; 7] = [
         keys::RULE_PREFIX,
         keys::RULE_DELETED_PREFIX,
+        keys::SUSPENSION_PREFIX,
         b"M",
         b"m",
         b"g",
@@ -1335,14 +1352,18 @@ pub fn resync_page(
                         rule: None,
                         stamp: decode(&k, &v)?,
                     }),
-                    2 => out.push(FeedRecord::Mailbox {
+                    2 => out.push(FeedRecord::Suspension {
+                        dc: String::from_utf8_lossy(&k[1..]).into_owned(),
+                        suspension: decode(&k, &v)?,
+                    }),
+                    3 => out.push(FeedRecord::Mailbox {
                         record: decode(&k, &v)?,
                     }),
-                    3 => {
+                    4 => {
                         let meta: MessageMeta = decode(&k, &v)?;
                         inline += resync_message(kv, origin, asker, meta, &mut out)?;
                     }
-                    4 => {
+                    5 => {
                         // Of every origin: the asker records them as gone (a
                         // replayed creation then stays deleted) and can
                         // acknowledge their deletes.

@@ -542,3 +542,173 @@ async fn with_a_dc_suspended_events_fire_without_it_and_not_again_when_it_return
         .all(|d| d["suspended"] == false));
     Ok(())
 }
+
+/// A webhook receiver: answers `first` for the first `n` requests, then
+/// `then`; keeps every request.
+struct Receiver {
+    first: (u16, usize),
+    then: u16,
+    seen: std::sync::Mutex<Vec<(axum::http::HeaderMap, bytes::Bytes)>>,
+}
+
+async fn start_receiver(r: std::sync::Arc<Receiver>) -> anyhow::Result<String> {
+    use axum::extract::State;
+    use axum::http::{HeaderMap, StatusCode};
+    async fn hook(
+        State(r): State<std::sync::Arc<Receiver>>,
+        headers: HeaderMap,
+        body: bytes::Bytes,
+    ) -> (StatusCode, [(&'static str, &'static str); 1]) {
+        let n = {
+            let mut seen = r.seen.lock().unwrap();
+            seen.push((headers, body));
+            seen.len()
+        };
+        let code = if n <= r.first.1 { r.first.0 } else { r.then };
+        (StatusCode::from_u16(code).unwrap(), [("retry-after", "0")])
+    }
+    let app = axum::Router::new()
+        .route("/hook", axum::routing::post(hook))
+        .with_state(r);
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move { axum::serve(l, app).await });
+    Ok(format!("http://{addr}/hook"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn webhooks_deliver_everything_after_a_receiver_outage_signed_and_a_400_dead_letters(
+) -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions {
+        nodes: 1,
+        ..Default::default()
+    })
+    .await?;
+    let t = Duration::from_secs(30);
+    dc.wait_leader(t).await?;
+    let c = dc.client().await?;
+    c.mkdir("/inbox", true).await?;
+    c.mkdir("/bad", true).await?;
+    let secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".to_string();
+    // Down (503) for its first 6 requests, then fine.
+    let flaky = std::sync::Arc::new(Receiver {
+        first: (503, 6),
+        then: 200,
+        seen: Default::default(),
+    });
+    let rejecting = std::sync::Arc::new(Receiver {
+        first: (400, usize::MAX),
+        then: 400,
+        seen: Default::default(),
+    });
+    let mut hooked = rule("hooked", "hookq", 5_000);
+    hooked.max_attempts = 10;
+    hooked.webhook_url = start_receiver(flaky.clone()).await?;
+    hooked.webhook_secrets = vec![secret.clone()];
+    c.events()
+        .put_rule(pb::PutRuleRequest { rule: Some(hooked) })
+        .await?;
+    let mut bad = rule("bad", "badq", 5_000);
+    bad.mailbox = "/bad".into();
+    bad.webhook_url = start_receiver(rejecting.clone()).await?;
+    bad.webhook_secrets = vec![secret.clone()];
+    c.events()
+        .put_rule(pb::PutRuleRequest { rule: Some(bad) })
+        .await?;
+    // A second rule on a webhook's queue is refused.
+    let clash = c
+        .events()
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(rule("clash", "hookq", 5_000)),
+        })
+        .await;
+    assert_eq!(clash.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // Listings never show the secret.
+    let listed = c
+        .events()
+        .list_rules(pb::ListRulesRequest {})
+        .await?
+        .into_inner();
+    assert!(listed
+        .rules
+        .iter()
+        .all(|r| r.webhook_secrets.is_empty() && r.webhook_secret_count == 1));
+
+    let mut ids = BTreeSet::new();
+    for i in 0..4 {
+        ids.insert(put(&c, &format!("f{i}"), i).await?);
+    }
+    let bad_msg = c
+        .put(
+            PutOptions {
+                mailbox: "/bad".into(),
+                name: "x".into(),
+                ..Default::default()
+            },
+            PatternReader::new(1, 10),
+            |_| {},
+        )
+        .await?
+        .message
+        .unwrap()
+        .id;
+    let s = wait_for(t, "4 webhook events complete", || async {
+        let s = queue(&c, "hookq").await.ok()?;
+        (s.complete == 4).then_some(s)
+    })
+    .await?;
+    assert_eq!(s.failed, 0, "nothing in the dead-letter queue");
+    let seen = flaky.seen.lock().unwrap().clone();
+    assert!(
+        seen.len() >= 10,
+        "6 refusals and 4 deliveries: {}",
+        seen.len()
+    );
+    let mut delivered = BTreeSet::new();
+    for (i, (h, body)) in seen.iter().enumerate() {
+        let id = h["webhook-id"].to_str()?;
+        let ts: i64 = h["webhook-timestamp"].to_str()?.parse()?;
+        let want = mailbox_events::webhook::signature(std::slice::from_ref(&secret), id, ts, body)
+            .map_err(anyhow::Error::msg)?;
+        assert_eq!(
+            h["webhook-signature"].to_str()?,
+            want,
+            "signature of request {i}"
+        );
+        let v = json(std::str::from_utf8(body)?);
+        assert_eq!(v["event_id"], id);
+        assert!(ids.contains(v["message"]["id"].as_str().unwrap()));
+        if i >= 6 {
+            assert!(
+                delivered.insert(v["message"]["id"].as_str().unwrap().to_string()),
+                "delivered twice after success"
+            );
+        }
+    }
+    assert_eq!(delivered, ids, "every file's event delivered");
+
+    // 400 is permanent: dead-lettered at once, after one request.
+    let dead = wait_for(t, "the 400 event in the DLQ", || async {
+        let r = c
+            .events()
+            .list_events(pb::ListEventsRequest {
+                queue: "badq".into(),
+                status: "failed".into(),
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner();
+        r.events.into_iter().next()
+    })
+    .await?;
+    assert_eq!(dead.message.as_ref().unwrap().id, bad_msg);
+    assert_eq!(dead.attempts.len(), 1);
+    assert!(
+        dead.attempts[0].error.contains("HTTP 400"),
+        "{:?}",
+        dead.attempts
+    );
+    assert_eq!(rejecting.seen.lock().unwrap().len(), 1);
+    Ok(())
+}

@@ -59,6 +59,15 @@ pub enum RulesCmd {
         /// Create it disabled.
         #[arg(long)]
         disabled: bool,
+        /// Push each event to this URL (Standard Webhooks: signed POST, JSON).
+        #[arg(long)]
+        webhook: Option<String>,
+        /// File holding the webhook's `whsec_` secret; two lines during a rotation.
+        #[arg(long)]
+        secret_file: Option<std::path::PathBuf>,
+        /// Per-request timeout of the webhook.
+        #[arg(long, default_value = "10s")]
+        webhook_timeout: HumanDuration,
     },
     /// The rules in force.
     Ls,
@@ -417,7 +426,22 @@ pub async fn rules(client: &Client, json: bool, cmd: &RulesCmd) -> anyhow::Resul
             lease,
             ordering,
             disabled,
+            webhook,
+            secret_file,
+            webhook_timeout,
         } => {
+            let secrets = match (webhook, secret_file) {
+                (Some(_), Some(f)) => std::fs::read_to_string(f)
+                    .with_context(|| format!("cannot read {}", f.display()))?
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(String::from)
+                    .collect(),
+                (Some(_), None) => bail!("--webhook needs --secret-file (a whsec_ secret)"),
+                (None, Some(_)) => bail!("--secret-file goes with --webhook"),
+                (None, None) => Vec::new(),
+            };
             let (lo, hi) = backoff.split_once("..").with_context(|| {
                 format!("--backoff {backoff:?}: expected INITIAL..MAX, e.g. 1s..5m")
             })?;
@@ -439,6 +463,9 @@ pub async fn rules(client: &Client, json: bool, cmd: &RulesCmd) -> anyhow::Resul
                 max_backoff_ms: ms(&hi),
                 lease_ms: ms(lease),
                 ordering: ordering.clone(),
+                webhook_url: webhook.clone().unwrap_or_default(),
+                webhook_timeout_ms: ms(webhook_timeout),
+                webhook_secrets: secrets,
                 ..Default::default()
             };
             let r = api

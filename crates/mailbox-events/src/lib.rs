@@ -11,6 +11,7 @@
 mod convert;
 mod error;
 mod service;
+pub mod webhook;
 
 pub use convert::{event_info, rule_from, rule_info};
 pub use error::EventsError;

@@ -273,6 +273,7 @@ pub async fn serve_with(
         mailbox_events::EventsService::new(raft.clone()),
     );
     tokio::spawn(mailbox_events::expire_leases(raft.clone(), stop_rx.clone()));
+    tokio::spawn(mailbox_events::webhook::run(raft.clone(), stop_rx.clone()));
     let internal = RaftInternalServer::new(InternalService::new(raft.clone()))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);

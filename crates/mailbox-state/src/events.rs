@@ -278,6 +278,24 @@ pub(crate) fn set_rule_local(
             r.validate().map_err(|e| StateError::Invalid {
                 reason: e.to_string(),
             })?;
+            // A webhook rule's queue is its own: the webhook delivers
+            // whatever is in it, and a pull consumer would race it.
+            for (k, v) in ov.scan(base, keys::RULE_PREFIX, None, usize::MAX)? {
+                let other: RuleRecord = decode(&k, &v)?;
+                if let Some(o) = other
+                    .rule
+                    .filter(|o| o.name != r.name && o.queue == r.queue)
+                {
+                    if r.webhook.is_some() || o.webhook.is_some() {
+                        return Err(StateError::Invalid {
+                            reason: format!(
+                                "queue {} is used by rule {}: a rule with a webhook needs a queue of its own",
+                                r.queue, o.name
+                            ),
+                        });
+                    }
+                }
+            }
             if prev.as_ref().is_none_or(|p| p.rule.is_none()) {
                 let live = ov.scan(base, keys::RULE_PREFIX, None, MAX_RULES)?.len();
                 if live >= MAX_RULES {
@@ -905,7 +923,9 @@ pub(crate) fn ack_event(
         && ev.status == EventStatus::Complete
         && (1..=ev.deliveries).contains(&attempt);
     if !current && wanted.is_some() && (same_again || complete_again) {
-        return Ok(CommandResult::EventUpdated { event: ev });
+        return Ok(CommandResult::EventUpdated {
+            event: Box::new(ev),
+        });
     }
     // A late `complete` for a delivery whose lease ran out, while the event
     // is not finished: the work is done, so the event is complete (fewer
@@ -930,7 +950,9 @@ pub(crate) fn ack_event(
         ev.updated_ms = now_ms;
         finish(base, ov, &mut ev, EventStatus::Complete, now_ms)?;
         put_event(base, ov, Some(&prev), &ev)?;
-        return Ok(CommandResult::EventUpdated { event: ev });
+        return Ok(CommandResult::EventUpdated {
+            event: Box::new(ev),
+        });
     }
     // The delivery number is the lease's token: any other answer to an
     // earlier delivery (its lease ran out and the event went to someone
@@ -983,7 +1005,9 @@ pub(crate) fn ack_event(
         }
     }
     put_event(base, ov, Some(&prev), &ev)?;
-    Ok(CommandResult::EventUpdated { event: ev })
+    Ok(CommandResult::EventUpdated {
+        event: Box::new(ev),
+    })
 }
 
 /// Admin replay: dead-lettered or discarded events (and, with `force`,

@@ -372,8 +372,8 @@ pub enum CommandResult {
     },
     /// An event after an answer.
     EventUpdated {
-        /// The event.
-        event: Event,
+        /// The event (boxed: it carries its attempts and message context).
+        event: Box<Event>,
     },
     /// Events replayed or discarded, and the ones refused with why.
     EventsChanged {

@@ -185,7 +185,8 @@ impl RetryPolicy {
 }
 
 /// An HTTP sink a rule pushes its events to (Standard Webhooks format).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Its `Debug` hides the secrets, so no log line can show them.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WebhookSink {
     /// `http://` or `https://` URL the events are POSTed to.
     pub url: String,
@@ -193,6 +194,16 @@ pub struct WebhookSink {
     pub timeout_ms: u64,
     /// `whsec_` secrets; every one signs (two during a rotation).
     pub secrets: Vec<String>,
+}
+
+impl fmt::Debug for WebhookSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WebhookSink")
+            .field("url", &self.url)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("secrets", &format_args!("<{} hidden>", self.secrets.len()))
+            .finish()
+    }
 }
 
 /// Longest rule or queue name.
@@ -627,7 +638,8 @@ mod tests {
     fn bad_rules_say_what_is_wrong() {
         let ok = EventRule::new("r", MailboxPath::parse("/in").unwrap(), "q");
         assert!(ok.validate().is_ok());
-        let cases: Vec<(Box<dyn Fn(&mut EventRule)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut EventRule)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|r| r.name = "a b".into()), "rule name"),
             (Box::new(|r| r.queue = String::new()), "queue name"),
             (Box::new(|r| r.include = vec!["[x".into()]), "never closed"),
@@ -659,6 +671,19 @@ mod tests {
             let e = r.validate().unwrap_err().to_string();
             assert!(e.contains(want), "{e} (wanted {want})");
         }
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let mut r = EventRule::new("r", MailboxPath::parse("/in").unwrap(), "q");
+        r.webhook = Some(WebhookSink {
+            url: "https://example.com/hook".into(),
+            timeout_ms: 1000,
+            secrets: vec!["whsec_c2VjcmV0LXZhbHVl".into()],
+        });
+        let shown = format!("{r:?}");
+        assert!(shown.contains("https://example.com/hook"));
+        assert!(!shown.contains("c2VjcmV0"), "{shown}");
     }
 
     #[test]

@@ -712,3 +712,85 @@ async fn webhooks_deliver_everything_after_a_receiver_outage_signed_and_a_400_de
     assert_eq!(rejecting.seen.lock().unwrap().len(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_long_poll_and_answer_events_over_http() -> anyhow::Result<()> {
+    use mailbox_testkit::http_request;
+    let mut dc = TestDc::start(DcOptions {
+        nodes: 1,
+        ..Default::default()
+    })
+    .await?;
+    dc.wait_leader(Duration::from_secs(30)).await?;
+    let c = dc.client().await?;
+    c.mkdir("/inbox", true).await?;
+    c.events()
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(rule("r", "scripts", 30_000)),
+        })
+        .await?;
+    let http = dc.nodes[0].http_addr.clone();
+    let long = Duration::from_secs(30);
+    // Nothing due: the poll waits, and answers as soon as a file lands.
+    let h2 = http.clone();
+    let poll = tokio::spawn(async move {
+        let t = Instant::now();
+        let r = http_request(
+            &h2,
+            "GET",
+            "/api/v1/events/scripts/next?consumer=cron&wait=20s",
+            Duration::from_secs(30),
+        )
+        .await;
+        (t.elapsed(), r)
+    });
+    // Give the poll time to start waiting; it must not have answered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!poll.is_finished(), "answered with nothing due");
+    let msg = put(&c, "a.csv", 3).await?;
+    let (took, r) = poll.await?;
+    let r = r?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        took < Duration::from_secs(15),
+        "the long poll answered after {took:?}"
+    );
+    let v = json(&r.body);
+    assert_eq!(v[0]["message"]["id"], msg.as_str());
+    assert_eq!(v[0]["attempt"], 1);
+    assert_eq!(v[0]["lease_consumer"], "cron");
+    let id = v[0]["id"].as_str().unwrap().to_string();
+    // A wrong delivery number is a conflict; the right one completes it.
+    let r = http_request(
+        &http,
+        "POST",
+        &format!("/api/v1/events/{id}/ack?attempt=7&outcome=complete"),
+        long,
+    )
+    .await?;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(json(&r.body)["error"], "lease_lost");
+    let r = http_request(
+        &http,
+        "POST",
+        &format!("/api/v1/events/{id}/ack?attempt=1&outcome=complete&consumer=cron"),
+        long,
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(json(&r.body)["status"], "complete");
+    let r = http_request(&http, "GET", &format!("/api/v1/events/{id}"), long).await?;
+    assert_eq!(json(&r.body)["attempts"][0]["outcome"], "complete");
+    // Bad input: a clear 400.
+    let r = http_request(&http, "GET", "/api/v1/events/bad%20queue/next", long).await?;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = http_request(
+        &http,
+        "POST",
+        "/api/v1/events/not-an-id/ack?outcome=complete",
+        long,
+    )
+    .await?;
+    assert_eq!(r.status, 400, "{}", r.body);
+    Ok(())
+}

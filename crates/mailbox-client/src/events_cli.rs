@@ -13,6 +13,8 @@ use mailbox_types::{ByteSize, HumanDuration};
 use serde_json::json;
 use tokio_stream::StreamExt;
 
+// Parsed once per run: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 pub enum RulesCmd {
     /// Add or replace a rule: messages it selects raise an event into its

@@ -59,6 +59,17 @@ impl EventsError {
             reason: reason.into(),
         }
     }
+
+    /// The HTTP status of this error (the HTTP API's one conversion).
+    pub fn http_status(&self) -> u16 {
+        match self {
+            EventsError::InvalidArgument { .. } => 400,
+            EventsError::NotFound { .. } => 404,
+            EventsError::LeaseLost { .. } => 409,
+            EventsError::Unavailable { .. } => 503,
+            EventsError::Internal { .. } => 500,
+        }
+    }
 }
 
 impl From<EventsError> for Status {

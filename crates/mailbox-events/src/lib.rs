@@ -10,6 +10,7 @@
 
 mod convert;
 mod error;
+pub mod http;
 mod service;
 pub mod webhook;
 

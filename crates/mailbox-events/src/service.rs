@@ -124,6 +124,92 @@ impl EventsService {
         }
     }
 
+    /// Leases up to `max` due events of `queue`, waiting up to `wait`
+    /// (at most [`MAX_WAIT`]) for one when none is due: the long poll of
+    /// the gRPC `Lease` and of the HTTP API.
+    pub async fn lease_wait(
+        &self,
+        queue: &str,
+        consumer: &str,
+        max: u32,
+        lease_ms: Option<u64>,
+        wait: Duration,
+    ) -> Result<Vec<mailbox_types::Event>, EventsError> {
+        validate_event_name("queue name", queue)?;
+        if let Some(ms) = lease_ms {
+            if !(1_000..=mailbox_types::event::MAX_LEASE_MS).contains(&ms) {
+                return Err(EventsError::invalid("lease must be within 1s..=12h"));
+            }
+        }
+        let max = max.clamp(1, ev::MAX_LEASE_BATCH);
+        let until = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            let events = self.lease(queue, consumer, max, lease_ms, seed()).await?;
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if !events.is_empty() || left.is_zero() {
+                return Ok(events);
+            }
+            if !self.wait_due(queue, left).await? {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    /// Answers delivery `attempt` of event `id`: `complete`, `retry`
+    /// (`delay_ms` instead of the backoff), `fail` (a reason is required)
+    /// or `progress` (`delay_ms`: the new lease, default the rule's).
+    pub async fn answer(
+        &self,
+        id: EventId,
+        attempt: u32,
+        consumer: &str,
+        outcome: &str,
+        reason: String,
+        delay_ms: Option<u64>,
+    ) -> Result<mailbox_types::Event, EventsError> {
+        let ack = match outcome {
+            "complete" => EventAck::Complete,
+            "retry" => EventAck::Retry { delay_ms, reason },
+            "fail" => {
+                if reason.trim().is_empty() {
+                    return Err(EventsError::invalid("fail needs a reason"));
+                }
+                EventAck::Fail { reason }
+            }
+            "progress" => EventAck::Progress {
+                lease_ms: delay_ms.filter(|d| *d > 0),
+            },
+            other => {
+                return Err(EventsError::invalid(format!(
+                    "outcome {other:?}: use complete, retry, fail or progress"
+                )))
+            }
+        };
+        match self
+            .write(Command::AckEvent {
+                id,
+                attempt,
+                consumer: consumer.to_string(),
+                ack,
+                now_ms: now_ms(),
+                seed: seed(),
+            })
+            .await?
+        {
+            CommandResult::EventUpdated { event } => Ok(*event),
+            other => Err(EventsError::Internal {
+                reason: format!("unexpected result of an answer: {other:?}"),
+            }),
+        }
+    }
+
+    /// One event.
+    pub fn event(&self, id: &EventId) -> Result<mailbox_types::Event, EventsError> {
+        ev::get_event(self.view(), id)?.ok_or_else(|| EventsError::NotFound {
+            what: format!("event {id}"),
+        })
+    }
+
     fn changed(r: CommandResult) -> Result<pb::ChangeEventsResponse, EventsError> {
         match r {
             CommandResult::EventsChanged { changed, refused } => Ok(pb::ChangeEventsResponse {
@@ -194,7 +280,7 @@ impl EventsService {
             None
         } else {
             Some(
-                mailbox_types_hex_decode(&req.after)
+                hex_decode(&req.after)
                     .ok_or_else(|| EventsError::invalid("bad `after` position"))?,
             )
         };
@@ -223,8 +309,8 @@ fn hex_encode(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn mailbox_types_hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
@@ -403,23 +489,18 @@ impl Events for EventsService {
                 return Err(EventsError::invalid("lease must be within 1s..=12h").into());
             }
         }
-        let max = req.max.clamp(1, ev::MAX_LEASE_BATCH);
-        let wait = Duration::from_millis(req.wait_ms).min(MAX_WAIT);
-        let until = tokio::time::Instant::now() + wait;
-        loop {
-            let events = self
-                .lease(&req.queue, &req.consumer, max, lease_ms, seed())
-                .await?;
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            if !events.is_empty() || left.is_zero() {
-                return Ok(Response::new(pb::LeaseResponse {
-                    events: events.iter().map(event_info).collect(),
-                }));
-            }
-            if !self.wait_due(&req.queue, left).await? {
-                return Ok(Response::new(pb::LeaseResponse { events: vec![] }));
-            }
-        }
+        let events = self
+            .lease_wait(
+                &req.queue,
+                &req.consumer,
+                req.max,
+                lease_ms,
+                Duration::from_millis(req.wait_ms),
+            )
+            .await?;
+        Ok(Response::new(pb::LeaseResponse {
+            events: events.iter().map(event_info).collect(),
+        }))
     }
 
     type SubscribeStream = EventStream;
@@ -521,45 +602,17 @@ impl Events for EventsService {
     async fn ack(&self, req: Request<pb::AckRequest>) -> Result<Response<pb::EventInfo>, Status> {
         let req = req.into_inner();
         let id = parse_event_id(&req.id)?;
-        let ack = match req.outcome.as_str() {
-            "complete" => EventAck::Complete,
-            "retry" => EventAck::Retry {
-                delay_ms: req.delay_ms,
-                reason: req.reason,
-            },
-            "fail" => {
-                if req.reason.is_empty() {
-                    return Err(EventsError::invalid("fail needs a reason").into());
-                }
-                EventAck::Fail { reason: req.reason }
-            }
-            "progress" => EventAck::Progress {
-                lease_ms: req.delay_ms.filter(|d| *d > 0),
-            },
-            other => {
-                return Err(EventsError::invalid(format!(
-                    "outcome {other:?}: use complete, retry, fail or progress"
-                ))
-                .into())
-            }
-        };
-        match self
-            .write(Command::AckEvent {
+        let e = self
+            .answer(
                 id,
-                attempt: req.attempt,
-                consumer: req.consumer,
-                ack,
-                now_ms: now_ms(),
-                seed: seed(),
-            })
-            .await?
-        {
-            CommandResult::EventUpdated { event } => Ok(Response::new(event_info(&event))),
-            other => Err(EventsError::Internal {
-                reason: format!("unexpected result of an answer: {other:?}"),
-            }
-            .into()),
-        }
+                req.attempt,
+                &req.consumer,
+                &req.outcome,
+                req.reason,
+                req.delay_ms,
+            )
+            .await?;
+        Ok(Response::new(event_info(&e)))
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(n = req.get_ref().ids.len()))]

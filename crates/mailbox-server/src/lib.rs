@@ -200,14 +200,17 @@ pub async fn serve_with(
         Some(l) => {
             tracing::info!(
                 addr = %l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-                "serving /metrics and /healthz over HTTP"
+                "serving /metrics, /healthz and /api/v1/events over HTTP"
             );
             let app = http::router(metrics::MetricsSource {
                 raft: raft.clone(),
                 dc: cfg.dc.clone(),
                 remotes: remotes.clone(),
                 status: repl_status.clone(),
-            });
+            })
+            .merge(mailbox_events::http::router(
+                mailbox_events::EventsService::new(raft.clone()),
+            ));
             Some(tokio::spawn(http::run(l, app, stop_rx.clone())))
         }
         None => None,

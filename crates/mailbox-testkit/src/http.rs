@@ -25,18 +25,31 @@ pub struct HttpResponse {
 
 /// `GET http://{addr}{path}`, with a 10 s limit.
 pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<HttpResponse> {
-    tokio::time::timeout(Duration::from_secs(10), async {
+    http_request(addr, "GET", path, Duration::from_secs(10)).await
+}
+
+/// `{method} http://{addr}{path}` without a body, with a time limit.
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    limit: Duration,
+) -> anyhow::Result<HttpResponse> {
+    tokio::time::timeout(limit, async {
         let mut s = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;
-        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-            .await?;
+        s.write_all(
+            format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await?;
         parse_response(&String::from_utf8(raw).context("response is not UTF-8")?)
     })
     .await
-    .with_context(|| format!("GET {addr}{path} timed out"))?
+    .with_context(|| format!("{method} {addr}{path} timed out"))?
 }
 
 fn parse_response(text: &str) -> anyhow::Result<HttpResponse> {

@@ -1,0 +1,186 @@
+//! Events over plain HTTP, for scripts (on the node's `http-listen`):
+//!
+//! - `GET /api/v1/events/{queue}/next?consumer=NAME&max=1&wait=30s&lease=30s`
+//!   leases up to `max` due events, waiting up to `wait` (a long poll, at
+//!   most 60 s) for one; answers a JSON array (empty when none came).
+//! - `POST /api/v1/events/{id}/ack?attempt=N&outcome=complete|retry|fail|progress&reason=TEXT&delay=10s`
+//!   answers a delivery; answers the event.
+//! - `GET /api/v1/events/{id}`: one event with every attempt.
+//!
+//! Errors answer `{"error": code, "message": text}` with the HTTP status
+//! of [`EventsError::http_status`]; a lease that ran out is 409.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use mailbox_types::{Event, EventId, HumanDuration};
+
+use crate::{EventsError, EventsService};
+
+/// The routes, over this node's events service.
+pub fn router(svc: EventsService) -> Router {
+    Router::new()
+        .route("/api/v1/events/:queue/next", get(next))
+        .route("/api/v1/events/:id/ack", post(ack))
+        .route("/api/v1/events/:id", get(show))
+        .with_state(svc)
+}
+
+/// An event as JSON (the same fields as `mailbox events ... --json`).
+pub fn event_json(e: &Event) -> serde_json::Value {
+    let m = &e.message;
+    serde_json::json!({
+        "id": e.id.to_string(), "rule": e.rule, "queue": e.queue, "status": e.status.as_str(),
+        "attempt": e.deliveries, "failures": e.failures, "max_attempts": e.retry.max_attempts,
+        "message": {
+            "id": m.id.to_string(), "mailbox": m.mailbox.to_string(), "name": m.name,
+            "size": m.size, "sha256": m.sha256.to_hex(), "created_ms": m.created_ms,
+            "origin_dc": m.origin_dc, "attributes": m.attributes,
+        },
+        "complete_ms": e.complete_ms, "raised_ms": e.raised_ms, "due_ms": e.due_ms,
+        "without": e.without, "blocked": e.blocked,
+        "lease_consumer": e.lease.as_ref().map(|l| l.consumer.clone()),
+        "attempts": e.attempts.iter().map(|a| serde_json::json!({
+            "number": a.number, "leased_ms": a.leased_ms, "consumer": a.consumer,
+            "outcome": a.outcome.map(|o| o.as_str()), "ended_ms": a.ended_ms, "error": a.error,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn json(code: StatusCode, v: serde_json::Value) -> Response {
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{v}\n"),
+    )
+        .into_response()
+}
+
+fn error(e: EventsError) -> Response {
+    let code = StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json(
+        code,
+        serde_json::json!({"error": e.code(), "message": e.to_string()}),
+    )
+}
+
+/// `%XX` and `+` decoding of one query component.
+fn decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() && s.is_char_boundary(i + 3) => {
+                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query(uri: &Uri) -> HashMap<String, String> {
+    uri.query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(p), String::new()),
+        })
+        .collect()
+}
+
+fn duration(q: &HashMap<String, String>, k: &str) -> Result<Option<Duration>, EventsError> {
+    q.get(k)
+        .filter(|v| !v.is_empty())
+        .map(|v| v.parse::<HumanDuration>().map(|d| d.get()))
+        .transpose()
+        .map_err(EventsError::from)
+}
+
+async fn next(State(svc): State<EventsService>, Path(queue): Path<String>, uri: Uri) -> Response {
+    let q = query(&uri);
+    let run = async {
+        let max = match q.get("max") {
+            Some(m) => m
+                .parse::<u32>()
+                .map_err(|_| EventsError::invalid(format!("max {m:?} is not a number")))?,
+            None => 1,
+        };
+        let wait = duration(&q, "wait")?.unwrap_or(Duration::ZERO);
+        let lease = duration(&q, "lease")?.map(|d| d.as_millis() as u64);
+        let consumer = q.get("consumer").cloned().unwrap_or_else(|| "http".into());
+        svc.lease_wait(&queue, &consumer, max, lease, wait).await
+    };
+    match run.await {
+        Ok(events) => json(
+            StatusCode::OK,
+            serde_json::Value::Array(events.iter().map(event_json).collect()),
+        ),
+        Err(e) => error(e),
+    }
+}
+
+async fn ack(State(svc): State<EventsService>, Path(id): Path<String>, uri: Uri) -> Response {
+    let q = query(&uri);
+    let run = async {
+        let id: EventId = id.parse()?;
+        let attempt = match q.get("attempt") {
+            Some(a) => a
+                .parse::<u32>()
+                .map_err(|_| EventsError::invalid(format!("attempt {a:?} is not a number")))?,
+            None => svc.event(&id)?.deliveries,
+        };
+        let outcome = q.get("outcome").cloned().ok_or_else(|| {
+            EventsError::invalid("outcome= is required: complete, retry, fail or progress")
+        })?;
+        let delay = duration(&q, "delay")?.map(|d| d.as_millis() as u64);
+        let consumer = q.get("consumer").cloned().unwrap_or_else(|| "http".into());
+        let reason = q.get("reason").cloned().unwrap_or_default();
+        svc.answer(id, attempt, &consumer, &outcome, reason, delay)
+            .await
+    };
+    match run.await {
+        Ok(e) => json(StatusCode::OK, event_json(&e)),
+        Err(e) => error(e),
+    }
+}
+
+async fn show(State(svc): State<EventsService>, Path(id): Path<String>) -> Response {
+    let r = id
+        .parse::<EventId>()
+        .map_err(EventsError::from)
+        .and_then(|id| svc.event(&id));
+    match r {
+        Ok(e) => json(StatusCode::OK, event_json(&e)),
+        Err(e) => error(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decode;
+
+    #[test]
+    fn query_components_are_decoded() {
+        assert_eq!(decode("bad+envelope%21"), "bad envelope!");
+        assert_eq!(decode("100%"), "100%");
+        assert_eq!(decode("%zz"), "%zz");
+        assert_eq!(decode("%C3%A9"), "é");
+    }
+}

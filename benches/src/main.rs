@@ -3,6 +3,7 @@
 //! start their own two-DC cluster (`repl-latency`, `repl-lag`, `catch-up`).
 //! Prints one JSON object per run.
 
+mod events;
 mod repl;
 
 use std::time::{Duration, Instant};
@@ -87,6 +88,10 @@ enum Cmd {
     /// Two DCs over an emulated RTT: catching up the backlog of an outage
     /// under load, against one stream through the same link.
     CatchUp(repl::CatchUpArgs),
+    /// Replication-complete events on a running DC: drain a backlog made
+    /// by `rules evaluate` with gRPC consumers, then delivery latency
+    /// under steady uploads.
+    Events(events::EventsArgs),
 }
 
 /// `len` pseudo-random bytes from `seed` (xorshift64*).
@@ -304,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::ReplLatency(a) => repl::latency(a).await?,
         Cmd::ReplLag(a) => repl::lag(a).await?,
         Cmd::CatchUp(a) => repl::catch_up(a).await?,
+        Cmd::Events(a) => events::run(a).await?,
     };
     println!("{out}");
     Ok(())

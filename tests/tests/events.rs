@@ -794,3 +794,162 @@ async fn scripts_long_poll_and_answer_events_over_http() -> anyhow::Result<()> {
     assert_eq!(r.status, 400, "{}", r.body);
     Ok(())
 }
+
+/// Every event of `queue`, through the listing's pages.
+async fn all_events(c: &Client, queue: &str) -> anyhow::Result<Vec<pb::EventInfo>> {
+    let mut out = Vec::new();
+    let mut after = String::new();
+    loop {
+        let r = c
+            .events()
+            .list_events(pb::ListEventsRequest {
+                queue: queue.into(),
+                after: after.clone(),
+                limit: 1000,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        out.extend(r.events);
+        if r.next_after.is_empty() {
+            return Ok(out);
+        }
+        after = r.next_after;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn exactly_one_event_per_rule_and_message_across_leader_kills_in_a_burst(
+) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let n: usize = std::env::var("MAILBOX_EVENTS_BURST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let east_opts = DcOptions {
+        nodes: 3,
+        ..Default::default()
+    };
+    let mut cl = TestCluster::start(&["east", "west"], east_opts, "").await?;
+    let t = Duration::from_secs(60);
+    let leader = cl.dc("east").wait_leader(t).await?;
+    cl.dc("west").wait_leader(t).await?;
+    let c = cl.dc("east").client().await?;
+    c.mkdir("/inbox", true).await?;
+    for (name, q) in [("ra", "qa"), ("rb", "qb")] {
+        c.events()
+            .put_rule(pb::PutRuleRequest {
+                rule: Some(rule(name, q, 30_000)),
+            })
+            .await?;
+    }
+    let endpoints = cl.dc("east").endpoints();
+    let acked: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..16usize {
+        let (acked, next) = (acked.clone(), next.clone());
+        let mut eps = endpoints.clone();
+        let k = w % eps.len();
+        eps.rotate_left(k);
+        writers.push(tokio::spawn(async move {
+            let mut client: Option<Client> = None;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let name = format!("b{i:06}");
+                // Retried with the same key until acknowledged: a retry of
+                // an upload whose outcome was unknown stores nothing new.
+                loop {
+                    if client.is_none() {
+                        client = Client::connect_any(&eps).await.ok();
+                    }
+                    let Some(c) = client.as_ref() else {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    };
+                    let r = c
+                        .put_bytes(
+                            PutOptions {
+                                mailbox: "/inbox".into(),
+                                name: name.clone(),
+                                idempotency_key: Some(name.clone()),
+                                ..Default::default()
+                            },
+                            format!("burst {i}").into_bytes(),
+                        )
+                        .await;
+                    match r {
+                        Ok(r) => {
+                            acked
+                                .lock()
+                                .unwrap()
+                                .insert(name.clone(), r.message.unwrap().id);
+                            break;
+                        }
+                        Err(_) => {
+                            client = None;
+                            eps.rotate_left(1);
+                        }
+                    }
+                }
+            }
+        }));
+    }
+    // Kill the east leader twice during the burst (and bring it back).
+    let mut killed = leader;
+    for at in [n / 4, n * 3 / 5] {
+        wait_for(Duration::from_secs(120), "uploads before a kill", || {
+            let k = acked.lock().unwrap().len();
+            async move { (k >= at).then_some(()) }
+        })
+        .await?;
+        cl.dc("east").kill(killed);
+        let new = cl.dc("east").wait_leader(t).await?;
+        assert_ne!(new, killed);
+        cl.dc("east").restart(killed)?;
+        killed = new;
+    }
+    for w in writers {
+        w.await?;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), n);
+    let c = cl.dc("east").client().await?;
+    let listed = c.list_all("/inbox").await?;
+    assert_eq!(listed.len(), n, "retries with the key stored nothing twice");
+    let stats = wait_for(
+        Duration::from_secs(180),
+        "an event per rule per file",
+        || async {
+            let a = queue(&c, "qa").await.ok()?;
+            let b = queue(&c, "qb").await.ok()?;
+            (a.raised as usize >= n && b.raised as usize >= n).then_some((a, b))
+        },
+    )
+    .await?;
+    assert_eq!((stats.0.raised as usize, stats.1.raised as usize), (n, n));
+    let ids: BTreeSet<String> = listed.iter().map(|m| m.id.clone()).collect();
+    for q in ["qa", "qb"] {
+        let events = all_events(&c, q).await?;
+        assert_eq!(events.len(), n, "{q}: one event per file");
+        let per_message: BTreeSet<String> = events
+            .iter()
+            .map(|e| e.message.as_ref().unwrap().id.clone())
+            .collect();
+        assert_eq!(per_message, ids, "{q}: every file, none twice");
+    }
+    // Every node of east agrees (each has applied the same log).
+    cl.dc("east")
+        .wait_converged(Duration::from_secs(60))
+        .await?;
+    for id in 1..=3 {
+        let s = queue(&cl.dc("east").client_of(id).await?, "qa").await?;
+        assert_eq!(s.raised as usize, n, "node {id}");
+    }
+    eprintln!("{n} uploads across two leader kills: {n} events per rule, none twice");
+    Ok(())
+}

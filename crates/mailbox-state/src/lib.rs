@@ -635,10 +635,12 @@ impl Overlay {
         }
         // Each pending delete can hide one base row: read that many more.
         let deletes = pending.iter().filter(|(_, v)| v.is_none()).count();
-        let rows = base.scan(prefix, after, limit + deletes)?;
+        // (Saturating: "no limit" is usize::MAX.)
+        let want = limit.saturating_add(deletes);
+        let rows = base.scan(prefix, after, want)?;
         // When the base had more rows than read, pending writes past its
         // last row read may sort before base rows not read: leave them out.
-        let bound = (rows.len() == limit + deletes).then(|| rows.last().map(|(k, _)| k.clone()));
+        let bound = (rows.len() == want).then(|| rows.last().map(|(k, _)| k.clone()));
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
         for (k, v) in pending {
             if let Some(Some(b)) = &bound {

@@ -12,6 +12,7 @@ use crate::EventsError;
 pub fn rule_from(r: pb::RuleInfo) -> Result<EventRule, EventsError> {
     let d = RetryPolicy::default();
     let or = |v: u64, dflt: u64| if v == 0 { dflt } else { v };
+    let lease_ms = or(r.lease_ms, d.lease_ms);
     let rule = EventRule {
         name: r.name,
         enabled: r.enabled,
@@ -31,12 +32,16 @@ pub fn rule_from(r: pb::RuleInfo) -> Result<EventRule, EventsError> {
             },
             initial_backoff_ms: or(r.initial_backoff_ms, d.initial_backoff_ms),
             max_backoff_ms: or(r.max_backoff_ms, d.max_backoff_ms.max(r.initial_backoff_ms)),
-            lease_ms: or(r.lease_ms, d.lease_ms),
+            lease_ms,
         },
         ordering: r.ordering.parse::<EventOrdering>()?,
         webhook: (!r.webhook_url.is_empty()).then(|| WebhookSink {
             url: r.webhook_url,
-            timeout_ms: or(r.webhook_timeout_ms, 10_000),
+            // Default: 10 s, within the lease.
+            timeout_ms: or(
+                r.webhook_timeout_ms,
+                10_000.min(lease_ms.saturating_sub(1_000)).max(100),
+            ),
             secrets: r.webhook_secrets,
         }),
     };

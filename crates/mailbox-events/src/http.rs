@@ -4,7 +4,8 @@
 //!   leases up to `max` due events, waiting up to `wait` (a long poll, at
 //!   most 60 s) for one; answers a JSON array (empty when none came).
 //! - `POST /api/v1/events/{id}/ack?attempt=N&outcome=complete|retry|fail|progress&reason=TEXT&delay=10s`
-//!   answers a delivery; answers the event.
+//!   answers delivery `N` (required: the number the event came with);
+//!   answers the event.
 //! - `GET /api/v1/events/{id}`: one event with every attempt.
 //!
 //! Errors answer `{"error": code, "message": text}` with the HTTP status
@@ -140,11 +141,17 @@ async fn ack(State(svc): State<EventsService>, Path(id): Path<String>, uri: Uri)
     let q = query(&uri);
     let run = async {
         let id: EventId = id.parse()?;
+        // Required: the delivery number is the lease's token, so a worker
+        // whose lease ran out cannot answer for the next one.
         let attempt = match q.get("attempt") {
             Some(a) => a
                 .parse::<u32>()
                 .map_err(|_| EventsError::invalid(format!("attempt {a:?} is not a number")))?,
-            None => svc.event(&id)?.deliveries,
+            None => {
+                return Err(EventsError::invalid(
+                    "attempt= is required: the delivery number the event came with",
+                ))
+            }
         };
         let outcome = q.get("outcome").cloned().ok_or_else(|| {
             EventsError::invalid("outcome= is required: complete, retry, fail or progress")

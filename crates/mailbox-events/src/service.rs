@@ -49,6 +49,20 @@ fn parse_event_id(s: &str) -> Result<EventId, EventsError> {
     Ok(s.parse()?)
 }
 
+/// Longest consumer name.
+pub const MAX_CONSUMER_NAME: usize = 128;
+
+/// A consumer name: 1..=128 bytes, no control characters (it is shown in
+/// every attempt and keys the consumer's last lease request).
+pub fn validate_consumer(c: &str) -> Result<(), EventsError> {
+    if c.is_empty() || c.len() > MAX_CONSUMER_NAME || c.chars().any(char::is_control) {
+        return Err(EventsError::invalid(format!(
+            "consumer name {c:?}: 1 to {MAX_CONSUMER_NAME} bytes, no control characters"
+        )));
+    }
+    Ok(())
+}
+
 impl EventsService {
     /// The service over this node's DC log.
     pub fn new(raft: RaftNode) -> Self {
@@ -136,6 +150,7 @@ impl EventsService {
         wait: Duration,
     ) -> Result<Vec<mailbox_types::Event>, EventsError> {
         validate_event_name("queue name", queue)?;
+        validate_consumer(consumer)?;
         if let Some(ms) = lease_ms {
             if !(1_000..=mailbox_types::event::MAX_LEASE_MS).contains(&ms) {
                 return Err(EventsError::invalid("lease must be within 1s..=12h"));
@@ -522,9 +537,7 @@ impl Events for EventsService {
                 return Err(EventsError::invalid("lease must be within 1s..=12h").into());
             }
         }
-        if req.consumer.is_empty() {
-            return Err(EventsError::invalid("a subscription needs a consumer name").into());
-        }
+        validate_consumer(&req.consumer)?;
         let (tx, rx) = mpsc::channel(cap);
         let this = self.clone();
         tokio::spawn(async move {
@@ -740,10 +753,13 @@ impl EventsService {
     }
 }
 
-/// Settles leases that ran out, on the leader, about once a second: an
-/// abandoned event is retried or dead-lettered even when no consumer asks
-/// for its queue. (A proposal, so a deposed leader's attempt simply does
-/// not commit.) Ends when `shutdown` flips to true.
+/// The leader's event housekeeping, about once a second: settles leases
+/// that ran out (an abandoned event is retried or dead-lettered even when
+/// no consumer asks for its queue), and runs a due completion re-check
+/// (after a DC was suspended or left) page by page. Both are proposals, so
+/// a deposed leader's attempt simply does not commit, and what is due is
+/// recorded in the state, so a new leader picks it up. Ends when
+/// `shutdown` flips to true.
 pub async fn expire_leases(raft: RaftNode, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         tokio::select! {
@@ -794,6 +810,32 @@ pub async fn expire_leases(raft: RaftNode, mut shutdown: tokio::sync::watch::Rec
                 }
                 Err(e) => {
                     tracing::debug!("settling expired leases: {e}");
+                    break;
+                }
+            }
+        }
+        let mut pages = 0u64;
+        while raft.is_leader()
+            && mailbox_state::replication::recheck_due(raft.view()).unwrap_or(false)
+        {
+            match raft
+                .propose(Command::RecheckCompletion { now_ms: now_ms() })
+                .await
+            {
+                Ok(Ok(CommandResult::Expired { more, .. })) => {
+                    pages += 1;
+                    if !more {
+                        tracing::info!(pages, "completion re-check done");
+                        break;
+                    }
+                }
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!("completion re-check: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!("completion re-check: {e}");
                     break;
                 }
             }

@@ -8,10 +8,15 @@
 //!   2xx `complete`; 429, 5xx, a timeout or a connection error `retry`
 //!   (after `Retry-After` when the receiver sends one, else the rule's
 //!   backoff); any other status `fail` (dead-lettered at once).
-//! - Store and forward: while a receiver is down, events wait in the DC
-//!   log under their backoff; when it is back they all go, in order per
-//!   mailbox when the rule asks for it (the state machine releases a
-//!   mailbox's next event only after the previous one is finished).
+//! - Store and forward: a circuit breaker per queue. After
+//!   `BREAKER_THRESHOLD` transient failures in a row the receiver counts as
+//!   down: the loop sends one probe at a time (every 100 ms, doubling to
+//!   30 s), and a probe that fails is handed back *deferred*, which costs
+//!   the event no attempt. So a receiver down for an hour makes each event
+//!   lose an attempt at most once, not its whole budget, and when it is
+//!   back everything goes, in order per mailbox when the rule asks for it
+//!   (the state machine releases a mailbox's next event only after the
+//!   previous one is finished).
 //! - A leader that loses its role stops its loops; leases it held run out
 //!   and the new leader's loops deliver those events again (same id). A
 //!   receiver must therefore deduplicate on `webhook-id`, as the standard
@@ -39,6 +44,62 @@ pub const WEBHOOK_CONCURRENCY: usize = 8;
 pub const WEBHOOK_CONSUMER: &str = "webhook";
 /// Response body bytes kept in an attempt's error text.
 const ERROR_BODY: usize = 300;
+/// Response body bytes read at most (the rest is not read).
+const MAX_RESPONSE_BODY: usize = 64 << 10;
+/// Transient failures in a row after which a receiver counts as down.
+pub const BREAKER_THRESHOLD: u32 = 3;
+/// First and longest wait between probes of a receiver that is down.
+const PROBE_FIRST: Duration = Duration::from_millis(100);
+const PROBE_MAX: Duration = Duration::from_secs(30);
+
+/// Whether a queue's receiver is up, as its deliveries tell.
+#[derive(Debug)]
+struct Breaker {
+    failures: u32,
+    probe_every: Duration,
+    next_probe: tokio::time::Instant,
+}
+
+impl Breaker {
+    fn new() -> Self {
+        Breaker {
+            failures: 0,
+            probe_every: PROBE_FIRST,
+            next_probe: tokio::time::Instant::now(),
+        }
+    }
+
+    fn open(&self) -> bool {
+        self.failures >= BREAKER_THRESHOLD
+    }
+
+    /// Records an outcome; turns a transient failure while the receiver
+    /// is down into a deferral (no attempt lost).
+    fn record(&mut self, ack: EventAck) -> EventAck {
+        match ack {
+            EventAck::Retry { delay_ms, reason } => {
+                self.failures = self.failures.saturating_add(1);
+                if !self.open() {
+                    return EventAck::Retry { delay_ms, reason };
+                }
+                let wait = self
+                    .probe_every
+                    .max(Duration::from_millis(delay_ms.unwrap_or(0)));
+                self.next_probe = tokio::time::Instant::now() + wait;
+                self.probe_every = (self.probe_every * 2).min(PROBE_MAX);
+                EventAck::Defer {
+                    delay_ms: wait.as_millis() as u64,
+                    reason: format!("{reason} (receiver down: deferred, no attempt counted)"),
+                }
+            }
+            other => {
+                self.failures = 0;
+                self.probe_every = PROBE_FIRST;
+                other
+            }
+        }
+    }
+}
 
 type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
 type Http = HttpClient<Https, Full<Bytes>>;
@@ -153,8 +214,7 @@ async fn post(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(|s| s.saturating_mul(1000));
-        let bytes = resp
-            .into_body()
+        let bytes = http_body_util::Limited::new(resp.into_body(), MAX_RESPONSE_BODY)
             .collect()
             .await
             .map(|b| b.to_bytes())
@@ -207,7 +267,9 @@ pub async fn run(raft: RaftNode, mut shutdown: tokio::sync::watch::Receiver<bool
 }
 
 /// Delivers one queue's events while this node leads and some rule of
-/// the queue has a webhook.
+/// the queue has a webhook. Leaving (not the leader, no webhook, shutdown)
+/// stops leasing and lets deliveries under way finish and be answered:
+/// an answer is a proposal, which reaches whichever node leads.
 async fn queue_loop(
     raft: RaftNode,
     http: Http,
@@ -217,39 +279,64 @@ async fn queue_loop(
     let mut applied = raft.applied_watch();
     let mut running: JoinSet<()> = JoinSet::new();
     let mut request: u64 = rand::random();
+    let breaker = std::sync::Arc::new(std::sync::Mutex::new(Breaker::new()));
     loop {
-        if *shutdown.borrow() || !raft.is_leader() {
-            // Leases in flight run out; the next leader delivers them.
-            running.abort_all();
-            return;
-        }
-        let sinks = match ev::list_rules(raft.view()) {
-            Ok(r) => r
-                .into_iter()
-                .filter(|(r, _)| r.queue == queue)
-                .filter_map(|(r, _)| r.webhook.map(|w| (r.name, w)))
-                .collect::<HashMap<_, _>>(),
-            Err(_) => HashMap::new(),
+        let sinks = if *shutdown.borrow() || !raft.is_leader() {
+            HashMap::new()
+        } else {
+            match ev::list_rules(raft.view()) {
+                Ok(r) => r
+                    .into_iter()
+                    .filter(|(r, _)| r.queue == queue)
+                    .filter_map(|(r, _)| r.webhook.map(|w| (r.name, w)))
+                    .collect::<HashMap<_, _>>(),
+                // A read error: try again shortly, nothing is given up.
+                Err(e) => {
+                    tracing::warn!(%queue, "reading rules: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
         };
         if sinks.is_empty() {
-            running.abort_all();
+            while running.join_next().await.is_some() {}
             return;
         }
         while running.try_join_next().is_some() {}
-        let room = WEBHOOK_CONCURRENCY.saturating_sub(running.len());
-        let due = ev::next_due(raft.view(), &queue)
-            .ok()
-            .flatten()
-            .filter(|d| *d <= now_ms());
-        if room == 0 || due.is_none() {
-            let nap = match ev::next_due(raft.view(), &queue).ok().flatten() {
+        let (open, next_probe) = {
+            let b = breaker.lock().expect("breaker");
+            (b.open(), b.next_probe)
+        };
+        // While the receiver is down: one probe at a time, when it is due.
+        let room = if open {
+            usize::from(running.is_empty() && tokio::time::Instant::now() >= next_probe)
+        } else {
+            WEBHOOK_CONCURRENCY.saturating_sub(running.len())
+        };
+        let due = ev::next_due(raft.view(), &queue).ok().flatten();
+        if room == 0 || due.is_none_or(|d| d > now_ms()) {
+            let mut nap = match due {
                 Some(d) => Duration::from_millis((d - now_ms()).clamp(1, 500) as u64),
                 None => Duration::from_millis(500),
             };
-            tokio::select! {
-                _ = applied.changed() => {}
-                _ = tokio::time::sleep(nap) => {}
-                Some(_) = running.join_next(), if !running.is_empty() => {}
+            if open {
+                nap = nap.min(
+                    next_probe
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .max(Duration::from_millis(1)),
+                );
+            }
+            if room == 0 && !running.is_empty() {
+                // Full: only a finished delivery (or the clock) makes room.
+                tokio::select! {
+                    _ = running.join_next() => {}
+                    _ = tokio::time::sleep(nap) => {}
+                }
+            } else {
+                tokio::select! {
+                    _ = applied.changed() => {}
+                    _ = tokio::time::sleep(nap) => {}
+                }
             }
             continue;
         }
@@ -277,10 +364,13 @@ async fn queue_loop(
         };
         for e in events {
             let sink = sinks.get(&e.rule).cloned();
-            let (raft, http) = (raft.clone(), http.clone());
+            let (raft, http, breaker) = (raft.clone(), http.clone(), breaker.clone());
             running.spawn(async move {
                 let ack = match &sink {
-                    Some(s) => answer_for(post(&http, s, &e).await),
+                    Some(s) => {
+                        let a = answer_for(post(&http, s, &e).await);
+                        breaker.lock().expect("breaker").record(a)
+                    }
                     // Its rule lost its webhook (or another rule's event
                     // shares the queue): nobody here can take it.
                     None => EventAck::Retry {
@@ -288,8 +378,14 @@ async fn queue_loop(
                         reason: format!("rule {} has no webhook for queue {}", e.rule, e.queue),
                     },
                 };
-                if let EventAck::Fail { reason } | EventAck::Retry { reason, .. } = &ack {
-                    tracing::info!(event = %e.id, attempt = e.deliveries, rule = %e.rule, "webhook delivery failed: {reason}");
+                match &ack {
+                    EventAck::Fail { reason } | EventAck::Retry { reason, .. } => {
+                        tracing::info!(event = %e.id, attempt = e.deliveries, rule = %e.rule, "webhook delivery failed: {reason}");
+                    }
+                    EventAck::Defer { reason, .. } => {
+                        tracing::debug!(event = %e.id, rule = %e.rule, "webhook delivery deferred: {reason}");
+                    }
+                    _ => {}
                 }
                 answer(&raft, &e, ack).await;
             });
@@ -358,6 +454,32 @@ mod tests {
         .unwrap();
         assert_eq!(s.split(' ').count(), 2);
         assert!(s.split(' ').all(|p| p.starts_with("v1,")));
+    }
+
+    #[test]
+    fn a_receiver_that_stays_down_costs_each_event_no_more_attempts() {
+        let mut b = Breaker::new();
+        let fail = || EventAck::Retry {
+            delay_ms: None,
+            reason: "HTTP 503".into(),
+        };
+        for _ in 0..BREAKER_THRESHOLD - 1 {
+            assert!(matches!(b.record(fail()), EventAck::Retry { .. }));
+        }
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            match b.record(fail()) {
+                EventAck::Defer { delay_ms, .. } => waits.push(delay_ms),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(waits[0], 100);
+        assert!(waits.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*waits.last().unwrap(), 30_000);
+        // Back up: closed again, the next failure counts again.
+        assert!(matches!(b.record(EventAck::Complete), EventAck::Complete));
+        assert!(!b.open());
+        assert!(matches!(b.record(fail()), EventAck::Retry { .. }));
     }
 
     #[test]

@@ -113,6 +113,15 @@ pub enum EventAck {
         /// From now, this long (default: the policy's lease).
         lease_ms: Option<u64>,
     },
+    /// Not processed, and no failure of the event's: the sink could not be
+    /// reached (a webhook receiver that is down). Pending again after
+    /// `delay_ms`; the attempt budget is untouched.
+    Defer {
+        /// Wait this long.
+        delay_ms: u64,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// The one-byte code of a status in the status index.
@@ -461,7 +470,7 @@ pub(crate) fn set_suspension_local(
         },
     )?;
     if suspended {
-        crate::replication::recheck_completion(base, ov, ctx)?;
+        crate::replication::request_recheck(ov);
     }
     Ok(CommandResult::None)
 }
@@ -470,7 +479,6 @@ pub(crate) fn set_suspension_local(
 pub(crate) fn set_suspension_remote(
     base: &dyn KvRead,
     ov: &mut Overlay,
-    ctx: &ApplyCtx,
     dc: &str,
     s: &Suspension,
 ) -> Result<(), StateError> {
@@ -485,7 +493,7 @@ pub(crate) fn set_suspension_remote(
     }
     ov.put(keys::suspension(dc), encode(s));
     if s.suspended {
-        crate::replication::recheck_completion(base, ov, ctx)?;
+        crate::replication::request_recheck(ov);
     }
     Ok(())
 }
@@ -680,7 +688,7 @@ pub(crate) fn lease_events(
         seed,
         request,
     } = ask;
-    let lk = keys::last_lease(consumer);
+    let lk = keys::last_lease(consumer, queue);
     if let Some(last) = ov.load::<LastLease>(base, &lk)? {
         if last.request == request {
             let mut again = Vec::new();
@@ -911,6 +919,7 @@ pub(crate) fn ack_event(
         EventAck::Retry { .. } => Some(AttemptOutcome::Retry),
         EventAck::Fail { .. } => Some(AttemptOutcome::Fail),
         EventAck::Progress { .. } => None,
+        EventAck::Defer { .. } => Some(AttemptOutcome::Deferred),
     };
     // The same answer again (a proposal retried after its reply was lost):
     // the same success, nothing changes. A `complete` for any delivery of
@@ -992,6 +1001,12 @@ pub(crate) fn ack_event(
         EventAck::Fail { reason } => {
             end(&mut ev, AttemptOutcome::Fail, reason);
             finish(base, ov, &mut ev, EventStatus::Failed, now_ms)?;
+        }
+        EventAck::Defer { delay_ms, reason } => {
+            end(&mut ev, AttemptOutcome::Deferred, reason);
+            ev.lease = None;
+            ev.status = EventStatus::Pending;
+            ev.due_ms = now_ms.saturating_add((*delay_ms).min(MAX_RETRY_DELAY_MS) as i64);
         }
         EventAck::Progress { lease_ms } => {
             let ms = lease_ms

@@ -139,6 +139,16 @@ impl Dc {
         })
     }
 
+    /// Runs the paged completion re-check to its end, as the leader does.
+    fn recheck(&mut self) {
+        loop {
+            match self.run(Command::RecheckCompletion { now_ms: 1 }).unwrap() {
+                CommandResult::Expired { more: true, .. } => {}
+                _ => return,
+            }
+        }
+    }
+
     fn event(&self, id: &EventId) -> Event {
         get_event(&self.kv, id).unwrap().unwrap()
     }
@@ -845,6 +855,10 @@ fn a_dc_leaving_the_cluster_completes_what_only_it_lacked() {
         dcs: vec!["east".into(), "west".into()],
     })
     .unwrap();
+    // The re-check runs in pages, proposed while one is due.
+    assert!(crate::replication::recheck_due(&east.kv).unwrap());
+    east.recheck();
+    assert!(!crate::replication::recheck_due(&east.kv).unwrap());
     let evs = events_of_message(&east.kv, &m.id).unwrap();
     assert_eq!(evs.len(), 1);
     assert_eq!(evs[0].due_ms, 1000, "due from its completion");
@@ -853,6 +867,7 @@ fn a_dc_leaving_the_cluster_completes_what_only_it_lacked() {
         dcs: vec!["east".into(), "west".into()],
     })
     .unwrap();
+    east.recheck();
     assert_eq!(events_of_message(&east.kv, &m.id).unwrap().len(), 1);
 }
 
@@ -948,6 +963,7 @@ fn a_suspended_dc_lets_messages_complete_without_it_and_nothing_fires_twice() {
         wall_ms: 200,
     })
     .unwrap();
+    east.recheck();
     // What waited only for west completes now, and new uploads at once.
     let evs = events_of_message(&east.kv, &waiting.id).unwrap();
     assert_eq!(evs.len(), 1);
@@ -980,4 +996,106 @@ fn a_suspended_dc_lets_messages_complete_without_it_and_nothing_fires_twice() {
     let evs = events_of_message(&east.kv, &after.id).unwrap();
     assert_eq!(evs.len(), 1);
     assert!(evs[0].without.is_empty());
+}
+
+#[test]
+fn the_completion_recheck_runs_in_bounded_pages() {
+    use crate::replication::RECHECK_PAGE;
+    let mut east = Dc::new("east", &["east", "west"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    let n = RECHECK_PAGE * 2 + 7;
+    for i in 0..n {
+        east.put("/in", &format!("m{i}"), 100);
+    }
+    east.run(Command::SuspendDc {
+        dc: "west".into(),
+        suspended: true,
+        reason: "down".into(),
+        wall_ms: 200,
+    })
+    .unwrap();
+    let counts = |dc: &Dc| {
+        queue_counts(&dc.kv)
+            .unwrap()
+            .into_iter()
+            .next()
+            .map_or(0, |(_, c)| c.raised)
+    };
+    assert_eq!(
+        counts(&east),
+        0,
+        "nothing done inside the suspension itself"
+    );
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        match east
+            .run(Command::RecheckCompletion { now_ms: 300 })
+            .unwrap()
+        {
+            CommandResult::Expired { count, more } => {
+                assert!(count as usize <= RECHECK_PAGE);
+                if !more {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(counts(&east) as usize, n);
+    // Nothing left incomplete, and a re-check now does nothing.
+    assert!(east
+        .kv
+        .scan(crate::keys::INCOMPLETE_PREFIX, None, 10)
+        .unwrap()
+        .is_empty());
+}
+
+#[test]
+fn an_unbounded_scan_with_a_pending_delete_reads_everything() {
+    // usize::MAX plus the pending deletes used to overflow inside apply.
+    let mut kv = MemKv::default();
+    for i in 0..5u8 {
+        kv.0.insert(vec![b'P', i], vec![]);
+    }
+    let mut ov = Overlay::new();
+    ov.delete(vec![b'P', 2]);
+    ov.put(vec![b'P', 9], vec![]);
+    let rows = ov.scan(&kv, b"P", None, usize::MAX).unwrap();
+    let keys: Vec<u8> = rows.iter().map(|(k, _)| k[1]).collect();
+    assert_eq!(keys, [0, 1, 3, 4, 9]);
+}
+
+#[test]
+fn a_deferred_delivery_costs_no_attempt() {
+    let mut east = Dc::new("east", &["east"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 1;
+    east.rule(r, 10);
+    east.put("/in", "x", 100);
+    for i in 0..5 {
+        let now = 1_000 + i * 1_000;
+        let ev = east.lease("q", "webhook", 1, now).remove(0);
+        east.ack(
+            &ev,
+            EventAck::Defer {
+                delay_ms: 500,
+                reason: "receiver unreachable".into(),
+            },
+            now,
+        )
+        .unwrap();
+        let cur = east.event(&ev.id);
+        assert_eq!((cur.status, cur.failures), (EventStatus::Pending, 0));
+        assert_eq!(cur.due_ms, now + 500);
+        assert_eq!(
+            cur.attempts.last().unwrap().outcome,
+            Some(AttemptOutcome::Deferred)
+        );
+    }
+    let ev = east.lease("q", "webhook", 1, 10_000).remove(0);
+    assert_eq!(ev.deliveries, 6);
+    east.ack(&ev, EventAck::Complete, 10_001).unwrap();
+    assert_eq!(east.event(&ev.id).status, EventStatus::Complete);
 }

@@ -42,8 +42,9 @@
 //! | `L` | ms (BE) event id            | queue: lease ends then  |
 //! | `P` | id                          | empty: origin, incomplete |
 //! | `U` | rule name                   | `Stamp` of its delete   |
-//! | `Y` | consumer                    | its last lease request  |
+//! | `Y` | queue NUL consumer          | its last lease request  |
 //! | `X` | DC name                     | `Suspension` (LWW)      |
+//! | `V` |                             | completion re-check cursor |
 
 use mailbox_types::{MailboxPath, MessageId};
 
@@ -378,10 +379,10 @@ pub fn rule_deleted(name: &str) -> Vec<u8> {
 /// Prefix of [`rule_deleted`] entries.
 pub const RULE_DELETED_PREFIX: &[u8] = b"U";
 
-/// Consumer `c`'s last lease request and what it was given (a retried
-/// proposal of it is answered with the same events).
-pub fn last_lease(c: &str) -> Vec<u8> {
-    tagged(b'Y', &[c.as_bytes()])
+/// Consumer `c`'s last lease request on queue `q` and what it was given
+/// (a retried proposal of it is answered with the same events).
+pub fn last_lease(c: &str, q: &str) -> Vec<u8> {
+    tagged(b'Y', &[q.as_bytes(), b"\0", c.as_bytes()])
 }
 
 /// Whether DC `dc` is suspended from completion (a register).
@@ -391,3 +392,7 @@ pub fn suspension(dc: &str) -> Vec<u8> {
 
 /// Prefix of [`suspension`] registers.
 pub const SUSPENSION_PREFIX: &[u8] = b"X";
+
+/// Where the re-check of incomplete origin messages stands (present while
+/// one is due: after a DC was suspended or left the cluster).
+pub const RECHECK: &[u8] = b"V";

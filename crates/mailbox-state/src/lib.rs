@@ -296,6 +296,12 @@ pub enum Command {
         /// The proposer's wall clock.
         wall_ms: i64,
     },
+    /// One page of the re-check of origin messages not yet complete,
+    /// while one is due (after a DC was suspended or left the cluster).
+    RecheckCompletion {
+        /// The proposer's clock (when raised events become due).
+        now_ms: i64,
+    },
 }
 
 /// Successful outcome of a command.
@@ -829,7 +835,7 @@ fn apply_inner(
             // acknowledgement some tombstones waited for.
             replication::purge_acknowledged_tombstones(base, overlay)?;
             // And the last one some messages waited for.
-            replication::recheck_completion(base, overlay, ctx)?;
+            replication::request_recheck(overlay);
             Ok(CommandResult::None)
         }
         Command::CondemnOrphans { ids, at_ms } => condemn_orphans(base, overlay, ids, *at_ms),
@@ -935,6 +941,9 @@ fn apply_inner(
             reason,
             wall_ms,
         } => events::set_suspension_local(base, overlay, ctx, dc, *suspended, reason, *wall_ms),
+        Command::RecheckCompletion { now_ms } => {
+            replication::recheck_completion(base, overlay, ctx, *now_ms)
+        }
     }
 }
 

@@ -527,22 +527,61 @@ pub(crate) fn mark_new_local(
     maybe_complete(base, ov, ctx, meta, meta.created_ms, true)
 }
 
-/// After the DC list changed: every origin message not yet complete is
-/// checked again (a DC that left may have been the last one missing).
+/// Asks for a re-check of every origin message not yet complete (a DC
+/// was suspended or left the cluster: it may have been the last one
+/// missing). The re-check runs in pages (`Command::RecheckCompletion`,
+/// proposed by the leader while [`keys::RECHECK`] is present), so no
+/// single entry does unbounded work; a new request starts over.
+pub(crate) fn request_recheck(ov: &mut Overlay) {
+    ov.put(keys::RECHECK.to_vec(), encode(&None::<MessageId>));
+}
+
+/// Origin messages a re-check page looks at, at most.
+pub const RECHECK_PAGE: usize = 1000;
+
+/// One page of the completion re-check; returns how many were looked at
+/// and whether more are due.
 pub(crate) fn recheck_completion(
     base: &dyn KvRead,
     ov: &mut Overlay,
     ctx: &ApplyCtx,
-) -> Result<(), StateError> {
-    for (k, _) in ov.scan(base, keys::INCOMPLETE_PREFIX, None, usize::MAX)? {
+    now_ms: i64,
+) -> CommandResponse {
+    let Some(cursor) = ov.load::<Option<MessageId>>(base, keys::RECHECK)? else {
+        return Ok(CommandResult::Expired {
+            count: 0,
+            more: false,
+        });
+    };
+    let after = cursor.map(|id| keys::incomplete(&id));
+    let rows = ov.scan(
+        base,
+        keys::INCOMPLETE_PREFIX,
+        after.as_deref(),
+        RECHECK_PAGE,
+    )?;
+    let full = rows.len() == RECHECK_PAGE;
+    let count = rows.len() as u64;
+    let mut last = None;
+    for (k, _) in rows {
         let id = keys::decode_id(&k, &k[1..])?;
+        last = Some(id);
         match message(base, ov, &id)? {
-            // Due from its completion time (no clock travels with a DC list).
-            Some(meta) => maybe_complete(base, ov, ctx, &meta, i64::MIN, true)?,
+            Some(meta) => maybe_complete(base, ov, ctx, &meta, now_ms, true)?,
             None => ov.delete(k),
         }
     }
-    Ok(())
+    if full {
+        ov.put(keys::RECHECK.to_vec(), encode(&last));
+    } else {
+        ov.delete(keys::RECHECK.to_vec());
+    }
+    Ok(CommandResult::Expired { count, more: full })
+}
+
+/// Whether a completion re-check is due (see [`request_recheck`]).
+pub fn recheck_due(kv: &dyn KvRead) -> Result<bool, StateError> {
+    Ok(kv.get(keys::RECHECK)?.is_some())
 }
 
 /// At the origin: if every cluster DC holds `meta`, record when, and raise
@@ -833,7 +872,7 @@ fn apply_one(
             crate::events::set_rule_remote(base, ov, name, rule.as_ref(), stamp)?;
         }
         FeedRecord::Suspension { dc, suspension } => {
-            crate::events::set_suspension_remote(base, ov, ctx, dc, suspension)?;
+            crate::events::set_suspension_remote(base, ov, dc, suspension)?;
         }
         FeedRecord::Held { id, dc, at_ms } => {
             // Removed here already (deleted, or a twin): nothing to track.

@@ -316,11 +316,37 @@ impl EventRule {
                     "one secret, or two during a rotation",
                 ));
             }
-            if let Some(bad) = w.secrets.iter().find(|s| !s.starts_with("whsec_")) {
-                let shown: String = bad.chars().take(6).collect();
+            // (The error never quotes the secret.)
+            for s in &w.secrets {
+                let key = s.strip_prefix("whsec_").ok_or_else(|| {
+                    TypesError::invalid("webhook secret", "must be whsec_ followed by base64")
+                })?;
+                use base64::Engine as _;
+                match base64::engine::general_purpose::STANDARD.decode(key) {
+                    Ok(k) if k.len() >= 16 => {}
+                    Ok(_) => {
+                        return Err(TypesError::invalid(
+                            "webhook secret",
+                            "decodes to fewer than 16 bytes: too weak",
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(TypesError::invalid(
+                            "webhook secret",
+                            "the part after whsec_ is not valid base64",
+                        ))
+                    }
+                }
+            }
+            if !(100..=300_000).contains(&w.timeout_ms)
+                || w.timeout_ms.saturating_add(1_000) > self.retry.lease_ms
+            {
                 return Err(TypesError::invalid(
-                    "webhook secret",
-                    format!("must start with whsec_ (starts with {shown:?})"),
+                    "webhook timeout",
+                    format!(
+                        "{} ms must be within 100 ms..5 min and at least 1 s shorter than the lease ({} ms)",
+                        w.timeout_ms, self.retry.lease_ms
+                    ),
                 ));
             }
         }
@@ -428,6 +454,9 @@ pub enum AttemptOutcome {
     Fail,
     /// The lease ran out without an answer.
     Expired,
+    /// Handed back unprocessed because the sink was unreachable (a
+    /// webhook receiver that is down): no failure is counted.
+    Deferred,
 }
 
 impl AttemptOutcome {
@@ -438,6 +467,7 @@ impl AttemptOutcome {
             AttemptOutcome::Retry => "retry",
             AttemptOutcome::Fail => "fail",
             AttemptOutcome::Expired => "expired",
+            AttemptOutcome::Deferred => "deferred",
         }
     }
 }
@@ -663,6 +693,26 @@ mod tests {
                     })
                 }),
                 "webhook url",
+            ),
+            (
+                Box::new(|r| {
+                    r.webhook = Some(WebhookSink {
+                        url: "http://x".into(),
+                        timeout_ms: 1000,
+                        secrets: vec!["whsec_not base64!".into()],
+                    })
+                }),
+                "not valid base64",
+            ),
+            (
+                Box::new(|r| {
+                    r.webhook = Some(WebhookSink {
+                        url: "http://x".into(),
+                        timeout_ms: 60_000,
+                        secrets: vec!["whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into()],
+                    })
+                }),
+                "shorter than the lease",
             ),
         ];
         for (change, want) in cases {

@@ -24,7 +24,7 @@
 # while the leader builds a snapshot of the whole state and a follower that
 # lost its data receives and installs it. Reports each node's RSS growth
 # over its level before the window and both windows' p99.
-# BENCH_ONLY=single, BENCH_ONLY=repl, BENCH_ONLY=sweep or BENCH_ONLY=snapshot runs one part;
+# BENCH_ONLY=single, repl, sweep, snapshot or events runs one part;
 # BENCH_ONLY=small only the small-upload comparison.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -380,4 +380,24 @@ print(json.dumps({"kind": "snapshot", "snapshot_bytes": s["bytes"], "build_secon
 PY
   for i in 1 2 3; do kill "$(pid_of $i)" 2>/dev/null || true; done
   wait 2>/dev/null || true
+fi
+
+# Then (issue #9) replication-complete events on a fresh 3-node DC:
+# EVENTS_MESSAGES (100000) files, a rule added after them and raised over
+# them by `rules evaluate`, the backlog drained by 8 gRPC subscriptions
+# (64 unanswered each) that complete every event; then the delivery
+# latency (complete in every DC -> at a consumer) under 500 uploads/s.
+if [ "$ONLY" = all ] || [ "$ONLY" = events ]; then
+  "$BIN/mailboxd" dev --dir "$WORK/ev" --dcs bench --base-port 17300 \
+    --client-config "$WORK/client-ev.toml" --no-restart >"$WORK/dev-ev.log" 2>&1 &
+  EV_DEV=$!
+  PIDS+=($EV_DEV)
+  for _ in $(seq 1 300); do grep -q "is up" "$WORK/dev-ev.log" && break; sleep 0.2; done
+  grep -q "is up" "$WORK/dev-ev.log" || { cat "$WORK/dev-ev.log"; exit 1; }
+  log "events: DC up"
+  "$BIN/mailbox-bench" events --endpoints 127.0.0.1:17301,127.0.0.1:17302,127.0.0.1:17303 \
+    --messages "${EVENTS_MESSAGES:-100000}" --consumers 8 --max-in-flight 64 \
+    --rate "${EVENTS_RATE:-500}" --duration "${EVENTS_DURATION:-15s}"
+  kill "$EV_DEV" 2>/dev/null || true
+  wait "$EV_DEV" 2>/dev/null || true
 fi

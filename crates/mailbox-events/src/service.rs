@@ -548,14 +548,19 @@ impl Events for EventsService {
             // of one request, new for the next.
             let mut request = seed();
             loop {
-                in_flight.retain(|id, attempt| {
-                    ev::get_event(this.view(), id)
-                        .ok()
-                        .flatten()
-                        .is_some_and(|e| {
-                            e.status == EventStatus::Processing && e.deliveries == *attempt
-                        })
-                });
+                // Which deliveries were answered is read only when the cap
+                // is reached (one read each): under load this loop wakes
+                // for every applied entry.
+                if in_flight.len() >= cap {
+                    in_flight.retain(|id, attempt| {
+                        ev::get_event(this.view(), id)
+                            .ok()
+                            .flatten()
+                            .is_some_and(|e| {
+                                e.status == EventStatus::Processing && e.deliveries == *attempt
+                            })
+                    });
+                }
                 let room = cap.saturating_sub(in_flight.len());
                 let due = room > 0
                     && match this.due_now(&req.queue) {
@@ -574,7 +579,13 @@ impl Events for EventsService {
                     };
                     tokio::select! {
                         _ = tx.closed() => return,
-                        r = applied.changed() => if r.is_err() { return },
+                        r = applied.changed() => {
+                            if r.is_err() {
+                                return;
+                            }
+                            // Entries apply in bursts: look once per burst.
+                            tokio::time::sleep(Duration::from_millis(2)).await;
+                        }
                         _ = tokio::time::sleep(nap) => {}
                     }
                     continue;

@@ -646,9 +646,9 @@ pub(crate) fn evaluate_rule(
 
 // ---------------------------------------------------------------- delivery
 
-/// Due events of `queue` looked at per lease command at most, beyond the
-/// ones handed out.
-const LEASE_SCAN_SLACK: usize = 256;
+/// Due events of `queue` looked at per lease command at most, beyond
+/// twice the ones asked for (leases that ran out are settled on the way).
+const LEASE_SCAN_SLACK: usize = 16;
 
 /// A consumer's request for events (see `Command::LeaseEvents`).
 #[derive(Debug, Clone, Copy)]
@@ -705,7 +705,12 @@ pub(crate) fn lease_events(
     let lease_ms = lease_ms.map(|l| l.clamp(1_000, mailbox_types::event::MAX_LEASE_MS));
     let max = max.clamp(1, MAX_LEASE_BATCH) as usize;
     let prefix = keys::due_prefix(queue);
-    let rows = ov.scan(base, &prefix, None, max + LEASE_SCAN_SLACK)?;
+    let rows = ov.scan(
+        base,
+        &prefix,
+        None,
+        max.saturating_mul(2) + LEASE_SCAN_SLACK,
+    )?;
     let mut out = Vec::new();
     for (k, _) in rows {
         if out.len() >= max {

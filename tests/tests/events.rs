@@ -965,3 +965,116 @@ async fn exactly_one_event_per_rule_and_message_across_leader_kills_in_a_burst(
     eprintln!("{n} uploads across two leader kills: {n} events per rule, none twice");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_mailbox_order_holds_under_concurrent_consumers_and_retries() -> anyhow::Result<()> {
+    use std::sync::{Arc, Mutex};
+    let mut dc = TestDc::start(DcOptions {
+        nodes: 1,
+        ..Default::default()
+    })
+    .await?;
+    dc.wait_leader(Duration::from_secs(30)).await?;
+    let c = dc.client().await?;
+    let boxes = ["/inbox/a", "/inbox/b", "/inbox/c"];
+    for b in boxes {
+        c.mkdir(b, true).await?;
+    }
+    let mut r = rule("ordered", "ord", 10_000);
+    r.subtree = true;
+    r.ordering = "per-mailbox".into();
+    r.max_attempts = 10;
+    c.events()
+        .put_rule(pb::PutRuleRequest { rule: Some(r) })
+        .await?;
+    let per_box = 8;
+    for i in 0..per_box {
+        for b in boxes {
+            c.put_bytes(
+                PutOptions {
+                    mailbox: b.into(),
+                    name: format!("{i:02}"),
+                    ..Default::default()
+                },
+                vec![b'o'; 10],
+            )
+            .await?;
+        }
+    }
+    // Mailbox -> the event a consumer holds now (received, not answered).
+    let held: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    // Mailbox -> names completed, in completion order.
+    let done: Arc<Mutex<BTreeMap<String, Vec<String>>>> = Arc::default();
+    let mut consumers = Vec::new();
+    for k in 0..4 {
+        let (c, held, done) = (c.clone(), held.clone(), done.clone());
+        consumers.push(tokio::spawn(async move {
+            let mut s = c
+                .events()
+                .subscribe(pb::SubscribeRequest {
+                    queue: "ord".into(),
+                    consumer: format!("c{k}"),
+                    max_in_flight: 4,
+                    lease_ms: 0,
+                })
+                .await?
+                .into_inner();
+            while let Some(e) = s.next().await {
+                let e = e?;
+                let m = e.message.clone().unwrap();
+                if let Some(other) = held.lock().unwrap().insert(m.mailbox.clone(), e.id.clone()) {
+                    anyhow::bail!(
+                        "{} delivered while {other} of the same mailbox was held",
+                        e.id
+                    );
+                }
+                // Every third file is retried once before it completes.
+                let retry = e.attempt == 1 && m.name.parse::<u32>()? % 3 == 0;
+                // Released before answering: the next event of the mailbox
+                // may come only after the answer applies.
+                held.lock().unwrap().remove(&m.mailbox);
+                if !retry {
+                    done.lock()
+                        .unwrap()
+                        .entry(m.mailbox.clone())
+                        .or_default()
+                        .push(m.name.clone());
+                }
+                c.events()
+                    .ack(pb::AckRequest {
+                        id: e.id,
+                        attempt: e.attempt,
+                        consumer: format!("c{k}"),
+                        outcome: if retry { "retry" } else { "complete" }.into(),
+                        delay_ms: Some(0),
+                        ..Default::default()
+                    })
+                    .await?;
+            }
+            Ok(())
+        }));
+    }
+    let total = per_box * boxes.len();
+    wait_for(
+        Duration::from_secs(60),
+        "every ordered event complete",
+        || async {
+            let s = queue(&c, "ord").await.ok()?;
+            (s.complete as usize == total).then_some(())
+        },
+    )
+    .await?;
+    for h in consumers {
+        if h.is_finished() {
+            h.await??; // a consumer that stopped early saw a violation
+        } else {
+            h.abort();
+        }
+    }
+    let done = done.lock().unwrap().clone();
+    let want: Vec<String> = (0..per_box).map(|i| format!("{i:02}")).collect();
+    for b in boxes {
+        assert_eq!(done[b], want, "{b}: completed in upload order");
+    }
+    Ok(())
+}

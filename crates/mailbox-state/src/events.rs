@@ -75,6 +75,12 @@ pub struct QueueCounts {
     /// Times an event of the queue was dead-lettered, ever (a replayed
     /// event that fails again counts again).
     pub dead_lettered: u64,
+    /// No entry of the queue's due index is due before this: scans start
+    /// here instead of at the index's head, where the entries of events
+    /// already leased and answered were deleted (RocksDB would step over
+    /// every one of those deletes until compaction, a cost that grew with
+    /// the queue's history).
+    pub due_floor_ms: i64,
 }
 
 impl QueueCounts {
@@ -136,6 +142,12 @@ pub fn status_code(s: EventStatus) -> u8 {
     }
 }
 
+/// The position just before every due-index entry of `queue` at `floor_ms`
+/// or later (no event id is all zeros: ids carry a version).
+fn due_floor_key(queue: &str, floor_ms: i64) -> Vec<u8> {
+    keys::due(queue, floor_ms, &EventId::from_bytes([0; 16]))
+}
+
 /// The lease-end-index key of `ev`, while it is leased.
 fn lease_key(ev: &Event) -> Option<Vec<u8>> {
     (ev.status == EventStatus::Processing).then(|| keys::lease_end(ev.due_ms, &ev.id))
@@ -193,6 +205,7 @@ fn put_event(
         Vec::new(),
     );
     if let Some(k) = due_key(ev) {
+        counts.due_floor_ms = counts.due_floor_ms.min(ev.due_ms.max(0));
         ov.put(k, Vec::new());
     }
     if let Some(k) = lease_key(ev) {
@@ -705,12 +718,22 @@ pub(crate) fn lease_events(
     let lease_ms = lease_ms.map(|l| l.clamp(1_000, mailbox_types::event::MAX_LEASE_MS));
     let max = max.clamp(1, MAX_LEASE_BATCH) as usize;
     let prefix = keys::due_prefix(queue);
+    let floor = load_counts(base, ov, queue)?.due_floor_ms;
+    let from = due_floor_key(queue, floor);
     let rows = ov.scan(
         base,
         &prefix,
-        None,
+        Some(&from),
         max.saturating_mul(2) + LEASE_SCAN_SLACK,
     )?;
+    // The first entry at or past the floor is the first of all: the floor
+    // can rise to it (or to now, when there is none). What this command
+    // writes below is due at or after it (leases end in the future, a
+    // lease that ran out is retried after its end).
+    let new_floor = match rows.first() {
+        Some((k, _)) => keys::decode_due(k, prefix.len())?.0,
+        None => now_ms.max(floor),
+    };
     let mut out = Vec::new();
     for (k, _) in rows {
         if out.len() >= max {
@@ -763,6 +786,11 @@ pub(crate) fn lease_events(
                 })
             }
         }
+    }
+    let mut counts = load_counts(base, ov, queue)?;
+    if new_floor > counts.due_floor_ms && counts.due_floor_ms >= floor {
+        counts.due_floor_ms = new_floor;
+        ov.put(keys::queue(queue), encode(&counts));
     }
     ov.put(
         lk,
@@ -1210,7 +1238,14 @@ pub fn queue_counts(kv: &dyn KvRead) -> Result<Vec<(String, QueueCounts)>, State
 /// When `queue`'s next event is due (or its earliest lease runs out).
 pub fn next_due(kv: &dyn KvRead, queue: &str) -> Result<Option<i64>, StateError> {
     let prefix = keys::due_prefix(queue);
-    match kv.scan(&prefix, None, 1)?.into_iter().next() {
+    let qk = keys::queue(queue);
+    let floor = kv
+        .get(&qk)?
+        .map(|v| decode::<QueueCounts>(&qk, &v))
+        .transpose()?
+        .map_or(0, |c| c.due_floor_ms);
+    let from = due_floor_key(queue, floor);
+    match kv.scan(&prefix, Some(&from), 1)?.into_iter().next() {
         Some((k, _)) => Ok(Some(keys::decode_due(&k, prefix.len())?.0)),
         None => Ok(None),
     }

@@ -1099,3 +1099,33 @@ fn a_deferred_delivery_costs_no_attempt() {
     east.ack(&ev, EventAck::Complete, 10_001).unwrap();
     assert_eq!(east.event(&ev.id).status, EventStatus::Complete);
 }
+
+#[test]
+fn the_due_floor_rises_past_answered_events_and_falls_for_earlier_ones() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10); // lease 1 s
+    for i in 0..10 {
+        east.put("/in", &format!("m{i}"), 100 + i);
+    }
+    let floor = |dc: &Dc| queue_counts(&dc.kv).unwrap()[0].1.due_floor_ms;
+    let got = east.lease("q", "c", 10, 1_000);
+    assert_eq!(got.len(), 10);
+    // Everything is leased until 2,000: the next lease scan moves the
+    // floor there, past the deleted entries of the pending ones.
+    assert!(east.lease("q", "c", 10, 1_500).is_empty());
+    assert_eq!(floor(&east), 2_000);
+    assert_eq!(next_due(&east.kv, "q").unwrap(), Some(2_000));
+    // A new event due before the floor lowers it, and is found.
+    let late = east.put("/in", "late", 1_600);
+    assert!(floor(&east) <= 1_600);
+    let e = east.lease("q", "c", 10, 1_700);
+    assert_eq!(e.len(), 1);
+    assert_eq!(e[0].message.id, late.id);
+    for ev in &got {
+        east.ack(ev, EventAck::Complete, 1_800).unwrap();
+    }
+    // All answered: the floor rises to now, and nothing is lost after it.
+    assert!(east.lease("q", "c", 10, 1_900).is_empty());
+    let again = east.put("/in", "again", 1_950);
+    assert_eq!(east.lease("q", "c", 10, 2_000)[0].message.id, again.id);
+}

@@ -193,6 +193,9 @@ pub enum DlqCmd {
         /// Dead-lettered within this long ago (e.g. 1h).
         #[arg(long)]
         since: Option<HumanDuration>,
+        /// Dead-lettered at least this long ago (with --since: a window).
+        #[arg(long)]
+        until: Option<HumanDuration>,
         /// Only events with an attempt whose error contains this text.
         #[arg(long)]
         error: Option<String>,
@@ -784,6 +787,7 @@ pub async fn dlq(client: &Client, json: bool, cmd: &DlqCmd) -> anyhow::Result<()
             rule,
             mailbox,
             since,
+            until,
             error,
             limit,
         } => {
@@ -793,6 +797,9 @@ pub async fn dlq(client: &Client, json: bool, cmd: &DlqCmd) -> anyhow::Result<()
                 rule: rule.clone().unwrap_or_default(),
                 mailbox: mailbox.clone().unwrap_or_default(),
                 since_ms: since
+                    .as_ref()
+                    .map_or(0, |d| mailbox_types::now_ms() - ms(d) as i64),
+                until_ms: until
                     .as_ref()
                     .map_or(0, |d| mailbox_types::now_ms() - ms(d) as i64),
                 error_contains: error.clone().unwrap_or_default(),

@@ -211,7 +211,26 @@ impl EventsService {
             })
             .await?
         {
-            CommandResult::EventUpdated { event } => Ok(*event),
+            CommandResult::EventUpdated { event } => {
+                if event.status == EventStatus::Failed {
+                    let last = event
+                        .attempts
+                        .last()
+                        .map(|a| a.error.as_str())
+                        .unwrap_or("");
+                    tracing::warn!(
+                        event = %event.id,
+                        queue = %event.queue,
+                        rule = %event.rule,
+                        message = %event.message.id,
+                        mailbox = %event.message.mailbox,
+                        attempts = event.deliveries,
+                        error = %last,
+                        "event dead-lettered"
+                    );
+                }
+                Ok(*event)
+            }
             other => Err(EventsError::Internal {
                 reason: format!("unexpected result of an answer: {other:?}"),
             }),

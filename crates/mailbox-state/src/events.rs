@@ -720,29 +720,26 @@ pub(crate) fn lease_events(
     let prefix = keys::due_prefix(queue);
     let floor = load_counts(base, ov, queue)?.due_floor_ms;
     let from = due_floor_key(queue, floor);
-    let rows = ov.scan(
-        base,
-        &prefix,
-        Some(&from),
-        max.saturating_mul(2) + LEASE_SCAN_SLACK,
-    )?;
-    // The first entry at or past the floor is the first of all: the floor
-    // can rise to it (or to now, when there is none). What this command
-    // writes below is due at or after it (leases end in the future, a
-    // lease that ran out is retried after its end).
-    let new_floor = match rows.first() {
-        Some((k, _)) => keys::decode_due(k, prefix.len())?.0,
-        None => now_ms.max(floor),
-    };
+    let scan_limit = max.saturating_mul(2) + LEASE_SCAN_SLACK;
+    let rows = ov.scan(base, &prefix, Some(&from), scan_limit)?;
+    // The floor is recomputed below from what is left: while this command
+    // runs it stands at "nothing written yet", and every due entry written
+    // meanwhile (leases, retries, a mailbox's next event) lowers it through
+    // `put_event`, so afterwards it holds the earliest of those.
+    let mut c = load_counts(base, ov, queue)?;
+    c.due_floor_ms = i64::MAX;
+    ov.put(keys::queue(queue), encode(&c));
+    let mut processed = 0;
     let mut out = Vec::new();
-    for (k, _) in rows {
+    for (k, _) in &rows {
         if out.len() >= max {
             break;
         }
-        let (ms, id) = keys::decode_due(&k, prefix.len())?;
+        let (ms, id) = keys::decode_due(k, prefix.len())?;
         if ms > now_ms {
             break;
         }
+        processed += 1;
         let Some(mut ev) = load_event(base, ov, &id)? else {
             return Err(StateError::Corrupt {
                 key: keys::hex(&k),
@@ -787,11 +784,19 @@ pub(crate) fn lease_events(
             }
         }
     }
+    // Entries left: the first row not taken (rows are in order), or, when
+    // every row read was taken, whatever lies past the last one (only if
+    // the scan stopped at its limit), or nothing at all.
+    let left = if processed < rows.len() {
+        keys::decode_due(&rows[processed].0, prefix.len())?.0
+    } else if rows.len() == scan_limit {
+        keys::decode_due(&rows[rows.len() - 1].0, prefix.len())?.0
+    } else {
+        now_ms.max(floor)
+    };
     let mut counts = load_counts(base, ov, queue)?;
-    if new_floor > counts.due_floor_ms && counts.due_floor_ms >= floor {
-        counts.due_floor_ms = new_floor;
-        ov.put(keys::queue(queue), encode(&counts));
-    }
+    counts.due_floor_ms = counts.due_floor_ms.min(left);
+    ov.put(keys::queue(queue), encode(&counts));
     ov.put(
         lk,
         encode(&LastLease {

@@ -742,7 +742,7 @@ pub(crate) fn lease_events(
         processed += 1;
         let Some(mut ev) = load_event(base, ov, &id)? else {
             return Err(StateError::Corrupt {
-                key: keys::hex(&k),
+                key: keys::hex(k),
                 reason: "due index names a missing event".into(),
             });
         };
@@ -778,7 +778,7 @@ pub(crate) fn lease_events(
             }
             _ => {
                 return Err(StateError::Corrupt {
-                    key: keys::hex(&k),
+                    key: keys::hex(k),
                     reason: format!("due index names a {} event", ev.status.as_str()),
                 })
             }

@@ -408,6 +408,23 @@ async fn the_cli_manages_rules_answers_events_and_replays_the_dead_letter_queue(
     let dlq = json(&out);
     assert_eq!(dlq.as_array().unwrap().len(), 1);
     assert_eq!(dlq[0]["attempts"][0]["error"], "bad envelope");
+    // The dead letter shows in /metrics: a counter and a gauge per queue.
+    let m = dc.scrape(1).await?;
+    assert_eq!(
+        m.get("mailbox_events_dead_lettered_total", &[("queue", "q")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get(
+            "mailbox_event_queue_events",
+            &[("queue", "q"), ("status", "failed")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        m.get("mailbox_events_raised_total", &[("queue", "q")]),
+        Some(1.0)
+    );
     let (_, out, _) = cli(&dc, &["--json", "dlq", "ls", "--error", "nothing like it"])?;
     assert_eq!(json(&out).as_array().unwrap().len(), 0);
 

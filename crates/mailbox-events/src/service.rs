@@ -80,7 +80,12 @@ impl EventsService {
     /// Whether something in `queue` is due now (an event to deliver or a
     /// lease that ran out).
     fn due_now(&self, queue: &str) -> Result<Option<i64>, EventsError> {
-        Ok(ev::next_due(self.view(), queue)?)
+        // Within the next second: callers nap at most that long anyway.
+        Ok(ev::next_due(
+            self.view(),
+            queue,
+            now_ms().saturating_add(1_000),
+        )?)
     }
 
     /// Waits until something in `queue` is due, at most `for_at_most`;
@@ -98,9 +103,11 @@ impl EventsService {
             if left.is_zero() {
                 return Ok(false);
             }
+            // Nothing due within a second: look again in a second (what
+            // is due later is not read, see `next_due`).
             let nap = next
                 .map(|d| Duration::from_millis((d - now).max(1) as u64))
-                .unwrap_or(left)
+                .unwrap_or(Duration::from_secs(1))
                 .min(left);
             tokio::select! {
                 r = applied.changed() => if r.is_err() { return Ok(false) },

@@ -313,7 +313,9 @@ async fn queue_loop(
         } else {
             WEBHOOK_CONCURRENCY.saturating_sub(running.len())
         };
-        let due = ev::next_due(raft.view(), &queue).ok().flatten();
+        let due = ev::next_due(raft.view(), &queue, now_ms().saturating_add(1_000))
+            .ok()
+            .flatten();
         if room == 0 || due.is_none_or(|d| d > now_ms()) {
             let mut nap = match due {
                 Some(d) => Duration::from_millis((d - now_ms()).clamp(1, 500) as u64),

@@ -106,6 +106,19 @@ impl KvRead for StateView {
     ) -> Result<mailbox_state::KvPairs, StateError> {
         self.guarded(|| self.store.scan(Cf::State, prefix, after, limit))
     }
+
+    fn scan_below(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        before: &[u8],
+        limit: usize,
+    ) -> Result<mailbox_state::KvPairs, StateError> {
+        self.guarded(|| {
+            self.store
+                .scan_below(Cf::State, prefix, after, Some(before), limit)
+        })
+    }
 }
 
 /// The state machine of one node.

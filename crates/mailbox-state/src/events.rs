@@ -721,7 +721,11 @@ pub(crate) fn lease_events(
     let floor = load_counts(base, ov, queue)?.due_floor_ms;
     let from = due_floor_key(queue, floor);
     let scan_limit = max.saturating_mul(2) + LEASE_SCAN_SLACK;
-    let rows = ov.scan(base, &prefix, Some(&from), scan_limit)?;
+    // Only what is due by now: entries past it (leases under way, later
+    // retries) are not needed, and the iterator must not step over the
+    // deletes of every answered lease among them.
+    let before = due_floor_key(queue, now_ms.saturating_add(1));
+    let rows = ov.scan_below(base, &prefix, Some(&from), Some(&before), scan_limit)?;
     // The floor is recomputed below from what is left: while this command
     // runs it stands at "nothing written yet", and every due entry written
     // meanwhile (leases, retries, a mailbox's next event) lowers it through
@@ -792,7 +796,8 @@ pub(crate) fn lease_events(
     } else if rows.len() == scan_limit {
         keys::decode_due(&rows[rows.len() - 1].0, prefix.len())?.0
     } else {
-        now_ms.max(floor)
+        // Everything due by now was read and taken.
+        now_ms.saturating_add(1).max(floor)
     };
     let mut counts = load_counts(base, ov, queue)?;
     counts.due_floor_ms = counts.due_floor_ms.min(left);
@@ -1241,7 +1246,10 @@ pub fn queue_counts(kv: &dyn KvRead) -> Result<Vec<(String, QueueCounts)>, State
 }
 
 /// When `queue`'s next event is due (or its earliest lease runs out).
-pub fn next_due(kv: &dyn KvRead, queue: &str) -> Result<Option<i64>, StateError> {
+/// (Only entries due before `before_ms` are looked at: callers ask "what
+/// is due within the next moment", and the index past that holds the
+/// deleted entries of answered leases, which a scan would step over.)
+pub fn next_due(kv: &dyn KvRead, queue: &str, before_ms: i64) -> Result<Option<i64>, StateError> {
     let prefix = keys::due_prefix(queue);
     let qk = keys::queue(queue);
     let floor = kv
@@ -1250,7 +1258,15 @@ pub fn next_due(kv: &dyn KvRead, queue: &str) -> Result<Option<i64>, StateError>
         .transpose()?
         .map_or(0, |c| c.due_floor_ms);
     let from = due_floor_key(queue, floor);
-    match kv.scan(&prefix, Some(&from), 1)?.into_iter().next() {
+    let before = due_floor_key(queue, before_ms);
+    if from >= before {
+        return Ok(None);
+    }
+    match kv
+        .scan_below(&prefix, Some(&from), &before, 1)?
+        .into_iter()
+        .next()
+    {
         Some((k, _)) => Ok(Some(keys::decode_due(&k, prefix.len())?.0)),
         None => Ok(None),
     }

@@ -1111,10 +1111,12 @@ fn the_due_floor_rises_past_answered_events_and_falls_for_earlier_ones() {
     let got = east.lease("q", "c", 10, 1_000);
     assert_eq!(got.len(), 10);
     // Everything is leased until 2,000: the next lease scan moves the
-    // floor there, past the deleted entries of the pending ones.
+    // floor past now (it reads only what is due by now), past the deleted
+    // entries of the pending ones.
     assert!(east.lease("q", "c", 10, 1_500).is_empty());
-    assert_eq!(floor(&east), 2_000);
-    assert_eq!(next_due(&east.kv, "q").unwrap(), Some(2_000));
+    assert_eq!(floor(&east), 1_501);
+    assert_eq!(next_due(&east.kv, "q", 10_000).unwrap(), Some(2_000));
+    assert_eq!(next_due(&east.kv, "q", 1_999).unwrap(), None);
     // A new event due before the floor lowers it, and is found.
     let late = east.put("/in", "late", 1_600);
     assert!(floor(&east) <= 1_600);

@@ -551,6 +551,21 @@ pub trait KvRead {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<KvPairs, StateError>;
+
+    /// [`KvRead::scan`], and only keys below `before`. A store bounds its
+    /// iterator there, so it never steps over deleted keys past it; this
+    /// default reads the same rows and cuts them.
+    fn scan_below(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        before: &[u8],
+        limit: usize,
+    ) -> Result<KvPairs, StateError> {
+        let mut rows = self.scan(prefix, after, limit)?;
+        rows.retain(|(k, _)| k.as_slice() < before);
+        Ok(rows)
+    }
 }
 
 /// Key/value pairs returned by a scan, in key order.
@@ -626,24 +641,50 @@ impl Overlay {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<KvPairs, StateError> {
+        self.scan_below(base, prefix, after, None, limit)
+    }
+
+    /// [`Overlay::scan`], and only keys below `before` (see
+    /// [`KvRead::scan_below`]).
+    pub(crate) fn scan_below(
+        &self,
+        base: &dyn KvRead,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<KvPairs, StateError> {
         use std::ops::Bound;
         let start = match after {
             Some(a) => Bound::Excluded(a.to_vec()),
             None => Bound::Included(prefix.to_vec()),
         };
+        let end = match before {
+            Some(b) => Bound::Excluded(b.to_vec()),
+            None => Bound::Unbounded,
+        };
+        if let (Some(a), Some(b)) = (after, before) {
+            if a >= b {
+                return Ok(Vec::new());
+            }
+        }
+        let base_scan = |want: usize| match before {
+            Some(b) => base.scan_below(prefix, after, b, want),
+            None => base.scan(prefix, after, want),
+        };
         let pending: Vec<_> = self
             .writes
-            .range((start, Bound::Unbounded))
+            .range((start, end))
             .take_while(|(k, _)| k.starts_with(prefix))
             .collect();
         if pending.is_empty() {
-            return base.scan(prefix, after, limit);
+            return base_scan(limit);
         }
         // Each pending delete can hide one base row: read that many more.
         let deletes = pending.iter().filter(|(_, v)| v.is_none()).count();
         // (Saturating: "no limit" is usize::MAX.)
         let want = limit.saturating_add(deletes);
-        let rows = base.scan(prefix, after, want)?;
+        let rows = base_scan(want)?;
         // When the base had more rows than read, pending writes past its
         // last row read may sort before base rows not read: leave them out.
         let bound = (rows.len() == want).then(|| rows.last().map(|(k, _)| k.clone()));

@@ -302,6 +302,20 @@ impl Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<KvPair>, StoreError> {
+        self.scan_below(cf, prefix, after, None, limit)
+    }
+
+    /// [`Store::scan`], and only keys below `before`: the iterator is
+    /// bounded there, so it never steps over deleted keys past it (a queue
+    /// whose head is read often keeps many of those).
+    pub fn scan_below(
+        &self,
+        cf: Cf,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        before: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<KvPair>, StoreError> {
         // Never before the prefix: a position below it would seek to a key
         // outside the prefix and end the scan before reaching it.
         let start = match after {
@@ -313,7 +327,11 @@ impl Store {
         // key past it (a scan of an empty prefix, as for a new message's
         // holders, was a full seek into every level).
         let mut ro = ReadOptions::default();
-        if let Some(end) = prefix_end(prefix) {
+        let end = match (prefix_end(prefix), before) {
+            (Some(e), Some(b)) => Some(e.min(b.to_vec())),
+            (e, b) => e.or(b.map(<[u8]>::to_vec)),
+        };
+        if let Some(end) = end {
             ro.set_iterate_upper_bound(end);
         }
         let mut it = self.db.raw_iterator_cf_opt(self.cf(cf), ro);

@@ -1131,3 +1131,52 @@ fn the_due_floor_rises_past_answered_events_and_falls_for_earlier_ones() {
     let again = east.put("/in", "again", 1_950);
     assert_eq!(east.lease("q", "c", 10, 2_000)[0].message.id, again.id);
 }
+
+#[test]
+fn leases_in_one_batch_with_equal_and_earlier_clocks_lose_nothing() {
+    // Proposers' clocks differ: a later lease command may carry an earlier
+    // now than the one before it, in the same batch or the next.
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    for i in 0..6 {
+        east.put("/in", &format!("m{i}"), 100 + i);
+    }
+    let lease = |now: i64, request: u64| Command::LeaseEvents {
+        queue: "q".into(),
+        consumer: format!("c{request}"),
+        max: 2,
+        lease_ms: None,
+        now_ms: now,
+        seed: 1,
+        request,
+    };
+    let r = east
+        .run(Command::Batch(vec![
+            lease(1_000, 1),
+            lease(1_000, 2),
+            lease(900, 3),
+        ]))
+        .unwrap();
+    let CommandResult::Batch(rs) = r else {
+        panic!()
+    };
+    let n: Vec<usize> = rs
+        .into_iter()
+        .map(|r| match r.unwrap() {
+            CommandResult::Leased { events } => events.len(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        n,
+        [2, 2, 2],
+        "each command leases what is due by its own now"
+    );
+    // A file raised by a proposer whose clock is behind the floor is found.
+    let late = east.put("/in", "late", 950);
+    let got = east.lease_as("q", "c9", 10, 960, 99);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].message.id, late.id);
+    let counts: BTreeMap<_, _> = queue_counts(&east.kv).unwrap().into_iter().collect();
+    assert_eq!((counts["q"].processing, counts["q"].pending), (7, 0));
+}

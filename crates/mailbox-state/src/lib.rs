@@ -663,8 +663,9 @@ impl Overlay {
             Some(b) => Bound::Excluded(b.to_vec()),
             None => Bound::Unbounded,
         };
-        if let (Some(a), Some(b)) = (after, before) {
-            if a >= b {
+        // An empty range (BTreeMap::range panics on a reversed one).
+        if let Some(b) = before {
+            if after.unwrap_or(prefix) >= b {
                 return Ok(Vec::new());
             }
         }

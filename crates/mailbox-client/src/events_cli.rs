@@ -627,6 +627,9 @@ pub async fn events(client: &Client, json: bool, cmd: &EventsCmd) -> anyhow::Res
                 ..Default::default()
             };
             let events = list_all(client, req, *limit).await?;
+            if !json && events.is_empty() {
+                eprintln!("no events");
+            }
             print_events(json, &events);
         }
         EventsCmd::Show { id } => {
@@ -809,6 +812,9 @@ pub async fn dlq(client: &Client, json: bool, cmd: &DlqCmd) -> anyhow::Result<()
             if json {
                 print_events(true, &events);
             } else {
+                if events.is_empty() {
+                    eprintln!("no dead-lettered events");
+                }
                 for e in &events {
                     let last = e.attempts.last().map(|a| a.error.as_str()).unwrap_or("");
                     println!("{}  last error: {last}", event_line(e));

@@ -49,6 +49,10 @@ fn parse_event_id(s: &str) -> Result<EventId, EventsError> {
     Ok(s.parse()?)
 }
 
+fn parse_event_ids(ids: &[String]) -> Result<Vec<EventId>, EventsError> {
+    ids.iter().map(|s| parse_event_id(s)).collect()
+}
+
 /// Longest consumer name.
 pub const MAX_CONSUMER_NAME: usize = 128;
 
@@ -321,7 +325,8 @@ impl EventsService {
             None
         } else {
             Some(
-                hex_decode(&req.after)
+                hex::decode(&req.after)
+                    .ok()
                     .ok_or_else(|| EventsError::invalid("bad `after` position"))?,
             )
         };
@@ -340,24 +345,10 @@ impl EventsService {
         out.truncate(limit);
         Ok(pb::ListEventsResponse {
             events: out,
-            next_after: after.map(|a| hex_encode(&a)).unwrap_or_default(),
+            next_after: after.map(hex::encode).unwrap_or_default(),
             pending_replication_rules: Vec::new(),
         })
     }
-}
-
-fn hex_encode(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<pb::EventInfo, Status>> + Send>>;
@@ -671,11 +662,7 @@ impl Events for EventsService {
         req: Request<pb::ReplayRequest>,
     ) -> Result<Response<pb::ChangeEventsResponse>, Status> {
         let req = req.into_inner();
-        let ids = req
-            .ids
-            .iter()
-            .map(|s| parse_event_id(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids = parse_event_ids(&req.ids)?;
         let r = self
             .write(Command::ReplayEvents {
                 ids,
@@ -695,11 +682,7 @@ impl Events for EventsService {
         if req.reason.trim().is_empty() {
             return Err(EventsError::invalid("discard needs a reason (it is kept)").into());
         }
-        let ids = req
-            .ids
-            .iter()
-            .map(|s| parse_event_id(s))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ids = parse_event_ids(&req.ids)?;
         let r = self
             .write(Command::DiscardEvents {
                 ids,

@@ -1095,3 +1095,255 @@ async fn per_mailbox_order_holds_under_concurrent_consumers_and_retries() -> any
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_takeover_with_the_origin_dc_killed_loses_nothing_and_repeats_nothing_completed(
+) -> anyhow::Result<()> {
+    let opts = DcOptions {
+        nodes: 1,
+        ..Default::default()
+    };
+    let mut cl = TestCluster::start(&["east", "west"], opts, "").await?;
+    let t = Duration::from_secs(30);
+    let east_leader = cl.dc("east").wait_leader(t).await?;
+    cl.dc("west").wait_leader(t).await?;
+    let east = cl.dc("east").client().await?;
+    let west = cl.dc("west").client().await?;
+    east.mkdir("/inbox", true).await?;
+    east.events()
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(rule("arrivals", "q", 3_000)),
+        })
+        .await?;
+    let mut msgs = BTreeSet::new();
+    for i in 0..20 {
+        msgs.insert(put(&east, &format!("f{i}"), i).await?);
+    }
+    wait_for(t, "20 events raised at east", || async {
+        (queue(&east, "q").await.ok()?.raised == 20).then_some(())
+    })
+    .await?;
+    // Before any takeover west holds the events but does not deliver them
+    // (it delivers what it raised itself: nothing).
+    let none = west
+        .events()
+        .lease(pb::LeaseRequest {
+            queue: "q".into(),
+            consumer: "w".into(),
+            max: 1,
+            lease_ms: 0,
+            wait_ms: 0,
+        })
+        .await?
+        .into_inner();
+    assert!(none.events.is_empty());
+
+    // A consumer at east completes 8 and dies holding 2 more.
+    let mut leased = Vec::new();
+    while leased.len() < 10 {
+        let r = east
+            .events()
+            .lease(pb::LeaseRequest {
+                queue: "q".into(),
+                consumer: "east-worker".into(),
+                max: (10 - leased.len()) as u32,
+                lease_ms: 0,
+                wait_ms: 1_000,
+            })
+            .await?
+            .into_inner();
+        leased.extend(r.events);
+    }
+    let mut completed = BTreeSet::new();
+    for e in &leased[..8] {
+        east.events()
+            .ack(pb::AckRequest {
+                id: e.id.clone(),
+                attempt: e.attempt,
+                consumer: "east-worker".into(),
+                outcome: "complete".into(),
+                ..Default::default()
+            })
+            .await?;
+        completed.insert(e.id.clone());
+    }
+    let in_flight: BTreeSet<String> = leased[8..].iter().map(|e| e.id.clone()).collect();
+    // West sees every event's state: 8 complete, 2 leased, 10 waiting.
+    wait_for(t, "west to see east's event states", || async {
+        let q = queue(&west, "q").await.ok()?;
+        (q.complete == 8 && q.processing == 2 && q.pending == 10).then_some(())
+    })
+    .await?;
+
+    // East dies. The admin hands the queue to west (CLI).
+    cl.dc("east").kill(east_leader);
+    let (ok, out, err) = cli(
+        cl.dc("west"),
+        &[
+            "--json",
+            "events",
+            "takeover",
+            "q",
+            "--dc",
+            "west",
+            "--reason",
+            "east is down",
+        ],
+    )?;
+    assert!(ok, "{err}");
+    let q = json(&out)
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["queue"] == "q")
+        .cloned()
+        .unwrap();
+    assert_eq!(q["handled_by"], "west");
+    // (West answers for east's events now; had east survived, it would
+    // refuse them, naming west.)
+
+    // A consumer at west gets the 12 unfinished ones, each once; the two
+    // that were leased when east died come as their second delivery.
+    let mut seen = BTreeMap::new();
+    let deadline = Instant::now() + t;
+    while seen.len() < 12 && Instant::now() < deadline {
+        let r = west
+            .events()
+            .lease(pb::LeaseRequest {
+                queue: "q".into(),
+                consumer: "west-worker".into(),
+                max: 20,
+                lease_ms: 0,
+                wait_ms: 1_000,
+            })
+            .await?
+            .into_inner();
+        for e in r.events {
+            assert!(
+                !completed.contains(&e.id),
+                "a completed event came again: {e:?}"
+            );
+            assert!(
+                seen.insert(e.id.clone(), e.attempt).is_none(),
+                "delivered twice: {e:?}"
+            );
+            west.events()
+                .ack(pb::AckRequest {
+                    id: e.id.clone(),
+                    attempt: e.attempt,
+                    consumer: "west-worker".into(),
+                    outcome: "complete".into(),
+                    ..Default::default()
+                })
+                .await?;
+        }
+    }
+    assert_eq!(seen.len(), 12, "every unfinished event delivered at west");
+    for (id, attempt) in &seen {
+        let want = if in_flight.contains(id) { 2 } else { 1 };
+        assert_eq!(*attempt, want, "event {id}");
+    }
+    let all = all_events(&west, "q").await?;
+    assert_eq!(all.len(), 20);
+    assert!(all.iter().all(|e| e.status == "complete"));
+    let raised_for: BTreeSet<String> = all
+        .iter()
+        .map(|e| e.message.as_ref().unwrap().id.clone())
+        .collect();
+    assert_eq!(raised_for, msgs, "one event per message, none lost");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_notify_the_error_webhook_once_per_burst_with_a_count() -> anyhow::Result<()> {
+    let mut dc = TestDc::start(DcOptions {
+        nodes: 1,
+        ..Default::default()
+    })
+    .await?;
+    let t = Duration::from_secs(30);
+    dc.wait_leader(t).await?;
+    let c = dc.client().await?;
+    c.mkdir("/bad", true).await?;
+    let secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".to_string();
+    let rejecting = std::sync::Arc::new(Receiver {
+        first: (400, usize::MAX),
+        then: 400,
+        seen: Default::default(),
+    });
+    let alerts = std::sync::Arc::new(Receiver {
+        first: (200, 0),
+        then: 200,
+        seen: Default::default(),
+    });
+    let mut bad = rule("bad", "badq", 5_000);
+    bad.mailbox = "/bad".into();
+    bad.webhook_url = start_receiver(rejecting.clone()).await?;
+    bad.webhook_secrets = vec![secret.clone()];
+    bad.error_webhook_url = start_receiver(alerts.clone()).await?;
+    bad.error_webhook_secrets = vec![secret.clone()];
+    bad.error_window_ms = 3_000;
+    c.events()
+        .put_rule(pb::PutRuleRequest { rule: Some(bad) })
+        .await?;
+    let upload = |name: String| {
+        let c = c.clone();
+        async move {
+            anyhow::Ok(
+                c.put(
+                    PutOptions {
+                        mailbox: "/bad".into(),
+                        name,
+                        ..Default::default()
+                    },
+                    PatternReader::new(1, 10),
+                    |_| {},
+                )
+                .await?
+                .message
+                .unwrap()
+                .id,
+            )
+        }
+    };
+    let mut burst = BTreeSet::new();
+    for i in 0..5 {
+        burst.insert(upload(format!("x{i}")).await?);
+    }
+    let first = wait_for(t, "one notification", || async {
+        alerts.seen.lock().unwrap().first().cloned()
+    })
+    .await?;
+    let (h, body) = first;
+    let id = h["webhook-id"].to_str()?;
+    let ts: i64 = h["webhook-timestamp"].to_str()?.parse()?;
+    let want = mailbox_events::webhook::signature(std::slice::from_ref(&secret), id, ts, &body)
+        .map_err(anyhow::Error::msg)?;
+    assert_eq!(h["webhook-signature"].to_str()?, want);
+    let v = json(std::str::from_utf8(&body)?);
+    assert_eq!(v["type"], "events.dead_lettered");
+    assert_eq!(v["rule"], "bad");
+    assert_eq!(v["count"], 5, "the burst bundled into one: {v}");
+    assert!(v["error"].as_str().unwrap().contains("HTTP 400"), "{v}");
+    let listed: BTreeSet<String> = v["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(listed, burst);
+    assert_eq!(queue(&c, "badq").await?.failed, 5);
+
+    // A later dead-letter: a notification of its own; the first burst is
+    // not sent again (its notices were cleared).
+    let later = upload("later".into()).await?;
+    let second = wait_for(t, "a second notification", || async {
+        alerts.seen.lock().unwrap().get(1).cloned()
+    })
+    .await?;
+    let v = json(std::str::from_utf8(&second.1)?);
+    assert_eq!(v["count"], 1, "{v}");
+    assert_eq!(v["messages"][0]["id"], later.as_str());
+    assert_eq!(alerts.seen.lock().unwrap().len(), 2);
+    Ok(())
+}

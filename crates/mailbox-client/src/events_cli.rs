@@ -70,6 +70,17 @@ pub enum RulesCmd {
         /// Per-request timeout of the webhook.
         #[arg(long, default_value = "10s")]
         webhook_timeout: HumanDuration,
+        /// POST a notification here when events of this rule are
+        /// dead-lettered (Standard Webhooks, signed like events).
+        #[arg(long)]
+        error_webhook: Option<String>,
+        /// File holding the error webhook's `whsec_` secret(s).
+        #[arg(long)]
+        error_secret_file: Option<std::path::PathBuf>,
+        /// Dead-letters with the same error within this long of the first
+        /// go out as one notification with a count.
+        #[arg(long, default_value = "1m")]
+        error_window: HumanDuration,
     },
     /// The rules in force.
     Ls,
@@ -173,8 +184,25 @@ pub enum EventsCmd {
         #[arg(long, default_value = "tail")]
         consumer: String,
     },
-    /// Per queue: events by status.
+    /// Per queue: events by status, and which DC handles them.
     Stats,
+    /// Hand every event of a queue to one DC, when the DC handling them is
+    /// down: it leases them from now on (what completed elsewhere and
+    /// reached it is not delivered again; a lease that was running is
+    /// delivered again once, same id).
+    Takeover {
+        /// Queue.
+        queue: String,
+        /// The DC that takes it over.
+        #[arg(long, required_unless_present = "release", conflicts_with = "release")]
+        dc: Option<String>,
+        /// Why (kept and shown).
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Hand it back: each event to the DC that raised it.
+        #[arg(long)]
+        release: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -276,6 +304,9 @@ fn rule_json(r: &pb::RuleInfo) -> serde_json::Value {
         "lease_ms": r.lease_ms, "ordering": r.ordering,
         "webhook_url": (!r.webhook_url.is_empty()).then_some(&r.webhook_url),
         "webhook_secrets": r.webhook_secret_count,
+        "error_webhook_url": (!r.error_webhook_url.is_empty()).then_some(&r.error_webhook_url),
+        "error_webhook_secrets": r.error_webhook_secret_count,
+        "error_window_ms": r.error_window_ms,
         "updated_dc": r.updated_dc, "updated_ms": r.updated_ms,
     })
 }
@@ -434,17 +465,31 @@ pub async fn rules(client: &Client, json: bool, cmd: &RulesCmd) -> anyhow::Resul
             webhook,
             secret_file,
             webhook_timeout,
+            error_webhook,
+            error_secret_file,
+            error_window,
         } => {
-            let secrets = match (webhook, secret_file) {
-                (Some(_), Some(f)) => std::fs::read_to_string(f)
+            let read_secrets = |f: &std::path::Path| -> anyhow::Result<Vec<String>> {
+                Ok(std::fs::read_to_string(f)
                     .with_context(|| format!("cannot read {}", f.display()))?
                     .lines()
                     .map(str::trim)
                     .filter(|l| !l.is_empty())
                     .map(String::from)
-                    .collect(),
+                    .collect())
+            };
+            let secrets = match (webhook, secret_file) {
+                (Some(_), Some(f)) => read_secrets(f)?,
                 (Some(_), None) => bail!("--webhook needs --secret-file (a whsec_ secret)"),
                 (None, Some(_)) => bail!("--secret-file goes with --webhook"),
+                (None, None) => Vec::new(),
+            };
+            let error_secrets = match (error_webhook, error_secret_file) {
+                (Some(_), Some(f)) => read_secrets(f)?,
+                (Some(_), None) => {
+                    bail!("--error-webhook needs --error-secret-file (a whsec_ secret)")
+                }
+                (None, Some(_)) => bail!("--error-secret-file goes with --error-webhook"),
                 (None, None) => Vec::new(),
             };
             let (lo, hi) = backoff.split_once("..").with_context(|| {
@@ -471,6 +516,9 @@ pub async fn rules(client: &Client, json: bool, cmd: &RulesCmd) -> anyhow::Resul
                 webhook_url: webhook.clone().unwrap_or_default(),
                 webhook_timeout_ms: ms(webhook_timeout),
                 webhook_secrets: secrets,
+                error_webhook_url: error_webhook.clone().unwrap_or_default(),
+                error_webhook_secrets: error_secrets,
+                error_window_ms: ms(error_window).max(1),
                 ..Default::default()
             };
             let r = api
@@ -741,38 +789,70 @@ pub async fn events(client: &Client, json: bool, cmd: &EventsCmd) -> anyhow::Res
                 }
             }
         }
-        EventsCmd::Stats => {
-            let q = api
-                .queue_stats(pb::QueueStatsRequest {})
-                .await
-                .map_err(st)?
-                .into_inner()
-                .queues;
+        EventsCmd::Stats | EventsCmd::Takeover { .. } => {
+            let q = if let EventsCmd::Takeover {
+                queue,
+                dc,
+                reason,
+                release,
+            } = cmd
+            {
+                let r = api
+                    .takeover_queue(pb::TakeoverQueueRequest {
+                        queue: queue.clone(),
+                        dc: dc.clone().unwrap_or_default(),
+                        reason: reason.clone(),
+                        release: *release,
+                    })
+                    .await
+                    .map_err(st)?
+                    .into_inner()
+                    .queues;
+                match dc {
+                    Some(dc) => eprintln!("queue {queue} is handled by DC {dc} from now on"),
+                    None => eprintln!(
+                        "queue {queue}: each event is handled by the DC that raised it again"
+                    ),
+                }
+                r
+            } else {
+                api.queue_stats(pb::QueueStatsRequest {})
+                    .await
+                    .map_err(st)?
+                    .into_inner()
+                    .queues
+            };
             if json {
                 let v: Vec<_> = q
                     .iter()
                     .map(|q| {
                         json!({"queue": q.queue, "raised": q.raised, "pending": q.pending,
                                "processing": q.processing, "complete": q.complete,
-                               "failed": q.failed, "discarded": q.discarded})
+                               "failed": q.failed, "discarded": q.discarded,
+                               "handled_by": (!q.handled_by.is_empty()).then_some(&q.handled_by)})
                     })
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else {
                 println!(
-                    "{:<16} {:>9} {:>9} {:>10} {:>9} {:>7} {:>9}",
+                    "{:<16} {:>9} {:>9} {:>10} {:>9} {:>7} {:>9}  HANDLED BY",
                     "QUEUE", "RAISED", "PENDING", "PROCESSING", "COMPLETE", "FAILED", "DISCARDED"
                 );
                 for q in &q {
                     println!(
-                        "{:<16} {:>9} {:>9} {:>10} {:>9} {:>7} {:>9}",
+                        "{:<16} {:>9} {:>9} {:>10} {:>9} {:>7} {:>9}  {}",
                         q.queue,
                         q.raised,
                         q.pending,
                         q.processing,
                         q.complete,
                         q.failed,
-                        q.discarded
+                        q.discarded,
+                        if q.handled_by.is_empty() {
+                            "origin DCs"
+                        } else {
+                            &q.handled_by
+                        }
                     );
                 }
             }

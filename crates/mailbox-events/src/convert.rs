@@ -44,6 +44,15 @@ pub fn rule_from(r: pb::RuleInfo) -> Result<EventRule, EventsError> {
             ),
             secrets: r.webhook_secrets,
         }),
+        error_webhook: (!r.error_webhook_url.is_empty()).then(|| WebhookSink {
+            url: r.error_webhook_url,
+            timeout_ms: or(r.error_webhook_timeout_ms, 10_000),
+            secrets: r.error_webhook_secrets,
+        }),
+        error_window_ms: or(
+            r.error_window_ms,
+            mailbox_types::event::DEFAULT_ERROR_WINDOW_MS,
+        ),
     };
     rule.validate()?;
     Ok(rule)
@@ -75,6 +84,18 @@ pub fn rule_info(r: &EventRule, stamp: Option<&Stamp>) -> pb::RuleInfo {
         webhook_timeout_ms: r.webhook.as_ref().map_or(0, |w| w.timeout_ms),
         webhook_secrets: Vec::new(),
         webhook_secret_count: r.webhook.as_ref().map_or(0, |w| w.secrets.len() as u32),
+        error_webhook_url: r
+            .error_webhook
+            .as_ref()
+            .map(|w| w.url.clone())
+            .unwrap_or_default(),
+        error_webhook_timeout_ms: r.error_webhook.as_ref().map_or(0, |w| w.timeout_ms),
+        error_webhook_secrets: Vec::new(),
+        error_webhook_secret_count: r
+            .error_webhook
+            .as_ref()
+            .map_or(0, |w| w.secrets.len() as u32),
+        error_window_ms: r.error_window_ms,
         updated_dc: stamp.map(|s| s.dc.clone()).unwrap_or_default(),
         updated_ms: stamp.map_or(0, |s| s.hlc.wall_ms),
     }

@@ -27,6 +27,12 @@ pub enum EventsError {
         /// Where the event is now.
         reason: String,
     },
+    /// The queue's events are handled by another DC.
+    #[error("{reason}")]
+    HandledElsewhere {
+        /// Which DC, and what to do.
+        reason: String,
+    },
     /// No leader, or the outcome of a write is unknown: retry.
     #[error("temporarily unavailable: {reason}")]
     Unavailable {
@@ -48,6 +54,7 @@ impl EventsError {
             EventsError::InvalidArgument { .. } => "invalid_argument",
             EventsError::NotFound { .. } => "not_found",
             EventsError::LeaseLost { .. } => "lease_lost",
+            EventsError::HandledElsewhere { .. } => "handled_elsewhere",
             EventsError::Unavailable { .. } => "unavailable",
             EventsError::Internal { .. } => "internal",
         }
@@ -66,6 +73,7 @@ impl EventsError {
             EventsError::InvalidArgument { .. } => 400,
             EventsError::NotFound { .. } => 404,
             EventsError::LeaseLost { .. } => 409,
+            EventsError::HandledElsewhere { .. } => 421,
             EventsError::Unavailable { .. } => 503,
             EventsError::Internal { .. } => 500,
         }
@@ -77,7 +85,9 @@ impl From<EventsError> for Status {
         let code = match &e {
             EventsError::InvalidArgument { .. } => Code::InvalidArgument,
             EventsError::NotFound { .. } => Code::NotFound,
-            EventsError::LeaseLost { .. } => Code::FailedPrecondition,
+            EventsError::LeaseLost { .. } | EventsError::HandledElsewhere { .. } => {
+                Code::FailedPrecondition
+            }
             EventsError::Unavailable { .. } => Code::Unavailable,
             EventsError::Internal { .. } => Code::Internal,
         };
@@ -108,6 +118,9 @@ impl From<StateError> for EventsError {
                     .to_string(),
             },
             e @ StateError::LeaseLost { .. } => EventsError::LeaseLost {
+                reason: e.to_string(),
+            },
+            e @ StateError::HandledElsewhere { .. } => EventsError::HandledElsewhere {
                 reason: e.to_string(),
             },
             e @ StateError::Installing => EventsError::Unavailable {

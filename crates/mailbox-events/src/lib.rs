@@ -11,6 +11,7 @@
 mod convert;
 mod error;
 pub mod http;
+pub mod notify;
 mod service;
 pub mod webhook;
 

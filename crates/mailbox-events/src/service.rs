@@ -84,9 +84,13 @@ impl EventsService {
     /// Whether something in `queue` is due now (an event to deliver or a
     /// lease that ran out).
     fn due_now(&self, queue: &str) -> Result<Option<i64>, EventsError> {
+        // A queue another DC took over: the consumer is told where to go
+        // (rather than waiting here for what never comes).
+        ev::check_queue_here(self.view(), self.raft.dc(), queue)?;
         // Within the next second: callers nap at most that long anyway.
         Ok(ev::next_due(
             self.view(),
+            self.raft.dc(),
             queue,
             now_ms().saturating_add(1_000),
         )?)
@@ -168,6 +172,7 @@ impl EventsService {
             }
         }
         let max = max.clamp(1, ev::MAX_LEASE_BATCH);
+        ev::check_queue_here(self.view(), self.raft.dc(), queue)?;
         let until = tokio::time::Instant::now() + wait.min(MAX_WAIT);
         loop {
             let events = self.lease(queue, consumer, max, lease_ms, seed()).await?;
@@ -731,21 +736,79 @@ impl Events for EventsService {
         &self,
         _req: Request<pb::QueueStatsRequest>,
     ) -> Result<Response<pb::QueueStatsResponse>, Status> {
-        let queues = ev::queue_counts(self.view()).map_err(EventsError::from)?;
-        Ok(Response::new(pb::QueueStatsResponse {
-            queues: queues
-                .into_iter()
-                .map(|(queue, c)| pb::QueueStats {
+        Ok(Response::new(self.stats()?))
+    }
+
+    #[tracing::instrument(level = "info", skip_all, fields(queue = %req.get_ref().queue, dc = %req.get_ref().dc))]
+    async fn takeover_queue(
+        &self,
+        req: Request<pb::TakeoverQueueRequest>,
+    ) -> Result<Response<pb::QueueStatsResponse>, Status> {
+        let req = req.into_inner();
+        let dc = match (req.release, req.dc.is_empty()) {
+            (true, true) => None,
+            (false, false) => Some(req.dc.clone()),
+            (true, false) => {
+                return Err(EventsError::invalid("release hands the queue back: name no DC").into())
+            }
+            (false, true) => {
+                return Err(EventsError::invalid("name the DC that takes the queue over").into())
+            }
+        };
+        if dc.is_some() && req.reason.trim().is_empty() {
+            return Err(
+                EventsError::invalid("a takeover needs a reason (it is kept and shown)").into(),
+            );
+        }
+        self.write(Command::TakeoverQueue {
+            queue: req.queue.clone(),
+            dc: dc.clone(),
+            reason: req.reason,
+            wall_ms: now_ms(),
+        })
+        .await?;
+        tracing::warn!(
+            queue = %req.queue,
+            handled_by = dc.as_deref().unwrap_or("each event's origin DC"),
+            "queue handed over by an admin"
+        );
+        Ok(Response::new(self.stats()?))
+    }
+}
+
+impl EventsService {
+    fn stats(&self) -> Result<pb::QueueStatsResponse, EventsError> {
+        let queues = ev::queue_counts(self.view())?;
+        let owners: HashMap<String, mailbox_state::QueueOwner> =
+            ev::queue_owners(self.view())?.into_iter().collect();
+        let mut out: Vec<pb::QueueStats> = queues
+            .into_iter()
+            .map(|(queue, c)| pb::QueueStats {
+                handled_by: owners
+                    .get(&queue)
+                    .and_then(|o| o.dc.clone())
+                    .unwrap_or_default(),
+                queue,
+                raised: c.raised,
+                pending: c.pending,
+                processing: c.processing,
+                complete: c.complete,
+                failed: c.failed,
+                discarded: c.discarded,
+            })
+            .collect();
+        // A queue taken over before any of its events reached this DC.
+        for (queue, o) in owners {
+            if !out.iter().any(|q| q.queue == queue) {
+                out.push(pb::QueueStats {
                     queue,
-                    raised: c.raised,
-                    pending: c.pending,
-                    processing: c.processing,
-                    complete: c.complete,
-                    failed: c.failed,
-                    discarded: c.discarded,
-                })
-                .collect(),
-        }))
+                    handled_by: o.dc.unwrap_or_default(),
+                    ..Default::default()
+                });
+            }
+        }
+        out.sort_by(|a, b| a.queue.cmp(&b.queue));
+        Ok(pb::QueueStatsResponse { queues: out })
     }
 }
 
@@ -775,12 +838,16 @@ impl EventsService {
 
 /// The leader's event housekeeping, about once a second: settles leases
 /// that ran out (an abandoned event is retried or dead-lettered even when
-/// no consumer asks for its queue), and runs a due completion re-check
-/// (after a DC was suspended or left) page by page. Both are proposals, so
-/// a deposed leader's attempt simply does not commit, and what is due is
-/// recorded in the state, so a new leader picks it up. Ends when
-/// `shutdown` flips to true.
-pub async fn expire_leases(raft: RaftNode, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+/// no consumer asks for its queue), runs a due completion re-check (after
+/// a DC was suspended or left) page by page, and purges events finished
+/// longer than `retention` ago. All are proposals, so a deposed leader's
+/// attempt simply does not commit, and what is due is recorded in the
+/// state, so a new leader picks it up. Ends when `shutdown` flips to true.
+pub async fn expire_leases(
+    raft: RaftNode,
+    retention: Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -795,8 +862,8 @@ pub async fn expire_leases(raft: RaftNode, mut shutdown: tokio::sync::watch::Rec
         // Oldest first, a bounded number per entry; again at once while
         // more are due (a burst of abandoned leases clears in one tick).
         loop {
-            let due = match ev::earliest_lease_end(raft.view()) {
-                Ok(d) => d.is_some_and(|d| d <= now_ms()),
+            let due = match ev::earliest_lease_end(raft.view(), raft.dc(), now_ms() + 1) {
+                Ok(d) => d.is_some(),
                 Err(e) => {
                     tracing::warn!("reading running leases: {e}");
                     break;
@@ -834,6 +901,7 @@ pub async fn expire_leases(raft: RaftNode, mut shutdown: tokio::sync::watch::Rec
                 }
             }
         }
+        purge_finished(&raft, retention).await;
         let mut pages = 0u64;
         while raft.is_leader()
             && mailbox_state::replication::recheck_due(raft.view()).unwrap_or(false)
@@ -860,5 +928,44 @@ pub async fn expire_leases(raft: RaftNode, mut shutdown: tokio::sync::watch::Rec
                 }
             }
         }
+    }
+}
+
+/// Purges events finished before now minus `retention`, page by page.
+async fn purge_finished(raft: &RaftNode, retention: Duration) {
+    let mut purged = 0u64;
+    loop {
+        let before_ms = now_ms().saturating_sub(retention.as_millis() as i64);
+        let due = ev::oldest_finished(raft.view())
+            .ok()
+            .flatten()
+            .is_some_and(|t| t < before_ms);
+        if !due || !raft.is_leader() {
+            break;
+        }
+        match raft.propose(Command::PurgeEvents { before_ms }).await {
+            Ok(Ok(CommandResult::Expired { count, more })) => {
+                purged += count;
+                if !more {
+                    break;
+                }
+            }
+            Ok(Ok(_)) => break,
+            Ok(Err(e)) => {
+                tracing::warn!("purging finished events: {e}");
+                break;
+            }
+            Err(e) => {
+                tracing::debug!("purging finished events: {e}");
+                break;
+            }
+        }
+    }
+    if purged > 0 {
+        tracing::info!(
+            purged,
+            retention_s = retention.as_secs(),
+            "finished events purged after the retention"
+        );
     }
 }

@@ -102,9 +102,9 @@ impl Breaker {
 }
 
 type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
-type Http = HttpClient<Https, Full<Bytes>>;
+pub(crate) type Http = HttpClient<Https, Full<Bytes>>;
 
-fn http_client() -> Http {
+pub(crate) fn http_client() -> Http {
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_webpki_roots()
         .https_or_http()
@@ -192,14 +192,22 @@ async fn post(
     sink: &WebhookSink,
     e: &Event,
 ) -> Result<(u16, Option<u64>, String), String> {
-    let body = body(e);
-    let id = e.id.to_string();
+    post_body(http, sink, &e.id.to_string(), body(e)).await
+}
+
+/// POSTs `body` as message `id` to `sink`, signed (see [`post`]).
+pub(crate) async fn post_body(
+    http: &Http,
+    sink: &WebhookSink,
+    id: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Option<u64>, String), String> {
     let ts = now_ms() / 1000;
     let sig = signature(&sink.secrets, &id, ts, &body)?;
     let req = hyper::Request::post(&sink.url)
         .header("content-type", "application/json")
         .header("user-agent", "mailbox-webhook/1")
-        .header("webhook-id", &id)
+        .header("webhook-id", id)
         .header("webhook-timestamp", ts.to_string())
         .header("webhook-signature", sig)
         .body(Full::new(Bytes::from(body)))
@@ -313,9 +321,14 @@ async fn queue_loop(
         } else {
             WEBHOOK_CONCURRENCY.saturating_sub(running.len())
         };
-        let due = ev::next_due(raft.view(), &queue, now_ms().saturating_add(1_000))
-            .ok()
-            .flatten();
+        let due = ev::next_due(
+            raft.view(),
+            raft.dc(),
+            &queue,
+            now_ms().saturating_add(1_000),
+        )
+        .ok()
+        .flatten();
         if room == 0 || due.is_none_or(|d| d > now_ms()) {
             let mut nap = match due {
                 Some(d) => Duration::from_millis((d - now_ms()).clamp(1, 500) as u64),

@@ -215,6 +215,7 @@ impl BatchCounters {
 
 struct Inner {
     id: NodeId,
+    dc: String,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
     applied: tokio::sync::watch::Receiver<u64>,
     raft: Raft,
@@ -328,6 +329,7 @@ impl RaftNode {
         Ok(Self {
             inner: Arc::new(Inner {
                 id,
+                dc: dc.to_string(),
                 proposals,
                 applied,
                 raft,
@@ -349,6 +351,11 @@ impl RaftNode {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.inner.id
+    }
+
+    /// The DC whose log this node keeps.
+    pub fn dc(&self) -> &str {
+        &self.inner.dc
     }
 
     /// The openraft handle.

@@ -57,6 +57,10 @@ pub struct NodeConfig {
     /// How long a deleted message's idempotency key keeps answering (and a
     /// replayed upload of it is recognised) after the delete.
     pub idempotency_retention: HumanDuration,
+    /// How long finished events (complete, discarded) stay listed after
+    /// their last change before they are purged; dead-lettered events stay
+    /// until replayed or discarded.
+    pub event_retention: HumanDuration,
     /// Raft timing and log compaction.
     pub raft: RaftConfig,
     /// The other data centers and the acknowledgement policy.
@@ -235,6 +239,7 @@ impl Default for NodeConfig {
             orphan_grace: ms(3_600_000),
             gc_interval: ms(60_000),
             idempotency_retention: ms(7 * 24 * 3_600_000),
+            event_retention: ms(7 * 24 * 3_600_000),
             raft: RaftConfig::default(),
             cluster: ClusterConfig::default(),
         }
@@ -391,6 +396,12 @@ impl NodeConfig {
                     "{} must be at least twice raft.propose-timeout ({}), or in-flight uploads lose segments",
                     self.orphan_grace, r.propose_timeout
                 ),
+            );
+        }
+        if self.event_retention.0 < std::time::Duration::from_secs(1) {
+            return bad(
+                "event-retention",
+                "must be at least 1s (finished events are kept this long)".into(),
             );
         }
         if self.idempotency_retention.0 < self.orphan_grace.0 {

@@ -203,9 +203,11 @@ impl From<StateError> for ServiceError {
             StateError::EventNotFound { id } => ServiceError::NotFound {
                 what: format!("event {id}"),
             },
-            e @ StateError::LeaseLost { .. } => ServiceError::FailedPrecondition {
-                reason: e.to_string(),
-            },
+            e @ (StateError::LeaseLost { .. } | StateError::HandledElsewhere { .. }) => {
+                ServiceError::FailedPrecondition {
+                    reason: e.to_string(),
+                }
+            }
             e @ (StateError::Corrupt { .. }
             | StateError::Read { .. }
             | StateError::FeedGap { .. }

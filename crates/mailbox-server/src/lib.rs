@@ -275,8 +275,13 @@ pub async fn serve_with(
     let events = mailbox_proto::v1::events_server::EventsServer::new(
         mailbox_events::EventsService::new(raft.clone()),
     );
-    tokio::spawn(mailbox_events::expire_leases(raft.clone(), stop_rx.clone()));
+    tokio::spawn(mailbox_events::expire_leases(
+        raft.clone(),
+        cfg.event_retention.0,
+        stop_rx.clone(),
+    ));
     tokio::spawn(mailbox_events::webhook::run(raft.clone(), stop_rx.clone()));
+    tokio::spawn(mailbox_events::notify::run(raft.clone(), stop_rx.clone()));
     let internal = RaftInternalServer::new(InternalService::new(raft.clone()))
         .max_decoding_message_size(MAX_MESSAGE_SIZE)
         .max_encoding_message_size(MAX_MESSAGE_SIZE);

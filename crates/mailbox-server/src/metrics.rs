@@ -349,7 +349,7 @@ impl MetricsSource {
             e.family(
                 "mailbox_event_queue_events",
                 Kind::Gauge,
-                "Events of a queue by status (pending, processing, complete, failed = in the dead-letter queue, discarded).",
+                "Events of a queue by status (pending, processing, complete, failed = in the dead-letter queue, discarded), whichever DC raised them: event state replicates to every DC.",
             );
             for (q, c) in &queues {
                 for (status, n) in [
@@ -365,7 +365,7 @@ impl MetricsSource {
             e.family(
                 "mailbox_events_raised_total",
                 Kind::Counter,
-                "Events raised into a queue (one per matching rule per message held by every DC).",
+                "Events this DC raised into a queue (one per matching rule per message it originated, once every DC held it).",
             );
             for (q, c) in &queues {
                 e.sample(&[("queue", q.as_str())], c.raised);
@@ -373,10 +373,18 @@ impl MetricsSource {
             e.family(
                 "mailbox_events_dead_lettered_total",
                 Kind::Counter,
-                "Times an event of a queue was dead-lettered (out of attempts, or failed permanently).",
+                "Times an event of a queue was dead-lettered (out of attempts, or failed permanently), whichever DC handled it.",
             );
             for (q, c) in &queues {
                 e.sample(&[("queue", q.as_str())], c.dead_lettered);
+            }
+            e.family(
+                "mailbox_events_purged_total",
+                Kind::Counter,
+                "Finished events (complete, discarded) of a queue removed after the event retention.",
+            );
+            for (q, c) in &queues {
+                e.sample(&[("queue", q.as_str())], c.purged);
             }
         }
 

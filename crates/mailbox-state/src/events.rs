@@ -25,6 +25,21 @@
 //!   mailbox) and the leased ones (at their lease's end); the status index
 //!   (`y`) serves listings and the dead-letter queue; per-queue counts
 //!   (`S`) serve metrics without scans.
+//! - **Replication and ownership.** Every DC holds every event. One DC
+//!   *handles* each event (leases it, takes answers, replays it): its lane
+//!   (the DC that raised it), unless an admin handed the queue to one DC
+//!   (`TakeoverQueue`, a last-writer-wins register `Q`). The handling DC
+//!   stamps each change (HLC) and sends the whole event through its feed;
+//!   the others keep the newest stamp. Readers that act (lease, expire)
+//!   read only the lanes this DC handles, so a takeover moves nothing: the
+//!   new owner finds the taken-over events in their lanes, a lease that was
+//!   running when the old owner died runs out here and the event is
+//!   delivered again with the same id, and what completed there and
+//!   reached this DC is never delivered again. A change the old owner made
+//!   but never sent is lost with it: the takeover names the newest change
+//!   seen from it, so an admin knows how far behind the hand-over starts.
+
+use std::collections::BTreeMap;
 
 use mailbox_types::event::MAX_ATTEMPT_HISTORY;
 use mailbox_types::{
@@ -75,12 +90,26 @@ pub struct QueueCounts {
     /// Times an event of the queue was dead-lettered, ever (a replayed
     /// event that fails again counts again).
     pub dead_lettered: u64,
-    /// No entry of the queue's due index is due before this: scans start
-    /// here instead of at the index's head, where the entries of events
-    /// already leased and answered were deleted (RocksDB would step over
-    /// every one of those deletes until compaction, a cost that grew with
-    /// the queue's history).
-    pub due_floor_ms: i64,
+    /// Finished events purged after the retention, ever.
+    pub purged: u64,
+    /// Per lane: no entry of the lane's due index is due before this:
+    /// scans start here instead of at the index's head, where the entries
+    /// of events already leased and answered were deleted (RocksDB would
+    /// step over every one of those deletes until compaction, a cost that
+    /// grew with the queue's history). Also the list of the queue's lanes.
+    pub due_floors: BTreeMap<String, i64>,
+}
+
+impl QueueCounts {
+    /// Lane `lane`'s due floor (0, the head, when it has none yet).
+    pub fn floor(&self, lane: &str) -> i64 {
+        self.due_floors.get(lane).copied().unwrap_or(0)
+    }
+
+    fn lower_floor(&mut self, lane: &str, ms: i64) {
+        let f = self.due_floors.entry(lane.to_string()).or_insert(ms);
+        *f = (*f).min(ms);
+    }
 }
 
 impl QueueCounts {
@@ -144,35 +173,116 @@ pub fn status_code(s: EventStatus) -> u8 {
 
 /// The position just before every due-index entry of `queue` at `floor_ms`
 /// or later (no event id is all zeros: ids carry a version).
-fn due_floor_key(queue: &str, floor_ms: i64) -> Vec<u8> {
-    keys::due(queue, floor_ms, &EventId::from_bytes([0; 16]))
+fn due_floor_key(queue: &str, lane: &str, floor_ms: i64) -> Vec<u8> {
+    keys::due(queue, lane, floor_ms, &EventId::from_bytes([0; 16]))
 }
 
 /// The lease-end-index key of `ev`, while it is leased.
 fn lease_key(ev: &Event) -> Option<Vec<u8>> {
-    (ev.status == EventStatus::Processing).then(|| keys::lease_end(ev.due_ms, &ev.id))
+    (ev.status == EventStatus::Processing)
+        .then(|| keys::lease_end(&ev.queue, ev.lane(), ev.due_ms, &ev.id))
 }
 
 /// The due-index key of `ev`, if it belongs there.
 fn due_key(ev: &Event) -> Option<Vec<u8>> {
     match ev.status {
-        EventStatus::Pending if !ev.blocked => Some(keys::due(&ev.queue, ev.due_ms, &ev.id)),
-        EventStatus::Processing => Some(keys::due(&ev.queue, ev.due_ms, &ev.id)),
+        EventStatus::Pending if !ev.blocked => {
+            Some(keys::due(&ev.queue, ev.lane(), ev.due_ms, &ev.id))
+        }
+        EventStatus::Processing => Some(keys::due(&ev.queue, ev.lane(), ev.due_ms, &ev.id)),
         _ => None,
     }
+}
+
+/// The retention-index key of `ev`, once it is finished for good
+/// (dead-lettered events stay until replayed or discarded).
+fn finished_key(ev: &Event) -> Option<Vec<u8>> {
+    matches!(ev.status, EventStatus::Complete | EventStatus::Discarded)
+        .then(|| keys::finished(ev.updated_ms, &ev.id))
+}
+
+/// The order-chain key of `ev` (per-mailbox ordering).
+fn order_key(ev: &Event) -> Vec<u8> {
+    keys::order(&ev.queue, ev.lane(), &ev.message.mailbox, ev.seq)
+}
+
+/// Who writes a change to an event.
+#[derive(Clone, Copy)]
+pub(crate) enum Writer<'a> {
+    /// This DC (the one handling the event, or its origin raising it): the
+    /// change is stamped and sent to the other DCs through the feed.
+    Local(&'a ApplyCtx),
+    /// Another DC's change, arrived through a feed (or a consequence of
+    /// one, made alike in every DC that does not handle the event).
+    Replica,
+}
+
+/// Attempts a replicated copy of an event carries at most (the newest):
+/// a feed batch of events stays a few MiB whatever consumers answered.
+pub const MAX_REPLICATED_ATTEMPTS: usize = 10;
+
+/// Whether `ev` is the one deliverable (or running) event of its mailbox
+/// chain: per-mailbox, not finished, not waiting.
+fn runs(ev: &Event) -> bool {
+    ev.ordering == EventOrdering::PerMailbox && !ev.status.is_final() && !ev.blocked
+}
+
+/// Events of `ev`'s mailbox chain that are deliverable or running (one at
+/// most, but for a moment while copies from two handlers cross).
+fn runners(base: &dyn KvRead, ov: &Overlay, ev: &Event) -> Result<u32, StateError> {
+    Ok(ov
+        .load::<u32>(
+            base,
+            &keys::chain_runners(&ev.queue, ev.lane(), &ev.message.mailbox),
+        )?
+        .unwrap_or(0))
 }
 
 fn load_counts(base: &dyn KvRead, ov: &Overlay, q: &str) -> Result<QueueCounts, StateError> {
     Ok(ov.load(base, &keys::queue(q))?.unwrap_or_default())
 }
 
-/// Stores `ev` (whose stored form was `prev`) with its indexes and counts.
+/// Stores `ev` (whose stored form was `prev`) with its indexes and counts;
+/// a handler's change is stamped and sent through the feed first.
 fn put_event(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    w: Writer<'_>,
     prev: Option<&Event>,
-    ev: &Event,
+    ev: &mut Event,
 ) -> Result<(), StateError> {
+    if let Writer::Local(ctx) = w {
+        let mut hlc = max_hlc(base, ov)?;
+        if let Some(p) = prev {
+            hlc = hlc.max(p.stamp.hlc);
+        }
+        let hlc = hlc.tick(ev.updated_ms);
+        ov.put(keys::MAX_HLC.to_vec(), encode(&hlc));
+        ev.stamp = Stamp::new(hlc, ctx.local_dc.clone());
+        let mut copy = ev.clone();
+        if copy.attempts.len() > MAX_REPLICATED_ATTEMPTS {
+            copy.attempts
+                .drain(..copy.attempts.len() - MAX_REPLICATED_ATTEMPTS);
+        }
+        feed_append(
+            base,
+            ov,
+            &FeedRecord::Event {
+                event: Box::new(copy),
+            },
+        )?;
+        // Dead-lettered here: the rule's error webhook is told (by the
+        // leader's notifier, from this outbox, so a crash loses nothing).
+        if ev.status == EventStatus::Failed && prev.is_none_or(|p| p.status != EventStatus::Failed)
+        {
+            let notify = load_rule(base, ov, &ev.rule)?
+                .and_then(|r| r.rule)
+                .is_some_and(|r| r.error_webhook.is_some());
+            if notify {
+                ov.put(keys::notice(ev.updated_ms, &ev.id), Vec::new());
+            }
+        }
+    }
     let mut counts = load_counts(base, ov, &ev.queue)?;
     if let Some(p) = prev {
         if p.status != ev.status {
@@ -197,6 +307,11 @@ fn put_event(
                 ov.delete(k);
             }
         }
+        if let Some(k) = finished_key(p) {
+            if finished_key(ev).as_ref() != Some(&k) {
+                ov.delete(k);
+            }
+        }
     } else if let Some(c) = counts.slot(ev.status) {
         *c += 1;
     }
@@ -205,14 +320,44 @@ fn put_event(
         Vec::new(),
     );
     if let Some(k) = due_key(ev) {
-        counts.due_floor_ms = counts.due_floor_ms.min(ev.due_ms.max(0));
+        counts.lower_floor(ev.lane(), ev.due_ms.max(0));
         ov.put(k, Vec::new());
     }
     if let Some(k) = lease_key(ev) {
-        ov.put(k, ev.queue.as_bytes().to_vec());
+        ov.put(k, Vec::new());
+    }
+    if let Some(k) = finished_key(ev) {
+        ov.put(k, Vec::new());
     }
     ov.put(keys::queue(&ev.queue), encode(&counts));
     ov.put(keys::event(&ev.id), encode(ev));
+    if ev.ordering == EventOrdering::PerMailbox {
+        // The mailbox chain holds the unfinished events, and counts the
+        // one that runs.
+        if ev.status.is_final() {
+            ov.delete(order_key(ev));
+        } else {
+            ov.put(order_key(ev), ev.id.as_bytes().to_vec());
+        }
+        let was = prev.is_some_and(runs);
+        if was != runs(ev) {
+            let k = keys::chain_runners(&ev.queue, ev.lane(), &ev.message.mailbox);
+            let n = runners(base, ov, ev)?;
+            let n = if runs(ev) { n + 1 } else { n.saturating_sub(1) };
+            if n == 0 {
+                ov.delete(k);
+            } else {
+                ov.put(k, encode(&n));
+            }
+        }
+        // The DC handling it keeps the chain going: when nothing of the
+        // mailbox runs, its first waiting event is released.
+        if let Writer::Local(ctx) = w {
+            if handler_of(base, ov, ev)? == ctx.local_dc {
+                release_head(base, ov, w, ev, ev.updated_ms)?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -524,6 +669,245 @@ pub fn suspensions(kv: &dyn KvRead) -> Result<Vec<(String, Suspension)>, StateEr
         .collect()
 }
 
+// ------------------------------------------------------------ ownership
+
+/// Who handles a queue's events: a last-writer-wins register per queue,
+/// cluster configuration like the rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueOwner {
+    /// The DC that handles every event of the queue; `None`: each event's
+    /// lane (the DC that raised it), the default.
+    pub dc: Option<String>,
+    /// The admin's reason.
+    pub reason: String,
+    /// When it was set (the proposer's clock).
+    pub at_ms: i64,
+    /// Who set it, and when.
+    pub stamp: Stamp,
+}
+
+fn load_owner(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    queue: &str,
+) -> Result<Option<QueueOwner>, StateError> {
+    ov.load(base, &keys::queue_owner(queue))
+}
+
+/// The DC that took `queue` over, if it is still a DC of the cluster (a
+/// DC that left hands its queues back to their lanes).
+fn taken_by(base: &dyn KvRead, ov: &Overlay, queue: &str) -> Result<Option<String>, StateError> {
+    let Some(dc) = load_owner(base, ov, queue)?.and_then(|o| o.dc) else {
+        return Ok(None);
+    };
+    let dcs: Vec<String> = ov.load(base, keys::CLUSTER_DCS)?.unwrap_or_default();
+    Ok((dcs.is_empty() || dcs.contains(&dc)).then_some(dc))
+}
+
+/// The DC that handles `ev` (it leases it, takes its answers, replays it).
+fn handler_of(base: &dyn KvRead, ov: &Overlay, ev: &Event) -> Result<String, StateError> {
+    Ok(taken_by(base, ov, &ev.queue)?.unwrap_or_else(|| ev.lane().to_string()))
+}
+
+/// Refuses a change to `ev` unless this DC handles it.
+fn check_handled_here(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    ctx: &ApplyCtx,
+    ev: &Event,
+) -> Result<(), StateError> {
+    let dc = handler_of(base, ov, ev)?;
+    if dc == ctx.local_dc {
+        Ok(())
+    } else {
+        Err(StateError::HandledElsewhere {
+            queue: ev.queue.clone(),
+            dc,
+        })
+    }
+}
+
+/// The lanes of `queue` that DC `local` handles: its own, every lane of a
+/// queue it took over, none of a queue another DC took over.
+fn lanes_here(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    local: &str,
+    queue: &str,
+) -> Result<Result<Vec<String>, String>, StateError> {
+    match taken_by(base, ov, queue)? {
+        None => Ok(Ok(vec![local.to_string()])),
+        Some(dc) if dc == local => {
+            let mut lanes: Vec<String> = load_counts(base, ov, queue)?
+                .due_floors
+                .into_keys()
+                .collect();
+            if !lanes.iter().any(|l| l == local) {
+                lanes.push(local.to_string());
+            }
+            Ok(Ok(lanes))
+        }
+        Some(dc) => Ok(Err(dc)),
+    }
+}
+
+/// An admin hands `queue` to DC `dc` (`None`: back to each event's lane);
+/// sent to every DC.
+pub(crate) fn set_owner_local(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    queue: &str,
+    dc: Option<&str>,
+    reason: &str,
+    wall_ms: i64,
+) -> CommandResponse {
+    mailbox_types::event::validate_event_name("queue name", queue).map_err(|e| {
+        StateError::Invalid {
+            reason: e.to_string(),
+        }
+    })?;
+    if let Some(dc) = dc {
+        let dcs: Vec<String> = ov.load(base, keys::CLUSTER_DCS)?.unwrap_or_default();
+        if !dcs.iter().any(|d| d == dc) {
+            return Err(StateError::Invalid {
+                reason: format!("{dc} is not a DC of this cluster ({})", dcs.join(", ")),
+            });
+        }
+    }
+    let prev = load_owner(base, ov, queue)?;
+    let mut hlc = max_hlc(base, ov)?;
+    if let Some(p) = &prev {
+        hlc = hlc.max(p.stamp.hlc);
+    }
+    let hlc = hlc.tick(wall_ms);
+    ov.put(keys::MAX_HLC.to_vec(), encode(&hlc));
+    let owner = QueueOwner {
+        dc: dc.map(str::to_string),
+        reason: clip(reason),
+        at_ms: wall_ms,
+        stamp: Stamp::new(hlc, ctx.local_dc.clone()),
+    };
+    ov.put(keys::queue_owner(queue), encode(&owner));
+    feed_append(
+        base,
+        ov,
+        &FeedRecord::QueueOwner {
+            queue: queue.to_string(),
+            owner: owner.clone(),
+        },
+    )?;
+    Ok(CommandResult::None)
+}
+
+/// An ownership change from another DC's feed: kept if newer.
+pub(crate) fn set_owner_remote(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    queue: &str,
+    owner: &QueueOwner,
+) -> Result<(), StateError> {
+    if owner.stamp.hlc > max_hlc(base, ov)? {
+        ov.put(keys::MAX_HLC.to_vec(), encode(&owner.stamp.hlc));
+    }
+    if load_owner(base, ov, queue)?.is_some_and(|p| p.stamp >= owner.stamp) {
+        return Ok(());
+    }
+    ov.put(keys::queue_owner(queue), encode(owner));
+    Ok(())
+}
+
+/// Every queue whose ownership was ever set, by name.
+pub fn queue_owners(kv: &dyn KvRead) -> Result<Vec<(String, QueueOwner)>, StateError> {
+    kv.scan(keys::QUEUE_OWNER_PREFIX, None, usize::MAX)?
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                String::from_utf8_lossy(&k[1..]).into_owned(),
+                decode(&k, &v)?,
+            ))
+        })
+        .collect()
+}
+
+/// The order of two versions of one event: a later replay generation
+/// wins; within one, a finished state wins over an unfinished one (an
+/// old handler that has not yet learned of a takeover, or a clock ahead,
+/// cannot undo a completion); then the newer stamp.
+fn version(ev: &Event) -> (u32, bool, &Stamp) {
+    (ev.replays, ev.status.is_final(), &ev.stamp)
+}
+
+/// A change to an event from another DC's feed (or resync): kept if it
+/// is a newer version than this DC's copy (see [`version`]), with the
+/// indexes in step. From a feed, where this DC's copy of a mailbox chain
+/// then has nothing running, its first waiting event is released, as its
+/// handler does too (and if this DC handles it, that is its own change).
+/// (Not from a resync, whose records come in id order, not chain order:
+/// the chains are as the sender had them.)
+pub(crate) fn apply_remote_event(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    ev: &Event,
+    from_feed: bool,
+) -> Result<(), StateError> {
+    if ev.stamp.hlc > max_hlc(base, ov)? {
+        ov.put(keys::MAX_HLC.to_vec(), encode(&ev.stamp.hlc));
+    }
+    let prev = load_event(base, ov, &ev.id)?;
+    if prev.as_ref().is_some_and(|p| version(p) >= version(ev)) {
+        return Ok(());
+    }
+    let guard = keys::message_event(&ev.message.id, &ev.rule);
+    if prev.is_none() && ov.get(base, &guard)?.is_some() {
+        // Raised here once and purged after the retention: an old copy
+        // must not bring it back.
+        return Ok(());
+    }
+    let mut new = ev.clone();
+    if let Some(p) = &prev {
+        // Keep the longer history this DC has (copies carry the newest
+        // attempts only).
+        if p.attempts.len() > new.attempts.len() {
+            let first = new.attempts.first().map_or(u32::MAX, |a| a.number);
+            let mut older: Vec<_> = p
+                .attempts
+                .iter()
+                .filter(|a| a.number < first)
+                .cloned()
+                .collect();
+            older.append(&mut new.attempts);
+            if older.len() > MAX_ATTEMPT_HISTORY {
+                older.drain(..older.len() - MAX_ATTEMPT_HISTORY);
+            }
+            new.attempts = older;
+        }
+    }
+    put_event(base, ov, Writer::Replica, prev.as_ref(), &mut new)?;
+    if prev.is_none() {
+        ov.put(guard, ev.id.as_bytes().to_vec());
+    }
+    if ev.lane() == ctx.local_dc {
+        // This DC's own events, coming back (a rebuild): its raise
+        // sequence goes on after them, so mailbox chains keep their order.
+        let mut counts = load_counts(base, ov, &ev.queue)?;
+        if counts.raised < ev.seq {
+            counts.raised = ev.seq;
+            ov.put(keys::queue(&ev.queue), encode(&counts));
+        }
+    }
+    if from_feed && ev.ordering == EventOrdering::PerMailbox {
+        let w = if handler_of(base, ov, ev)? == ctx.local_dc {
+            Writer::Local(ctx)
+        } else {
+            Writer::Replica
+        };
+        release_head(base, ov, w, ev, ev.updated_ms)?;
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- raising
 
 /// At the origin, in the write that records `meta` as held by every DC:
@@ -531,6 +915,7 @@ pub fn suspensions(kv: &dyn KvRead) -> Result<Vec<(String, Suspension)>, StateEr
 pub(crate) fn raise_events(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     meta: &MessageMeta,
     complete_ms: i64,
     now_ms: i64,
@@ -544,16 +929,18 @@ pub(crate) fn raise_events(
     for (k, v) in rows {
         let rec: RuleRecord = decode(&k, &v)?;
         if let Some(rule) = rec.rule.filter(|r| r.enabled && r.matches(meta)) {
-            raise_one(base, ov, &rule, meta, complete_ms, now_ms, without)?;
+            raise_one(base, ov, ctx, &rule, meta, complete_ms, now_ms, without)?;
         }
     }
     Ok(())
 }
 
 /// Raises `rule`'s event for `meta` unless it has one; whether it did.
+#[allow(clippy::too_many_arguments)]
 fn raise_one(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     rule: &EventRule,
     meta: &MessageMeta,
     complete_ms: i64,
@@ -565,20 +952,20 @@ fn raise_one(
         return Ok(false);
     }
     let id = EventId::for_message(&meta.id, &rule.name);
+    if ov.get(base, &keys::event(&id))?.is_some() {
+        ov.put(mk, id.as_bytes().to_vec());
+        return Ok(false);
+    }
     let mut counts = load_counts(base, ov, &rule.queue)?;
     counts.raised += 1;
     let seq = counts.raised;
     ov.put(keys::queue(&rule.queue), encode(&counts));
     let mut blocked = false;
     if rule.ordering == EventOrdering::PerMailbox {
-        let chain = keys::order_prefix(&rule.queue, &meta.mailbox);
+        let chain = keys::order_prefix(&rule.queue, &ctx.local_dc, &meta.mailbox);
         blocked = !ov.scan(base, &chain, None, 1)?.is_empty();
-        ov.put(
-            keys::order(&rule.queue, &meta.mailbox, seq),
-            id.as_bytes().to_vec(),
-        );
     }
-    let ev = Event {
+    let mut ev = Event {
         id,
         rule: rule.name.clone(),
         queue: rule.queue.clone(),
@@ -599,8 +986,10 @@ fn raise_one(
         seq,
         note: String::new(),
         updated_ms: now_ms,
+        stamp: Stamp::default(),
+        replays: 0,
     };
-    put_event(base, ov, None, &ev)?;
+    put_event(base, ov, Writer::Local(ctx), None, &mut ev)?;
     ov.put(mk, id.as_bytes().to_vec());
     Ok(true)
 }
@@ -645,7 +1034,7 @@ pub(crate) fn evaluate_rule(
         };
         if meta.origin_dc == ctx.local_dc
             && rule.matches(&meta)
-            && raise_one(base, ov, &rule, &meta, complete_ms, now_ms, &[])?
+            && raise_one(base, ov, ctx, &rule, &meta, complete_ms, now_ms, &[])?
         {
             added += 1;
         }
@@ -682,28 +1071,20 @@ struct LastLease {
     given: Vec<(EventId, u32)>,
 }
 
-/// Leases up to `max` due events of `queue` to `consumer`, and first
-/// settles leases of that queue that ran out (each counts as a failure).
-/// The same request applied again (a proposal retried after its reply was
-/// lost) answers with what the first one leased, still leased, instead of
-/// leasing more to nobody.
+/// Leases up to `max` due events of `queue` to `consumer`, from the lanes
+/// this DC handles, and first settles leases of those that ran out (each
+/// counts as a failure). The same request applied again (a proposal
+/// retried after its reply was lost) answers with what the first one
+/// leased, still leased, instead of leasing more to nobody.
 pub(crate) fn lease_events(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     ask: LeaseAsk<'_>,
 ) -> CommandResponse {
-    let LeaseAsk {
-        queue,
-        consumer,
-        max,
-        lease_ms,
-        now_ms,
-        seed,
-        request,
-    } = ask;
-    let lk = keys::last_lease(consumer, queue);
+    let lk = keys::last_lease(ask.consumer, ask.queue);
     if let Some(last) = ov.load::<LastLease>(base, &lk)? {
-        if last.request == request {
+        if last.request == ask.request {
             let mut again = Vec::new();
             for (id, n) in &last.given {
                 if let Some(ev) = load_event(base, ov, id)? {
@@ -715,26 +1096,75 @@ pub(crate) fn lease_events(
             return Ok(CommandResult::Leased { events: again });
         }
     }
+    let lanes = match lanes_here(base, ov, &ctx.local_dc, ask.queue)? {
+        Ok(lanes) => lanes,
+        Err(dc) => {
+            return Err(StateError::HandledElsewhere {
+                queue: ask.queue.to_string(),
+                dc,
+            })
+        }
+    };
+    let max = ask.max.clamp(1, MAX_LEASE_BATCH) as usize;
+    let mut out = Vec::new();
+    // Lanes in turn from a different one each request, so a busy lane
+    // does not starve the others.
+    let mut lanes = lanes;
+    let start = (ask.request % lanes.len().max(1) as u64) as usize;
+    lanes.rotate_left(start);
+    for lane in &lanes {
+        if out.len() >= max {
+            break;
+        }
+        lease_lane(base, ov, ctx, &ask, lane, max, &mut out)?;
+    }
+    ov.put(
+        lk,
+        encode(&LastLease {
+            request: ask.request,
+            given: out.iter().map(|e| (e.id, e.deliveries)).collect(),
+        }),
+    );
+    Ok(CommandResult::Leased { events: out })
+}
+
+/// [`lease_events`] in one lane, until `out` holds `max` events.
+fn lease_lane(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    ask: &LeaseAsk<'_>,
+    lane: &str,
+    max: usize,
+    out: &mut Vec<Event>,
+) -> Result<(), StateError> {
+    let LeaseAsk {
+        queue,
+        consumer,
+        lease_ms,
+        now_ms,
+        seed,
+        ..
+    } = *ask;
     let lease_ms = lease_ms.map(|l| l.clamp(1_000, mailbox_types::event::MAX_LEASE_MS));
-    let max = max.clamp(1, MAX_LEASE_BATCH) as usize;
-    let prefix = keys::due_prefix(queue);
-    let floor = load_counts(base, ov, queue)?.due_floor_ms;
-    let from = due_floor_key(queue, floor);
-    let scan_limit = max.saturating_mul(2) + LEASE_SCAN_SLACK;
+    let prefix = keys::due_prefix(queue, lane);
+    let floor = load_counts(base, ov, queue)?.floor(lane);
+    let from = due_floor_key(queue, lane, floor);
+    let want = max - out.len();
+    let scan_limit = want.saturating_mul(2) + LEASE_SCAN_SLACK;
     // Only what is due by now: entries past it (leases under way, later
     // retries) are not needed, and the iterator must not step over the
     // deletes of every answered lease among them.
-    let before = due_floor_key(queue, now_ms.saturating_add(1));
+    let before = due_floor_key(queue, lane, now_ms.saturating_add(1));
     let rows = ov.scan_below(base, &prefix, Some(&from), Some(&before), scan_limit)?;
-    // The floor is recomputed below from what is left: while this command
-    // runs it stands at "nothing written yet", and every due entry written
+    // The floor is recomputed below from what is left: while this runs it
+    // stands at "nothing written yet", and every due entry written
     // meanwhile (leases, retries, a mailbox's next event) lowers it through
     // `put_event`, so afterwards it holds the earliest of those.
     let mut c = load_counts(base, ov, queue)?;
-    c.due_floor_ms = i64::MAX;
+    c.due_floors.insert(lane.to_string(), i64::MAX);
     ov.put(keys::queue(queue), encode(&c));
     let mut processed = 0;
-    let mut out = Vec::new();
     for (k, _) in &rows {
         if out.len() >= max {
             break;
@@ -753,8 +1183,8 @@ pub(crate) fn lease_events(
         let prev = ev.clone();
         match ev.status {
             EventStatus::Processing => {
-                expire_lease(base, ov, &mut ev, seed)?;
-                put_event(base, ov, Some(&prev), &ev)?;
+                expire_lease(base, ov, ctx, &mut ev, seed)?;
+                put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
             }
             EventStatus::Pending => {
                 ev.deliveries += 1;
@@ -777,7 +1207,7 @@ pub(crate) fn lease_events(
                 ev.status = EventStatus::Processing;
                 ev.due_ms = until;
                 ev.updated_ms = now_ms;
-                put_event(base, ov, Some(&prev), &ev)?;
+                put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
                 out.push(ev);
             }
             _ => {
@@ -800,59 +1230,59 @@ pub(crate) fn lease_events(
         now_ms.saturating_add(1).max(floor)
     };
     let mut counts = load_counts(base, ov, queue)?;
-    counts.due_floor_ms = counts.due_floor_ms.min(left);
+    counts.lower_floor(lane, left);
     ov.put(keys::queue(queue), encode(&counts));
-    ov.put(
-        lk,
-        encode(&LastLease {
-            request,
-            given: out.iter().map(|e| (e.id, e.deliveries)).collect(),
-        }),
-    );
-    Ok(CommandResult::Leased { events: out })
+    Ok(())
 }
 
-/// Settles the leases of every queue that ran out by `now_ms` (at most
-/// `limit`, oldest first), so an abandoned event is retried or
+/// Settles the leases that ran out by `now_ms` in every lane this DC
+/// handles (at most `limit`), so an abandoned event is retried or
 /// dead-lettered even when no consumer asks for its queue. Returns how
 /// many, and whether more are due.
 pub(crate) fn expire_leases(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     now_ms: i64,
     seed: u64,
     limit: usize,
 ) -> CommandResponse {
     let mut count = 0u64;
-    let rows = ov.scan(base, keys::LEASE_END_PREFIX, None, limit + 1)?;
     let mut more = false;
-    for (k, _) in rows {
-        let ms = k
-            .get(1..9)
-            .and_then(|b| b.try_into().ok())
-            .map(|b: [u8; 8]| u64::from_be_bytes(b) as i64)
-            .ok_or_else(|| StateError::Corrupt {
-                key: keys::hex(&k),
-                reason: "bad lease-end key".into(),
-            })?;
-        if ms > now_ms {
-            break;
-        }
-        if count == limit as u64 {
-            more = true;
-            break;
-        }
-        let id = tail_event_id(&k)?;
-        let Some(mut ev) = load_event(base, ov, &id)? else {
-            return Err(StateError::Corrupt {
-                key: keys::hex(&k),
-                reason: "lease-end index names a missing event".into(),
-            });
+    let queues = ov.scan(base, keys::QUEUE_PREFIX, None, usize::MAX)?;
+    'queues: for (qk, _) in queues {
+        let queue = String::from_utf8_lossy(&qk[1..]).into_owned();
+        let Ok(lanes) = lanes_here(base, ov, &ctx.local_dc, &queue)? else {
+            continue;
         };
-        let prev = ev.clone();
-        expire_lease(base, ov, &mut ev, seed)?;
-        put_event(base, ov, Some(&prev), &ev)?;
-        count += 1;
+        for lane in lanes {
+            let prefix = keys::lease_end_prefix(&queue, &lane);
+            let before = keys::lease_end(
+                &queue,
+                &lane,
+                now_ms.saturating_add(1),
+                &EventId::from_bytes([0; 16]),
+            );
+            let want = (limit as u64).saturating_sub(count) as usize;
+            let rows = ov.scan_below(base, &prefix, None, Some(&before), want + 1)?;
+            for (k, _) in rows {
+                if count == limit as u64 {
+                    more = true;
+                    break 'queues;
+                }
+                let id = tail_event_id(&k)?;
+                let Some(mut ev) = load_event(base, ov, &id)? else {
+                    return Err(StateError::Corrupt {
+                        key: keys::hex(&k),
+                        reason: "lease-end index names a missing event".into(),
+                    });
+                };
+                let prev = ev.clone();
+                expire_lease(base, ov, ctx, &mut ev, seed)?;
+                put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
+                count += 1;
+            }
+        }
     }
     Ok(CommandResult::Expired { count, more })
 }
@@ -862,20 +1292,38 @@ pub(crate) fn expire_leases(
 fn expire_lease(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     ev: &mut Event,
     seed: u64,
 ) -> Result<(), StateError> {
     let until = ev.lease.as_ref().map_or(ev.due_ms, |l| l.until_ms);
+    // A lease another DC granted (it handled the queue until a takeover,
+    // and is down): its consumer's answer can never arrive here, which is
+    // no failure of the event's. Delivered again, no attempt counted.
+    let elsewhere = ev.stamp.dc != ctx.local_dc && !ev.stamp.dc.is_empty();
     if let Some(a) = ev.attempts.last_mut().filter(|a| a.outcome.is_none()) {
         a.outcome = Some(AttemptOutcome::Expired);
         a.ended_ms = until;
-        a.error = format!(
-            "no answer within the lease ({} ms)",
-            until.saturating_sub(a.leased_ms)
-        );
+        a.error = if elsewhere {
+            format!(
+                "leased in DC {}, which no longer handles the queue: delivered again here, no attempt counted",
+                ev.stamp.dc
+            )
+        } else {
+            format!(
+                "no answer within the lease ({} ms)",
+                until.saturating_sub(a.leased_ms)
+            )
+        };
     }
     ev.updated_ms = until;
-    transient_failure(base, ov, ev, until, None, seed)
+    if elsewhere {
+        ev.lease = None;
+        ev.status = EventStatus::Pending;
+        ev.due_ms = until;
+        return Ok(());
+    }
+    transient_failure(base, ov, ctx, ev, until, None, seed)
 }
 
 /// A failure that may pass: retried after a backoff, or dead-lettered
@@ -883,6 +1331,7 @@ fn expire_lease(
 fn transient_failure(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     ev: &mut Event,
     from_ms: i64,
     delay_ms: Option<u64>,
@@ -892,7 +1341,7 @@ fn transient_failure(
     ev.lease = None;
     let used = ev.failures - ev.failures_at_replay;
     if used >= ev.retry.max_attempts {
-        return finish(base, ov, ev, EventStatus::Failed, from_ms);
+        return finish(base, ov, ctx, ev, EventStatus::Failed, from_ms);
     }
     let wait = match delay_ms {
         Some(d) => d.min(MAX_RETRY_DELAY_MS),
@@ -903,40 +1352,50 @@ fn transient_failure(
     Ok(())
 }
 
-/// Ends `ev` as complete, failed or discarded; with per-mailbox ordering
-/// the next event of its mailbox becomes deliverable.
+/// Ends `ev` as complete, failed or discarded. (With per-mailbox ordering,
+/// `put_event` then takes it out of its mailbox chain and releases the
+/// next one, after its own change in the feed.)
 fn finish(
-    base: &dyn KvRead,
-    ov: &mut Overlay,
+    _base: &dyn KvRead,
+    _ov: &mut Overlay,
+    _ctx: &ApplyCtx,
     ev: &mut Event,
     status: EventStatus,
-    now_ms: i64,
+    _now_ms: i64,
 ) -> Result<(), StateError> {
     ev.status = status;
     ev.lease = None;
-    if ev.ordering == EventOrdering::PerMailbox && !ev.blocked {
-        ov.delete(keys::order(&ev.queue, &ev.message.mailbox, ev.seq));
-        let chain = keys::order_prefix(&ev.queue, &ev.message.mailbox);
-        if let Some((k, v)) = ov.scan(base, &chain, None, 1)?.into_iter().next() {
-            let next_id =
-                EventId::from_bytes(v.as_slice().try_into().map_err(|_| StateError::Corrupt {
-                    key: keys::hex(&k),
-                    reason: "bad event id in the order chain".into(),
-                })?);
-            if next_id != ev.id {
-                if let Some(mut next) = load_event(base, ov, &next_id)? {
-                    if next.blocked {
-                        let prev = next.clone();
-                        next.blocked = false;
-                        next.due_ms = next.due_ms.max(now_ms);
-                        put_event(base, ov, Some(&prev), &next)?;
-                    }
-                }
-            }
+    Ok(())
+}
+
+/// When nothing of `ev`'s mailbox chain runs, makes its first waiting
+/// event deliverable.
+fn release_head(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    w: Writer<'_>,
+    ev: &Event,
+    now_ms: i64,
+) -> Result<(), StateError> {
+    if runners(base, ov, ev)? > 0 {
+        return Ok(());
+    }
+    let chain = keys::order_prefix(&ev.queue, ev.lane(), &ev.message.mailbox);
+    let Some((k, v)) = ov.scan(base, &chain, None, 1)?.into_iter().next() else {
+        return Ok(());
+    };
+    let head = EventId::from_bytes(v.as_slice().try_into().map_err(|_| StateError::Corrupt {
+        key: keys::hex(&k),
+        reason: "bad event id in the order chain".into(),
+    })?);
+    if let Some(mut next) = load_event(base, ov, &head)? {
+        if next.blocked && !next.status.is_final() {
+            let prev = next.clone();
+            next.blocked = false;
+            next.due_ms = next.due_ms.max(now_ms);
+            next.updated_ms = next.updated_ms.max(now_ms);
+            put_event(base, ov, w, Some(&prev), &mut next)?;
         }
-    } else if ev.ordering == EventOrdering::PerMailbox {
-        // Finished while waiting (discarded, say): just leave the chain.
-        ov.delete(keys::order(&ev.queue, &ev.message.mailbox, ev.seq));
     }
     Ok(())
 }
@@ -946,6 +1405,7 @@ fn finish(
 pub(crate) fn ack_event(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     id: &EventId,
     attempt: u32,
     consumer: &str,
@@ -979,6 +1439,7 @@ pub(crate) fn ack_event(
             event: Box::new(ev),
         });
     }
+    check_handled_here(base, ov, ctx, &ev)?;
     // A late `complete` for a delivery whose lease ran out, while the event
     // is not finished: the work is done, so the event is complete (fewer
     // duplicate deliveries); a delivery in flight ends with it.
@@ -1000,8 +1461,8 @@ pub(crate) fn ack_event(
             }
         }
         ev.updated_ms = now_ms;
-        finish(base, ov, &mut ev, EventStatus::Complete, now_ms)?;
-        put_event(base, ov, Some(&prev), &ev)?;
+        finish(base, ov, ctx, &mut ev, EventStatus::Complete, now_ms)?;
+        put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
         return Ok(CommandResult::EventUpdated {
             event: Box::new(ev),
         });
@@ -1035,15 +1496,15 @@ pub(crate) fn ack_event(
     match ack {
         EventAck::Complete => {
             end(&mut ev, AttemptOutcome::Complete, "");
-            finish(base, ov, &mut ev, EventStatus::Complete, now_ms)?;
+            finish(base, ov, ctx, &mut ev, EventStatus::Complete, now_ms)?;
         }
         EventAck::Retry { delay_ms, reason } => {
             end(&mut ev, AttemptOutcome::Retry, reason);
-            transient_failure(base, ov, &mut ev, now_ms, *delay_ms, seed)?;
+            transient_failure(base, ov, ctx, &mut ev, now_ms, *delay_ms, seed)?;
         }
         EventAck::Fail { reason } => {
             end(&mut ev, AttemptOutcome::Fail, reason);
-            finish(base, ov, &mut ev, EventStatus::Failed, now_ms)?;
+            finish(base, ov, ctx, &mut ev, EventStatus::Failed, now_ms)?;
         }
         EventAck::Defer { delay_ms, reason } => {
             end(&mut ev, AttemptOutcome::Deferred, reason);
@@ -1062,7 +1523,7 @@ pub(crate) fn ack_event(
             ev.due_ms = until;
         }
     }
-    put_event(base, ov, Some(&prev), &ev)?;
+    put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
     Ok(CommandResult::EventUpdated {
         event: Box::new(ev),
     })
@@ -1074,6 +1535,7 @@ pub(crate) fn ack_event(
 pub(crate) fn replay_events(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     ids: &[EventId],
     force: bool,
     now_ms: i64,
@@ -1090,6 +1552,10 @@ pub(crate) fn replay_events(
         {
             // This very replay, applied again (a retried proposal).
             changed.push(*id);
+            continue;
+        }
+        if let Err(e) = check_handled_here(base, ov, ctx, &ev) {
+            refused.push((*id, e.to_string()));
             continue;
         }
         match ev.status {
@@ -1111,21 +1577,20 @@ pub(crate) fn replay_events(
         }
         let prev = ev.clone();
         ev.status = EventStatus::Pending;
+        ev.replays += 1;
         ev.failures_at_replay = ev.failures;
         ev.lease = None;
         ev.due_ms = now_ms;
         ev.updated_ms = now_ms;
         ev.blocked = false;
         if ev.ordering == EventOrdering::PerMailbox {
-            let chain = keys::order_prefix(&ev.queue, &ev.message.mailbox);
-            let own = keys::order(&ev.queue, &ev.message.mailbox, ev.seq);
             // Behind whatever of its mailbox is under way (even newer
             // events): two of one mailbox never run at once. When that
             // finishes, the chain's first, which may be this one, goes.
+            let chain = keys::order_prefix(&ev.queue, ev.lane(), &ev.message.mailbox);
             ev.blocked = !ov.scan(base, &chain, None, 1)?.is_empty();
-            ov.put(own, ev.id.as_bytes().to_vec());
         }
-        put_event(base, ov, Some(&prev), &ev)?;
+        put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
         changed.push(*id);
     }
     Ok(CommandResult::EventsChanged { changed, refused })
@@ -1135,6 +1600,7 @@ pub(crate) fn replay_events(
 pub(crate) fn discard_events(
     base: &dyn KvRead,
     ov: &mut Overlay,
+    ctx: &ApplyCtx,
     ids: &[EventId],
     reason: &str,
     now_ms: i64,
@@ -1151,6 +1617,10 @@ pub(crate) fn discard_events(
             changed.push(*id);
             continue;
         }
+        if let Err(e) = check_handled_here(base, ov, ctx, &ev) {
+            refused.push((*id, e.to_string()));
+            continue;
+        }
         if ev.status != EventStatus::Failed {
             refused.push((*id, format!("is {}, not dead-lettered", ev.status.as_str())));
             continue;
@@ -1159,10 +1629,86 @@ pub(crate) fn discard_events(
         ev.status = EventStatus::Discarded;
         ev.note = clip(reason);
         ev.updated_ms = now_ms;
-        put_event(base, ov, Some(&prev), &ev)?;
+        put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
         changed.push(*id);
     }
     Ok(CommandResult::EventsChanged { changed, refused })
+}
+
+// -------------------------------------------------------------- retention
+
+/// Events one purge command removes at most.
+pub const MAX_PURGE_BATCH: usize = 1000;
+
+/// Removes up to `limit` events finished (complete or discarded) before
+/// `before_ms`, oldest first; returns how many and whether more are due.
+/// Dead-lettered events are not touched. The per-message guard (`v`)
+/// stays while the message exists, so re-evaluating a rule still raises
+/// nothing for it; the mailbox order chain no longer holds a finished
+/// event. Every DC purges its own copies, by its leader's clock.
+pub(crate) fn purge_events(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    before_ms: i64,
+    limit: usize,
+) -> CommandResponse {
+    let below = keys::finished(before_ms, &EventId::from_bytes([0; 16]));
+    let limit = limit.clamp(1, MAX_PURGE_BATCH);
+    let rows = ov.scan_below(base, keys::FINISHED_PREFIX, None, Some(&below), limit + 1)?;
+    let more = rows.len() > limit;
+    let mut count = 0u64;
+    for (k, _) in rows.into_iter().take(limit) {
+        let id = tail_event_id(&k)?;
+        ov.delete(k);
+        let Some(ev) = load_event(base, ov, &id)? else {
+            continue;
+        };
+        if finished_key(&ev).is_none() {
+            // Replayed since: its entry was stale (put_event removes it).
+            continue;
+        }
+        let mut counts = load_counts(base, ov, &ev.queue)?;
+        if let Some(c) = counts.slot(ev.status) {
+            *c = c.saturating_sub(1);
+        }
+        counts.purged += 1;
+        ov.put(keys::queue(&ev.queue), encode(&counts));
+        ov.delete(keys::status(status_code(ev.status), &ev.queue, &ev.id));
+        ov.delete(keys::event(&ev.id));
+        if message(base, ov, &ev.message.id)?.is_none() {
+            ov.delete(keys::message_event(&ev.message.id, &ev.rule));
+        }
+        count += 1;
+    }
+    Ok(CommandResult::Expired { count, more })
+}
+
+/// Dead-letters this DC has yet to notify, oldest first (at most `limit`).
+pub fn notices(kv: &dyn KvRead, limit: usize) -> Result<Vec<(i64, EventId)>, StateError> {
+    kv.scan(keys::NOTICE_PREFIX, None, limit)?
+        .into_iter()
+        .map(|(k, _)| {
+            let ms = k
+                .get(1..9)
+                .and_then(|b| b.try_into().ok())
+                .map(|b: [u8; 8]| u64::from_be_bytes(b) as i64)
+                .ok_or_else(|| StateError::Corrupt {
+                    key: keys::hex(&k),
+                    reason: "bad notice key".into(),
+                })?;
+            Ok((ms, tail_event_id(&k)?))
+        })
+        .collect()
+}
+
+/// When the oldest finished event that retention will purge finished.
+pub fn oldest_finished(kv: &dyn KvRead) -> Result<Option<i64>, StateError> {
+    Ok(kv
+        .scan(keys::FINISHED_PREFIX, None, 1)?
+        .into_iter()
+        .next()
+        .and_then(|(k, _)| k.get(1..9).and_then(|b| b.try_into().ok()))
+        .map(|b: [u8; 8]| u64::from_be_bytes(b) as i64))
 }
 
 // ---------------------------------------------------------------- queries
@@ -1245,41 +1791,93 @@ pub fn queue_counts(kv: &dyn KvRead) -> Result<Vec<(String, QueueCounts)>, State
         .collect()
 }
 
-/// When `queue`'s next event is due (or its earliest lease runs out).
-/// (Only entries due before `before_ms` are looked at: callers ask "what
-/// is due within the next moment", and the index past that holds the
-/// deleted entries of answered leases, which a scan would step over.)
-pub fn next_due(kv: &dyn KvRead, queue: &str, before_ms: i64) -> Result<Option<i64>, StateError> {
-    let prefix = keys::due_prefix(queue);
-    let qk = keys::queue(queue);
-    let floor = kv
-        .get(&qk)?
-        .map(|v| decode::<QueueCounts>(&qk, &v))
-        .transpose()?
-        .map_or(0, |c| c.due_floor_ms);
-    let from = due_floor_key(queue, floor);
-    let before = due_floor_key(queue, before_ms);
-    if from >= before {
+/// When `queue`'s next event that DC `local` handles is due (or its
+/// earliest lease there runs out); `None` also where another DC handles
+/// the queue. (Only entries due before `before_ms` are looked at: callers
+/// ask "what is due within the next moment", and the index past that
+/// holds the deleted entries of answered leases, which a scan would step
+/// over.)
+pub fn next_due(
+    kv: &dyn KvRead,
+    local: &str,
+    queue: &str,
+    before_ms: i64,
+) -> Result<Option<i64>, StateError> {
+    let ov = Overlay::default();
+    let Ok(lanes) = lanes_here(kv, &ov, local, queue)? else {
         return Ok(None);
+    };
+    let counts = load_counts(kv, &ov, queue)?;
+    let mut best: Option<i64> = None;
+    for lane in lanes {
+        let prefix = keys::due_prefix(queue, &lane);
+        let from = due_floor_key(queue, &lane, counts.floor(&lane));
+        let before = due_floor_key(queue, &lane, best.unwrap_or(before_ms).min(before_ms));
+        if from >= before {
+            continue;
+        }
+        if let Some((k, _)) = kv
+            .scan_below(&prefix, Some(&from), &before, 1)?
+            .into_iter()
+            .next()
+        {
+            let ms = keys::decode_due(&k, prefix.len())?.0;
+            best = Some(best.map_or(ms, |b| b.min(ms)));
+        }
     }
-    match kv
-        .scan_below(&prefix, Some(&from), &before, 1)?
-        .into_iter()
-        .next()
-    {
-        Some((k, _)) => Ok(Some(keys::decode_due(&k, prefix.len())?.0)),
-        None => Ok(None),
+    Ok(best)
+}
+
+/// Who handles `queue`'s events: a DC that took it over, or `None`, each
+/// event's lane.
+pub fn queue_handler(kv: &dyn KvRead, queue: &str) -> Result<Option<String>, StateError> {
+    taken_by(kv, &Overlay::default(), queue)
+}
+
+/// Refuses, naming the DC to ask, where DC `local` handles no event of
+/// `queue` (another DC took it over).
+pub fn check_queue_here(kv: &dyn KvRead, local: &str, queue: &str) -> Result<(), StateError> {
+    match lanes_here(kv, &Overlay::default(), local, queue)? {
+        Ok(_) => Ok(()),
+        Err(dc) => Err(StateError::HandledElsewhere {
+            queue: queue.to_string(),
+            dc,
+        }),
     }
 }
 
-/// The earliest end of a running lease, over every queue.
-pub fn earliest_lease_end(kv: &dyn KvRead) -> Result<Option<i64>, StateError> {
-    Ok(kv
-        .scan(keys::LEASE_END_PREFIX, None, 1)?
-        .into_iter()
-        .next()
-        .and_then(|(k, _)| k.get(1..9).and_then(|b| b.try_into().ok()))
-        .map(|b: [u8; 8]| u64::from_be_bytes(b) as i64))
+/// The earliest end of a running lease that DC `local` handles, over
+/// every queue, if one ends before `before_ms` (only that far is read:
+/// past it lie the deletes of answered leases).
+pub fn earliest_lease_end(
+    kv: &dyn KvRead,
+    local: &str,
+    before_ms: i64,
+) -> Result<Option<i64>, StateError> {
+    let ov = Overlay::default();
+    let mut best: Option<i64> = None;
+    for (qk, _) in kv.scan(keys::QUEUE_PREFIX, None, usize::MAX)? {
+        let queue = String::from_utf8_lossy(&qk[1..]).into_owned();
+        let Ok(lanes) = lanes_here(kv, &ov, local, &queue)? else {
+            continue;
+        };
+        for lane in lanes {
+            let prefix = keys::lease_end_prefix(&queue, &lane);
+            let before = keys::lease_end(&queue, &lane, before_ms, &EventId::from_bytes([0; 16]));
+            if let Some((k, _)) = kv.scan_below(&prefix, None, &before, 1)?.into_iter().next() {
+                let ms = k
+                    .get(prefix.len()..prefix.len() + 8)
+                    .and_then(|b| b.try_into().ok())
+                    .map(|b: [u8; 8]| u64::from_be_bytes(b) as i64)
+                    .ok_or_else(|| StateError::Corrupt {
+                        key: keys::hex(&k),
+                        reason: "bad lease-end key".into(),
+                    })?;
+                best = Some(best.map_or(ms, |b| b.min(ms)));
+            }
+        }
+    }
+    Ok(best)
 }
 
 #[cfg(test)]

@@ -227,11 +227,18 @@ fn nothing_is_raised_before_every_dc_holds_the_message_and_only_at_the_origin() 
     let evs = events_of_message(&east.kv, &m.id).unwrap();
     assert_eq!(evs.len(), 1);
     assert_eq!(evs[0].complete_ms, 1000, "the latest of the holders' times");
-    // Pulling again, and west's own view: still one, and none at west.
+    // Pulling again: still one, raised by east only; west holds a copy
+    // of the same event (replicated), not one of its own.
     east.pull(&west);
     west.pull(&east);
     assert_eq!(events_of_message(&east.kv, &m.id).unwrap().len(), 1);
-    assert!(events_of_message(&west.kv, &m.id).unwrap().is_empty());
+    assert_eq!(
+        events_of_message(&west.kv, &m.id).unwrap(),
+        events_of_message(&east.kv, &m.id).unwrap()
+    );
+    let counts: BTreeMap<_, _> = queue_counts(&west.kv).unwrap().into_iter().collect();
+    assert_eq!(counts["q"].raised, 0, "west raised nothing");
+    assert_eq!(counts["q"].pending, 1);
 }
 
 #[test]
@@ -818,6 +825,22 @@ fn new_variant_numbers_are_stable() {
         }),
         13
     );
+    assert_eq!(
+        tag(&Command::TakeoverQueue {
+            queue: String::new(),
+            dc: None,
+            reason: String::new(),
+            wall_ms: 0
+        }),
+        25
+    );
+    assert_eq!(
+        tag(&FeedRecord::QueueOwner {
+            queue: String::new(),
+            owner: QueueOwner::default()
+        }),
+        10
+    );
 }
 
 #[test]
@@ -1107,7 +1130,7 @@ fn the_due_floor_rises_past_answered_events_and_falls_for_earlier_ones() {
     for i in 0..10 {
         east.put("/in", &format!("m{i}"), 100 + i);
     }
-    let floor = |dc: &Dc| queue_counts(&dc.kv).unwrap()[0].1.due_floor_ms;
+    let floor = |dc: &Dc| queue_counts(&dc.kv).unwrap()[0].1.floor("east");
     let got = east.lease("q", "c", 10, 1_000);
     assert_eq!(got.len(), 10);
     // Everything is leased until 2,000: the next lease scan moves the
@@ -1115,8 +1138,11 @@ fn the_due_floor_rises_past_answered_events_and_falls_for_earlier_ones() {
     // entries of the pending ones.
     assert!(east.lease("q", "c", 10, 1_500).is_empty());
     assert_eq!(floor(&east), 1_501);
-    assert_eq!(next_due(&east.kv, "q", 10_000).unwrap(), Some(2_000));
-    assert_eq!(next_due(&east.kv, "q", 1_999).unwrap(), None);
+    assert_eq!(
+        next_due(&east.kv, "east", "q", 10_000).unwrap(),
+        Some(2_000)
+    );
+    assert_eq!(next_due(&east.kv, "east", "q", 1_999).unwrap(), None);
     // A new event due before the floor lowers it, and is found.
     let late = east.put("/in", "late", 1_600);
     assert!(floor(&east) <= 1_600);
@@ -1179,4 +1205,505 @@ fn leases_in_one_batch_with_equal_and_earlier_clocks_lose_nothing() {
     assert_eq!(got[0].message.id, late.id);
     let counts: BTreeMap<_, _> = queue_counts(&east.kv).unwrap().into_iter().collect();
     assert_eq!((counts["q"].processing, counts["q"].pending), (7, 0));
+}
+
+/// Two DCs whose message `n` completed at `east` (the origin), both
+/// knowing rule `rule`; returns the messages.
+fn completed_at_east(
+    east: &mut Dc,
+    west: &mut Dc,
+    r: EventRule,
+    mailbox: &str,
+    n: usize,
+) -> Vec<MessageMeta> {
+    east.rule(r, 10);
+    let ms: Vec<_> = (0..n)
+        .map(|i| east.put(mailbox, &format!("m{i}"), 100 + i as i64))
+        .collect();
+    west.pull(east);
+    east.pull(west);
+    west.pull(east);
+    ms
+}
+
+fn takeover(dc: &mut Dc, queue: &str, to: Option<&str>, wall_ms: i64) {
+    dc.run(Command::TakeoverQueue {
+        queue: queue.into(),
+        dc: to.map(str::to_string),
+        reason: "east is down".into(),
+        wall_ms,
+    })
+    .unwrap();
+}
+
+fn handled_elsewhere(r: CommandResponse) -> String {
+    match r {
+        Err(StateError::HandledElsewhere { dc, .. }) => dc,
+        other => panic!("expected HandledElsewhere, got {other:?}"),
+    }
+}
+
+#[test]
+fn events_replicate_and_only_the_handling_dc_acts_on_them() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let ms = completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 2);
+    let id0 = EventId::for_message(&ms[0].id, "all");
+    assert_eq!(west.event(&id0).status, EventStatus::Pending);
+    // West holds the events but does not deliver them: east does (west
+    // delivers only the events it raised itself).
+    assert!(west.lease("q", "w", 10, 2_000).is_empty());
+    let got = east.lease("q", "c1", 10, 2_000);
+    assert_eq!(got.len(), 2);
+    west.pull(&east);
+    assert_eq!(west.event(&id0).status, EventStatus::Processing);
+    assert_eq!(
+        west.event(&id0),
+        east.event(&id0),
+        "the same state, stamp and all"
+    );
+    // West's sweep of leases that ran out leaves east's leases alone.
+    west.run(Command::ExpireLeases {
+        now_ms: 1_000_000,
+        seed: 1,
+    })
+    .unwrap();
+    assert_eq!(west.event(&id0).status, EventStatus::Processing);
+    assert_eq!(
+        handled_elsewhere(west.ack(&got[0], EventAck::Complete, 2_100)),
+        "east"
+    );
+    east.ack(&got[0], EventAck::Complete, 2_100).unwrap();
+    east.ack(
+        &got[1],
+        EventAck::Fail {
+            reason: "bad file".into(),
+        },
+        2_100,
+    )
+    .unwrap();
+    west.pull(&east);
+    for id in got.iter().map(|e| e.id) {
+        assert_eq!(west.event(&id), east.event(&id));
+    }
+    let counts: BTreeMap<_, _> = queue_counts(&west.kv).unwrap().into_iter().collect();
+    assert_eq!((counts["q"].complete, counts["q"].failed), (1, 1));
+    // Replaying at west is refused with where to go.
+    match west
+        .run(Command::ReplayEvents {
+            ids: vec![got[1].id],
+            force: false,
+            now_ms: 3_000,
+        })
+        .unwrap()
+    {
+        CommandResult::EventsChanged { changed, refused } => {
+            assert!(changed.is_empty());
+            assert!(refused[0].1.contains("handled by DC east"), "{refused:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_takeover_delivers_what_was_not_complete_once_and_never_what_was() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let ms = completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 4);
+    // East: the first completes, the second is leased when east dies, the
+    // third waits for a retry, the fourth was never delivered.
+    let got = east.lease("q", "c1", 3, 2_000);
+    assert_eq!(got.len(), 3);
+    let mut ids: Vec<EventId> = got.iter().map(|e| e.id).collect();
+    let rest: Vec<EventId> = ms
+        .iter()
+        .map(|m| EventId::for_message(&m.id, "all"))
+        .filter(|id| !ids.contains(id))
+        .collect();
+    ids.extend(rest);
+    assert_eq!(ids.len(), 4);
+    east.ack(&got[0], EventAck::Complete, 2_100).unwrap();
+    east.ack(
+        &got[2],
+        EventAck::Retry {
+            delay_ms: Some(500),
+            reason: "busy".into(),
+        },
+        2_100,
+    )
+    .unwrap();
+    west.pull(&east);
+    // East is gone. West takes the queue over.
+    takeover(&mut west, "q", Some("west"), 2_200);
+    let first = west.lease("q", "w1", 10, 2_300);
+    let mut first_ids: Vec<_> = first.iter().map(|e| e.id).collect();
+    first_ids.sort();
+    assert_eq!(
+        first_ids,
+        vec![ids[3]],
+        "only what is due: not the complete one, not the leased one, not the retry"
+    );
+    // After the retry's delay and the dead lease's end: both, the leased
+    // one as its next delivery (same id, attempt 2; east's consumer could
+    // not answer here, so no attempt is counted against it).
+    west.run(Command::ExpireLeases {
+        now_ms: 3_050,
+        seed: 7,
+    })
+    .unwrap();
+    let later = west.lease("q", "w1", 10, 3_100);
+    let by_id: BTreeMap<_, _> = later.iter().map(|e| (e.id, e)).collect();
+    assert_eq!(by_id.len(), 2, "{later:?}");
+    assert_eq!(by_id[&ids[1]].deliveries, 2);
+    assert_eq!(
+        by_id[&ids[1]].attempts[0].outcome,
+        Some(AttemptOutcome::Expired)
+    );
+    assert_eq!(by_id[&ids[1]].failures, 0);
+    assert_eq!(by_id[&ids[2]].deliveries, 2);
+    for e in first.iter().chain(later.iter()) {
+        west.ack(e, EventAck::Complete, 3_200).unwrap();
+    }
+    assert!(west.lease("q", "w1", 10, 100_000).is_empty());
+    assert_eq!(
+        west.event(&ids[0]).deliveries,
+        1,
+        "the completed one was never delivered again"
+    );
+    // East comes back: it learns the outcome and the owner, and does not
+    // deliver the queue; what it raises now, west delivers.
+    east.pull(&west);
+    for id in &ids {
+        assert_eq!(east.event(id).status, EventStatus::Complete);
+        assert_eq!(east.event(id), west.event(id));
+    }
+    let err = east.run(Command::LeaseEvents {
+        queue: "q".into(),
+        consumer: "e".into(),
+        max: 10,
+        lease_ms: None,
+        now_ms: 200_000,
+        seed: 1,
+        request: 99,
+    });
+    assert_eq!(handled_elsewhere(err), "west");
+    let m = east.put("/in", "late", 5_000);
+    west.pull(&east);
+    east.pull(&west);
+    west.pull(&east);
+    let id = EventId::for_message(&m.id, "all");
+    assert_eq!(
+        east.event(&id).status,
+        EventStatus::Pending,
+        "raised at its origin"
+    );
+    let got = west.lease("q", "w1", 10, 200_000);
+    assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), vec![id]);
+    // Handed back: east delivers its own lane again, west nothing of it.
+    west.ack(
+        &got[0],
+        EventAck::Retry {
+            delay_ms: Some(0),
+            reason: "x".into(),
+        },
+        200_001,
+    )
+    .unwrap();
+    takeover(&mut west, "q", None, 200_002);
+    east.pull(&west);
+    assert!(west.lease("q", "w1", 10, 300_000).is_empty());
+    let got = east.lease("q", "e1", 10, 300_000);
+    assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), vec![id]);
+    assert_eq!(got[0].deliveries, 2);
+}
+
+#[test]
+fn a_taken_over_mailbox_chain_goes_on_in_order() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut r = rule("ordered", "/in", "q");
+    r.ordering = EventOrdering::PerMailbox;
+    let ms = completed_at_east(&mut east, &mut west, r, "/in", 1);
+    let a = EventId::for_message(&ms[0].id, "ordered");
+    // B completes at east behind A (east's chain: A, then B waiting).
+    let mb_ = east.put("/in", "b", 1_500);
+    west.pull(&east);
+    east.pull(&west);
+    let b = EventId::for_message(&mb_.id, "ordered");
+    assert!(east.event(&b).blocked);
+    // West takes over (east only cut off) and completes A before B's
+    // event reaches it.
+    takeover(&mut west, "q", Some("west"), 2_000);
+    let got = west.lease("q", "w", 10, 2_100);
+    assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a]);
+    west.ack(&got[0], EventAck::Complete, 2_200).unwrap();
+    // B arrives waiting behind A, which west finished: west releases it.
+    west.pull(&east);
+    let got = west.lease("q", "w", 10, 10_000);
+    assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), vec![b]);
+    east.pull(&west);
+    assert_eq!(east.event(&b), west.event(&b));
+    assert_eq!(east.event(&a).status, EventStatus::Complete);
+}
+
+#[test]
+fn a_resynced_dc_gets_every_event_and_owner() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut ordered = rule("ordered", "/in", "q2");
+    ordered.ordering = EventOrdering::PerMailbox;
+    east.rule(ordered, 9);
+    let ms = completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 3);
+    let got = east.lease("q", "c", 1, 2_000);
+    east.ack(&got[0], EventAck::Complete, 2_100).unwrap();
+    takeover(&mut east, "q", Some("east"), 2_200);
+    // The ordered queue: the first running, the other two waiting.
+    let running = east.lease("q2", "c", 10, 2_300);
+    assert_eq!(running.len(), 1);
+    // A third DC, new: it learns everything from east's state.
+    let mut north = Dc::new("north", &["east", "west", "north"]);
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let (records, next) = crate::replication::resync_page(
+            &east.kv,
+            "east",
+            "north",
+            after.as_deref(),
+            2,
+            1 << 20,
+        )
+        .unwrap();
+        north
+            .run(Command::ApplyResync {
+                origin: "east".into(),
+                identity: String::new(),
+                records,
+                received_ms: 3_000,
+                payload_here: vec![],
+                floor: 0,
+                done: next.is_none(),
+            })
+            .unwrap();
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    for m in &ms {
+        for r in ["all", "ordered"] {
+            let id = EventId::for_message(&m.id, r);
+            assert_eq!(north.event(&id), east.event(&id));
+        }
+    }
+    assert_eq!(
+        queue_handler(&north.kv, "q").unwrap().as_deref(),
+        Some("east")
+    );
+    // The chain came over as east had it: one running, none released.
+    let waiting = ms
+        .iter()
+        .filter(|m| north.event(&EventId::for_message(&m.id, "ordered")).blocked)
+        .count();
+    assert_eq!(waiting, 2);
+    assert_eq!(
+        runners(&north.kv, &Overlay::default(), &running[0]).unwrap(),
+        1
+    );
+}
+
+#[test]
+fn an_old_handler_that_missed_the_takeover_cannot_undo_a_completion() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let ms = completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 1);
+    let id = EventId::for_message(&ms[0].id, "all");
+    // East is cut off, not dead: west takes over and completes the event;
+    // east, with its clock far ahead, leases it again meanwhile.
+    takeover(&mut west, "q", Some("west"), 2_000);
+    let w = west.lease("q", "w", 1, 2_100);
+    west.ack(&w[0], EventAck::Complete, 2_200).unwrap();
+    let e = east.lease("q", "e", 1, 900_000);
+    assert_eq!(e.len(), 1, "east does not know yet");
+    assert!(east.event(&id).stamp > west.event(&id).stamp);
+    // Healed: the completion stands everywhere, and east stops delivering.
+    east.pull(&west);
+    west.pull(&east);
+    for dc in [&east, &west] {
+        assert_eq!(dc.event(&id).status, EventStatus::Complete);
+    }
+    assert_eq!(east.event(&id), west.event(&id));
+    let err = east.run(Command::LeaseEvents {
+        queue: "q".into(),
+        consumer: "e".into(),
+        max: 1,
+        lease_ms: None,
+        now_ms: 1_000_000,
+        seed: 1,
+        request: 777,
+    });
+    assert_eq!(handled_elsewhere(err), "west");
+    // A replay (a new generation) is delivered again, by the handler.
+    match west
+        .run(Command::ReplayEvents {
+            ids: vec![id],
+            force: true,
+            now_ms: 3_000,
+        })
+        .unwrap()
+    {
+        CommandResult::EventsChanged { changed, .. } => assert_eq!(changed, vec![id]),
+        other => panic!("{other:?}"),
+    }
+    east.pull(&west);
+    assert_eq!(east.event(&id).status, EventStatus::Pending);
+}
+
+#[test]
+fn a_lease_on_its_last_attempt_when_the_old_handler_died_is_delivered_again() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 1;
+    let ms = completed_at_east(&mut east, &mut west, r, "/in", 1);
+    let id = EventId::for_message(&ms[0].id, "all");
+    east.lease("q", "e", 1, 2_000);
+    west.pull(&east);
+    takeover(&mut west, "q", Some("west"), 2_100);
+    west.run(Command::ExpireLeases {
+        now_ms: 3_500,
+        seed: 1,
+    })
+    .unwrap();
+    let got = west.lease("q", "w", 1, 3_600);
+    assert_eq!(got.len(), 1, "{:?}", west.event(&id));
+    assert_eq!((got[0].id, got[0].deliveries, got[0].failures), (id, 2, 0));
+}
+
+#[test]
+fn finished_events_are_purged_after_the_retention_and_never_raised_again() {
+    let mut east = Dc::new("east", &["east"]);
+    east.rule(rule("all", "/in", "q"), 10);
+    let ms: Vec<_> = (0..5)
+        .map(|i| east.put("/in", &format!("m{i}"), 100 + i))
+        .collect();
+    let got = east.lease("q", "c", 5, 1_000);
+    east.ack(&got[0], EventAck::Complete, 1_100).unwrap();
+    east.ack(&got[1], EventAck::Complete, 5_000).unwrap();
+    east.ack(
+        &got[2],
+        EventAck::Fail {
+            reason: "no".into(),
+        },
+        1_100,
+    )
+    .unwrap();
+    // Finished before 2,000: only the first. The dead-lettered one stays,
+    // and so do the pending and the leased.
+    let purge = |dc: &mut Dc, before_ms| match dc.run(Command::PurgeEvents { before_ms }).unwrap() {
+        CommandResult::Expired { count, more } => (count, more),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(oldest_finished(&east.kv).unwrap(), Some(1_100));
+    assert_eq!(purge(&mut east, 2_000), (1, false));
+    assert!(get_event(&east.kv, &got[0].id).unwrap().is_none());
+    assert_eq!(oldest_finished(&east.kv).unwrap(), Some(5_000));
+    assert_eq!(
+        purge(&mut east, 2_000),
+        (0, false),
+        "a retried purge is the same success"
+    );
+    let c: BTreeMap<_, _> = queue_counts(&east.kv).unwrap().into_iter().collect();
+    assert_eq!((c["q"].complete, c["q"].purged, c["q"].failed), (1, 1, 1));
+    // A replay forced after completion takes the event out of the
+    // retention index; re-evaluating the rule raises nothing for a purged
+    // event whose message is still here.
+    match east
+        .run(Command::ReplayEvents {
+            ids: vec![got[1].id],
+            force: true,
+            now_ms: 6_000,
+        })
+        .unwrap()
+    {
+        CommandResult::EventsChanged { changed, .. } => assert_eq!(changed.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(purge(&mut east, 1_000_000), (0, false));
+    assert!(get_event(&east.kv, &got[1].id).is_ok_and(|e| e.is_some()));
+    match east
+        .run(Command::EvaluateRule {
+            name: "all".into(),
+            after: None,
+            limit: 100,
+            now_ms: 7_000,
+        })
+        .unwrap()
+    {
+        CommandResult::Evaluated { added, .. } => assert_eq!(added, 0),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(events_of_message(&east.kv, &ms[0].id).unwrap().len(), 0);
+}
+
+#[test]
+fn a_dead_letter_leaves_one_notice_in_the_handling_dc_only() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut r = rule("all", "/in", "q");
+    r.error_webhook = Some(mailbox_types::WebhookSink {
+        url: "http://127.0.0.1:9/alerts".into(),
+        timeout_ms: 1_000,
+        secrets: vec!["whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into()],
+    });
+    let mut quiet = rule("quiet", "/in", "q2");
+    quiet.retry.max_attempts = 1;
+    west.rule(quiet, 9);
+    east.pull(&west);
+    completed_at_east(&mut east, &mut west, r, "/in", 2);
+    let got = east.lease("q", "c", 10, 2_000);
+    let got2 = east.lease("q2", "c", 10, 2_000);
+    assert_eq!((got.len(), got2.len()), (2, 2));
+    east.ack(
+        &got[0],
+        EventAck::Fail {
+            reason: "no".into(),
+        },
+        2_100,
+    )
+    .unwrap();
+    // A rule without an error webhook leaves no notice.
+    east.ack(
+        &got2[0],
+        EventAck::Fail {
+            reason: "no".into(),
+        },
+        2_100,
+    )
+    .unwrap();
+    let n = notices(&east.kv, 100).unwrap();
+    assert_eq!(n, vec![(2_100, got[0].id)]);
+    // Replaying and failing again: a new notice; the copy in west: none.
+    west.pull(&east);
+    assert!(notices(&west.kv, 100).unwrap().is_empty());
+    east.run(Command::ClearNotices { notices: n.clone() })
+        .unwrap();
+    east.run(Command::ClearNotices { notices: n }).unwrap();
+    assert!(notices(&east.kv, 100).unwrap().is_empty());
+    east.run(Command::ReplayEvents {
+        ids: vec![got[0].id],
+        force: false,
+        now_ms: 3_000,
+    })
+    .unwrap();
+    let again = east.lease("q", "c", 10, 3_100);
+    let again = again.iter().find(|e| e.id == got[0].id).unwrap();
+    east.ack(
+        again,
+        EventAck::Fail {
+            reason: "still no".into(),
+        },
+        3_200,
+    )
+    .unwrap();
+    assert_eq!(notices(&east.kv, 100).unwrap(), vec![(3_200, got[0].id)]);
 }

@@ -35,16 +35,24 @@
 //! | `R` | rule name                   | `RuleRecord` (LWW)      |
 //! | `E` | event id                    | `Event`                 |
 //! | `v` | message id, rule name       | event id                |
-//! | `w` | queue NUL ms (BE) event id  | empty: due index        |
-//! | `O` | queue NUL path NUL seq (BE) | event id: mailbox order |
+//! | `w` | queue NUL lane NUL ms id    | empty: due index        |
+//! | `O` | queue NUL lane NUL path NUL seq | event id: mailbox order |
 //! | `y` | status, queue NUL event id  | empty: status index     |
 //! | `S` | queue                       | `QueueCounts`           |
-//! | `L` | ms (BE) event id            | queue: lease ends then  |
+//! | `L` | queue NUL lane NUL ms id    | empty: lease ends then  |
 //! | `P` | id                          | empty: origin, incomplete |
 //! | `U` | rule name                   | `Stamp` of its delete   |
 //! | `Y` | queue NUL consumer          | its last lease request  |
 //! | `X` | DC name                     | `Suspension` (LWW)      |
 //! | `V` |                             | completion re-check cursor |
+//! | `Q` | queue                       | `QueueOwner` (LWW)      |
+//! | `Z` | ms (BE) event id            | empty: finished events  |
+//! | `N` | ms (BE) event id            | empty: dead-letter to notify |
+//! | `W` | queue NUL lane NUL path NUL | u32: chain events running |
+//!
+//! An event's *lane* is the DC that raised it (its message's origin). The
+//! due, lease-end and order indexes are split by lane, so a DC reads only
+//! the lanes it handles: its own, or every lane of a queue it took over.
 
 use mailbox_types::{MailboxPath, MessageId};
 
@@ -279,23 +287,18 @@ pub fn message_events_prefix(id: &MessageId) -> Vec<u8> {
     tagged(b'v', &[id.as_bytes()])
 }
 
-/// Prefix of queue `q`'s due index.
-pub fn due_prefix(q: &str) -> Vec<u8> {
-    tagged(b'w', &[q.as_bytes(), b"\0"])
+/// Prefix of lane `lane` of queue `q`'s due index.
+pub fn due_prefix(q: &str, lane: &str) -> Vec<u8> {
+    tagged(b'w', &[q.as_bytes(), b"\0", lane.as_bytes(), b"\0"])
 }
 
-/// Due-index entry: event `id` of queue `q` is due at `ms` (deliverable
-/// when pending, its lease runs out when processing).
-pub fn due(q: &str, ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
-    tagged(
-        b'w',
-        &[
-            q.as_bytes(),
-            b"\0",
-            &(ms.max(0) as u64).to_be_bytes(),
-            id.as_bytes(),
-        ],
-    )
+/// Due-index entry: event `id` of lane `lane` of queue `q` is due at `ms`
+/// (deliverable when pending, its lease runs out when processing).
+pub fn due(q: &str, lane: &str, ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
+    let mut k = due_prefix(q, lane);
+    k.extend_from_slice(&(ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
 }
 
 /// Decodes a [`due`] key of queue prefix length `plen` into `(ms, id)`.
@@ -311,23 +314,27 @@ pub fn decode_due(k: &[u8], plen: usize) -> Result<(i64, mailbox_types::EventId)
     Ok((ms, mailbox_types::EventId::from_bytes(id)))
 }
 
-/// Prefix of the order chain of mailbox `p`'s events in queue `q`.
-pub fn order_prefix(q: &str, p: &MailboxPath) -> Vec<u8> {
-    tagged(b'O', &[q.as_bytes(), b"\0", p.as_str().as_bytes(), b"\0"])
-}
-
-/// Order-chain entry of the event raised `seq`th in queue `q`.
-pub fn order(q: &str, p: &MailboxPath, seq: u64) -> Vec<u8> {
+/// Prefix of the order chain of mailbox `p`'s events of lane `lane` in
+/// queue `q`.
+pub fn order_prefix(q: &str, lane: &str, p: &MailboxPath) -> Vec<u8> {
     tagged(
         b'O',
         &[
             q.as_bytes(),
             b"\0",
+            lane.as_bytes(),
+            b"\0",
             p.as_str().as_bytes(),
             b"\0",
-            &seq.to_be_bytes(),
         ],
     )
+}
+
+/// Order-chain entry of the event its lane raised `seq`th in queue `q`.
+pub fn order(q: &str, lane: &str, p: &MailboxPath, seq: u64) -> Vec<u8> {
+    let mut k = order_prefix(q, lane, p);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
 }
 
 /// Prefix of the status index for `status` (a one-byte code).
@@ -353,14 +360,27 @@ pub fn queue(q: &str) -> Vec<u8> {
 /// Prefix of queue records.
 pub const QUEUE_PREFIX: &[u8] = b"S";
 
-/// Lease-end index entry: event `id`'s lease runs out at `ms` (every
-/// queue's, in time order, so the sweep reads only what is due).
-pub fn lease_end(ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
-    tagged(b'L', &[&(ms.max(0) as u64).to_be_bytes(), id.as_bytes()])
+/// Prefix of the lease-end index of lane `lane` of queue `q`.
+pub fn lease_end_prefix(q: &str, lane: &str) -> Vec<u8> {
+    tagged(b'L', &[q.as_bytes(), b"\0", lane.as_bytes(), b"\0"])
 }
 
-/// Prefix of the lease-end index.
-pub const LEASE_END_PREFIX: &[u8] = b"L";
+/// Lease-end index entry: event `id`'s lease runs out at `ms` (per queue
+/// and lane, in time order, so the sweep reads only what is due).
+pub fn lease_end(q: &str, lane: &str, ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
+    let mut k = lease_end_prefix(q, lane);
+    k.extend_from_slice(&(ms.max(0) as u64).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Who handles queue `q`'s events (a last-writer-wins register).
+pub fn queue_owner(q: &str) -> Vec<u8> {
+    tagged(b'Q', &[q.as_bytes()])
+}
+
+/// Prefix of [`queue_owner`] registers.
+pub const QUEUE_OWNER_PREFIX: &[u8] = b"Q";
 
 /// An origin message not yet held by every DC.
 pub fn incomplete(id: &MessageId) -> Vec<u8> {
@@ -396,3 +416,37 @@ pub const SUSPENSION_PREFIX: &[u8] = b"X";
 /// Where the re-check of incomplete origin messages stands (present while
 /// one is due: after a DC was suspended or left the cluster).
 pub const RECHECK: &[u8] = b"V";
+
+/// Retention-index entry: event `id` finished (complete or discarded) with
+/// its last change at `ms`; purged once older than the retention.
+pub fn finished(ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
+    tagged(b'Z', &[&(ms.max(0) as u64).to_be_bytes(), id.as_bytes()])
+}
+
+/// Prefix of [`finished`] entries.
+pub const FINISHED_PREFIX: &[u8] = b"Z";
+
+/// Notice outbox entry: event `id` was dead-lettered at `ms` by this DC and
+/// its rule's error webhook has not been told yet.
+pub fn notice(ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
+    tagged(b'N', &[&(ms.max(0) as u64).to_be_bytes(), id.as_bytes()])
+}
+
+/// Prefix of [`notice`] entries.
+pub const NOTICE_PREFIX: &[u8] = b"N";
+
+/// How many events of the mailbox chain of `p`, lane `lane`, queue `q`
+/// are deliverable or running (absent: none).
+pub fn chain_runners(q: &str, lane: &str, p: &MailboxPath) -> Vec<u8> {
+    tagged(
+        b'W',
+        &[
+            q.as_bytes(),
+            b"\0",
+            lane.as_bytes(),
+            b"\0",
+            p.as_str().as_bytes(),
+            b"\0",
+        ],
+    )
+}

@@ -37,7 +37,7 @@ use mailbox_types::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use events::{EventAck, QueueCounts, RuleRecord, Suspension};
+pub use events::{EventAck, QueueCounts, QueueOwner, RuleRecord, Suspension};
 pub use query::{
     feed_identity, get_gone, get_mailbox, get_message, inline_payload, list_mailboxes,
     list_messages, orphan_pending, pending_orphans,
@@ -302,6 +302,30 @@ pub enum Command {
         /// The proposer's clock (when raised events become due).
         now_ms: i64,
     },
+    /// An admin hands every event of `queue` to DC `dc` (`None`: back to
+    /// the DC that raised each), when the DC handling them is down.
+    TakeoverQueue {
+        /// The queue.
+        queue: String,
+        /// The DC that handles its events from now on.
+        dc: Option<String>,
+        /// Why.
+        reason: String,
+        /// The proposer's clock.
+        wall_ms: i64,
+    },
+    /// Removes events finished (complete or discarded) before `before_ms`,
+    /// a bounded page (the leader's housekeeping, after the retention).
+    PurgeEvents {
+        /// The proposer's clock minus the retention.
+        before_ms: i64,
+    },
+    /// Dead-letter notices sent (or dropped: the rule has no error webhook
+    /// any more): out of the outbox.
+    ClearNotices {
+        /// Each notice's time and event.
+        notices: Vec<(i64, EventId)>,
+    },
 }
 
 /// Successful outcome of a command.
@@ -506,6 +530,15 @@ pub enum StateError {
         attempt: u32,
         /// Where the event is now.
         reason: String,
+    },
+    /// A change to an event (a lease, an answer, a replay) asked of a DC
+    /// that does not handle its queue.
+    #[error("the events of queue {queue} are handled by DC {dc}: ask a node there (if {dc} is down, an admin can hand the queue over: mailbox events takeover {queue} --dc <this DC>)")]
+    HandledElsewhere {
+        /// The queue.
+        queue: String,
+        /// The DC that handles it.
+        dc: String,
     },
 }
 
@@ -948,6 +981,7 @@ fn apply_inner(
         } => events::lease_events(
             base,
             overlay,
+            ctx,
             events::LeaseAsk {
                 queue,
                 consumer,
@@ -965,17 +999,19 @@ fn apply_inner(
             ack,
             now_ms,
             seed,
-        } => events::ack_event(base, overlay, id, *attempt, consumer, ack, *now_ms, *seed),
+        } => events::ack_event(
+            base, overlay, ctx, id, *attempt, consumer, ack, *now_ms, *seed,
+        ),
         Command::ReplayEvents { ids, force, now_ms } => {
-            events::replay_events(base, overlay, ids, *force, *now_ms)
+            events::replay_events(base, overlay, ctx, ids, *force, *now_ms)
         }
         Command::DiscardEvents {
             ids,
             reason,
             now_ms,
-        } => events::discard_events(base, overlay, ids, reason, *now_ms),
+        } => events::discard_events(base, overlay, ctx, ids, reason, *now_ms),
         Command::ExpireLeases { now_ms, seed } => {
-            events::expire_leases(base, overlay, *now_ms, *seed, 1024)
+            events::expire_leases(base, overlay, ctx, *now_ms, *seed, 1024)
         }
         Command::SuspendDc {
             dc,
@@ -985,6 +1021,21 @@ fn apply_inner(
         } => events::set_suspension_local(base, overlay, ctx, dc, *suspended, reason, *wall_ms),
         Command::RecheckCompletion { now_ms } => {
             replication::recheck_completion(base, overlay, ctx, *now_ms)
+        }
+        Command::TakeoverQueue {
+            queue,
+            dc,
+            reason,
+            wall_ms,
+        } => events::set_owner_local(base, overlay, ctx, queue, dc.as_deref(), reason, *wall_ms),
+        Command::PurgeEvents { before_ms } => {
+            events::purge_events(base, overlay, *before_ms, events::MAX_PURGE_BATCH)
+        }
+        Command::ClearNotices { notices } => {
+            for (ms, id) in notices {
+                overlay.delete(keys::notice(*ms, id));
+            }
+            Ok(CommandResult::None)
         }
     }
 }

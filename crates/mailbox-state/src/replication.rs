@@ -142,6 +142,19 @@ pub enum FeedRecord {
         /// The register's new value.
         suspension: crate::events::Suspension,
     },
+    /// An event as the DC handling it (or the one that raised it) changed
+    /// it: every DC keeps the newest stamp.
+    Event {
+        /// The whole event.
+        event: Box<mailbox_types::Event>,
+    },
+    /// Who handles a queue's events changed (a last-writer-wins register).
+    QueueOwner {
+        /// The queue.
+        queue: String,
+        /// The register's new value.
+        owner: crate::events::QueueOwner,
+    },
 }
 
 /// What remains of a deleted message until every DC acknowledged the delete.
@@ -620,7 +633,7 @@ fn maybe_complete(
     if !raise {
         return Ok(());
     }
-    crate::events::raise_events(base, ov, meta, latest, now_ms.max(latest), &without)
+    crate::events::raise_events(base, ov, ctx, meta, latest, now_ms.max(latest), &without)
 }
 
 /// Refuses records of `origin`'s feed under another identity than the one
@@ -873,6 +886,12 @@ fn apply_one(
         }
         FeedRecord::Suspension { dc, suspension } => {
             crate::events::set_suspension_remote(base, ov, dc, suspension)?;
+        }
+        FeedRecord::Event { event } => {
+            crate::events::apply_remote_event(base, ov, ctx, event, via == Via::Feed)?;
+        }
+        FeedRecord::QueueOwner { queue, owner } => {
+            crate::events::set_owner_remote(base, ov, queue, owner)?;
         }
         FeedRecord::Held { id, dc, at_ms } => {
             // Removed here already (deleted, or a twin): nothing to track.
@@ -1327,9 +1346,11 @@ pub(crate) fn apply_resync(
 /// A page of `origin`'s state as feed records, for a resync of DC `asker`
 /// (see [`Command::ApplyResync`]), in these phases:
 ///
-/// 0. every event rule in force, every rule delete (its stamp) and every
-///    DC suspension register: first, so that messages completing during
-///    the resync meet them;
+/// 0. every event rule in force, every rule delete (its stamp), every
+///    DC suspension register, every queue-ownership register and every
+///    event as it has it (the asker keeps the newest version): first, so
+///    that messages completing during the resync meet them (and raise
+///    nothing already raised);
 /// 1. every mailbox;
 /// 2. every message it holds: those it or `asker` originated in full
 ///    (payload, key; `asker`'s own only where the origin holds them, so a
@@ -1354,10 +1375,12 @@ pub fn resync_page(
     max_inline: usize,
 ) -> Result<(Vec<FeedRecord>, Option<Vec<u8>>), StateError> {
     // A position is the phase's number and the last key it read.
-    const PHASES: [&[u8]; 7] = [
+    const PHASES: [&[u8]; 9] = [
         keys::RULE_PREFIX,
         keys::RULE_DELETED_PREFIX,
         keys::SUSPENSION_PREFIX,
+        keys::QUEUE_OWNER_PREFIX,
+        keys::EVENT_PREFIX,
         b"M",
         b"m",
         b"g",
@@ -1395,14 +1418,21 @@ pub fn resync_page(
                         dc: String::from_utf8_lossy(&k[1..]).into_owned(),
                         suspension: decode(&k, &v)?,
                     }),
-                    3 => out.push(FeedRecord::Mailbox {
+                    3 => out.push(FeedRecord::QueueOwner {
+                        queue: String::from_utf8_lossy(&k[1..]).into_owned(),
+                        owner: decode(&k, &v)?,
+                    }),
+                    4 => out.push(FeedRecord::Event {
+                        event: Box::new(decode(&k, &v)?),
+                    }),
+                    5 => out.push(FeedRecord::Mailbox {
                         record: decode(&k, &v)?,
                     }),
-                    4 => {
+                    6 => {
                         let meta: MessageMeta = decode(&k, &v)?;
                         inline += resync_message(kv, origin, asker, meta, &mut out)?;
                     }
-                    5 => {
+                    7 => {
                         // Of every origin: the asker records them as gone (a
                         // replayed creation then stays deleted) and can
                         // acknowledge their deletes.

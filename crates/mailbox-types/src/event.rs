@@ -196,6 +196,62 @@ pub struct WebhookSink {
     pub secrets: Vec<String>,
 }
 
+impl WebhookSink {
+    /// Checks the URL, the secrets (never quoted in the error) and the
+    /// timeout; `error` names the fields as the error webhook's.
+    pub fn validate(&self, error: bool) -> Result<(), TypesError> {
+        let (url_f, secret_f, timeout_f) = if error {
+            (
+                "error webhook url",
+                "error webhook secret",
+                "error webhook timeout",
+            )
+        } else {
+            ("webhook url", "webhook secret", "webhook timeout")
+        };
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return Err(TypesError::invalid(
+                url_f,
+                format!("{:?} must start with http:// or https://", self.url),
+            ));
+        }
+        if self.secrets.is_empty() || self.secrets.len() > 2 {
+            return Err(TypesError::invalid(
+                secret_f,
+                "one secret, or two during a rotation",
+            ));
+        }
+        for s in &self.secrets {
+            let key = s.strip_prefix("whsec_").ok_or_else(|| {
+                TypesError::invalid(secret_f, "must be whsec_ followed by base64")
+            })?;
+            use base64::Engine as _;
+            match base64::engine::general_purpose::STANDARD.decode(key) {
+                Ok(k) if k.len() >= 16 => {}
+                Ok(_) => {
+                    return Err(TypesError::invalid(
+                        secret_f,
+                        "decodes to fewer than 16 bytes: too weak",
+                    ))
+                }
+                Err(_) => {
+                    return Err(TypesError::invalid(
+                        secret_f,
+                        "the part after whsec_ is not valid base64",
+                    ))
+                }
+            }
+        }
+        if !(100..=300_000).contains(&self.timeout_ms) {
+            return Err(TypesError::invalid(
+                timeout_f,
+                format!("{} ms must be within 100 ms..5 min", self.timeout_ms),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Debug for WebhookSink {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WebhookSink")
@@ -259,7 +315,17 @@ pub struct EventRule {
     pub ordering: EventOrdering,
     /// Push delivery, instead of consumers pulling from the queue.
     pub webhook: Option<WebhookSink>,
+    /// Where dead-letter notifications go (POSTed like events).
+    pub error_webhook: Option<WebhookSink>,
+    /// Dead-letters of this rule with the same error within this long of
+    /// the first are bundled into one notification with a count.
+    pub error_window_ms: u64,
 }
+
+/// Default bundling window of dead-letter notifications.
+pub const DEFAULT_ERROR_WINDOW_MS: u64 = 60_000;
+/// Longest bundling window of dead-letter notifications.
+pub const MAX_ERROR_WINDOW_MS: u64 = 3_600_000;
 
 impl EventRule {
     /// A rule with defaults: enabled, no filters, the default retry policy.
@@ -278,6 +344,8 @@ impl EventRule {
             retry: RetryPolicy::default(),
             ordering: EventOrdering::None,
             webhook: None,
+            error_webhook: None,
+            error_window_ms: DEFAULT_ERROR_WINDOW_MS,
         }
     }
 
@@ -304,51 +372,25 @@ impl EventRule {
         }
         self.retry.validate()?;
         if let Some(w) = &self.webhook {
-            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
-                return Err(TypesError::invalid(
-                    "webhook url",
-                    format!("{:?} must start with http:// or https://", w.url),
-                ));
-            }
-            if w.secrets.is_empty() || w.secrets.len() > 2 {
-                return Err(TypesError::invalid(
-                    "webhook secret",
-                    "one secret, or two during a rotation",
-                ));
-            }
-            // (The error never quotes the secret.)
-            for s in &w.secrets {
-                let key = s.strip_prefix("whsec_").ok_or_else(|| {
-                    TypesError::invalid("webhook secret", "must be whsec_ followed by base64")
-                })?;
-                use base64::Engine as _;
-                match base64::engine::general_purpose::STANDARD.decode(key) {
-                    Ok(k) if k.len() >= 16 => {}
-                    Ok(_) => {
-                        return Err(TypesError::invalid(
-                            "webhook secret",
-                            "decodes to fewer than 16 bytes: too weak",
-                        ))
-                    }
-                    Err(_) => {
-                        return Err(TypesError::invalid(
-                            "webhook secret",
-                            "the part after whsec_ is not valid base64",
-                        ))
-                    }
-                }
-            }
-            if !(100..=300_000).contains(&w.timeout_ms)
-                || w.timeout_ms.saturating_add(1_000) > self.retry.lease_ms
-            {
+            w.validate(false)?;
+            if w.timeout_ms.saturating_add(1_000) > self.retry.lease_ms {
                 return Err(TypesError::invalid(
                     "webhook timeout",
                     format!(
-                        "{} ms must be within 100 ms..5 min and at least 1 s shorter than the lease ({} ms)",
+                        "{} ms must be at least 1 s shorter than the lease ({} ms)",
                         w.timeout_ms, self.retry.lease_ms
                     ),
                 ));
             }
+        }
+        if let Some(w) = &self.error_webhook {
+            w.validate(true)?;
+        }
+        if self.error_window_ms > MAX_ERROR_WINDOW_MS {
+            return Err(TypesError::invalid(
+                "error window",
+                format!("{} ms is longer than 1 h", self.error_window_ms),
+            ));
         }
         Ok(())
     }
@@ -584,12 +626,25 @@ pub struct Event {
     pub note: String,
     /// Last change (the proposer's clock).
     pub updated_ms: i64,
+    /// Who made the last change, and when: the DC handling the event
+    /// stamps each change, and every DC keeps the newest (last writer
+    /// wins), so all converge on one state whatever order changes arrive.
+    pub stamp: crate::Stamp,
+    /// Times an admin replayed it: a replay starts a new generation of
+    /// its state, which wins over anything of the ones before.
+    pub replays: u32,
 }
 
 impl Event {
     /// The delivery number of the current (or last) lease.
     pub fn attempt(&self) -> u32 {
         self.deliveries
+    }
+
+    /// The event's lane: the DC that raised it (its message's origin).
+    /// Unless its queue was taken over, that DC delivers it.
+    pub fn lane(&self) -> &str {
+        &self.message.origin_dc
     }
 }
 

@@ -902,6 +902,7 @@ pub async fn expire_leases(
             }
         }
         purge_finished(&raft, retention).await;
+        announce(&raft).await;
         let mut pages = 0u64;
         while raft.is_leader()
             && mailbox_state::replication::recheck_due(raft.view()).unwrap_or(false)
@@ -967,5 +968,37 @@ async fn purge_finished(raft: &RaftNode, retention: Duration) {
             retention_s = retention.as_secs(),
             "finished events purged after the retention"
         );
+    }
+}
+
+/// Re-announces the events of queues this DC took over, page by page.
+async fn announce(raft: &RaftNode) {
+    for queue in ev::announcements_due(raft.view()).unwrap_or_default() {
+        let mut sent = 0u64;
+        while raft.is_leader() {
+            match raft
+                .propose(Command::AnnounceQueue {
+                    queue: queue.clone(),
+                })
+                .await
+            {
+                Ok(Ok(CommandResult::Expired { count, more })) => {
+                    sent += count;
+                    if !more {
+                        tracing::info!(%queue, events = sent, "taken-over queue's events sent to every DC");
+                        break;
+                    }
+                }
+                Ok(Ok(_)) => break,
+                Ok(Err(e)) => {
+                    tracing::warn!(%queue, "re-announcing events: {e}");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(%queue, "re-announcing events: {e}");
+                    break;
+                }
+            }
+        }
     }
 }

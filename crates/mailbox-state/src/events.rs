@@ -221,6 +221,18 @@ pub(crate) enum Writer<'a> {
 /// a feed batch of events stays a few MiB whatever consumers answered.
 pub const MAX_REPLICATED_ATTEMPTS: usize = 10;
 
+/// The feed record of `ev`: the event with its newest attempts.
+fn replica_copy(ev: &Event) -> FeedRecord {
+    let mut copy = ev.clone();
+    if copy.attempts.len() > MAX_REPLICATED_ATTEMPTS {
+        copy.attempts
+            .drain(..copy.attempts.len() - MAX_REPLICATED_ATTEMPTS);
+    }
+    FeedRecord::Event {
+        event: Box::new(copy),
+    }
+}
+
 /// Whether `ev` is the one deliverable (or running) event of its mailbox
 /// chain: per-mailbox, not finished, not waiting.
 fn runs(ev: &Event) -> bool {
@@ -259,18 +271,7 @@ fn put_event(
         let hlc = hlc.tick(ev.updated_ms);
         ov.put(keys::MAX_HLC.to_vec(), encode(&hlc));
         ev.stamp = Stamp::new(hlc, ctx.local_dc.clone());
-        let mut copy = ev.clone();
-        if copy.attempts.len() > MAX_REPLICATED_ATTEMPTS {
-            copy.attempts
-                .drain(..copy.attempts.len() - MAX_REPLICATED_ATTEMPTS);
-        }
-        feed_append(
-            base,
-            ov,
-            &FeedRecord::Event {
-                event: Box::new(copy),
-            },
-        )?;
+        feed_append(base, ov, &replica_copy(ev))?;
         // Dead-lettered here: the rule's error webhook is told (by the
         // leader's notifier, from this outbox, so a crash loses nothing).
         if ev.status == EventStatus::Failed && prev.is_none_or(|p| p.status != EventStatus::Failed)
@@ -789,6 +790,12 @@ pub(crate) fn set_owner_local(
         stamp: Stamp::new(hlc, ctx.local_dc.clone()),
     };
     ov.put(keys::queue_owner(queue), encode(&owner));
+    if dc == Some(ctx.local_dc.as_str()) {
+        // This DC's copies of the queue's events go out again (pages, by
+        // the leader's housekeeping): a third DC that missed changes the
+        // old owner sent here before it died learns them from the new one.
+        ov.put(keys::announce(queue), encode(&Vec::<u8>::new()));
+    }
     feed_append(
         base,
         ov,
@@ -815,6 +822,73 @@ pub(crate) fn set_owner_remote(
     }
     ov.put(keys::queue_owner(queue), encode(owner));
     Ok(())
+}
+
+/// Events one re-announcement page sends at most.
+pub const MAX_ANNOUNCE_BATCH: usize = 1000;
+
+/// One page of the re-announcement of `queue`'s events (see
+/// [`set_owner_local`]): each event as this DC has it, unchanged (same
+/// version, so a DC that has it already keeps its copy).
+pub(crate) fn announce_queue(base: &dyn KvRead, ov: &mut Overlay, queue: &str) -> CommandResponse {
+    let ck = keys::announce(queue);
+    let Some(pos) = ov.load::<Vec<u8>>(base, &ck)? else {
+        return Ok(CommandResult::Expired {
+            count: 0,
+            more: false,
+        });
+    };
+    const STATUSES: [EventStatus; 5] = [
+        EventStatus::Pending,
+        EventStatus::Processing,
+        EventStatus::Complete,
+        EventStatus::Failed,
+        EventStatus::Discarded,
+    ];
+    let mut count = 0u64;
+    // The position: a status code and the last index key read.
+    let (mut si, mut after) = match pos.split_first() {
+        Some((c, rest)) => (
+            STATUSES
+                .iter()
+                .position(|s| status_code(*s) == *c)
+                .unwrap_or(0),
+            Some(rest.to_vec()),
+        ),
+        None => (0, None),
+    };
+    while si < STATUSES.len() {
+        let prefix = keys::status_queue_prefix(status_code(STATUSES[si]), queue);
+        let want = MAX_ANNOUNCE_BATCH - count as usize;
+        let rows = ov.scan(base, &prefix, after.as_deref(), want)?;
+        let full = rows.len() == want;
+        for (k, _) in &rows {
+            if let Some(ev) = load_event(base, ov, &tail_event_id(k)?)? {
+                feed_append(base, ov, &replica_copy(&ev))?;
+                count += 1;
+            }
+            after = Some(k.clone());
+        }
+        if full {
+            let mut next = vec![status_code(STATUSES[si])];
+            next.extend_from_slice(after.as_deref().unwrap_or_default());
+            ov.put(ck, encode(&next));
+            return Ok(CommandResult::Expired { count, more: true });
+        }
+        si += 1;
+        after = None;
+    }
+    ov.delete(ck);
+    Ok(CommandResult::Expired { count, more: false })
+}
+
+/// Queues whose events are due to be re-announced.
+pub fn announcements_due(kv: &dyn KvRead) -> Result<Vec<String>, StateError> {
+    Ok(kv
+        .scan(keys::ANNOUNCE_PREFIX, None, usize::MAX)?
+        .into_iter()
+        .map(|(k, _)| String::from_utf8_lossy(&k[1..]).into_owned())
+        .collect())
 }
 
 /// Every queue whose ownership was ever set, by name.

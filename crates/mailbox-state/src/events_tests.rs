@@ -1707,3 +1707,56 @@ fn a_dead_letter_leaves_one_notice_in_the_handling_dc_only() {
     .unwrap();
     assert_eq!(notices(&east.kv, 100).unwrap(), vec![(3_200, got[0].id)]);
 }
+
+#[test]
+fn the_new_owner_tells_a_third_dc_what_the_dead_one_told_only_it() {
+    let dcs = ["east", "west", "north"];
+    let mut east = Dc::new("east", &dcs);
+    let mut west = Dc::new("west", &dcs);
+    let mut north = Dc::new("north", &dcs);
+    east.rule(rule("all", "/in", "q"), 10);
+    let ms: Vec<_> = (0..3)
+        .map(|i| east.put("/in", &format!("m{i}"), 100 + i))
+        .collect();
+    for _ in 0..2 {
+        west.pull(&east);
+        north.pull(&east);
+        east.pull(&west);
+        east.pull(&north);
+    }
+    west.pull(&east);
+    north.pull(&east);
+    let got = east.lease("q", "c", 10, 2_000);
+    assert_eq!(got.len(), 3);
+    for e in &got {
+        east.ack(e, EventAck::Complete, 2_100).unwrap();
+    }
+    // Only west heard of the completions before east died.
+    west.pull(&east);
+    let id = EventId::for_message(&ms[0].id, "all");
+    assert_eq!(north.event(&id).status, EventStatus::Pending);
+    takeover(&mut west, "q", Some("west"), 3_000);
+    let mut pages = 0;
+    loop {
+        pages += 1;
+        match west
+            .run(Command::AnnounceQueue { queue: "q".into() })
+            .unwrap()
+        {
+            CommandResult::Expired { more: true, .. } => {}
+            CommandResult::Expired { more: false, .. } => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(pages, 1);
+    assert!(announcements_due(&west.kv).unwrap().is_empty());
+    north.pull(&west);
+    for m in &ms {
+        let id = EventId::for_message(&m.id, "all");
+        assert_eq!(north.event(&id).status, EventStatus::Complete);
+        assert_eq!(north.event(&id), west.event(&id));
+    }
+    // Handed on to north later: nothing completed is delivered again.
+    takeover(&mut north, "q", Some("north"), 4_000);
+    assert!(north.lease("q", "n", 10, 100_000).is_empty());
+}

@@ -49,6 +49,7 @@
 //! | `Z` | ms (BE) event id            | empty: finished events  |
 //! | `N` | ms (BE) event id            | empty: dead-letter to notify |
 //! | `W` | queue NUL lane NUL path NUL | u32: chain events running |
+//! | `A` | queue                       | re-announce cursor      |
 //!
 //! An event's *lane* is the DC that raised it (its message's origin). The
 //! due, lease-end and order indexes are split by lane, so a DC reads only
@@ -450,3 +451,12 @@ pub fn chain_runners(q: &str, lane: &str, p: &MailboxPath) -> Vec<u8> {
         ],
     )
 }
+
+/// Where the re-announcement of a taken-over queue's events stands
+/// (present while one is due).
+pub fn announce(q: &str) -> Vec<u8> {
+    tagged(b'A', &[q.as_bytes()])
+}
+
+/// Prefix of [`announce`] cursors.
+pub const ANNOUNCE_PREFIX: &[u8] = b"A";

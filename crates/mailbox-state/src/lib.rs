@@ -326,6 +326,11 @@ pub enum Command {
         /// Each notice's time and event.
         notices: Vec<(i64, EventId)>,
     },
+    /// One page of the re-announcement of a taken-over queue's events.
+    AnnounceQueue {
+        /// The queue.
+        queue: String,
+    },
 }
 
 /// Successful outcome of a command.
@@ -1031,6 +1036,7 @@ fn apply_inner(
         Command::PurgeEvents { before_ms } => {
             events::purge_events(base, overlay, *before_ms, events::MAX_PURGE_BATCH)
         }
+        Command::AnnounceQueue { queue } => events::announce_queue(base, overlay, queue),
         Command::ClearNotices { notices } => {
             for (ms, id) in notices {
                 overlay.delete(keys::notice(*ms, id));

@@ -128,7 +128,8 @@ async fn pass(
     let mut stale = Vec::new();
     for (ms, id) in notices {
         let event = ev::get_event(raft.view(), &id).map_err(|e| e.to_string())?;
-        let Some(event) = event else {
+        // Gone (purged), or replayed since: nothing to tell.
+        let Some(event) = event.filter(|e| e.status == mailbox_types::EventStatus::Failed) else {
             stale.push((ms, id));
             continue;
         };

@@ -779,30 +779,30 @@ impl Events for EventsService {
 impl EventsService {
     fn stats(&self) -> Result<pb::QueueStatsResponse, EventsError> {
         let queues = ev::queue_counts(self.view())?;
-        let owners: HashMap<String, mailbox_state::QueueOwner> =
-            ev::queue_owners(self.view())?.into_iter().collect();
+        // (The effective owner: one that left the cluster counts as none.)
+        let handler = |q: &str| ev::queue_handler(self.view(), q).map(Option::unwrap_or_default);
+        let owners = ev::queue_owners(self.view())?;
         let mut out: Vec<pb::QueueStats> = queues
             .into_iter()
-            .map(|(queue, c)| pb::QueueStats {
-                handled_by: owners
-                    .get(&queue)
-                    .and_then(|o| o.dc.clone())
-                    .unwrap_or_default(),
-                queue,
-                raised: c.raised,
-                pending: c.pending,
-                processing: c.processing,
-                complete: c.complete,
-                failed: c.failed,
-                discarded: c.discarded,
+            .map(|(queue, c)| {
+                Ok(pb::QueueStats {
+                    handled_by: handler(&queue)?,
+                    queue,
+                    raised: c.raised,
+                    pending: c.pending,
+                    processing: c.processing,
+                    complete: c.complete,
+                    failed: c.failed,
+                    discarded: c.discarded,
+                })
             })
-            .collect();
+            .collect::<Result<_, mailbox_state::StateError>>()?;
         // A queue taken over before any of its events reached this DC.
-        for (queue, o) in owners {
+        for (queue, _) in owners {
             if !out.iter().any(|q| q.queue == queue) {
                 out.push(pb::QueueStats {
+                    handled_by: handler(&queue)?,
                     queue,
-                    handled_by: o.dc.unwrap_or_default(),
                     ..Default::default()
                 });
             }
@@ -971,34 +971,28 @@ async fn purge_finished(raft: &RaftNode, retention: Duration) {
     }
 }
 
-/// Re-announces the events of queues this DC took over, page by page.
+/// Re-announces the events of queues whose owner changed, one page per
+/// queue per tick (so the other housekeeping goes on meanwhile).
 async fn announce(raft: &RaftNode) {
     for queue in ev::announcements_due(raft.view()).unwrap_or_default() {
-        let mut sent = 0u64;
-        while raft.is_leader() {
-            match raft
-                .propose(Command::AnnounceQueue {
-                    queue: queue.clone(),
-                })
-                .await
-            {
-                Ok(Ok(CommandResult::Expired { count, more })) => {
-                    sent += count;
-                    if !more {
-                        tracing::info!(%queue, events = sent, "taken-over queue's events sent to every DC");
-                        break;
-                    }
-                }
-                Ok(Ok(_)) => break,
-                Ok(Err(e)) => {
-                    tracing::warn!(%queue, "re-announcing events: {e}");
-                    break;
-                }
-                Err(e) => {
-                    tracing::debug!(%queue, "re-announcing events: {e}");
-                    break;
+        if !raft.is_leader() {
+            return;
+        }
+        match raft
+            .propose(Command::AnnounceQueue {
+                queue: queue.clone(),
+            })
+            .await
+        {
+            Ok(Ok(CommandResult::Expired { count, more })) => {
+                tracing::debug!(%queue, count, more, "queue's events sent to every DC again");
+                if !more {
+                    tracing::info!(%queue, "queue's events re-announced after its owner changed");
                 }
             }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(%queue, "re-announcing events: {e}"),
+            Err(e) => tracing::debug!(%queue, "re-announcing events: {e}"),
         }
     }
 }

@@ -203,7 +203,7 @@ fn finished_key(ev: &Event) -> Option<Vec<u8>> {
 
 /// The order-chain key of `ev` (per-mailbox ordering).
 fn order_key(ev: &Event) -> Vec<u8> {
-    keys::order(&ev.queue, ev.lane(), &ev.message.mailbox, ev.seq)
+    keys::order(&ev.queue, ev.lane(), &ev.message.mailbox, ev.seq, &ev.id)
 }
 
 /// Who writes a change to an event.
@@ -222,7 +222,7 @@ pub(crate) enum Writer<'a> {
 pub const MAX_REPLICATED_ATTEMPTS: usize = 10;
 
 /// The feed record of `ev`: the event with its newest attempts.
-fn replica_copy(ev: &Event) -> FeedRecord {
+pub(crate) fn replica_copy(ev: &Event) -> FeedRecord {
     let mut copy = ev.clone();
     if copy.attempts.len() > MAX_REPLICATED_ATTEMPTS {
         copy.attempts
@@ -334,7 +334,11 @@ fn put_event(
     ov.put(keys::event(&ev.id), encode(ev));
     if ev.ordering == EventOrdering::PerMailbox {
         // The mailbox chain holds the unfinished events, and counts the
-        // one that runs.
+        // one that runs. (A copy from another DC may carry another raise
+        // sequence, after a rebuild: the old position goes.)
+        if let Some(p) = prev.filter(|p| order_key(p) != order_key(ev)) {
+            ov.delete(order_key(p));
+        }
         if ev.status.is_final() {
             ov.delete(order_key(ev));
         } else {
@@ -777,6 +781,13 @@ pub(crate) fn set_owner_local(
         }
     }
     let prev = load_owner(base, ov, queue)?;
+    if prev
+        .as_ref()
+        .is_some_and(|p| p.dc.as_deref() == dc && p.at_ms == wall_ms && p.reason == clip(reason))
+    {
+        // This very takeover, applied again (a retried proposal).
+        return Ok(CommandResult::None);
+    }
     let mut hlc = max_hlc(base, ov)?;
     if let Some(p) = &prev {
         hlc = hlc.max(p.stamp.hlc);
@@ -790,12 +801,7 @@ pub(crate) fn set_owner_local(
         stamp: Stamp::new(hlc, ctx.local_dc.clone()),
     };
     ov.put(keys::queue_owner(queue), encode(&owner));
-    if dc == Some(ctx.local_dc.as_str()) {
-        // This DC's copies of the queue's events go out again (pages, by
-        // the leader's housekeeping): a third DC that missed changes the
-        // old owner sent here before it died learns them from the new one.
-        ov.put(keys::announce(queue), encode(&Vec::<u8>::new()));
-    }
+    start_announce(ov, queue, wall_ms);
     feed_append(
         base,
         ov,
@@ -821,65 +827,107 @@ pub(crate) fn set_owner_remote(
         return Ok(());
     }
     ov.put(keys::queue_owner(queue), encode(owner));
+    start_announce(ov, queue, owner.at_ms);
     Ok(())
+}
+
+/// How far back a re-announcement reaches for finished events: what the
+/// old owner finished shortly before it died, and told only some DCs.
+pub const ANNOUNCE_HORIZON_MS: i64 = 3_600_000;
+
+/// Where a re-announcement stands.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Announce {
+    /// 0..=2: the unfinished and dead-lettered events (status index);
+    /// 3: events finished since `from_ms` (retention index).
+    phase: u8,
+    /// The last index key read.
+    after: Vec<u8>,
+    /// The start of the horizon.
+    from_ms: i64,
+}
+
+/// Every DC that learns of a change of a queue's owner sends its copies
+/// of the queue's events again (pages, by the leader's housekeeping), so
+/// the new owner and every other DC learn what the old owner told only
+/// some of them before it died (the newest version wins everywhere, and a
+/// copy already held changes nothing): every unfinished and dead-lettered
+/// event, and those finished within [`ANNOUNCE_HORIZON_MS`] before.
+fn start_announce(ov: &mut Overlay, queue: &str, at_ms: i64) {
+    ov.put(
+        keys::announce(queue),
+        encode(&Announce {
+            phase: 0,
+            after: Vec::new(),
+            from_ms: at_ms.saturating_sub(ANNOUNCE_HORIZON_MS),
+        }),
+    );
 }
 
 /// Events one re-announcement page sends at most.
 pub const MAX_ANNOUNCE_BATCH: usize = 1000;
 
 /// One page of the re-announcement of `queue`'s events (see
-/// [`set_owner_local`]): each event as this DC has it, unchanged (same
-/// version, so a DC that has it already keeps its copy).
+/// [`start_announce`]): each event as this DC has it, unchanged (same
+/// version, so a DC that has it already keeps its copy). Returns how many
+/// were sent and whether more are due.
 pub(crate) fn announce_queue(base: &dyn KvRead, ov: &mut Overlay, queue: &str) -> CommandResponse {
     let ck = keys::announce(queue);
-    let Some(pos) = ov.load::<Vec<u8>>(base, &ck)? else {
+    let Some(mut at) = ov.load::<Announce>(base, &ck)? else {
         return Ok(CommandResult::Expired {
             count: 0,
             more: false,
         });
     };
-    const STATUSES: [EventStatus; 5] = [
+    const UNFINISHED: [EventStatus; 3] = [
         EventStatus::Pending,
         EventStatus::Processing,
-        EventStatus::Complete,
         EventStatus::Failed,
-        EventStatus::Discarded,
     ];
-    let mut count = 0u64;
-    // The position: a status code and the last index key read.
-    let (mut si, mut after) = match pos.split_first() {
-        Some((c, rest)) => (
-            STATUSES
-                .iter()
-                .position(|s| status_code(*s) == *c)
-                .unwrap_or(0),
-            Some(rest.to_vec()),
-        ),
-        None => (0, None),
-    };
-    while si < STATUSES.len() {
-        let prefix = keys::status_queue_prefix(status_code(STATUSES[si]), queue);
-        let want = MAX_ANNOUNCE_BATCH - count as usize;
+    let mut count = 0usize;
+    // Rows read at most per page (the retention index holds every queue's).
+    let mut budget = 4 * MAX_ANNOUNCE_BATCH;
+    while at.phase <= 3 {
+        let (prefix, start) = if (at.phase as usize) < UNFINISHED.len() {
+            let p = keys::status_queue_prefix(status_code(UNFINISHED[at.phase as usize]), queue);
+            (p, None)
+        } else {
+            let from = keys::finished(at.from_ms, &EventId::from_bytes([0; 16]));
+            (keys::FINISHED_PREFIX.to_vec(), Some(from))
+        };
+        let after = if at.after.is_empty() {
+            start
+        } else {
+            Some(at.after.clone())
+        };
+        let want = budget.min(MAX_ANNOUNCE_BATCH - count);
         let rows = ov.scan(base, &prefix, after.as_deref(), want)?;
         let full = rows.len() == want;
+        budget -= rows.len();
         for (k, _) in &rows {
+            at.after = k.clone();
             if let Some(ev) = load_event(base, ov, &tail_event_id(k)?)? {
-                feed_append(base, ov, &replica_copy(&ev))?;
-                count += 1;
+                if ev.queue == queue {
+                    feed_append(base, ov, &replica_copy(&ev))?;
+                    count += 1;
+                }
             }
-            after = Some(k.clone());
         }
         if full {
-            let mut next = vec![status_code(STATUSES[si])];
-            next.extend_from_slice(after.as_deref().unwrap_or_default());
-            ov.put(ck, encode(&next));
-            return Ok(CommandResult::Expired { count, more: true });
+            ov.put(ck, encode(&at));
+            return Ok(CommandResult::Expired {
+                count: count as u64,
+                more: true,
+            });
         }
-        si += 1;
-        after = None;
+        at.phase += 1;
+        at.after = Vec::new();
     }
     ov.delete(ck);
-    Ok(CommandResult::Expired { count, more: false })
+    Ok(CommandResult::Expired {
+        count: count as u64,
+        more: false,
+    })
 }
 
 /// Queues whose events are due to be re-announced.
@@ -907,9 +955,16 @@ pub fn queue_owners(kv: &dyn KvRead) -> Result<Vec<(String, QueueOwner)>, StateE
 /// The order of two versions of one event: a later replay generation
 /// wins; within one, a finished state wins over an unfinished one (an
 /// old handler that has not yet learned of a takeover, or a clock ahead,
-/// cannot undo a completion); then the newer stamp.
-fn version(ev: &Event) -> (u32, bool, &Stamp) {
-    (ev.replays, ev.status.is_final(), &ev.stamp)
+/// cannot undo a completion), ranked complete > discarded > dead-lettered;
+/// then the newer stamp.
+fn version(ev: &Event) -> (u32, u8, &Stamp) {
+    let rank = match ev.status {
+        EventStatus::Complete => 3,
+        EventStatus::Discarded => 2,
+        EventStatus::Failed => 1,
+        _ => 0,
+    };
+    (ev.replays, rank, &ev.stamp)
 }
 
 /// A change to an event from another DC's feed (or resync): kept if it
@@ -1455,20 +1510,27 @@ fn release_head(
         return Ok(());
     }
     let chain = keys::order_prefix(&ev.queue, ev.lane(), &ev.message.mailbox);
-    let Some((k, v)) = ov.scan(base, &chain, None, 1)?.into_iter().next() else {
-        return Ok(());
-    };
-    let head = EventId::from_bytes(v.as_slice().try_into().map_err(|_| StateError::Corrupt {
-        key: keys::hex(&k),
-        reason: "bad event id in the order chain".into(),
-    })?);
-    if let Some(mut next) = load_event(base, ov, &head)? {
-        if next.blocked && !next.status.is_final() {
-            let prev = next.clone();
-            next.blocked = false;
-            next.due_ms = next.due_ms.max(now_ms);
-            next.updated_ms = next.updated_ms.max(now_ms);
-            put_event(base, ov, w, Some(&prev), &mut next)?;
+    // (From `finish`, `ev` left the chain already; from a feed, `ev` is
+    // stored, and released here if it is the head.) An entry whose event
+    // is gone or finished (left behind by an older copy) is cleared.
+    for (k, v) in ov.scan(base, &chain, None, 8)? {
+        let head =
+            EventId::from_bytes(v.as_slice().try_into().map_err(|_| StateError::Corrupt {
+                key: keys::hex(&k),
+                reason: "bad event id in the order chain".into(),
+            })?);
+        match load_event(base, ov, &head)? {
+            Some(mut next) if !next.status.is_final() && order_key(&next) == k => {
+                if next.blocked {
+                    let prev = next.clone();
+                    next.blocked = false;
+                    next.due_ms = next.due_ms.max(now_ms);
+                    next.updated_ms = next.updated_ms.max(now_ms);
+                    put_event(base, ov, w, Some(&prev), &mut next)?;
+                }
+                return Ok(());
+            }
+            _ => ov.delete(k),
         }
     }
     Ok(())

@@ -1736,19 +1736,7 @@ fn the_new_owner_tells_a_third_dc_what_the_dead_one_told_only_it() {
     let id = EventId::for_message(&ms[0].id, "all");
     assert_eq!(north.event(&id).status, EventStatus::Pending);
     takeover(&mut west, "q", Some("west"), 3_000);
-    let mut pages = 0;
-    loop {
-        pages += 1;
-        match west
-            .run(Command::AnnounceQueue { queue: "q".into() })
-            .unwrap()
-        {
-            CommandResult::Expired { more: true, .. } => {}
-            CommandResult::Expired { more: false, .. } => break,
-            other => panic!("{other:?}"),
-        }
-    }
-    assert_eq!(pages, 1);
+    announce_all(&mut west, "q");
     assert!(announcements_due(&west.kv).unwrap().is_empty());
     north.pull(&west);
     for m in &ms {
@@ -1759,4 +1747,95 @@ fn the_new_owner_tells_a_third_dc_what_the_dead_one_told_only_it() {
     // Handed on to north later: nothing completed is delivered again.
     takeover(&mut north, "q", Some("north"), 4_000);
     assert!(north.lease("q", "n", 10, 100_000).is_empty());
+}
+
+/// Runs `dc`'s re-announcement pages to the end.
+fn announce_all(dc: &mut Dc, queue: &str) {
+    loop {
+        match dc
+            .run(Command::AnnounceQueue {
+                queue: queue.into(),
+            })
+            .unwrap()
+        {
+            CommandResult::Expired { more: true, .. } => {}
+            _ => return,
+        }
+    }
+}
+
+#[test]
+fn a_dead_letter_by_an_old_handler_does_not_outrank_a_completion() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 1;
+    let ms = completed_at_east(&mut east, &mut west, r, "/in", 1);
+    let id = EventId::for_message(&ms[0].id, "all");
+    takeover(&mut west, "q", Some("west"), 2_000);
+    let w = west.lease("q", "w", 1, 2_100);
+    west.ack(&w[0], EventAck::Complete, 2_200).unwrap();
+    // East, cut off and with its clock far ahead, lets its own lease run
+    // out on the last attempt: dead-lettered there, with a newer stamp.
+    east.lease("q", "e", 1, 900_000);
+    east.run(Command::ExpireLeases {
+        now_ms: 990_000,
+        seed: 1,
+    })
+    .unwrap();
+    assert_eq!(east.event(&id).status, EventStatus::Failed);
+    east.pull(&west);
+    west.pull(&east);
+    for dc in [&east, &west] {
+        assert_eq!(dc.event(&id).status, EventStatus::Complete);
+    }
+}
+
+#[test]
+fn a_takeover_ordered_from_a_third_dc_still_tells_the_new_owner_everything() {
+    let dcs = ["east", "west", "north"];
+    let mut east = Dc::new("east", &dcs);
+    let mut west = Dc::new("west", &dcs);
+    let mut north = Dc::new("north", &dcs);
+    east.rule(rule("all", "/in", "q"), 10);
+    let m = east.put("/in", "m", 100);
+    for _ in 0..2 {
+        west.pull(&east);
+        north.pull(&east);
+        east.pull(&west);
+        east.pull(&north);
+    }
+    west.pull(&east);
+    north.pull(&east);
+    let id = EventId::for_message(&m.id, "all");
+    let got = east.lease("q", "c", 1, 2_000);
+    east.ack(&got[0], EventAck::Complete, 2_100).unwrap();
+    // Only north heard of the completion; the admin, at north, hands the
+    // queue to west.
+    north.pull(&east);
+    takeover(&mut north, "q", Some("west"), 3_000);
+    announce_all(&mut north, "q");
+    west.pull(&north);
+    assert_eq!(
+        queue_handler(&west.kv, "q").unwrap().as_deref(),
+        Some("west")
+    );
+    assert_eq!(west.event(&id).status, EventStatus::Complete);
+    assert!(
+        west.lease("q", "w", 10, 100_000).is_empty(),
+        "nothing delivered again"
+    );
+    // West announces too (it applied a new owner), and a retried takeover
+    // proposal changes nothing.
+    assert_eq!(announcements_due(&west.kv).unwrap(), vec!["q".to_string()]);
+    let before = crate::replication::feed_since(&north.kv, 0, 100_000)
+        .unwrap()
+        .len();
+    takeover(&mut north, "q", Some("west"), 3_000);
+    assert_eq!(
+        crate::replication::feed_since(&north.kv, 0, 100_000)
+            .unwrap()
+            .len(),
+        before
+    );
 }

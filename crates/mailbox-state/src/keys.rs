@@ -36,7 +36,7 @@
 //! | `E` | event id                    | `Event`                 |
 //! | `v` | message id, rule name       | event id                |
 //! | `w` | queue NUL lane NUL ms id    | empty: due index        |
-//! | `O` | queue NUL lane NUL path NUL seq | event id: mailbox order |
+//! | `O` | queue NUL lane NUL path NUL seq id | event id: mailbox order |
 //! | `y` | status, queue NUL event id  | empty: status index     |
 //! | `S` | queue                       | `QueueCounts`           |
 //! | `L` | queue NUL lane NUL ms id    | empty: lease ends then  |
@@ -332,9 +332,16 @@ pub fn order_prefix(q: &str, lane: &str, p: &MailboxPath) -> Vec<u8> {
 }
 
 /// Order-chain entry of the event its lane raised `seq`th in queue `q`.
-pub fn order(q: &str, lane: &str, p: &MailboxPath, seq: u64) -> Vec<u8> {
+pub fn order(
+    q: &str,
+    lane: &str,
+    p: &MailboxPath,
+    seq: u64,
+    id: &mailbox_types::EventId,
+) -> Vec<u8> {
     let mut k = order_prefix(q, lane, p);
     k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
     k
 }
 

@@ -155,6 +155,14 @@ pub enum FeedRecord {
         /// The register's new value.
         owner: crate::events::QueueOwner,
     },
+    /// A message's event for a rule was raised (and purged since): only
+    /// in a resync, so a rebuilt origin never raises it again.
+    EventGuard {
+        /// The guard's key (message id and rule name).
+        key: Vec<u8>,
+        /// The event.
+        id: mailbox_types::EventId,
+    },
 }
 
 /// What remains of a deleted message until every DC acknowledged the delete.
@@ -893,6 +901,11 @@ fn apply_one(
         FeedRecord::QueueOwner { queue, owner } => {
             crate::events::set_owner_remote(base, ov, queue, owner)?;
         }
+        FeedRecord::EventGuard { key, id } => {
+            if key.first() == Some(&b'v') && ov.get(base, key)?.is_none() {
+                ov.put(key.clone(), id.as_bytes().to_vec());
+            }
+        }
         FeedRecord::Held { id, dc, at_ms } => {
             // Removed here already (deleted, or a twin): nothing to track.
             // (A hold that arrives before the message, from a third DC's
@@ -1348,7 +1361,8 @@ pub(crate) fn apply_resync(
 ///
 /// 0. every event rule in force, every rule delete (its stamp), every
 ///    DC suspension register, every queue-ownership register and every
-///    event as it has it (the asker keeps the newest version): first, so
+///    event as it has it (the asker keeps the newest version), and the
+///    guards of events purged since (so none is raised again): first, so
 ///    that messages completing during the resync meet them (and raise
 ///    nothing already raised);
 /// 1. every mailbox;
@@ -1375,12 +1389,13 @@ pub fn resync_page(
     max_inline: usize,
 ) -> Result<(Vec<FeedRecord>, Option<Vec<u8>>), StateError> {
     // A position is the phase's number and the last key it read.
-    const PHASES: [&[u8]; 9] = [
+    const PHASES: [&[u8]; 10] = [
         keys::RULE_PREFIX,
         keys::RULE_DELETED_PREFIX,
         keys::SUSPENSION_PREFIX,
         keys::QUEUE_OWNER_PREFIX,
         keys::EVENT_PREFIX,
+        b"v",
         b"M",
         b"m",
         b"g",
@@ -1422,17 +1437,29 @@ pub fn resync_page(
                         queue: String::from_utf8_lossy(&k[1..]).into_owned(),
                         owner: decode(&k, &v)?,
                     }),
-                    4 => out.push(FeedRecord::Event {
-                        event: Box::new(decode(&k, &v)?),
-                    }),
-                    5 => out.push(FeedRecord::Mailbox {
+                    4 => out.push(crate::events::replica_copy(&decode(&k, &v)?)),
+                    5 => {
+                        // The guards of events purged after the retention
+                        // (the others came with their events): a rebuilt
+                        // origin must not raise those again.
+                        let id = mailbox_types::EventId::from_bytes(
+                            v.as_slice().try_into().map_err(|_| StateError::Corrupt {
+                                key: keys::hex(&k),
+                                reason: "bad event id in an event guard".into(),
+                            })?,
+                        );
+                        if kv.get(&keys::event(&id))?.is_none() {
+                            out.push(FeedRecord::EventGuard { key: k.clone(), id });
+                        }
+                    }
+                    6 => out.push(FeedRecord::Mailbox {
                         record: decode(&k, &v)?,
                     }),
-                    6 => {
+                    7 => {
                         let meta: MessageMeta = decode(&k, &v)?;
                         inline += resync_message(kv, origin, asker, meta, &mut out)?;
                     }
-                    7 => {
+                    8 => {
                         // Of every origin: the asker records them as gone (a
                         // replayed creation then stays deleted) and can
                         // acknowledge their deletes.

@@ -127,8 +127,9 @@ enum Cmd {
     },
     /// Event rules: which messages raise a replication-complete event, into which queue.
     Rules {
+        // Boxed: `rules add` has many options, the other commands few.
         #[command(subcommand)]
-        cmd: events_cli::RulesCmd,
+        cmd: Box<events_cli::RulesCmd>,
     },
     /// Events: list them, lease and answer them, follow a queue.
     Events {

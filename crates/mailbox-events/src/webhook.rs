@@ -203,7 +203,7 @@ pub(crate) async fn post_body(
     body: Vec<u8>,
 ) -> Result<(u16, Option<u64>, String), String> {
     let ts = now_ms() / 1000;
-    let sig = signature(&sink.secrets, &id, ts, &body)?;
+    let sig = signature(&sink.secrets, id, ts, &body)?;
     let req = hyper::Request::post(&sink.url)
         .header("content-type", "application/json")
         .header("user-agent", "mailbox-webhook/1")

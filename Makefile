@@ -62,7 +62,7 @@ fmt:
 	$(CARGO) fmt --all
 
 bench-deps: deps
-	@{ command -v etcd && command -v etcdctl && command -v openssl; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server etcd-client openssl; }
+	@{ command -v etcd && command -v etcdctl && command -v openssl && command -v nats-server; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server etcd-client openssl nats-server; }
 
 # Benchmarks against baselines measured in the same run (see docs/benchmarks.md).
 bench: build bench-deps

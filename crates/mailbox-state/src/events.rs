@@ -271,6 +271,7 @@ fn put_event(
         let hlc = hlc.tick(ev.updated_ms);
         ov.put(keys::MAX_HLC.to_vec(), encode(&hlc));
         ev.stamp = Stamp::new(hlc, ctx.local_dc.clone());
+        ev.owner_stamp = load_owner(base, ov, &ev.queue)?.map(|o| o.stamp);
         feed_append(base, ov, &replica_copy(ev))?;
         // Dead-lettered here: the rule's error webhook is told (by the
         // leader's notifier, from this outbox, so a crash loses nothing).
@@ -952,19 +953,25 @@ pub fn queue_owners(kv: &dyn KvRead) -> Result<Vec<(String, QueueOwner)>, StateE
         .collect()
 }
 
-/// The order of two versions of one event: a later replay generation
-/// wins; within one, a finished state wins over an unfinished one (an
-/// old handler that has not yet learned of a takeover, or a clock ahead,
-/// cannot undo a completion), ranked complete > discarded > dead-lettered;
-/// then the newer stamp.
-fn version(ev: &Event) -> (u32, u8, &Stamp) {
-    let rank = match ev.status {
-        EventStatus::Complete => 3,
-        EventStatus::Discarded => 2,
-        EventStatus::Failed => 1,
-        _ => 0,
+/// The order of two versions of one event:
+/// 1. a later replay generation wins;
+/// 2. within one, a completion, then a discard, wins over anything else
+///    (an old handler that has not yet learned of a takeover, or a clock
+///    ahead, cannot undo either: the consumer did the work);
+/// 3. then the version written under the later queue-owner register
+///    ([`Event::owner_stamp`], a fencing token): an old handler that comes
+///    back and settles its leases before it hears of a takeover cannot
+///    dead-letter, or make due again, what the new handler is delivering;
+/// 4. then a dead letter wins over an unfinished state;
+/// 5. then the newer stamp.
+fn version(ev: &Event) -> (u32, u8, Option<&Stamp>, u8, &Stamp) {
+    let (done, failed) = match ev.status {
+        EventStatus::Complete => (2, 0),
+        EventStatus::Discarded => (1, 0),
+        EventStatus::Failed => (0, 1),
+        _ => (0, 0),
     };
-    (ev.replays, rank, &ev.stamp)
+    (ev.replays, done, ev.owner_stamp.as_ref(), failed, &ev.stamp)
 }
 
 /// A change to an event from another DC's feed (or resync): kept if it
@@ -1117,6 +1124,7 @@ fn raise_one(
         updated_ms: now_ms,
         stamp: Stamp::default(),
         replays: 0,
+        owner_stamp: None,
     };
     put_event(base, ov, Writer::Local(ctx), None, &mut ev)?;
     ov.put(mk, id.as_bytes().to_vec());

@@ -1580,6 +1580,57 @@ fn a_lease_on_its_last_attempt_when_the_old_handler_died_is_delivered_again() {
 }
 
 #[test]
+fn an_old_handler_coming_back_cannot_dead_letter_what_the_new_one_delivers() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 1;
+    let ms = completed_at_east(&mut east, &mut west, r, "/in", 1);
+    let id = EventId::for_message(&ms[0].id, "all");
+    // East dies holding the event's last attempt; west takes over and
+    // delivers it again.
+    east.lease("q", "e", 1, 2_000);
+    west.pull(&east);
+    takeover(&mut west, "q", Some("west"), 2_100);
+    west.run(Command::ExpireLeases {
+        now_ms: 3_500,
+        seed: 1,
+    })
+    .unwrap();
+    let w = west.lease("q", "w", 1, 3_600);
+    assert_eq!((w.len(), w[0].deliveries), (1, 2));
+    // East comes back and settles its own old lease before it hears of
+    // the takeover: by its lights the last attempt ran out, so it
+    // dead-letters the event.
+    east.run(Command::ExpireLeases {
+        now_ms: 900_000,
+        seed: 2,
+    })
+    .unwrap();
+    assert_eq!(east.event(&id).status, EventStatus::Failed);
+    // Healed: the new handler's delivery stands in both DCs (a change made
+    // without knowing of the takeover does not outrank one made after it),
+    // and its consumer's answer completes the event everywhere.
+    west.pull(&east);
+    east.pull(&west);
+    for dc in [&east, &west] {
+        let e = dc.event(&id);
+        assert_eq!(
+            (e.status, e.deliveries),
+            (EventStatus::Processing, 2),
+            "{}",
+            dc.ctx.local_dc
+        );
+    }
+    west.ack(&w[0], EventAck::Complete, 3_700).unwrap();
+    east.pull(&west);
+    for dc in [&east, &west] {
+        assert_eq!(dc.event(&id).status, EventStatus::Complete);
+    }
+    assert_eq!(east.event(&id), west.event(&id));
+}
+
+#[test]
 fn finished_events_are_purged_after_the_retention_and_never_raised_again() {
     let mut east = Dc::new("east", &["east"]);
     east.rule(rule("all", "/in", "q"), 10);

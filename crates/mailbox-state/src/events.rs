@@ -1320,7 +1320,7 @@ fn lease_lane(
         let prev = ev.clone();
         match ev.status {
             EventStatus::Processing => {
-                expire_lease(base, ov, ctx, &mut ev, seed)?;
+                expire_lease(base, ov, ctx, &mut ev, now_ms, seed)?;
                 put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
             }
             EventStatus::Pending => {
@@ -1415,7 +1415,7 @@ pub(crate) fn expire_leases(
                     });
                 };
                 let prev = ev.clone();
-                expire_lease(base, ov, ctx, &mut ev, seed)?;
+                expire_lease(base, ov, ctx, &mut ev, now_ms, seed)?;
                 put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
                 count += 1;
             }
@@ -1424,13 +1424,22 @@ pub(crate) fn expire_leases(
     Ok(CommandResult::Expired { count, more })
 }
 
+/// A lease found run out this long after its end was not settled on time
+/// because the DC could not act: it was down, or without a quorum (its
+/// housekeeping looks every second). Its consumer may have answered into
+/// that gap, so the missing answer is not counted as a failure.
+pub const LATE_EXPIRY_MS: i64 = 30_000;
+
 /// A lease ran out without an answer: a failure, backed off from the
-/// lease's end.
+/// lease's end; unless the answer could not have been taken (see
+/// [`LATE_EXPIRY_MS`], and a lease granted by another DC): then the event
+/// is delivered again at once and no attempt is counted.
 fn expire_lease(
     base: &dyn KvRead,
     ov: &mut Overlay,
     ctx: &ApplyCtx,
     ev: &mut Event,
+    now_ms: i64,
     seed: u64,
 ) -> Result<(), StateError> {
     let until = ev.lease.as_ref().map_or(ev.due_ms, |l| l.until_ms);
@@ -1438,6 +1447,8 @@ fn expire_lease(
     // and is down): its consumer's answer can never arrive here, which is
     // no failure of the event's. Delivered again, no attempt counted.
     let elsewhere = ev.stamp.dc != ctx.local_dc && !ev.stamp.dc.is_empty();
+    let late = now_ms.saturating_sub(until);
+    let uncounted = elsewhere || late > LATE_EXPIRY_MS;
     if let Some(a) = ev.attempts.last_mut().filter(|a| a.outcome.is_none()) {
         a.outcome = Some(AttemptOutcome::Expired);
         a.ended_ms = until;
@@ -1445,6 +1456,11 @@ fn expire_lease(
             format!(
                 "leased in DC {}, which no longer handles the queue: delivered again here, no attempt counted",
                 ev.stamp.dc
+            )
+        } else if uncounted {
+            format!(
+                "the lease ran out {} s before this DC could settle it (down, or without a quorum): delivered again, no attempt counted",
+                late / 1000
             )
         } else {
             format!(
@@ -1454,7 +1470,7 @@ fn expire_lease(
         };
     }
     ev.updated_ms = until;
-    if elsewhere {
+    if uncounted {
         ev.lease = None;
         ev.status = EventStatus::Pending;
         ev.due_ms = until;

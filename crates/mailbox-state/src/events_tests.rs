@@ -1599,11 +1599,11 @@ fn an_old_handler_coming_back_cannot_dead_letter_what_the_new_one_delivers() {
     .unwrap();
     let w = west.lease("q", "w", 1, 3_600);
     assert_eq!((w.len(), w[0].deliveries), (1, 2));
-    // East comes back and settles its own old lease before it hears of
-    // the takeover: by its lights the last attempt ran out, so it
-    // dead-letters the event.
+    // East was cut off, not down: it settles its own lease on time, before
+    // it hears of the takeover. By its lights the last attempt ran out, so
+    // it dead-letters the event.
     east.run(Command::ExpireLeases {
-        now_ms: 900_000,
+        now_ms: 3_100,
         seed: 2,
     })
     .unwrap();
@@ -1628,6 +1628,57 @@ fn an_old_handler_coming_back_cannot_dead_letter_what_the_new_one_delivers() {
         assert_eq!(dc.event(&id).status, EventStatus::Complete);
     }
     assert_eq!(east.event(&id), west.event(&id));
+}
+
+#[test]
+fn a_lease_that_ran_out_while_the_dc_could_not_act_counts_no_attempt() {
+    let mut east = Dc::new("east", &["east"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 1;
+    east.rule(r, 10);
+    east.put("/in", "a", 100);
+    east.put("/in", "b", 101);
+    // Leases of 1 s from 1,000.
+    let got = east.lease("q", "c", 2, 1_000);
+    assert_eq!(got.len(), 2);
+    // Settled on time, a lease that ran out is a failure (the last one
+    // here: dead-lettered).
+    let early = Command::ExpireLeases {
+        now_ms: 2_500,
+        seed: 1,
+    };
+    let (a, b) = (got[0].id, got[1].id);
+    // Only `a`'s lease is settled on time: `b`'s is made to run out later.
+    east.run(Command::AckEvent {
+        id: b,
+        attempt: 1,
+        consumer: "c".into(),
+        ack: EventAck::Progress {
+            lease_ms: Some(60_000),
+        },
+        now_ms: 1_500,
+        seed: 1,
+    })
+    .unwrap();
+    east.run(early).unwrap();
+    let ea = east.event(&a);
+    assert_eq!((ea.status, ea.failures), (EventStatus::Failed, 1));
+    // `b`'s lease ended at 61,500; the DC comes back (or regains its
+    // quorum) at 200,000: no failure counted, delivered again at once.
+    east.run(Command::ExpireLeases {
+        now_ms: 200_000,
+        seed: 2,
+    })
+    .unwrap();
+    let eb = east.event(&b);
+    assert_eq!(
+        (eb.status, eb.failures, eb.deliveries),
+        (EventStatus::Pending, 0, 1)
+    );
+    assert!(eb.attempts[0].error.contains("could settle it"), "{eb:?}");
+    let again = east.lease("q", "c", 2, 200_001);
+    assert_eq!(again.len(), 1);
+    assert_eq!((again[0].id, again[0].deliveries), (b, 2));
 }
 
 #[test]
@@ -1830,7 +1881,7 @@ fn a_dead_letter_by_an_old_handler_does_not_outrank_a_completion() {
     // out on the last attempt: dead-lettered there, with a newer stamp.
     east.lease("q", "e", 1, 900_000);
     east.run(Command::ExpireLeases {
-        now_ms: 990_000,
+        now_ms: 902_000,
         seed: 1,
     })
     .unwrap();

@@ -5,16 +5,22 @@
 //!   dead-letters an event in the DC handling it, when the rule has an
 //!   error webhook; the notices are in the log, so a crash or a leader
 //!   change loses none, and only one DC notifies per dead-letter.
-//! - The DC leader reads the outbox about once a second and groups the
-//!   notices by rule and error text. A group goes out once its first
-//!   notice is the rule's `error-window` old: one POST with the count, the
-//!   first and last time, and up to [`MAX_LISTED`] event ids and messages,
-//!   signed like events (Standard Webhooks; `webhook-id` is derived from
-//!   the bundled event ids, so a retried notification keeps its id). A 2xx
-//!   clears the group's notices (a proposal); anything else is retried with
-//!   a backoff per rule, up to 5 minutes apart, and logged.
+//! - The DC leader reads the outbox about once a second, a page per rule
+//!   (the outbox is keyed by rule, so a rule whose webhook is down for
+//!   long holds back only its own notices), and groups each rule's notices
+//!   by error text into windows: a bundle is the notices of one error from
+//!   its first one to `error-window` later. It goes out once that window
+//!   has passed: one POST with the count, the first and last time, and up
+//!   to [`MAX_LISTED`] event ids and messages, signed like events
+//!   (Standard Webhooks). Its `webhook-id` is derived from the rule, the
+//!   error and the first notice, and no notice joins a window that has
+//!   passed, so a retried notification keeps its id and its content.
+//!   A 2xx clears the bundle's notices (a proposal); anything else is
+//!   retried with a backoff per rule, up to 5 minutes apart, and logged.
 //! - Notices of a rule deleted since, or whose error webhook was removed,
-//!   are cleared with a log line.
+//!   and of events no longer dead-lettered (replayed, purged) are cleared.
+//! - Memory: a page of notice keys per rule, and per bundle the listed
+//!   ids and messages only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -34,12 +40,16 @@ const MAX_NOTICES: usize = 10_000;
 /// Longest wait before retrying a failed notification.
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// One notification: the dead-letters of one rule with one error.
+/// One notification: the dead-letters of one rule with one error within
+/// one window.
 struct Bundle {
-    rule: EventRule,
     error: String,
+    /// The first notice: the window starts at its time.
+    first: (i64, EventId),
+    last_ms: i64,
     notices: Vec<(i64, EventId)>,
-    events: Vec<Event>,
+    /// The first [`MAX_LISTED`] events.
+    listed: Vec<serde_json::Value>,
 }
 
 /// The last attempt's error, or why the event ended.
@@ -51,42 +61,45 @@ fn error_of(e: &Event) -> String {
         .unwrap_or_else(|| "dead-lettered".into())
 }
 
+/// How a bundle lists one of its events.
+fn listed(e: &Event) -> serde_json::Value {
+    serde_json::json!({
+        "event_id": e.id.to_string(),
+        "id": e.message.id.to_string(),
+        "mailbox": e.message.mailbox.to_string(),
+        "name": e.message.name,
+        "attempts": e.deliveries,
+    })
+}
+
 /// The JSON a bundle is POSTed as.
-pub fn bundle_body(
-    dc: &str,
-    rule: &EventRule,
-    error: &str,
-    events: &[Event],
-    first_ms: i64,
-    last_ms: i64,
-) -> Vec<u8> {
+fn bundle_body(dc: &str, rule: &EventRule, b: &Bundle) -> Vec<u8> {
     serde_json::json!({
         "type": "events.dead_lettered",
         "dc": dc,
         "rule": rule.name,
         "queue": rule.queue,
-        "error": error,
-        "count": events.len(),
-        "first_ms": first_ms,
-        "last_ms": last_ms,
-        "event_ids": events.iter().take(MAX_LISTED).map(|e| e.id.to_string()).collect::<Vec<_>>(),
-        "messages": events.iter().take(MAX_LISTED).map(|e| serde_json::json!({
-            "id": e.message.id.to_string(),
-            "mailbox": e.message.mailbox.to_string(),
-            "name": e.message.name,
-            "attempts": e.deliveries,
-        })).collect::<Vec<_>>(),
+        "error": b.error,
+        "count": b.notices.len(),
+        "first_ms": b.first.0,
+        "last_ms": b.last_ms,
+        "event_ids": b.listed.iter().map(|l| l["event_id"].clone()).collect::<Vec<_>>(),
+        "messages": b.listed,
     })
     .to_string()
     .into_bytes()
 }
 
-/// A stable id for a bundle: the same dead-letters, the same id.
-fn bundle_id(notices: &[(i64, EventId)]) -> String {
+/// A stable id for a bundle: its rule, error and first notice (which fix
+/// its window, and so everything in it).
+fn bundle_id(rule: &str, b: &Bundle) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for (_, id) in notices {
-        ctx.update(id.as_bytes());
+    for part in [rule.as_bytes(), b.error.as_bytes()] {
+        ctx.update(&(part.len() as u64).to_be_bytes());
+        ctx.update(part);
     }
+    ctx.update(&b.first.0.to_be_bytes());
+    ctx.update(b.first.1.as_bytes());
     format!("dlq_{}", hex::encode(&ctx.finish().as_ref()[..16]))
 }
 
@@ -108,23 +121,45 @@ pub async fn run(raft: RaftNode, mut shutdown: tokio::sync::watch::Receiver<bool
             backoff.clear();
             continue;
         }
-        if let Err(e) = pass(&raft, &http, &mut backoff).await {
-            tracing::warn!("dead-letter notifications: {e}");
+        let rules = match ev::notice_rules(raft.view()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("dead-letter notifications: {e}");
+                continue;
+            }
+        };
+        for rule in rules {
+            if backoff
+                .get(&rule)
+                .is_some_and(|(at, _)| tokio::time::Instant::now() < *at)
+            {
+                continue;
+            }
+            if let Err(e) = pass(&raft, &http, &rule, &mut backoff).await {
+                tracing::warn!(rule = %rule, "dead-letter notifications: {e}");
+            }
         }
     }
 }
 
-/// One look at the outbox: sends what is due, clears what was sent.
+/// One look at `rule`'s notices: sends the bundles whose window has
+/// passed, clears what was sent and what is stale.
 async fn pass(
     raft: &RaftNode,
     http: &Http,
+    rule_name: &str,
     backoff: &mut HashMap<String, (tokio::time::Instant, Duration)>,
 ) -> Result<(), String> {
-    let notices = ev::notices(raft.view(), MAX_NOTICES).map_err(|e| e.to_string())?;
-    if notices.is_empty() {
-        return Ok(());
-    }
-    let mut bundles: BTreeMap<(String, String), Bundle> = BTreeMap::new();
+    let notices = ev::notices(raft.view(), rule_name, MAX_NOTICES).map_err(|e| e.to_string())?;
+    let rule = ev::get_rule(raft.view(), rule_name).map_err(|e| e.to_string())?;
+    let Some((rule, sink)) = rule.and_then(|r| r.error_webhook.clone().map(|s| (r, s))) else {
+        tracing::info!(rule = %rule_name, count = notices.len(), "dead-letter notices dropped: the rule has no error webhook any more");
+        return clear(raft, rule_name, notices).await;
+    };
+    let window = rule.error_window_ms as i64;
+    // Per error, the first window's bundle (later windows wait for a
+    // later pass, once this one is cleared).
+    let mut bundles: BTreeMap<String, Bundle> = BTreeMap::new();
     let mut stale = Vec::new();
     for (ms, id) in notices {
         let event = ev::get_event(raft.view(), &id).map_err(|e| e.to_string())?;
@@ -133,50 +168,38 @@ async fn pass(
             stale.push((ms, id));
             continue;
         };
-        let rule = ev::get_rule(raft.view(), &event.rule).map_err(|e| e.to_string())?;
-        let Some(rule) = rule.filter(|r| r.error_webhook.is_some()) else {
-            tracing::info!(event = %id, rule = %event.rule, "dead-letter notice dropped: the rule has no error webhook any more");
-            stale.push((ms, id));
-            continue;
-        };
         let error = error_of(&event);
-        let b = bundles
-            .entry((rule.name.clone(), error.clone()))
-            .or_insert_with(|| Bundle {
-                rule,
-                error,
-                notices: Vec::new(),
-                events: Vec::new(),
-            });
+        let b = bundles.entry(error.clone()).or_insert_with(|| Bundle {
+            error,
+            first: (ms, id),
+            last_ms: ms,
+            notices: Vec::new(),
+            listed: Vec::new(),
+        });
+        if ms >= b.first.0.saturating_add(window) {
+            continue;
+        }
+        b.last_ms = b.last_ms.max(ms);
         b.notices.push((ms, id));
-        b.events.push(event);
+        if b.listed.len() < MAX_LISTED {
+            b.listed.push(listed(&event));
+        }
     }
     if !stale.is_empty() {
-        clear(raft, stale).await?;
+        clear(raft, rule_name, stale).await?;
     }
     let now = now_ms();
     for b in bundles.into_values() {
-        let first = b.notices.iter().map(|n| n.0).min().unwrap_or(now);
-        let last = b.notices.iter().map(|n| n.0).max().unwrap_or(now);
-        if first.saturating_add(b.rule.error_window_ms as i64) > now {
+        if b.first.0.saturating_add(window) > now {
             continue; // The burst may grow still.
         }
-        if backoff
-            .get(&b.rule.name)
-            .is_some_and(|(at, _)| tokio::time::Instant::now() < *at)
-        {
-            continue;
-        }
-        let Some(sink) = &b.rule.error_webhook else {
-            continue;
-        };
-        let body = bundle_body(raft.dc(), &b.rule, &b.error, &b.events, first, last);
-        let id = bundle_id(&b.notices);
-        match post_body(http, sink, &id, body).await {
+        let body = bundle_body(raft.dc(), &rule, &b);
+        let id = bundle_id(rule_name, &b);
+        match post_body(http, &sink, &id, body).await {
             Ok((s, _, _)) if (200..300).contains(&s) => {
-                tracing::info!(rule = %b.rule.name, count = b.notices.len(), "dead-letter notification sent");
-                backoff.remove(&b.rule.name);
-                clear(raft, b.notices).await?;
+                tracing::info!(rule = %rule_name, count = b.notices.len(), id = %id, "dead-letter notification sent");
+                backoff.remove(rule_name);
+                clear(raft, rule_name, b.notices).await?;
             }
             other => {
                 let why = match other {
@@ -184,23 +207,26 @@ async fn pass(
                     Err(e) => e,
                 };
                 let wait = backoff
-                    .get(&b.rule.name)
+                    .get(rule_name)
                     .map_or(Duration::from_secs(1), |(_, w)| (*w * 2).min(MAX_BACKOFF));
                 backoff.insert(
-                    b.rule.name.clone(),
+                    rule_name.to_string(),
                     (tokio::time::Instant::now() + wait, wait),
                 );
-                tracing::warn!(rule = %b.rule.name, count = b.notices.len(), retry_in = ?wait, "dead-letter notification failed: {why}");
+                tracing::warn!(rule = %rule_name, count = b.notices.len(), id = %id, retry_in = ?wait, "dead-letter notification failed: {why}");
+                // The rest of this rule's bundles wait for the same backoff.
+                return Ok(());
             }
         }
     }
     Ok(())
 }
 
-async fn clear(raft: &RaftNode, notices: Vec<(i64, EventId)>) -> Result<(), String> {
+async fn clear(raft: &RaftNode, rule: &str, notices: Vec<(i64, EventId)>) -> Result<(), String> {
     for chunk in notices.chunks(1000) {
         match raft
             .propose(Command::ClearNotices {
+                rule: rule.to_string(),
                 notices: chunk.to_vec(),
             })
             .await

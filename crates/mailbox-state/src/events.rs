@@ -281,7 +281,7 @@ fn put_event(
                 .and_then(|r| r.rule)
                 .is_some_and(|r| r.error_webhook.is_some());
             if notify {
-                ov.put(keys::notice(ev.updated_ms, &ev.id), Vec::new());
+                ov.put(keys::notice(&ev.rule, ev.updated_ms, &ev.id), Vec::new());
             }
         }
     }
@@ -1843,13 +1843,45 @@ pub(crate) fn purge_events(
     Ok(CommandResult::Expired { count, more })
 }
 
-/// Dead-letters this DC has yet to notify, oldest first (at most `limit`).
-pub fn notices(kv: &dyn KvRead, limit: usize) -> Result<Vec<(i64, EventId)>, StateError> {
-    kv.scan(keys::NOTICE_PREFIX, None, limit)?
+/// The rules with dead-letter notices in this DC's outbox (one seek per
+/// rule, so the count of notices does not matter).
+pub fn notice_rules(kv: &dyn KvRead) -> Result<Vec<String>, StateError> {
+    let mut rules = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    while let Some((k, _)) = kv
+        .scan(keys::NOTICE_PREFIX, after.as_deref(), 1)?
+        .into_iter()
+        .next()
+    {
+        let end = k[1..]
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or_else(|| StateError::Corrupt {
+                key: keys::hex(&k),
+                reason: "bad notice key".into(),
+            })?;
+        rules.push(String::from_utf8_lossy(&k[1..1 + end]).into_owned());
+        // Past every key of this rule: they all go on with a 0 byte.
+        let mut next = k[..1 + end].to_vec();
+        next.push(1);
+        after = Some(next);
+    }
+    Ok(rules)
+}
+
+/// Dead-letters of `rule` this DC has yet to notify, oldest first (at
+/// most `limit`).
+pub fn notices(
+    kv: &dyn KvRead,
+    rule: &str,
+    limit: usize,
+) -> Result<Vec<(i64, EventId)>, StateError> {
+    let prefix = keys::notice_prefix(rule);
+    kv.scan(&prefix, None, limit)?
         .into_iter()
         .map(|(k, _)| {
             let ms = k
-                .get(1..9)
+                .get(prefix.len()..prefix.len() + 8)
                 .and_then(|b| b.try_into().ok())
                 .map(|b: [u8; 8]| u64::from_be_bytes(b) as i64)
                 .ok_or_else(|| StateError::Corrupt {

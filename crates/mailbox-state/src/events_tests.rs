@@ -1760,11 +1760,26 @@ fn a_dead_letter_leaves_one_notice_in_the_handling_dc_only() {
     let mut quiet = rule("quiet", "/in", "q2");
     quiet.retry.max_attempts = 1;
     west.rule(quiet, 9);
+    // A second rule whose name starts with the first's: its notices are
+    // its own.
+    let mut r2 = r.clone();
+    r2.name = "all-2".into();
+    r2.queue = "q3".into();
+    west.rule(r2, 9);
     east.pull(&west);
     completed_at_east(&mut east, &mut west, r, "/in", 2);
     let got = east.lease("q", "c", 10, 2_000);
     let got2 = east.lease("q2", "c", 10, 2_000);
-    assert_eq!((got.len(), got2.len()), (2, 2));
+    let got3 = east.lease("q3", "c", 10, 2_000);
+    assert_eq!((got.len(), got2.len(), got3.len()), (2, 2, 2));
+    east.ack(
+        &got3[1],
+        EventAck::Fail {
+            reason: "no".into(),
+        },
+        1_900,
+    )
+    .unwrap();
     east.ack(
         &got[0],
         EventAck::Fail {
@@ -1782,15 +1797,24 @@ fn a_dead_letter_leaves_one_notice_in_the_handling_dc_only() {
         2_100,
     )
     .unwrap();
-    let n = notices(&east.kv, 100).unwrap();
+    assert_eq!(notice_rules(&east.kv).unwrap(), vec!["all", "all-2"]);
+    let n = notices(&east.kv, "all", 100).unwrap();
     assert_eq!(n, vec![(2_100, got[0].id)]);
+    assert_eq!(
+        notices(&east.kv, "all-2", 100).unwrap(),
+        vec![(1_900, got3[1].id)]
+    );
     // Replaying and failing again: a new notice; the copy in west: none.
     west.pull(&east);
-    assert!(notices(&west.kv, 100).unwrap().is_empty());
-    east.run(Command::ClearNotices { notices: n.clone() })
-        .unwrap();
-    east.run(Command::ClearNotices { notices: n }).unwrap();
-    assert!(notices(&east.kv, 100).unwrap().is_empty());
+    assert!(notice_rules(&west.kv).unwrap().is_empty());
+    let clear = |notices: Vec<(i64, EventId)>| Command::ClearNotices {
+        rule: "all".into(),
+        notices,
+    };
+    east.run(clear(n.clone())).unwrap();
+    east.run(clear(n)).unwrap();
+    assert!(notices(&east.kv, "all", 100).unwrap().is_empty());
+    assert_eq!(notice_rules(&east.kv).unwrap(), vec!["all-2"]);
     east.run(Command::ReplayEvents {
         ids: vec![got[0].id],
         force: false,
@@ -1807,7 +1831,10 @@ fn a_dead_letter_leaves_one_notice_in_the_handling_dc_only() {
         3_200,
     )
     .unwrap();
-    assert_eq!(notices(&east.kv, 100).unwrap(), vec![(3_200, got[0].id)]);
+    assert_eq!(
+        notices(&east.kv, "all", 100).unwrap(),
+        vec![(3_200, got[0].id)]
+    );
 }
 
 #[test]

@@ -434,13 +434,28 @@ pub fn finished(ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
 /// Prefix of [`finished`] entries.
 pub const FINISHED_PREFIX: &[u8] = b"Z";
 
-/// Notice outbox entry: event `id` was dead-lettered at `ms` by this DC and
-/// its rule's error webhook has not been told yet.
-pub fn notice(ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
-    tagged(b'N', &[&(ms.max(0) as u64).to_be_bytes(), id.as_bytes()])
+/// Notice outbox entry: event `id` of rule `rule` was dead-lettered at
+/// `ms` by this DC and the rule's error webhook has not been told yet.
+/// Grouped by rule, so a rule whose webhook is down for long holds back
+/// only its own notices. (Rule names never hold a 0 byte.)
+pub fn notice(rule: &str, ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
+    tagged(
+        b'N',
+        &[
+            rule.as_bytes(),
+            &[0],
+            &(ms.max(0) as u64).to_be_bytes(),
+            id.as_bytes(),
+        ],
+    )
 }
 
-/// Prefix of [`notice`] entries.
+/// Prefix of one rule's [`notice`] entries.
+pub fn notice_prefix(rule: &str) -> Vec<u8> {
+    tagged(b'N', &[rule.as_bytes(), &[0]])
+}
+
+/// Prefix of every [`notice`] entry.
 pub const NOTICE_PREFIX: &[u8] = b"N";
 
 /// How many events of the mailbox chain of `p`, lane `lane`, queue `q`

@@ -323,6 +323,8 @@ pub enum Command {
     /// Dead-letter notices sent (or dropped: the rule has no error webhook
     /// any more): out of the outbox.
     ClearNotices {
+        /// The rule they were for.
+        rule: String,
         /// Each notice's time and event.
         notices: Vec<(i64, EventId)>,
     },
@@ -1037,9 +1039,9 @@ fn apply_inner(
             events::purge_events(base, overlay, *before_ms, events::MAX_PURGE_BATCH)
         }
         Command::AnnounceQueue { queue } => events::announce_queue(base, overlay, queue),
-        Command::ClearNotices { notices } => {
+        Command::ClearNotices { rule, notices } => {
             for (ms, id) in notices {
-                overlay.delete(keys::notice(*ms, id));
+                overlay.delete(keys::notice(rule, *ms, id));
             }
             Ok(CommandResult::None)
         }

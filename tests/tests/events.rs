@@ -1271,8 +1271,9 @@ async fn dead_letters_notify_the_error_webhook_once_per_burst_with_a_count() -> 
         then: 400,
         seen: Default::default(),
     });
+    // The alert receiver fails its first request: the bundle is sent again.
     let alerts = std::sync::Arc::new(Receiver {
-        first: (200, 0),
+        first: (503, 1),
         then: 200,
         seen: Default::default(),
     });
@@ -1314,6 +1315,16 @@ async fn dead_letters_notify_the_error_webhook_once_per_burst_with_a_count() -> 
         alerts.seen.lock().unwrap().first().cloned()
     })
     .await?;
+    // A dead-letter after the burst's window, while its notification
+    // waits to be retried: the retry is the same notification (same id,
+    // same count); this one gets its own.
+    let later = upload("later".into()).await?;
+    let retried = wait_for(t, "the retried notification", || async {
+        alerts.seen.lock().unwrap().get(1).cloned()
+    })
+    .await?;
+    assert_eq!(retried.0["webhook-id"], first.0["webhook-id"]);
+    assert_eq!(retried.1, first.1, "the retry carries the same bundle");
     let (h, body) = first;
     let id = h["webhook-id"].to_str()?;
     let ts: i64 = h["webhook-timestamp"].to_str()?.parse()?;
@@ -1334,16 +1345,16 @@ async fn dead_letters_notify_the_error_webhook_once_per_burst_with_a_count() -> 
     assert_eq!(listed, burst);
     assert_eq!(queue(&c, "badq").await?.failed, 5);
 
-    // A later dead-letter: a notification of its own; the first burst is
+    // The later dead-letter: a notification of its own; the first burst is
     // not sent again (its notices were cleared).
-    let later = upload("later".into()).await?;
     let second = wait_for(t, "a second notification", || async {
-        alerts.seen.lock().unwrap().get(1).cloned()
+        alerts.seen.lock().unwrap().get(2).cloned()
     })
     .await?;
+    assert_ne!(second.0["webhook-id"], retried.0["webhook-id"]);
     let v = json(std::str::from_utf8(&second.1)?);
     assert_eq!(v["count"], 1, "{v}");
     assert_eq!(v["messages"][0]["id"], later.as_str());
-    assert_eq!(alerts.seen.lock().unwrap().len(), 2);
+    assert_eq!(alerts.seen.lock().unwrap().len(), 3);
     Ok(())
 }

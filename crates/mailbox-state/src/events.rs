@@ -254,6 +254,19 @@ fn load_counts(base: &dyn KvRead, ov: &Overlay, q: &str) -> Result<QueueCounts, 
     Ok(ov.load(base, &keys::queue(q))?.unwrap_or_default())
 }
 
+/// Whether `ev` may be delivered as far as its mailbox chain goes: it is
+/// not per-mailbox, or it is its chain's head (the first unfinished).
+fn chain_clear(base: &dyn KvRead, ov: &Overlay, ev: &Event) -> Result<bool, StateError> {
+    if ev.ordering != EventOrdering::PerMailbox {
+        return Ok(true);
+    }
+    let chain = keys::order_prefix(&ev.queue, ev.lane(), &ev.message.mailbox);
+    Ok(ov
+        .scan(base, &chain, None, 1)?
+        .first()
+        .is_some_and(|(_, v)| v.as_slice() == ev.id.as_bytes()))
+}
+
 /// Stores `ev` (whose stored form was `prev`) with its indexes and counts;
 /// a handler's change is stamped and sent through the feed first.
 fn put_event(
@@ -271,7 +284,6 @@ fn put_event(
         let hlc = hlc.tick(ev.updated_ms);
         ov.put(keys::MAX_HLC.to_vec(), encode(&hlc));
         ev.stamp = Stamp::new(hlc, ctx.local_dc.clone());
-        ev.owner_stamp = load_owner(base, ov, &ev.queue)?.map(|o| o.stamp);
         feed_append(base, ov, &replica_copy(ev))?;
         // Dead-lettered here: the rule's error webhook is told (by the
         // leader's notifier, from this outbox, so a crash loses nothing).
@@ -958,20 +970,23 @@ pub fn queue_owners(kv: &dyn KvRead) -> Result<Vec<(String, QueueOwner)>, StateE
 /// 2. within one, a completion, then a discard, wins over anything else
 ///    (an old handler that has not yet learned of a takeover, or a clock
 ///    ahead, cannot undo either: the consumer did the work);
-/// 3. then the version written under the later queue-owner register
-///    ([`Event::owner_stamp`], a fencing token): an old handler that comes
-///    back and settles its leases before it hears of a takeover cannot
-///    dead-letter, or make due again, what the new handler is delivering;
+/// 3. then the version with more deliveries: deliveries only grow, so a
+///    handler that comes back and settles a lease it granted before a
+///    takeover cannot dead-letter (or make due again) what the new handler
+///    has delivered since, and a stale copy cannot undo a dead letter made
+///    after more deliveries;
 /// 4. then a dead letter wins over an unfinished state;
 /// 5. then the newer stamp.
-fn version(ev: &Event) -> (u32, u8, Option<&Stamp>, u8, &Stamp) {
+///
+/// One handler's own changes only ever rise in this order.
+fn version(ev: &Event) -> (u32, u8, u32, u8, &Stamp) {
     let (done, failed) = match ev.status {
         EventStatus::Complete => (2, 0),
         EventStatus::Discarded => (1, 0),
         EventStatus::Failed => (0, 1),
         _ => (0, 0),
     };
-    (ev.replays, done, ev.owner_stamp.as_ref(), failed, &ev.stamp)
+    (ev.replays, done, ev.deliveries, failed, &ev.stamp)
 }
 
 /// A change to an event from another DC's feed (or resync): kept if it
@@ -1124,7 +1139,6 @@ fn raise_one(
         updated_ms: now_ms,
         stamp: Stamp::default(),
         replays: 0,
-        owner_stamp: None,
     };
     put_event(base, ov, Writer::Local(ctx), None, &mut ev)?;
     ov.put(mk, id.as_bytes().to_vec());
@@ -1321,6 +1335,15 @@ fn lease_lane(
         match ev.status {
             EventStatus::Processing => {
                 expire_lease(base, ov, ctx, &mut ev, now_ms, seed)?;
+                put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
+            }
+            EventStatus::Pending if !chain_clear(base, ov, &ev)? => {
+                // Two of one mailbox never run at once. Copies from two
+                // handlers that crossed (an old one that had not heard of
+                // a takeover released the next event) can leave two of a
+                // chain deliverable: only its head is, the other waits
+                // again (released when the head finishes).
+                ev.blocked = true;
                 put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
             }
             EventStatus::Pending => {

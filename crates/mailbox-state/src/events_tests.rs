@@ -1631,6 +1631,92 @@ fn an_old_handler_coming_back_cannot_dead_letter_what_the_new_one_delivers() {
 }
 
 #[test]
+fn a_chain_released_by_an_old_handler_still_runs_one_event_at_a_time() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 1;
+    r.ordering = EventOrdering::PerMailbox;
+    let ms = completed_at_east(&mut east, &mut west, r, "/in", 2);
+    let (a, b) = (
+        EventId::for_message(&ms[0].id, "all"),
+        EventId::for_message(&ms[1].id, "all"),
+    );
+    east.lease("q", "e", 2, 2_000);
+    west.pull(&east);
+    takeover(&mut west, "q", Some("west"), 2_100);
+    west.run(Command::ExpireLeases {
+        now_ms: 3_500,
+        seed: 1,
+    })
+    .unwrap();
+    let w = west.lease("q", "w", 2, 3_600);
+    assert_eq!(w.iter().map(|e| e.id).collect::<Vec<_>>(), vec![a]);
+    // East, cut off, dead-letters `a` on time and so releases `b`.
+    east.run(Command::ExpireLeases {
+        now_ms: 3_100,
+        seed: 2,
+    })
+    .unwrap();
+    assert!(!east.event(&b).blocked);
+    west.pull(&east);
+    east.pull(&west);
+    // `a` runs at west: `b` is not delivered beside it, even though the
+    // copy west took from east says it may be.
+    assert_eq!(west.event(&a).status, EventStatus::Processing);
+    assert!(west.lease("q", "w", 2, 3_700).is_empty());
+    assert!(west.event(&b).blocked);
+    west.ack(&w[0], EventAck::Complete, 3_800).unwrap();
+    let next = west.lease("q", "w", 2, 3_900);
+    assert_eq!(next.iter().map(|e| e.id).collect::<Vec<_>>(), vec![b]);
+    east.pull(&west);
+    assert_eq!(east.event(&a), west.event(&a));
+    assert_eq!(east.event(&b), west.event(&b));
+}
+
+#[test]
+fn a_stale_copy_from_an_old_handler_cannot_undo_the_new_handlers_dead_letter() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let mut r = rule("all", "/in", "q");
+    r.retry.max_attempts = 1;
+    let ms = completed_at_east(&mut east, &mut west, r, "/in", 1);
+    let id = EventId::for_message(&ms[0].id, "all");
+    east.lease("q", "e", 1, 2_000);
+    west.pull(&east);
+    takeover(&mut west, "q", Some("west"), 2_100);
+    west.run(Command::ExpireLeases {
+        now_ms: 3_500,
+        seed: 1,
+    })
+    .unwrap();
+    let w = west.lease("q", "w", 1, 3_600);
+    west.ack(
+        &w[0],
+        EventAck::Fail {
+            reason: "bad file".into(),
+        },
+        3_700,
+    )
+    .unwrap();
+    assert_eq!(west.event(&id).status, EventStatus::Failed);
+    // East comes back long after and settles its own lease (not counted:
+    // it could not act), making the event due again by its lights.
+    east.run(Command::ExpireLeases {
+        now_ms: 900_000,
+        seed: 2,
+    })
+    .unwrap();
+    assert_eq!(east.event(&id).status, EventStatus::Pending);
+    west.pull(&east);
+    east.pull(&west);
+    for dc in [&east, &west] {
+        let e = dc.event(&id);
+        assert_eq!((e.status, e.deliveries), (EventStatus::Failed, 2));
+    }
+}
+
+#[test]
 fn a_lease_that_ran_out_while_the_dc_could_not_act_counts_no_attempt() {
     let mut east = Dc::new("east", &["east"]);
     let mut r = rule("all", "/in", "q");

@@ -633,11 +633,6 @@ pub struct Event {
     /// Times an admin replayed it: a replay starts a new generation of
     /// its state, which wins over anything of the ones before.
     pub replays: u32,
-    /// The stamp of the queue's owner register (`events takeover`) that
-    /// the DC making the last change went by (`None`: no takeover yet).
-    /// A fencing token: a change made by a handler that had not yet heard
-    /// of a takeover never outranks one made under it, except a completion.
-    pub owner_stamp: Option<crate::Stamp>,
 }
 
 impl Event {

@@ -1343,7 +1343,11 @@ async fn dead_letters_notify_the_error_webhook_once_per_burst_with_a_count() -> 
         .map(|m| m["id"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(listed, burst);
-    assert_eq!(queue(&c, "badq").await?.failed, 6, "the burst and the later one");
+    assert_eq!(
+        queue(&c, "badq").await?.failed,
+        6,
+        "the burst and the later one"
+    );
 
     // The later dead-letter: a notification of its own; the first burst is
     // not sent again (its notices were cleared).

@@ -861,8 +861,14 @@ pub async fn expire_leases(
         }
         // Oldest first, a bounded number per entry; again at once while
         // more are due (a burst of abandoned leases clears in one tick).
+        // Proposed every tick while any lease runs, due or not: the DC's
+        // record of when it could act (see `LATE_EXPIRY_MS`), so a lease
+        // that runs out while it can act is always counted.
+        let mut first = true;
         loop {
-            let due = match ev::earliest_lease_end(raft.view(), raft.dc(), now_ms() + 1) {
+            let horizon = if first { i64::MAX } else { now_ms() + 1 };
+            first = false;
+            let due = match ev::earliest_lease_end(raft.view(), raft.dc(), horizon) {
                 Ok(d) => d.is_some(),
                 Err(e) => {
                     tracing::warn!("reading running leases: {e}");

@@ -1334,7 +1334,7 @@ fn lease_lane(
         let prev = ev.clone();
         match ev.status {
             EventStatus::Processing => {
-                expire_lease(base, ov, ctx, &mut ev, now_ms, seed)?;
+                expire_lease(base, ov, ctx, &mut ev, seed)?;
                 put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
             }
             EventStatus::Pending if !chain_clear(base, ov, &ev)? => {
@@ -1438,7 +1438,7 @@ pub(crate) fn expire_leases(
                     });
                 };
                 let prev = ev.clone();
-                expire_lease(base, ov, ctx, &mut ev, now_ms, seed)?;
+                expire_lease(base, ov, ctx, &mut ev, seed)?;
                 put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
                 count += 1;
             }
@@ -1447,22 +1447,49 @@ pub(crate) fn expire_leases(
     Ok(CommandResult::Expired { count, more })
 }
 
-/// A lease found run out this long after its end was not settled on time
-/// because the DC could not act: it was down, or without a quorum (its
-/// housekeeping looks every second). Its consumer may have answered into
-/// that gap, so the missing answer is not counted as a failure.
+/// A stretch this long without any event command applied in the DC is a
+/// gap: it was down, or without a quorum (its leader's housekeeping
+/// proposes an expiry every second while any lease runs, so a DC that can
+/// act never goes this long). A lease that ran out inside a gap was not
+/// settled because the DC could not act, and its consumer may have
+/// answered into it: that missing answer is not counted as a failure.
 pub const LATE_EXPIRY_MS: i64 = 30_000;
 
+/// When the DC last applied an event command, and its last gap.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Activity {
+    last_ms: i64,
+    gap_from: i64,
+    gap_to: i64,
+}
+
+/// Records that an event command (a lease, an answer, an expiry) is
+/// applied at `now_ms`, and the gap before it if it came more than
+/// [`LATE_EXPIRY_MS`] after the one before.
+pub(crate) fn note_activity(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    now_ms: i64,
+) -> Result<(), StateError> {
+    let mut a: Activity = ov.load(base, keys::EVENT_ACTIVITY)?.unwrap_or_default();
+    if a.last_ms > 0 && now_ms.saturating_sub(a.last_ms) > LATE_EXPIRY_MS {
+        a.gap_from = a.last_ms;
+        a.gap_to = now_ms;
+    }
+    a.last_ms = a.last_ms.max(now_ms);
+    ov.put(keys::EVENT_ACTIVITY.to_vec(), encode(&a));
+    Ok(())
+}
+
 /// A lease ran out without an answer: a failure, backed off from the
-/// lease's end; unless the answer could not have been taken (see
-/// [`LATE_EXPIRY_MS`], and a lease granted by another DC): then the event
-/// is delivered again at once and no attempt is counted.
+/// lease's end; unless the answer could not have been taken (it ran out
+/// in a gap, see [`LATE_EXPIRY_MS`], or another DC granted it): then the
+/// event is delivered again at once and no attempt is counted.
 fn expire_lease(
     base: &dyn KvRead,
     ov: &mut Overlay,
     ctx: &ApplyCtx,
     ev: &mut Event,
-    now_ms: i64,
     seed: u64,
 ) -> Result<(), StateError> {
     let until = ev.lease.as_ref().map_or(ev.due_ms, |l| l.until_ms);
@@ -1470,8 +1497,9 @@ fn expire_lease(
     // and is down): its consumer's answer can never arrive here, which is
     // no failure of the event's. Delivered again, no attempt counted.
     let elsewhere = ev.stamp.dc != ctx.local_dc && !ev.stamp.dc.is_empty();
-    let late = now_ms.saturating_sub(until);
-    let uncounted = elsewhere || late > LATE_EXPIRY_MS;
+    let gap: Activity = ov.load(base, keys::EVENT_ACTIVITY)?.unwrap_or_default();
+    let in_gap = until > gap.gap_from && until <= gap.gap_to;
+    let uncounted = elsewhere || in_gap;
     if let Some(a) = ev.attempts.last_mut().filter(|a| a.outcome.is_none()) {
         a.outcome = Some(AttemptOutcome::Expired);
         a.ended_ms = until;
@@ -1482,8 +1510,8 @@ fn expire_lease(
             )
         } else if uncounted {
             format!(
-                "the lease ran out {} s before this DC could settle it (down, or without a quorum): delivered again, no attempt counted",
-                late / 1000
+                "the lease ran out while this DC could not act (down, or without a quorum, for {} s): delivered again, no attempt counted",
+                (gap.gap_to - gap.gap_from) / 1000
             )
         } else {
             format!(

@@ -450,6 +450,10 @@ pub fn notice(rule: &str, ms: i64, id: &mailbox_types::EventId) -> Vec<u8> {
     )
 }
 
+/// When this DC last applied an event command (lease, answer, expiry)
+/// and its last gap without any (see `events::note_activity`).
+pub const EVENT_ACTIVITY: &[u8] = b"J";
+
 /// Prefix of one rule's [`notice`] entries.
 pub fn notice_prefix(rule: &str) -> Vec<u8> {
     tagged(b'N', &[rule.as_bytes(), &[0]])

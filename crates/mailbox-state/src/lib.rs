@@ -985,7 +985,9 @@ fn apply_inner(
             now_ms,
             seed,
             request,
-        } => events::lease_events(
+        } => {
+            events::note_activity(base, overlay, *now_ms)?;
+            events::lease_events(
             base,
             overlay,
             ctx,
@@ -998,7 +1000,8 @@ fn apply_inner(
                 seed: *seed,
                 request: *request,
             },
-        ),
+            )
+        }
         Command::AckEvent {
             id,
             attempt,
@@ -1006,9 +1009,12 @@ fn apply_inner(
             ack,
             now_ms,
             seed,
-        } => events::ack_event(
-            base, overlay, ctx, id, *attempt, consumer, ack, *now_ms, *seed,
-        ),
+        } => {
+            events::note_activity(base, overlay, *now_ms)?;
+            events::ack_event(
+                base, overlay, ctx, id, *attempt, consumer, ack, *now_ms, *seed,
+            )
+        }
         Command::ReplayEvents { ids, force, now_ms } => {
             events::replay_events(base, overlay, ctx, ids, *force, *now_ms)
         }
@@ -1018,6 +1024,7 @@ fn apply_inner(
             now_ms,
         } => events::discard_events(base, overlay, ctx, ids, reason, *now_ms),
         Command::ExpireLeases { now_ms, seed } => {
+            events::note_activity(base, overlay, *now_ms)?;
             events::expire_leases(base, overlay, ctx, *now_ms, *seed, 1024)
         }
         Command::SuspendDc {

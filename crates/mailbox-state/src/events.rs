@@ -260,11 +260,78 @@ fn chain_clear(base: &dyn KvRead, ov: &Overlay, ev: &Event) -> Result<bool, Stat
     if ev.ordering != EventOrdering::PerMailbox {
         return Ok(true);
     }
+    Ok(chain_head(base, ov, ev, None)?.is_some_and(|h| h.id == ev.id))
+}
+
+/// The first live event of `ev`'s mailbox chain, skipping entries left
+/// behind by older copies (their event gone, finished, or since moved);
+/// with `stale`, those entries are collected there.
+fn chain_head(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    ev: &Event,
+    mut stale: Option<&mut Vec<Vec<u8>>>,
+) -> Result<Option<Event>, StateError> {
     let chain = keys::order_prefix(&ev.queue, ev.lane(), &ev.message.mailbox);
-    Ok(ov
-        .scan(base, &chain, None, 1)?
-        .first()
-        .is_some_and(|(_, v)| v.as_slice() == ev.id.as_bytes()))
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let rows = ov.scan(base, &chain, after.as_deref(), 64)?;
+        let Some((last, _)) = rows.last() else {
+            return Ok(None);
+        };
+        let last = last.clone();
+        for (k, v) in rows {
+            let id =
+                EventId::from_bytes(v.as_slice().try_into().map_err(|_| StateError::Corrupt {
+                    key: keys::hex(&k),
+                    reason: "bad event id in the order chain".into(),
+                })?);
+            match load_event(base, ov, &id)? {
+                Some(e) if !e.status.is_final() && order_key(&e) == k => return Ok(Some(e)),
+                _ => {
+                    if let Some(s) = stale.as_deref_mut() {
+                        s.push(k);
+                    }
+                }
+            }
+        }
+        after = Some(last);
+    }
+}
+
+/// After `ev` was made to wait again at lease time: if nothing of its
+/// chain is running, its head is released (it may be waiting behind an
+/// event the crossed copies had released, which is now waiting too).
+fn release_if_idle(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    ctx: &ApplyCtx,
+    ev: &Event,
+    now_ms: i64,
+) -> Result<(), StateError> {
+    let Some(mut head) = chain_head(base, ov, ev, None)? else {
+        return Ok(());
+    };
+    if !head.blocked {
+        return Ok(());
+    }
+    let chain = keys::order_prefix(&ev.queue, ev.lane(), &ev.message.mailbox);
+    // A long chain is all waiting but its head and what crossed copies
+    // released; a bounded look finds a running one in practice.
+    for (_, v) in ov.scan(base, &chain, None, 256)? {
+        if let Ok(id) = <[u8; 16]>::try_from(v.as_slice()) {
+            if load_event(base, ov, &EventId::from_bytes(id))?
+                .is_some_and(|e| e.status == EventStatus::Processing)
+            {
+                return Ok(());
+            }
+        }
+    }
+    let prev = head.clone();
+    head.blocked = false;
+    head.due_ms = head.due_ms.max(now_ms);
+    head.updated_ms = head.updated_ms.max(now_ms);
+    put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut head)
 }
 
 /// Stores `ev` (whose stored form was `prev`) with its indexes and counts;
@@ -1345,6 +1412,7 @@ fn lease_lane(
                 // again (released when the head finishes).
                 ev.blocked = true;
                 put_event(base, ov, Writer::Local(ctx), Some(&prev), &mut ev)?;
+                release_if_idle(base, ov, ctx, &ev, now_ms)?;
             }
             EventStatus::Pending => {
                 ev.deliveries += 1;
@@ -1584,29 +1652,20 @@ fn release_head(
     if runners(base, ov, ev)? > 0 {
         return Ok(());
     }
-    let chain = keys::order_prefix(&ev.queue, ev.lane(), &ev.message.mailbox);
     // (From `finish`, `ev` left the chain already; from a feed, `ev` is
-    // stored, and released here if it is the head.) An entry whose event
-    // is gone or finished (left behind by an older copy) is cleared.
-    for (k, v) in ov.scan(base, &chain, None, 8)? {
-        let head =
-            EventId::from_bytes(v.as_slice().try_into().map_err(|_| StateError::Corrupt {
-                key: keys::hex(&k),
-                reason: "bad event id in the order chain".into(),
-            })?);
-        match load_event(base, ov, &head)? {
-            Some(mut next) if !next.status.is_final() && order_key(&next) == k => {
-                if next.blocked {
-                    let prev = next.clone();
-                    next.blocked = false;
-                    next.due_ms = next.due_ms.max(now_ms);
-                    next.updated_ms = next.updated_ms.max(now_ms);
-                    put_event(base, ov, w, Some(&prev), &mut next)?;
-                }
-                return Ok(());
-            }
-            _ => ov.delete(k),
-        }
+    // stored, and released here if it is the head.) Entries whose event
+    // is gone or finished (left behind by an older copy) are cleared.
+    let mut stale = Vec::new();
+    let head = chain_head(base, ov, ev, Some(&mut stale))?;
+    for k in stale {
+        ov.delete(k);
+    }
+    if let Some(mut next) = head.filter(|h| h.blocked) {
+        let prev = next.clone();
+        next.blocked = false;
+        next.due_ms = next.due_ms.max(now_ms);
+        next.updated_ms = next.updated_ms.max(now_ms);
+        put_event(base, ov, w, Some(&prev), &mut next)?;
     }
     Ok(())
 }

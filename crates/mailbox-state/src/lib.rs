@@ -988,18 +988,18 @@ fn apply_inner(
         } => {
             events::note_activity(base, overlay, *now_ms)?;
             events::lease_events(
-            base,
-            overlay,
-            ctx,
-            events::LeaseAsk {
-                queue,
-                consumer,
-                max: *max,
-                lease_ms: *lease_ms,
-                now_ms: *now_ms,
-                seed: *seed,
-                request: *request,
-            },
+                base,
+                overlay,
+                ctx,
+                events::LeaseAsk {
+                    queue,
+                    consumer,
+                    max: *max,
+                    lease_ms: *lease_ms,
+                    now_ms: *now_ms,
+                    seed: *seed,
+                    request: *request,
+                },
             )
         }
         Command::AckEvent {

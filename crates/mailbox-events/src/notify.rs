@@ -9,16 +9,20 @@
 //!   (the outbox is keyed by rule, so a rule whose webhook is down for
 //!   long holds back only its own notices), and groups each rule's notices
 //!   by error text into windows: a bundle is the notices of one error from
-//!   its first one to `error-window` later. It goes out once that window
-//!   has passed: one POST with the count, the first and last time, and up
-//!   to [`MAX_LISTED`] event ids and messages, signed like events
-//!   (Standard Webhooks). Its `webhook-id` is derived from the rule, the
-//!   error and the first notice, and no notice joins a window that has
-//!   passed, so a retried notification keeps its id and its content.
-//!   A 2xx clears the bundle's notices (a proposal); anything else is
-//!   retried with a backoff per rule, up to 5 minutes apart, and logged.
+//!   its first one to `error-window` later. Once that window has passed,
+//!   the bundle is *sealed* (`SealNotices`, a proposal): its notices leave
+//!   the outbox and the exact body is kept under its `webhook-id` (derived
+//!   from the rule, the error and the first notice). Only then is it sent:
+//!   one POST with the count, the first and last time, and up to
+//!   [`MAX_LISTED`] event ids and messages, signed like events (Standard
+//!   Webhooks). A retry, by this leader or the next, sends the same id
+//!   with the same body; a notice that arrives late (a lease settled after
+//!   the window) goes into a later notification. A 2xx forgets the sealed
+//!   notification (`ClearSealed`); anything else is retried with a backoff
+//!   per rule, up to 5 minutes apart, and logged.
 //! - Notices of a rule deleted since, or whose error webhook was removed,
-//!   and of events no longer dead-lettered (replayed, purged) are cleared.
+//!   and of events no longer dead-lettered (replayed, purged) are cleared;
+//!   of an event dead-lettered again after a replay, only the last counts.
 //! - Memory: a page of notice keys per rule, and per bundle the listed
 //!   ids and messages only.
 
@@ -142,26 +146,49 @@ pub async fn run(raft: RaftNode, mut shutdown: tokio::sync::watch::Receiver<bool
     }
 }
 
-/// One look at `rule`'s notices: sends the bundles whose window has
-/// passed, clears what was sent and what is stale.
+/// One look at `rule`'s outbox: sends what is sealed, seals and sends the
+/// bundles whose window has passed, clears what was sent and what is
+/// stale.
 async fn pass(
     raft: &RaftNode,
     http: &Http,
     rule_name: &str,
     backoff: &mut HashMap<String, (tokio::time::Instant, Duration)>,
 ) -> Result<(), String> {
-    let notices = ev::notices(raft.view(), rule_name, MAX_NOTICES).map_err(|e| e.to_string())?;
     let rule = ev::get_rule(raft.view(), rule_name).map_err(|e| e.to_string())?;
-    let Some((rule, sink)) = rule.and_then(|r| r.error_webhook.clone().map(|s| (r, s))) else {
-        tracing::info!(rule = %rule_name, count = notices.len(), "dead-letter notices dropped: the rule has no error webhook any more");
+    let sink = rule.as_ref().and_then(|r| r.error_webhook.clone());
+    let sealed = ev::sealed_notifications(raft.view(), rule_name, 64).map_err(|e| e.to_string())?;
+    let notices = ev::notices(raft.view(), rule_name, MAX_NOTICES).map_err(|e| e.to_string())?;
+    let (Some(rule), Some(sink)) = (rule, sink) else {
+        tracing::info!(rule = %rule_name, count = notices.len() + sealed.len(), "dead-letter notices dropped: the rule has no error webhook any more");
+        for (id, _) in sealed {
+            clear_sealed(raft, rule_name, &id).await?;
+        }
         return clear(raft, rule_name, notices).await;
     };
+    // What was sealed before (by this leader or an earlier one) first.
+    for (id, n) in sealed {
+        if !send(raft, http, &sink, rule_name, &id, n.body, n.count, backoff).await? {
+            return Ok(());
+        }
+    }
     let window = rule.error_window_ms as i64;
+    // An event dead-lettered, replayed and dead-lettered again has two
+    // notices: only the last counts.
+    let mut latest: HashMap<EventId, i64> = HashMap::new();
+    for (ms, id) in &notices {
+        let l = latest.entry(*id).or_insert(*ms);
+        *l = (*l).max(*ms);
+    }
     // Per error, the first window's bundle (later windows wait for a
-    // later pass, once this one is cleared).
+    // later pass, once this one is sealed).
     let mut bundles: BTreeMap<String, Bundle> = BTreeMap::new();
     let mut stale = Vec::new();
     for (ms, id) in notices {
+        if latest.get(&id).is_some_and(|l| *l != ms) {
+            stale.push((ms, id));
+            continue;
+        }
         let event = ev::get_event(raft.view(), &id).map_err(|e| e.to_string())?;
         // Gone (purged), or replayed since: nothing to tell.
         let Some(event) = event.filter(|e| e.status == mailbox_types::EventStatus::Failed) else {
@@ -195,31 +222,76 @@ async fn pass(
         }
         let body = bundle_body(raft.dc(), &rule, &b);
         let id = bundle_id(rule_name, &b);
-        match post_body(http, &sink, &id, body).await {
-            Ok((s, _, _)) if (200..300).contains(&s) => {
-                tracing::info!(rule = %rule_name, count = b.notices.len(), id = %id, "dead-letter notification sent");
-                backoff.remove(rule_name);
-                clear(raft, rule_name, b.notices).await?;
-            }
-            other => {
-                let why = match other {
-                    Ok((s, _, text)) => format!("HTTP {s}: {text}"),
-                    Err(e) => e,
-                };
-                let wait = backoff
-                    .get(rule_name)
-                    .map_or(Duration::from_secs(1), |(_, w)| (*w * 2).min(MAX_BACKOFF));
-                backoff.insert(
-                    rule_name.to_string(),
-                    (tokio::time::Instant::now() + wait, wait),
-                );
-                tracing::warn!(rule = %rule_name, count = b.notices.len(), id = %id, retry_in = ?wait, "dead-letter notification failed: {why}");
-                // The rest of this rule's bundles wait for the same backoff.
-                return Ok(());
-            }
+        let count = b.notices.len() as u64;
+        match raft
+            .propose(Command::SealNotices {
+                rule: rule_name.to_string(),
+                id: id.clone(),
+                body: body.clone(),
+                notices: b.notices,
+            })
+            .await
+        {
+            Ok(Ok(CommandResult::Expired { count: 1, .. })) => {}
+            // Sealed by another proposal meanwhile: sent from there.
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => return Err(format!("sealing a notification: {e}")),
+            Err(e) => return Err(format!("sealing a notification: {e}")),
+        }
+        if !send(raft, http, &sink, rule_name, &id, body, count, backoff).await? {
+            return Ok(());
         }
     }
     Ok(())
+}
+
+/// POSTs a sealed notification; forgets it on a 2xx. `false`: it failed
+/// (backed off; the rule's other notifications wait too).
+#[allow(clippy::too_many_arguments)]
+async fn send(
+    raft: &RaftNode,
+    http: &Http,
+    sink: &mailbox_types::WebhookSink,
+    rule: &str,
+    id: &str,
+    body: Vec<u8>,
+    count: u64,
+    backoff: &mut HashMap<String, (tokio::time::Instant, Duration)>,
+) -> Result<bool, String> {
+    match post_body(http, sink, id, body).await {
+        Ok((s, _, _)) if (200..300).contains(&s) => {
+            tracing::info!(rule = %rule, count, id = %id, "dead-letter notification sent");
+            backoff.remove(rule);
+            clear_sealed(raft, rule, id).await?;
+            Ok(true)
+        }
+        other => {
+            let why = match other {
+                Ok((s, _, text)) => format!("HTTP {s}: {text}"),
+                Err(e) => e,
+            };
+            let wait = backoff
+                .get(rule)
+                .map_or(Duration::from_secs(1), |(_, w)| (*w * 2).min(MAX_BACKOFF));
+            backoff.insert(rule.to_string(), (tokio::time::Instant::now() + wait, wait));
+            tracing::warn!(rule = %rule, count, id = %id, retry_in = ?wait, "dead-letter notification failed: {why}");
+            Ok(false)
+        }
+    }
+}
+
+async fn clear_sealed(raft: &RaftNode, rule: &str, id: &str) -> Result<(), String> {
+    match raft
+        .propose(Command::ClearSealed {
+            rule: rule.to_string(),
+            id: id.to_string(),
+        })
+        .await
+    {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("forgetting a sent notification: {e}")),
+        Err(e) => Err(format!("forgetting a sent notification: {e}")),
+    }
 }
 
 async fn clear(raft: &RaftNode, rule: &str, notices: Vec<(i64, EventId)>) -> Result<(), String> {

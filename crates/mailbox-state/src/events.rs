@@ -1953,16 +1953,22 @@ pub(crate) fn purge_events(
     Ok(CommandResult::Expired { count, more })
 }
 
-/// The rules with dead-letter notices in this DC's outbox (one seek per
-/// rule, so the count of notices does not matter).
+/// The rules with dead-letter notices in this DC's outbox, or sealed
+/// notifications waiting (one seek per rule, so their count does not
+/// matter).
 pub fn notice_rules(kv: &dyn KvRead) -> Result<Vec<String>, StateError> {
+    let mut rules = rules_under(kv, keys::NOTICE_PREFIX)?;
+    rules.extend(rules_under(kv, keys::SEALED_PREFIX)?);
+    rules.sort();
+    rules.dedup();
+    Ok(rules)
+}
+
+/// The distinct rule names of keys `tag rule 0 ...`.
+fn rules_under(kv: &dyn KvRead, tag: &[u8]) -> Result<Vec<String>, StateError> {
     let mut rules = Vec::new();
     let mut after: Option<Vec<u8>> = None;
-    while let Some((k, _)) = kv
-        .scan(keys::NOTICE_PREFIX, after.as_deref(), 1)?
-        .into_iter()
-        .next()
-    {
+    while let Some((k, _)) = kv.scan(tag, after.as_deref(), 1)?.into_iter().next() {
         let end = k[1..]
             .iter()
             .position(|b| *b == 0)
@@ -1977,6 +1983,67 @@ pub fn notice_rules(kv: &dyn KvRead) -> Result<Vec<String>, StateError> {
         after = Some(next);
     }
     Ok(rules)
+}
+
+/// A dead-letter notification sealed for delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedNotification {
+    /// The JSON body, exactly as sent.
+    pub body: Vec<u8>,
+    /// Dead letters it reports.
+    pub count: u64,
+}
+
+/// Sealed notifications of `rule` waiting to be delivered, by id.
+pub fn sealed_notifications(
+    kv: &dyn KvRead,
+    rule: &str,
+    limit: usize,
+) -> Result<Vec<(String, SealedNotification)>, StateError> {
+    let prefix = keys::sealed_prefix(rule);
+    kv.scan(&prefix, None, limit)?
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                decode(&k, &v)?,
+            ))
+        })
+        .collect()
+}
+
+/// Seals a notification (see `Command::SealNotices`): `count` 1 if it was
+/// sealed, 0 if some notice had left the outbox already.
+pub(crate) fn seal_notices(
+    base: &dyn KvRead,
+    ov: &mut Overlay,
+    rule: &str,
+    id: &str,
+    body: &[u8],
+    notices: &[(i64, EventId)],
+) -> CommandResponse {
+    for (ms, ev) in notices {
+        if ov.get(base, &keys::notice(rule, *ms, ev))?.is_none() {
+            return Ok(CommandResult::Expired {
+                count: 0,
+                more: false,
+            });
+        }
+    }
+    for (ms, ev) in notices {
+        ov.delete(keys::notice(rule, *ms, ev));
+    }
+    ov.put(
+        keys::sealed(rule, id),
+        encode(&SealedNotification {
+            body: body.to_vec(),
+            count: notices.len() as u64,
+        }),
+    );
+    Ok(CommandResult::Expired {
+        count: 1,
+        more: false,
+    })
 }
 
 /// Dead-letters of `rule` this DC has yet to notify, oldest first (at

@@ -462,6 +462,20 @@ pub fn notice_prefix(rule: &str) -> Vec<u8> {
 /// Prefix of every [`notice`] entry.
 pub const NOTICE_PREFIX: &[u8] = b"N";
 
+/// A sealed dead-letter notification of `rule`, by its `webhook-id`,
+/// waiting to be delivered (see `Command::SealNotices`).
+pub fn sealed(rule: &str, id: &str) -> Vec<u8> {
+    tagged(b'B', &[rule.as_bytes(), &[0], id.as_bytes()])
+}
+
+/// Prefix of one rule's [`sealed`] entries.
+pub fn sealed_prefix(rule: &str) -> Vec<u8> {
+    tagged(b'B', &[rule.as_bytes(), &[0]])
+}
+
+/// Prefix of every [`sealed`] entry.
+pub const SEALED_PREFIX: &[u8] = b"B";
+
 /// How many events of the mailbox chain of `p`, lane `lane`, queue `q`
 /// are deliverable or running (absent: none).
 pub fn chain_runners(q: &str, lane: &str, p: &MailboxPath) -> Vec<u8> {

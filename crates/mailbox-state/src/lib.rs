@@ -333,6 +333,29 @@ pub enum Command {
         /// The queue.
         queue: String,
     },
+    /// A dead-letter notification about to be sent, sealed: its notices
+    /// leave the outbox and the exact body is kept under its id, so every
+    /// retry (by any leader) sends the same id with the same content. Only
+    /// if every notice is still in the outbox (else nothing changes:
+    /// another proposal sealed them).
+    SealNotices {
+        /// The rule.
+        rule: String,
+        /// The notification's `webhook-id`.
+        id: String,
+        /// The JSON body.
+        body: Vec<u8>,
+        /// The notices it reports.
+        notices: Vec<(i64, EventId)>,
+    },
+    /// A sealed notification was delivered (or its rule lost its error
+    /// webhook): forgotten.
+    ClearSealed {
+        /// The rule.
+        rule: String,
+        /// The notification's id.
+        id: String,
+    },
 }
 
 /// Successful outcome of a command.
@@ -1046,6 +1069,16 @@ fn apply_inner(
             events::purge_events(base, overlay, *before_ms, events::MAX_PURGE_BATCH)
         }
         Command::AnnounceQueue { queue } => events::announce_queue(base, overlay, queue),
+        Command::SealNotices {
+            rule,
+            id,
+            body,
+            notices,
+        } => events::seal_notices(base, overlay, rule, id, body, notices),
+        Command::ClearSealed { rule, id } => {
+            overlay.delete(keys::sealed(rule, id));
+            Ok(CommandResult::None)
+        }
         Command::ClearNotices { rule, notices } => {
             for (ms, id) in notices {
                 overlay.delete(keys::notice(rule, *ms, id));

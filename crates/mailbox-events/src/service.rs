@@ -864,12 +864,13 @@ pub async fn expire_leases(
         // Proposed every tick while any lease runs, due or not: the DC's
         // record of when it could act (see `LATE_EXPIRY_MS`), so a lease
         // that runs out while it can act is always counted.
-        let mut first = true;
+        // (A count, not a scan of the lease-end index: its head holds the
+        // deletes of every answered lease until compaction.)
+        let mut heartbeat = ev::queue_counts(raft.view())
+            .is_ok_and(|c| c.iter().any(|(_, q)| q.processing > 0));
         loop {
-            let horizon = if first { i64::MAX } else { now_ms() + 1 };
-            first = false;
-            let due = match ev::earliest_lease_end(raft.view(), raft.dc(), horizon) {
-                Ok(d) => d.is_some(),
+            let due = match ev::earliest_lease_end(raft.view(), raft.dc(), now_ms() + 1) {
+                Ok(d) => std::mem::take(&mut heartbeat) || d.is_some(),
                 Err(e) => {
                     tracing::warn!("reading running leases: {e}");
                     break;

@@ -96,19 +96,41 @@ pub struct QueueCounts {
     /// scans start here instead of at the index's head, where the entries
     /// of events already leased and answered were deleted (RocksDB would
     /// step over every one of those deletes until compaction, a cost that
-    /// grew with the queue's history). Also the list of the queue's lanes.
-    pub due_floors: BTreeMap<String, i64>,
+    /// grew with the queue's history). A full key position, not just a
+    /// time: a page of `rules evaluate` raises thousands of events due at
+    /// one millisecond, and a floor at that millisecond stepped over the
+    /// deletes of every one already leased. Also the list of the queue's
+    /// lanes.
+    pub due_floors: BTreeMap<String, DuePos>,
+}
+
+/// A position in a lane's due index: scans start just after it (a due
+/// time and an event id, as in the index's keys).
+pub type DuePos = (i64, [u8; 16]);
+
+/// The position just before `pos` (scans start after a position, so a
+/// floor that must include the entry at `pos` stands here).
+fn before_pos(pos: DuePos) -> DuePos {
+    let (ms, mut id) = pos;
+    for b in id.iter_mut().rev() {
+        if *b > 0 {
+            *b -= 1;
+            return (ms, id);
+        }
+        *b = 0xff;
+    }
+    (ms.saturating_sub(1).max(0), [0xff; 16])
 }
 
 impl QueueCounts {
-    /// Lane `lane`'s due floor (0, the head, when it has none yet).
-    pub fn floor(&self, lane: &str) -> i64 {
-        self.due_floors.get(lane).copied().unwrap_or(0)
+    /// Lane `lane`'s due floor (the head, when it has none yet).
+    pub fn floor(&self, lane: &str) -> DuePos {
+        self.due_floors.get(lane).copied().unwrap_or((0, [0; 16]))
     }
 
-    fn lower_floor(&mut self, lane: &str, ms: i64) {
-        let f = self.due_floors.entry(lane.to_string()).or_insert(ms);
-        *f = (*f).min(ms);
+    fn lower_floor(&mut self, lane: &str, pos: DuePos) {
+        let f = self.due_floors.entry(lane.to_string()).or_insert(pos);
+        *f = (*f).min(pos);
     }
 }
 
@@ -171,10 +193,16 @@ pub fn status_code(s: EventStatus) -> u8 {
     }
 }
 
-/// The position just before every due-index entry of `queue` at `floor_ms`
-/// or later (no event id is all zeros: ids carry a version).
-fn due_floor_key(queue: &str, lane: &str, floor_ms: i64) -> Vec<u8> {
-    keys::due(queue, lane, floor_ms, &EventId::from_bytes([0; 16]))
+/// The key of position `pos` of `queue`'s lane `lane` (with an all-zero
+/// id, just before every entry at its time: no event id is all zeros, ids
+/// carry a version).
+fn due_floor_key(queue: &str, lane: &str, pos: DuePos) -> Vec<u8> {
+    keys::due(queue, lane, pos.0, &EventId::from_bytes(pos.1))
+}
+
+/// Just before every due-index entry at `ms` or later.
+fn at_ms(ms: i64) -> DuePos {
+    (ms, [0; 16])
 }
 
 /// The lease-end-index key of `ev`, while it is leased.
@@ -401,7 +429,7 @@ fn put_event(
         Vec::new(),
     );
     if let Some(k) = due_key(ev) {
-        counts.lower_floor(ev.lane(), ev.due_ms.max(0));
+        counts.lower_floor(ev.lane(), before_pos((ev.due_ms.max(0), *ev.id.as_bytes())));
         ov.put(k, Vec::new());
     }
     if let Some(k) = lease_key(ev) {
@@ -1373,14 +1401,14 @@ fn lease_lane(
     // Only what is due by now: entries past it (leases under way, later
     // retries) are not needed, and the iterator must not step over the
     // deletes of every answered lease among them.
-    let before = due_floor_key(queue, lane, now_ms.saturating_add(1));
+    let before = due_floor_key(queue, lane, at_ms(now_ms.saturating_add(1)));
     let rows = ov.scan_below(base, &prefix, Some(&from), Some(&before), scan_limit)?;
     // The floor is recomputed below from what is left: while this runs it
     // stands at "nothing written yet", and every due entry written
     // meanwhile (leases, retries, a mailbox's next event) lowers it through
     // `put_event`, so afterwards it holds the earliest of those.
     let mut c = load_counts(base, ov, queue)?;
-    c.due_floors.insert(lane.to_string(), i64::MAX);
+    c.due_floors.insert(lane.to_string(), (i64::MAX, [0xff; 16]));
     ov.put(keys::queue(queue), encode(&c));
     let mut processed = 0;
     for (k, _) in &rows {
@@ -1449,13 +1477,17 @@ fn lease_lane(
     // Entries left: the first row not taken (rows are in order), or, when
     // every row read was taken, whatever lies past the last one (only if
     // the scan stopped at its limit), or nothing at all.
+    let pos = |k: &[u8]| -> Result<DuePos, StateError> {
+        let (ms, id) = keys::decode_due(k, prefix.len())?;
+        Ok((ms, *id.as_bytes()))
+    };
     let left = if processed < rows.len() {
-        keys::decode_due(&rows[processed].0, prefix.len())?.0
+        before_pos(pos(&rows[processed].0)?)
     } else if rows.len() == scan_limit {
-        keys::decode_due(&rows[rows.len() - 1].0, prefix.len())?.0
+        pos(&rows[rows.len() - 1].0)?
     } else {
         // Everything due by now was read and taken.
-        now_ms.saturating_add(1).max(floor)
+        at_ms(now_ms.saturating_add(1)).max(floor)
     };
     let mut counts = load_counts(base, ov, queue)?;
     counts.lower_floor(lane, left);
@@ -2181,7 +2213,7 @@ pub fn next_due(
     for lane in lanes {
         let prefix = keys::due_prefix(queue, &lane);
         let from = due_floor_key(queue, &lane, counts.floor(&lane));
-        let before = due_floor_key(queue, &lane, best.unwrap_or(before_ms).min(before_ms));
+        let before = due_floor_key(queue, &lane, at_ms(best.unwrap_or(before_ms).min(before_ms)));
         if from >= before {
             continue;
         }

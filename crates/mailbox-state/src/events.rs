@@ -1408,7 +1408,8 @@ fn lease_lane(
     // meanwhile (leases, retries, a mailbox's next event) lowers it through
     // `put_event`, so afterwards it holds the earliest of those.
     let mut c = load_counts(base, ov, queue)?;
-    c.due_floors.insert(lane.to_string(), (i64::MAX, [0xff; 16]));
+    c.due_floors
+        .insert(lane.to_string(), (i64::MAX, [0xff; 16]));
     ov.put(keys::queue(queue), encode(&c));
     let mut processed = 0;
     for (k, _) in &rows {
@@ -2213,7 +2214,11 @@ pub fn next_due(
     for lane in lanes {
         let prefix = keys::due_prefix(queue, &lane);
         let from = due_floor_key(queue, &lane, counts.floor(&lane));
-        let before = due_floor_key(queue, &lane, at_ms(best.unwrap_or(before_ms).min(before_ms)));
+        let before = due_floor_key(
+            queue,
+            &lane,
+            at_ms(best.unwrap_or(before_ms).min(before_ms)),
+        );
         if from >= before {
             continue;
         }

@@ -111,6 +111,9 @@ pub type DuePos = (i64, [u8; 16]);
 /// The position just before `pos` (scans start after a position, so a
 /// floor that must include the entry at `pos` stands here).
 fn before_pos(pos: DuePos) -> DuePos {
+    if pos == (0, [0; 16]) {
+        return pos; // The head: nothing is before it (no id is all zeros).
+    }
     let (ms, mut id) = pos;
     for b in id.iter_mut().rev() {
         if *b > 0 {

@@ -55,6 +55,9 @@ fn parse_event_ids(ids: &[String]) -> Result<Vec<EventId>, EventsError> {
 
 /// Longest consumer name.
 pub const MAX_CONSUMER_NAME: usize = 128;
+/// The leader proposes a lease expiry at least this often, due or not:
+/// well inside `LATE_EXPIRY_MS`, so a DC that can act never shows a gap.
+const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// A consumer name: 1..=128 bytes, no control characters (it is shown in
 /// every attempt and keys the consumer's last lease request).
@@ -147,6 +150,13 @@ impl EventsService {
             .await?
         {
             CommandResult::Leased { events } => Ok(events),
+            CommandResult::CatchingUp { dcs, until_ms } => Err(EventsError::Unavailable {
+                reason: format!(
+                    "this DC was out of action until recently and has not yet heard from DC(s) {dcs} since \
+                     (one may have taken its queues over): no leases until it has, {} s at most; retry",
+                    (until_ms - now_ms()).max(0) / 1000 + 1
+                ),
+            }),
             other => Err(EventsError::Internal {
                 reason: format!("unexpected result of a lease: {other:?}"),
             }),
@@ -848,6 +858,7 @@ pub async fn expire_leases(
     retention: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
+    let mut last_heartbeat = tokio::time::Instant::now() - HEARTBEAT;
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -861,20 +872,10 @@ pub async fn expire_leases(
         }
         // Oldest first, a bounded number per entry; again at once while
         // more are due (a burst of abandoned leases clears in one tick).
-        // Proposed every tick while any lease runs, due or not: the DC's
-        // record of when it could act (see `LATE_EXPIRY_MS`), so a lease
-        // that runs out while it can act is always counted.
-        // (A count, not a scan of the lease-end index: its head holds the
-        // deletes of every answered lease until compaction.)
-        let mut heartbeat = match ev::queue_counts(raft.view()) {
-            Ok(c) => c.iter().any(|(_, q)| q.processing > 0),
-            Err(e) => {
-                // An extra proposal does no harm; a missing one would make
-                // a lease that runs out look like one in a gap.
-                tracing::warn!("reading the queue counts: {e}");
-                true
-            }
-        };
+        // Also every `HEARTBEAT` whatever is due: the DC's record of when
+        // it could act (see `LATE_EXPIRY_MS`), so that only a DC that was
+        // down or without a quorum shows a gap, never one that was idle.
+        let mut heartbeat = last_heartbeat.elapsed() >= HEARTBEAT;
         loop {
             let due = match ev::earliest_lease_end(raft.view(), raft.dc(), now_ms() + 1) {
                 Ok(d) => std::mem::take(&mut heartbeat) || d.is_some(),
@@ -894,6 +895,7 @@ pub async fn expire_leases(
                 .await
             {
                 Ok(Ok(CommandResult::Expired { count, more })) => {
+                    last_heartbeat = tokio::time::Instant::now();
                     if count > 0 {
                         tracing::info!(
                             count,

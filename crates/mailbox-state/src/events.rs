@@ -1553,8 +1553,8 @@ pub(crate) fn expire_leases(
 
 /// A stretch this long without any event command applied in the DC is a
 /// gap: it was down, or without a quorum (its leader's housekeeping
-/// proposes an expiry every second while any lease runs, so a DC that can
-/// act never goes this long). A lease that ran out inside a gap was not
+/// proposes an expiry at least every 10 s, so a DC that can act, busy or
+/// idle, never goes this long). A lease that ran out inside a gap was not
 /// settled because the DC could not act, and its consumer may have
 /// answered into it: that missing answer is not counted as a failure.
 pub const LATE_EXPIRY_MS: i64 = 30_000;
@@ -1583,6 +1583,52 @@ pub(crate) fn note_activity(
     a.last_ms = a.last_ms.max(now_ms);
     ov.put(keys::EVENT_ACTIVITY.to_vec(), encode(&a));
     Ok(())
+}
+
+/// When this DC last applied an event command (0: never).
+#[cfg(test)]
+pub(crate) fn last_activity(kv: &dyn KvRead) -> i64 {
+    kv.get(keys::EVENT_ACTIVITY)
+        .ok()
+        .flatten()
+        .and_then(|v| decode::<Activity>(keys::EVENT_ACTIVITY, &v).ok())
+        .map_or(0, |a| a.last_ms)
+}
+
+/// Refuses leases for a while after a gap (see [`LATE_EXPIRY_MS`]) until
+/// this DC has applied records from every other DC's feed since: a queue
+/// may have been taken over while it was out of action, and delivering
+/// before it reads that would repeat what the new handler delivers.
+/// Leases go ahead anyway `LATE_EXPIRY_MS` after the gap (another DC may
+/// be down too, or have nothing new to send).
+pub(crate) fn check_caught_up(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    ctx: &ApplyCtx,
+    now_ms: i64,
+) -> Result<Option<CommandResult>, StateError> {
+    let a: Activity = ov.load(base, keys::EVENT_ACTIVITY)?.unwrap_or_default();
+    let until_ms = a.gap_to.saturating_add(LATE_EXPIRY_MS);
+    if a.gap_to == 0 || now_ms >= until_ms {
+        return Ok(None);
+    }
+    let dcs: Vec<String> = ov.load(base, keys::CLUSTER_DCS)?.unwrap_or_default();
+    let mut waiting = Vec::new();
+    for dc in dcs.iter().filter(|d| **d != ctx.local_dc) {
+        let heard: i64 = ov.load(base, &keys::heard(dc))?.unwrap_or(0);
+        // Anything applied after the last command before the gap came
+        // after the DC was back.
+        if heard <= a.gap_from {
+            waiting.push(dc.as_str());
+        }
+    }
+    if waiting.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(CommandResult::CatchingUp {
+        dcs: waiting.join(", "),
+        until_ms,
+    }))
 }
 
 /// A lease ran out without an answer: a failure, backed off from the

@@ -54,11 +54,14 @@ impl Dc {
     fn pull(&mut self, from: &Dc) -> u64 {
         let since = crate::replication::cursor(&self.kv, &from.ctx.local_dc).unwrap();
         let records = feed_since(&from.kv, since, 1000).unwrap();
+        // Received after whatever this DC did last (what a real pull's
+        // clock says).
+        let received_ms = 1000.max(last_activity(&self.kv) + 1);
         match self
             .run(Command::ApplyRemote {
                 origin: from.ctx.local_dc.clone(),
                 records,
-                received_ms: 1000,
+                received_ms,
                 payload_here: vec![],
                 identity: String::new(),
             })
@@ -1402,7 +1405,7 @@ fn a_takeover_delivers_what_was_not_complete_once_and_never_what_was() {
     for e in first.iter().chain(later.iter()) {
         west.ack(e, EventAck::Complete, 3_200).unwrap();
     }
-    assert!(west.lease("q", "w1", 10, 100_000).is_empty());
+    assert!(west.lease("q", "w1", 10, 30_000).is_empty());
     assert_eq!(
         west.event(&ids[0]).deliveries,
         1,
@@ -1449,8 +1452,8 @@ fn a_takeover_delivers_what_was_not_complete_once_and_never_what_was() {
     .unwrap();
     takeover(&mut west, "q", None, 200_002);
     east.pull(&west);
-    assert!(west.lease("q", "w1", 10, 300_000).is_empty());
-    let got = east.lease("q", "e1", 10, 300_000);
+    assert!(west.lease("q", "w1", 10, 220_000).is_empty());
+    let got = east.lease("q", "e1", 10, 220_000);
     assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), vec![id]);
     assert_eq!(got[0].deliveries, 2);
 }
@@ -1752,6 +1755,59 @@ fn a_stale_copy_from_an_old_handler_cannot_undo_the_new_handlers_dead_letter() {
         let e = dc.event(&id);
         assert_eq!((e.status, e.deliveries), (EventStatus::Failed, 2));
     }
+}
+
+#[test]
+fn a_dc_back_from_an_outage_leases_nothing_until_it_has_heard_from_the_others() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    let ms = completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 2);
+    let first = east.lease("q", "e", 1, 2_000);
+    assert_eq!(first.len(), 1);
+    // East is down; west takes the queue over.
+    west.pull(&east);
+    takeover(&mut west, "q", Some("west"), 10_000);
+    // East is back at 100,000: it has heard nothing from west since, so
+    // it leases nothing (west may have taken its queues over).
+    let lease = |dc: &mut Dc, now_ms: i64| {
+        dc.run(Command::LeaseEvents {
+            queue: "q".into(),
+            consumer: "e".into(),
+            max: 10,
+            lease_ms: None,
+            now_ms,
+            seed: 1,
+            request: now_ms as u64,
+        })
+    };
+    match lease(&mut east, 100_000) {
+        Ok(CommandResult::CatchingUp { dcs, until_ms }) => {
+            assert_eq!((dcs.as_str(), until_ms), ("west", 130_000));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Once west's feed is read, east knows west handles the queue.
+    east.pull(&west);
+    assert_eq!(handled_elsewhere(lease(&mut east, 100_100)), "west");
+    let _ = ms;
+
+    // With the other DC silent (down too), the hold ends 30 s after the
+    // gap: events are not held for ever.
+    let mut north = Dc::new("north", &["north", "south"]);
+    north.rule(rule("all", "/in", "q"), 10);
+    north.put("/in", "m", 100);
+    assert!(matches!(
+        lease(&mut north, 2_000),
+        Ok(CommandResult::Leased { .. })
+    ));
+    assert!(matches!(
+        lease(&mut north, 100_000),
+        Ok(CommandResult::CatchingUp { .. })
+    ));
+    assert!(matches!(
+        lease(&mut north, 130_000),
+        Ok(CommandResult::Leased { .. })
+    ));
 }
 
 #[test]

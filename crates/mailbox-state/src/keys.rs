@@ -140,6 +140,12 @@ pub const FEED_SEQ: &[u8] = b"F";
 /// Cluster DC list.
 pub const CLUSTER_DCS: &[u8] = b"C";
 
+/// When this DC last applied records of `origin`'s feed (the proposer's
+/// clock): what it has heard of that DC since an outage.
+pub fn heard(origin: &str) -> Vec<u8> {
+    tagged(b'j', &[origin.as_bytes()])
+}
+
 /// Cursor of a remote DC's feed.
 pub fn cursor(origin: &str) -> Vec<u8> {
     tagged(b'c', &[origin.as_bytes()])

@@ -442,6 +442,16 @@ pub enum CommandResult {
         /// Refused, with the reason.
         refused: Vec<(EventId, String)>,
     },
+    /// No lease: this DC was out of action (down, or without a quorum)
+    /// and has not yet heard from every other DC since (one may have
+    /// taken its queues over). Not a refusal, so that the DC's record of
+    /// when it came back stands; the caller retries.
+    CatchingUp {
+        /// The DCs not heard from since.
+        dcs: String,
+        /// When it leases anyway (ms since the epoch).
+        until_ms: i64,
+    },
 }
 
 /// Why a command was refused. Refusals are deterministic and write nothing.
@@ -1010,6 +1020,9 @@ fn apply_inner(
             request,
         } => {
             events::note_activity(base, overlay, *now_ms)?;
+            if let Some(r) = events::check_caught_up(base, overlay, ctx, *now_ms)? {
+                return Ok(r);
+            }
             events::lease_events(
                 base,
                 overlay,

@@ -690,6 +690,9 @@ pub(crate) fn apply_remote(
         });
     }
     check_identity(base, ov, origin, identity)?;
+    if !records.is_empty() {
+        ov.put(keys::heard(origin), encode(&received_ms));
+    }
     let ck = keys::cursor(origin);
     let mut cursor: u64 = match ov.get(base, &ck)? {
         Some(v) => decode(&ck, &v)?,

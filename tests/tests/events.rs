@@ -1177,6 +1177,7 @@ async fn queue_takeover_with_the_origin_dc_killed_loses_nothing_and_repeats_noth
 
     // East dies. The admin hands the queue to west (CLI).
     cl.dc("east").kill(east_leader);
+    let killed_at = Instant::now();
     let (ok, out, err) = cli(
         cl.dc("west"),
         &[
@@ -1251,6 +1252,68 @@ async fn queue_takeover_with_the_origin_dc_killed_loses_nothing_and_repeats_noth
         .map(|e| e.message.as_ref().unwrap().id.clone())
         .collect();
     assert_eq!(raised_for, msgs, "one event per message, none lost");
+
+    // East comes back after more than 30 s down (an outage, by its own
+    // record). Until it has read west's feed it leases nothing (consumers
+    // are asked to retry); then it names west. It never delivers again
+    // what west delivered, and the states stay complete everywhere.
+    tokio::time::sleep_until((killed_at + Duration::from_secs(32)).into()).await;
+    // Its link to west is down at first: it cannot have heard of the
+    // takeover yet.
+    cl.cut("east", "west");
+    cl.dc("east").restart(east_leader)?;
+    cl.dc("east").wait_leader(t).await?;
+    let east = cl.dc("east").client().await?;
+    let deadline = Instant::now() + t;
+    let mut asked_to_retry = 0;
+    loop {
+        assert!(Instant::now() < deadline, "east never named west");
+        let r = east
+            .events()
+            .lease(pb::LeaseRequest {
+                queue: "q".into(),
+                consumer: "east-worker".into(),
+                max: 20,
+                lease_ms: 0,
+                wait_ms: 0,
+            })
+            .await;
+        match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                assert!(
+                    r.events.is_empty(),
+                    "east delivered after the takeover: {:?}",
+                    r.events
+                );
+            }
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                asked_to_retry += 1;
+                if asked_to_retry == 3 {
+                    cl.heal("east", "west");
+                }
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                assert!(s.message().contains("west"), "{s:?}");
+                break;
+            }
+            Err(s) => return Err(s.into()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        asked_to_retry >= 3,
+        "cut off from west, east asked to retry only {asked_to_retry} times"
+    );
+    wait_for(t, "east to see every event complete", || async {
+        let all = all_events(&east, "q").await.ok()?;
+        (all.len() == 20 && all.iter().all(|e| e.status == "complete")).then_some(())
+    })
+    .await?;
+    assert!(all_events(&west, "q")
+        .await?
+        .iter()
+        .all(|e| e.status == "complete"));
     Ok(())
 }
 

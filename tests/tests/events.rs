@@ -1287,7 +1287,12 @@ async fn queue_takeover_with_the_origin_dc_killed_loses_nothing_and_repeats_noth
                     r.events
                 );
             }
+            // (Another unavailability, a leader still settling: retried.)
             Err(s) if s.code() == tonic::Code::Unavailable => {
+                if !s.message().contains("not yet heard from") {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 asked_to_retry += 1;
                 if asked_to_retry == 3 {
                     cl.heal("east", "west");

@@ -858,7 +858,35 @@ pub async fn expire_leases(
     retention: Duration,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut last_heartbeat = tokio::time::Instant::now() - HEARTBEAT;
+    // Every `HEARTBEAT`, whatever is due and whatever else housekeeping is
+    // busy with (a long purge, a completion re-check): the DC's record of
+    // when it could act (see `LATE_EXPIRY_MS`), so that only a DC that was
+    // down or without a quorum shows a gap, never one that was idle.
+    {
+        let (raft, mut shutdown) = (raft.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(HEARTBEAT) => {}
+                }
+                if *shutdown.borrow() {
+                    return;
+                }
+                if raft.is_leader() {
+                    let r = raft
+                        .propose(Command::ExpireLeases {
+                            now_ms: now_ms(),
+                            seed: seed(),
+                        })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::debug!("housekeeping heartbeat: {e}");
+                    }
+                }
+            }
+        });
+    }
     loop {
         tokio::select! {
             _ = shutdown.changed() => return,
@@ -872,13 +900,9 @@ pub async fn expire_leases(
         }
         // Oldest first, a bounded number per entry; again at once while
         // more are due (a burst of abandoned leases clears in one tick).
-        // Also every `HEARTBEAT` whatever is due: the DC's record of when
-        // it could act (see `LATE_EXPIRY_MS`), so that only a DC that was
-        // down or without a quorum shows a gap, never one that was idle.
-        let mut heartbeat = last_heartbeat.elapsed() >= HEARTBEAT;
         loop {
             let due = match ev::earliest_lease_end(raft.view(), raft.dc(), now_ms() + 1) {
-                Ok(d) => std::mem::take(&mut heartbeat) || d.is_some(),
+                Ok(d) => d.is_some(),
                 Err(e) => {
                     tracing::warn!("reading running leases: {e}");
                     break;
@@ -895,7 +919,6 @@ pub async fn expire_leases(
                 .await
             {
                 Ok(Ok(CommandResult::Expired { count, more })) => {
-                    last_heartbeat = tokio::time::Instant::now();
                     if count > 0 {
                         tracing::info!(
                             count,

@@ -1616,9 +1616,9 @@ pub(crate) fn check_caught_up(
     let mut waiting = Vec::new();
     for dc in dcs.iter().filter(|d| **d != ctx.local_dc) {
         let heard: i64 = ov.load(base, &keys::heard(dc))?.unwrap_or(0);
-        // Anything applied after the last command before the gap came
-        // after the DC was back.
-        if heard <= a.gap_from {
+        // News applied since the DC was back (records received before the
+        // outage are no news of what happened during it).
+        if heard < a.gap_to {
             waiting.push(dc.as_str());
         }
     }

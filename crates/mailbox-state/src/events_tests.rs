@@ -51,6 +51,20 @@ impl Dc {
         r
     }
 
+    /// The leader's housekeeping heartbeat up to `to_ms` (an expiry every
+    /// 10 s): a DC that is up, though idle, shows no outage.
+    fn tick_to(&mut self, to_ms: i64) {
+        let mut at = last_activity(&self.kv);
+        while at < to_ms {
+            at = (at + 10_000).min(to_ms);
+            self.run(Command::ExpireLeases {
+                now_ms: at,
+                seed: at as u64,
+            })
+            .unwrap();
+        }
+    }
+
     fn pull(&mut self, from: &Dc) -> u64 {
         let since = crate::replication::cursor(&self.kv, &from.ctx.local_dc).unwrap();
         let records = feed_since(&from.kv, since, 1000).unwrap();
@@ -1412,7 +1426,13 @@ fn a_takeover_delivers_what_was_not_complete_once_and_never_what_was() {
         "the completed one was never delivered again"
     );
     // East comes back: it learns the outcome and the owner, and does not
-    // deliver the queue; what it raises now, west delivers.
+    // deliver the queue; what it raises now, west delivers. (Its first
+    // housekeeping records the outage; what it pulls after is news.)
+    east.run(Command::ExpireLeases {
+        now_ms: 199_000,
+        seed: 1,
+    })
+    .unwrap();
     east.pull(&west);
     for id in &ids {
         assert_eq!(east.event(id).status, EventStatus::Complete);
@@ -1438,6 +1458,7 @@ fn a_takeover_delivers_what_was_not_complete_once_and_never_what_was() {
         EventStatus::Pending,
         "raised at its origin"
     );
+    west.tick_to(200_000);
     let got = west.lease("q", "w1", 10, 200_000);
     assert_eq!(got.iter().map(|e| e.id).collect::<Vec<_>>(), vec![id]);
     // Handed back: east delivers its own lane again, west nothing of it.
@@ -1578,7 +1599,7 @@ fn an_old_handler_that_missed_the_takeover_cannot_undo_a_completion() {
         consumer: "e".into(),
         max: 1,
         lease_ms: None,
-        now_ms: 1_000_000,
+        now_ms: 900_500,
         seed: 1,
         request: 777,
     });
@@ -1764,6 +1785,10 @@ fn a_dc_back_from_an_outage_leases_nothing_until_it_has_heard_from_the_others() 
     let ms = completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 2);
     let first = east.lease("q", "e", 1, 2_000);
     assert_eq!(first.len(), 1);
+    // East hears from west once more before it goes down (that is no news
+    // of what happens while it is down).
+    west.put("/in", "w", 2_500);
+    east.pull(&west);
     // East is down; west takes the queue over.
     west.pull(&east);
     takeover(&mut west, "q", Some("west"), 10_000);

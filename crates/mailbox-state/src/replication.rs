@@ -690,9 +690,6 @@ pub(crate) fn apply_remote(
         });
     }
     check_identity(base, ov, origin, identity)?;
-    if !records.is_empty() {
-        ov.put(keys::heard(origin), encode(&received_ms));
-    }
     let ck = keys::cursor(origin);
     let mut cursor: u64 = match ov.get(base, &ck)? {
         Some(v) => decode(&ck, &v)?,
@@ -727,6 +724,10 @@ pub(crate) fn apply_remote(
         applied += 1;
     }
     ov.put(ck, encode(&cursor));
+    if applied > 0 {
+        // News from `origin` (see `events::check_caught_up`).
+        ov.put(keys::heard(origin), encode(&received_ms));
+    }
     Ok(CommandResult::Remote { applied, cursor })
 }
 

@@ -72,12 +72,20 @@ fn body(i: usize) -> Vec<u8> {
 
 /// Runs the baseline; returns its figures as JSON.
 async fn run(a: JetStreamArgs) -> anyhow::Result<serde_json::Value> {
-    let client = async_nats::connect(a.url.as_str())
-        .await
-        .with_context(|| format!("connecting to {}", a.url))?;
+    // The servers were just started: they may not listen yet.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = loop {
+        match async_nats::connect(a.url.as_str()).await {
+            Ok(c) => break c,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("jetstream: {} not up yet ({e}), retrying", a.url);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {}", a.url)),
+        }
+    };
     let js = jetstream::new(client);
     // A cluster just started elects its JetStream leader first.
-    let deadline = Instant::now() + Duration::from_secs(60);
     let s = loop {
         let _ = js.delete_stream("BENCH").await;
         match js

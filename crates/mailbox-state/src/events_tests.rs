@@ -2217,3 +2217,21 @@ fn a_takeover_ordered_from_a_third_dc_still_tells_the_new_owner_everything() {
         before
     );
 }
+
+#[test]
+fn a_due_position_is_just_after_its_predecessor() {
+    let id = |last: &[u8]| {
+        let mut b = [0u8; 16];
+        b[16 - last.len()..].copy_from_slice(last);
+        b
+    };
+    assert_eq!(before_pos((5, id(&[1]))), (5, id(&[0])));
+    assert_eq!(before_pos((5, id(&[1, 0, 0]))), (5, id(&[0, 0xff, 0xff])));
+    assert_eq!(before_pos((5, [0; 16])), (4, [0xff; 16]));
+    assert_eq!(before_pos((0, [0; 16])), (0, [0; 16]), "the head");
+    // In key order: nothing lies between a position and its predecessor.
+    let p = (7, id(&[2, 0]));
+    let q = before_pos(p);
+    assert!(q < p);
+    assert!(due_floor_key("q", "east", q) < due_floor_key("q", "east", p));
+}

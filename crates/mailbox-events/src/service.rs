@@ -45,6 +45,17 @@ fn seed() -> u64 {
     rand::random()
 }
 
+/// A DC held after an outage (see `events::check_caught_up`).
+fn catching_up(dcs: &str, until_ms: i64) -> EventsError {
+    EventsError::Unavailable {
+        reason: format!(
+            "this DC was out of action until recently and has not yet heard from DC(s) {dcs} since \
+             (one may have taken its queues over): no leases until it has, {} s at most; retry",
+            (until_ms - now_ms()).max(0) / 1000 + 1
+        ),
+    }
+}
+
 fn parse_event_id(s: &str) -> Result<EventId, EventsError> {
     Ok(s.parse()?)
 }
@@ -137,6 +148,11 @@ impl EventsService {
         lease_ms: Option<u64>,
         request: u64,
     ) -> Result<Vec<mailbox_types::Event>, EventsError> {
+        // Held after an outage: said at once, without a proposal that
+        // would only be answered the same (subscriptions retry often).
+        if let Some((dcs, until_ms)) = ev::catching_up(self.view(), self.raft.dc(), now_ms())? {
+            return Err(catching_up(&dcs, until_ms));
+        }
         match self
             .write(Command::LeaseEvents {
                 queue: queue.to_string(),
@@ -150,13 +166,7 @@ impl EventsService {
             .await?
         {
             CommandResult::Leased { events } => Ok(events),
-            CommandResult::CatchingUp { dcs, until_ms } => Err(EventsError::Unavailable {
-                reason: format!(
-                    "this DC was out of action until recently and has not yet heard from DC(s) {dcs} since \
-                     (one may have taken its queues over): no leases until it has, {} s at most; retry",
-                    (until_ms - now_ms()).max(0) / 1000 + 1
-                ),
-            }),
+            CommandResult::CatchingUp { dcs, until_ms } => Err(catching_up(&dcs, until_ms)),
             other => Err(EventsError::Internal {
                 reason: format!("unexpected result of a lease: {other:?}"),
             }),

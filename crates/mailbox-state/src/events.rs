@@ -1595,6 +1595,23 @@ pub(crate) fn last_activity(kv: &dyn KvRead) -> i64 {
         .map_or(0, |a| a.last_ms)
 }
 
+/// Where DC `local` holds leases after an outage (see
+/// [`check_caught_up`]): the DCs it waits for and until when; read-only,
+/// so callers can wait without proposing a lease that would be refused.
+pub fn catching_up(
+    kv: &dyn KvRead,
+    local: &str,
+    now_ms: i64,
+) -> Result<Option<(String, i64)>, StateError> {
+    let ctx = ApplyCtx::new(local);
+    Ok(
+        match check_caught_up(kv, &Overlay::default(), &ctx, now_ms)? {
+            Some(CommandResult::CatchingUp { dcs, until_ms }) => Some((dcs, until_ms)),
+            _ => None,
+        },
+    )
+}
+
 /// Refuses leases for a while after a gap (see [`LATE_EXPIRY_MS`]) until
 /// this DC has applied records from every other DC's feed since: a queue
 /// may have been taken over while it was out of action, and delivering

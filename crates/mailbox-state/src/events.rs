@@ -2099,16 +2099,7 @@ pub fn sealed_notifications(
     rule: &str,
     limit: usize,
 ) -> Result<Vec<(String, SealedNotification)>, StateError> {
-    let prefix = keys::sealed_prefix(rule);
-    kv.scan(&prefix, None, limit)?
-        .into_iter()
-        .map(|(k, v)| {
-            Ok((
-                String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
-                decode(&k, &v)?,
-            ))
-        })
-        .collect()
+    crate::named_records(kv, &keys::sealed_prefix(rule), limit)
 }
 
 /// Seals a notification (see `Command::SealNotices`): `count` 1 if it was

@@ -825,6 +825,24 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serialize(v).expect("state records always serialize")
 }
 
+/// Up to `limit` records under `prefix`, each with the rest of its key
+/// (a name: a DC, an id) as text.
+pub(crate) fn named_records<T: for<'de> Deserialize<'de>>(
+    kv: &dyn KvRead,
+    prefix: &[u8],
+    limit: usize,
+) -> Result<Vec<(String, T)>, StateError> {
+    kv.scan(prefix, None, limit)?
+        .into_iter()
+        .map(|(k, v)| {
+            Ok((
+                String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
+                decode(&k, &v)?,
+            ))
+        })
+        .collect()
+}
+
 pub(crate) fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], v: &[u8]) -> Result<T, StateError> {
     bincode::deserialize(v).map_err(|e| StateError::Corrupt {
         key: keys::hex(key),

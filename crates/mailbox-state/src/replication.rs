@@ -1171,16 +1171,7 @@ pub fn is_missing(kv: &dyn KvRead, id: &MessageId) -> Result<bool, StateError> {
 
 /// DCs holding a message in full, with the time since when.
 pub fn holders(kv: &dyn KvRead, id: &MessageId) -> Result<Vec<(String, i64)>, StateError> {
-    let prefix = keys::holders_prefix(id);
-    kv.scan(&prefix, None, 1024)?
-        .into_iter()
-        .map(|(k, v)| {
-            Ok((
-                String::from_utf8_lossy(&k[prefix.len()..]).into_owned(),
-                decode(&k, &v)?,
-            ))
-        })
-        .collect()
+    crate::named_records(kv, &keys::holders_prefix(id), 1024)
 }
 
 /// When every DC held the message (recorded at the origin only).

@@ -355,6 +355,15 @@ async fn queue_loop(
             }
             continue;
         }
+        // Held after an outage: wait without proposing (see `lease` in
+        // the service).
+        if matches!(
+            mailbox_state::events::catching_up(raft.view(), raft.dc(), now_ms()),
+            Ok(Some(_))
+        ) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
         let leased = raft
             .propose(Command::LeaseEvents {
                 queue: queue.clone(),

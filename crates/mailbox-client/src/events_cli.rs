@@ -202,6 +202,10 @@ pub enum EventsCmd {
         /// Hand it back: each event to the DC that raised it.
         #[arg(long)]
         release: bool,
+        /// Even from a DC heard from in the last 30 s (refused otherwise:
+        /// it may be up and delivering, and both would deliver).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -795,6 +799,7 @@ pub async fn events(client: &Client, json: bool, cmd: &EventsCmd) -> anyhow::Res
                 dc,
                 reason,
                 release,
+                force,
             } = cmd
             {
                 let r = api
@@ -803,6 +808,7 @@ pub async fn events(client: &Client, json: bool, cmd: &EventsCmd) -> anyhow::Res
                         dc: dc.clone().unwrap_or_default(),
                         reason: reason.clone(),
                         release: *release,
+                        force: *force,
                     })
                     .await
                     .map_err(st)?

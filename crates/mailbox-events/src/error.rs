@@ -33,6 +33,12 @@ pub enum EventsError {
         /// Which DC, and what to do.
         reason: String,
     },
+    /// A takeover from a DC heard from lately (it may still deliver).
+    #[error("{reason}")]
+    HandlerHeard {
+        /// Which DC, and what to do.
+        reason: String,
+    },
     /// No leader, or the outcome of a write is unknown: retry.
     #[error("temporarily unavailable: {reason}")]
     Unavailable {
@@ -55,6 +61,7 @@ impl EventsError {
             EventsError::NotFound { .. } => "not_found",
             EventsError::LeaseLost { .. } => "lease_lost",
             EventsError::HandledElsewhere { .. } => "handled_elsewhere",
+            EventsError::HandlerHeard { .. } => "handler_heard",
             EventsError::Unavailable { .. } => "unavailable",
             EventsError::Internal { .. } => "internal",
         }
@@ -74,6 +81,7 @@ impl EventsError {
             EventsError::NotFound { .. } => 404,
             EventsError::LeaseLost { .. } => 409,
             EventsError::HandledElsewhere { .. } => 421,
+            EventsError::HandlerHeard { .. } => 409,
             EventsError::Unavailable { .. } => 503,
             EventsError::Internal { .. } => 500,
         }
@@ -85,9 +93,9 @@ impl From<EventsError> for Status {
         let code = match &e {
             EventsError::InvalidArgument { .. } => Code::InvalidArgument,
             EventsError::NotFound { .. } => Code::NotFound,
-            EventsError::LeaseLost { .. } | EventsError::HandledElsewhere { .. } => {
-                Code::FailedPrecondition
-            }
+            EventsError::LeaseLost { .. }
+            | EventsError::HandledElsewhere { .. }
+            | EventsError::HandlerHeard { .. } => Code::FailedPrecondition,
             EventsError::Unavailable { .. } => Code::Unavailable,
             EventsError::Internal { .. } => Code::Internal,
         };
@@ -121,6 +129,9 @@ impl From<StateError> for EventsError {
                 reason: e.to_string(),
             },
             e @ StateError::HandledElsewhere { .. } => EventsError::HandledElsewhere {
+                reason: e.to_string(),
+            },
+            e @ StateError::HandlerHeard { .. } => EventsError::HandlerHeard {
                 reason: e.to_string(),
             },
             e @ StateError::Installing => EventsError::Unavailable {

@@ -50,7 +50,8 @@ fn catching_up(dcs: &str, until_ms: i64) -> EventsError {
     EventsError::Unavailable {
         reason: format!(
             "this DC was out of action until recently and has not yet heard from DC(s) {dcs} since \
-             (one may have taken its queues over): no leases until it has, {} s at most; retry",
+             (one may have taken its queues over): no leases, replays or discards until it has, \
+             {} s at most; retry",
             (until_ms - now_ms()).max(0) / 1000 + 1
         ),
     }
@@ -138,6 +139,17 @@ impl EventsService {
         }
     }
 
+    /// Refuses while this DC is held after an outage (see
+    /// `events::check_caught_up`): a queue it handled may have been taken
+    /// over meanwhile, and a lease, a replay or a discard made before it
+    /// reads that would override what the new handler did.
+    fn check_held(&self) -> Result<(), EventsError> {
+        match ev::catching_up(self.view(), self.raft.dc(), now_ms())? {
+            Some((dcs, until_ms)) => Err(catching_up(&dcs, until_ms)),
+            None => Ok(()),
+        }
+    }
+
     /// One lease request; `request` identifies it, so that a retry of it
     /// after an unknown outcome gets what the first attempt leased.
     async fn lease(
@@ -148,11 +160,9 @@ impl EventsService {
         lease_ms: Option<u64>,
         request: u64,
     ) -> Result<Vec<mailbox_types::Event>, EventsError> {
-        // Held after an outage: said at once, without a proposal that
-        // would only be answered the same (subscriptions retry often).
-        if let Some((dcs, until_ms)) = ev::catching_up(self.view(), self.raft.dc(), now_ms())? {
-            return Err(catching_up(&dcs, until_ms));
-        }
+        // Said at once, without a proposal that would only be answered
+        // the same (subscriptions retry often).
+        self.check_held()?;
         match self
             .write(Command::LeaseEvents {
                 queue: queue.to_string(),
@@ -688,6 +698,7 @@ impl Events for EventsService {
     ) -> Result<Response<pb::ChangeEventsResponse>, Status> {
         let req = req.into_inner();
         let ids = parse_event_ids(&req.ids)?;
+        self.check_held()?;
         let r = self
             .write(Command::ReplayEvents {
                 ids,
@@ -708,6 +719,7 @@ impl Events for EventsService {
             return Err(EventsError::invalid("discard needs a reason (it is kept)").into());
         }
         let ids = parse_event_ids(&req.ids)?;
+        self.check_held()?;
         let r = self
             .write(Command::DiscardEvents {
                 ids,
@@ -785,6 +797,7 @@ impl Events for EventsService {
             dc: dc.clone(),
             reason: req.reason,
             wall_ms: now_ms(),
+            force: req.force,
         })
         .await?;
         tracing::warn!(

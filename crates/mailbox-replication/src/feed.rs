@@ -30,7 +30,7 @@ use tonic::{Request, Response, Status};
 
 /// Records per batch.
 const BATCH: usize = 256;
-/// A keep-alive batch is sent when nothing happened for this long, so the
+/// A keep-alive batch is sent when nothing was sent for this long, so the
 /// puller can tell an idle feed from a dead connection.
 const KEEPALIVE: Duration = Duration::from_secs(2);
 /// Segmented messages up to this size are pushed with their record.
@@ -357,6 +357,11 @@ impl Replication for FeedService {
             // on the way, instead of after the first 32 MiB.
             let mut budget = PUSH_FIRST_BATCH;
             let mut resynced = false;
+            // When a keep-alive is due: KEEPALIVE after the last message
+            // sent, however often this DC applies entries that send
+            // nothing (keep-alives it commits itself, heartbeats), so the
+            // asker never sees a silent stream on an idle feed.
+            let mut keepalive_at = tokio::time::Instant::now() + KEEPALIVE;
             loop {
                 applied.mark_unchanged();
                 // Below the trimmed floor (at the start, or because the
@@ -439,6 +444,7 @@ impl Replication for FeedService {
                     if tx.send(Ok(msg)).await.is_err() {
                         return;
                     }
+                    keepalive_at = tokio::time::Instant::now() + KEEPALIVE;
                     if full {
                         continue;
                     }
@@ -471,10 +477,11 @@ impl Replication for FeedService {
                             if tx.send(Ok(msg)).await.is_err() {
                                 return;
                             }
+                            keepalive_at = tokio::time::Instant::now() + KEEPALIVE;
                         }
                         continue;
                     }
-                    r = tokio::time::timeout(KEEPALIVE, applied.changed()) => r,
+                    r = tokio::time::timeout_at(keepalive_at, applied.changed()) => r,
                 };
                 match wake {
                     Ok(Ok(())) => {}
@@ -491,6 +498,7 @@ impl Replication for FeedService {
                         if tx.send(Ok(ka)).await.is_err() {
                             return;
                         }
+                        keepalive_at = tokio::time::Instant::now() + KEEPALIVE;
                     }
                 }
             }

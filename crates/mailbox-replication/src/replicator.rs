@@ -241,6 +241,7 @@ async fn pull_once(
     let (channels, mut last_err) = leader_first(&remote.endpoints).await;
     let mut stream = None;
     let mut acks_to = None;
+    let mut from_leader = false;
     for (ep, ch, leads) in channels {
         // Bounded: a link that accepts but never answers must not hold
         // the pull (and with it the whole DC's replication) indefinitely.
@@ -270,6 +271,7 @@ async fn pull_once(
                 tracing::info!(dc = %remote.name, endpoint = %ep, leader = leads, cursor, "feed pull connected");
                 stream = Some(s.into_inner());
                 acks_to = Some(ReplicationClient::new(ch));
+                from_leader = leads;
                 break;
             }
             Err(e) => last_err = e,
@@ -307,6 +309,7 @@ async fn pull_once(
     let receiver = async move {
         let tx = tx;
         let mut connected = false;
+        let mut last_contact: Option<std::time::Instant> = None;
         // Payloads sent ahead of their records, being stored or stored.
         let mut early: EarlyJobs = HashMap::new();
         loop {
@@ -352,8 +355,27 @@ async fn pull_once(
             });
             let mut job = None;
             let resync = batch.resync || batch.resync_floor > 0;
+            // The head a follower reports may lag its DC's: reaching it
+            // proves nothing (see `PeerHeard::caught_up_ms`), so only a
+            // leader's counts.
+            let proven_head = if from_leader { batch.head } else { u64::MAX };
             if batch.records.is_empty() && !batch.payloads.is_empty() && !resync {
                 store_early(&mut early, segments, status, &remote.name, batch.payloads);
+            } else if batch.records.is_empty() && !resync {
+                // A keep-alive: committed now and then as proof of contact
+                // (what a takeover waits to go silent, and what a DC back
+                // from an outage waits for when the other DC is idle).
+                if contact_due(raft, &remote.name, &mut last_contact) {
+                    let cmd = Command::ApplyRemote {
+                        origin: remote.name.clone(),
+                        records: Vec::new(),
+                        received_ms: mailbox_types::now_ms(),
+                        payload_here: Vec::new(),
+                        identity: batch.identity,
+                        head: proven_head,
+                    };
+                    job = Some(AbortOnDrop(tokio::spawn(async move { cmd })));
+                }
             } else if !batch.records.is_empty() || resync {
                 let records: Vec<(u64, FeedRecord)> = bincode::deserialize(&batch.records)
                     .map_err(|e| {
@@ -424,6 +446,7 @@ async fn pull_once(
                             received_ms: mailbox_types::now_ms(),
                             payload_here,
                             identity: batch.identity,
+                            head: proven_head,
                         }
                     }
                 })));
@@ -502,6 +525,10 @@ async fn pull_once(
                         merge_apply(&mut cmd, more);
                         merged += 1;
                     }
+                }
+                if let Command::ApplyRemote { head: h, .. } = &mut cmd {
+                    // Job-less batches merged in reported heads too.
+                    *h = (*h).max(head);
                 }
                 let res = warn_if_slow(&remote.name, "a batch's commit", raft.propose(cmd))
                     .await
@@ -719,12 +746,14 @@ fn merge_apply(cmd: &mut Command, next: Command) {
             records,
             received_ms,
             payload_here,
+            head,
             ..
         },
         Command::ApplyRemote {
             records: more,
             received_ms: at,
             payload_here: held,
+            head: later,
             ..
         },
     ) = (cmd, next)
@@ -732,7 +761,38 @@ fn merge_apply(cmd: &mut Command, next: Command) {
         records.extend(more);
         *received_ms = (*received_ms).max(at);
         payload_here.extend(held);
+        *head = (*head).max(later);
     }
+}
+
+/// How stale what this DC last heard from a feed may get before a
+/// keep-alive is committed as contact (see [`contact_due`]).
+const CONTACT_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether to commit a keep-alive from `origin` as proof of contact: when
+/// the last contact or the last catching up committed is older than
+/// [`CONTACT_EVERY`], and this pull has not sent one for as long. An idle
+/// link so costs a log entry every few seconds, a busy one none (its
+/// batches are the contact).
+fn contact_due(raft: &RaftNode, origin: &str, last_sent: &mut Option<std::time::Instant>) -> bool {
+    if last_sent.is_some_and(|t| t.elapsed() < CONTACT_EVERY) {
+        return false;
+    }
+    let stale = match mailbox_state::replication::peer_heard(raft.view(), origin) {
+        Ok(h) => {
+            let now = mailbox_types::now_ms();
+            let every = CONTACT_EVERY.as_millis() as i64;
+            now - h.contact_ms >= every || now - h.caught_up_ms >= every
+        }
+        Err(e) => {
+            tracing::error!(dc = %origin, "reading what was last heard from the feed: {e}");
+            false
+        }
+    };
+    if stale {
+        *last_sent = Some(std::time::Instant::now());
+    }
+    stale
 }
 
 /// A task storing pushed segments (a batch's, yielding its command, or a

@@ -203,11 +203,11 @@ impl From<StateError> for ServiceError {
             StateError::EventNotFound { id } => ServiceError::NotFound {
                 what: format!("event {id}"),
             },
-            e @ (StateError::LeaseLost { .. } | StateError::HandledElsewhere { .. }) => {
-                ServiceError::FailedPrecondition {
-                    reason: e.to_string(),
-                }
-            }
+            e @ (StateError::LeaseLost { .. }
+            | StateError::HandledElsewhere { .. }
+            | StateError::HandlerHeard { .. }) => ServiceError::FailedPrecondition {
+                reason: e.to_string(),
+            },
             e @ (StateError::Corrupt { .. }
             | StateError::Read { .. }
             | StateError::FeedGap { .. }

@@ -38,6 +38,15 @@
 //!   reached this DC is never delivered again. A change the old owner made
 //!   but never sent is lost with it: the takeover names the newest change
 //!   seen from it, so an admin knows how far behind the hand-over starts.
+//! - **Fencing a handler that comes back.** A takeover is refused (unless
+//!   forced) while a DC losing the queue was heard from within
+//!   [`TAKEOVER_SILENCE_MS`]; a DC that was out of action for longer than
+//!   [`LATE_EXPIRY_MS`] leases nothing until it has caught up with every
+//!   other DC's feed head. Together: an old handler back from an outage
+//!   reads the takeover before it delivers again. Not covered: a handler
+//!   cut off from the other DCs but not from its consumers keeps
+//!   delivering until the link heals (duplicates with the same event ids,
+//!   never losses).
 
 use std::collections::BTreeMap;
 
@@ -869,6 +878,7 @@ fn lanes_here(
 
 /// An admin hands `queue` to DC `dc` (`None`: back to each event's lane);
 /// sent to every DC.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn set_owner_local(
     base: &dyn KvRead,
     ov: &mut Overlay,
@@ -877,6 +887,7 @@ pub(crate) fn set_owner_local(
     dc: Option<&str>,
     reason: &str,
     wall_ms: i64,
+    force: bool,
 ) -> CommandResponse {
     mailbox_types::event::validate_event_name("queue name", queue).map_err(|e| {
         StateError::Invalid {
@@ -898,6 +909,9 @@ pub(crate) fn set_owner_local(
     {
         // This very takeover, applied again (a retried proposal).
         return Ok(CommandResult::None);
+    }
+    if !force {
+        check_handlers_silent(base, ov, ctx, queue, dc, wall_ms)?;
     }
     let mut hlc = max_hlc(base, ov)?;
     if let Some(p) = &prev {
@@ -922,6 +936,61 @@ pub(crate) fn set_owner_local(
         },
     )?;
     Ok(CommandResult::None)
+}
+
+/// How long a DC that handles a queue must have been silent (no pull from
+/// its feed applied here, keep-alives included) before another DC takes
+/// the queue over without `--force`. A DC back within this time has no
+/// outage gap to hold it (see [`LATE_EXPIRY_MS`]) and could deliver what
+/// the new handler delivers until it reads the takeover.
+///
+/// Twice [`LATE_EXPIRY_MS`]: a DC's last contact here can predate its
+/// death by a few seconds (idle links commit a keep-alive every 5 s), and
+/// its last event command can come just before it; a DC silent here for
+/// 60 s was down long enough for its own record to show a gap, so it holds
+/// when it comes back until it has read the takeover.
+pub const TAKEOVER_SILENCE_MS: i64 = 2 * LATE_EXPIRY_MS;
+
+/// Refuses to hand `queue` away from a remote DC heard from within
+/// [`TAKEOVER_SILENCE_MS`] of `now_ms`. Who loses events: the owner in
+/// force, or, while each event's origin handles it, every DC but the new
+/// one.
+/// This DC itself is exempt: it reads the change as it makes it.
+fn check_handlers_silent(
+    base: &dyn KvRead,
+    ov: &Overlay,
+    ctx: &ApplyCtx,
+    queue: &str,
+    to: Option<&str>,
+    now_ms: i64,
+) -> Result<(), StateError> {
+    // As `taken_by` reads the register: an owner that left the cluster
+    // counts as none, and every lane's DC handles its own again.
+    let losing: Vec<String> = match taken_by(base, ov, queue)? {
+        Some(d) => vec![d],
+        None => ov.load(base, keys::CLUSTER_DCS)?.unwrap_or_default(),
+    };
+    let mut heard = Vec::new();
+    let mut latest = i64::MIN;
+    for d in losing
+        .iter()
+        .filter(|d| d.as_str() != ctx.local_dc && Some(d.as_str()) != to)
+    {
+        let h: crate::replication::PeerHeard = ov.load(base, &keys::heard(d))?.unwrap_or_default();
+        if h.contact_ms > 0 && now_ms.saturating_sub(h.contact_ms) < TAKEOVER_SILENCE_MS {
+            heard.push(d.as_str());
+            latest = latest.max(h.contact_ms);
+        }
+    }
+    if heard.is_empty() {
+        return Ok(());
+    }
+    Err(StateError::HandlerHeard {
+        queue: queue.to_string(),
+        dcs: heard.join(", "),
+        ago_s: now_ms.saturating_sub(latest).max(0) / 1000,
+        silence_s: TAKEOVER_SILENCE_MS / 1000,
+    })
 }
 
 /// An ownership change from another DC's feed: kept if newer.
@@ -1613,9 +1682,11 @@ pub fn catching_up(
 }
 
 /// Refuses leases for a while after a gap (see [`LATE_EXPIRY_MS`]) until
-/// this DC has applied records from every other DC's feed since: a queue
-/// may have been taken over while it was out of action, and delivering
-/// before it reads that would repeat what the new handler delivers.
+/// this DC has caught up with every other DC's feed, as that stood when it
+/// served a pull received since the gap (its head then, a keep-alive's
+/// included): a queue may have been taken over while it was out of
+/// action, and delivering before it reads that would repeat what the new
+/// handler delivers.
 /// Leases go ahead anyway `LATE_EXPIRY_MS` after the gap (another DC may
 /// be down too, or have nothing new to send).
 pub(crate) fn check_caught_up(
@@ -1632,10 +1703,14 @@ pub(crate) fn check_caught_up(
     let dcs: Vec<String> = ov.load(base, keys::CLUSTER_DCS)?.unwrap_or_default();
     let mut waiting = Vec::new();
     for dc in dcs.iter().filter(|d| **d != ctx.local_dc) {
-        let heard: i64 = ov.load(base, &keys::heard(dc))?.unwrap_or(0);
-        // News applied since the DC was back (records received before the
-        // outage are no news of what happened during it).
-        if heard < a.gap_to {
+        let heard: crate::replication::PeerHeard =
+            ov.load(base, &keys::heard(dc))?.unwrap_or_default();
+        // Caught up with the other DC's feed, as it stood when it served
+        // a pull received since this DC was back: a takeover it made
+        // while this DC was out, however deep in its backlog, is read.
+        // (Pulls from before the outage are no news of what happened
+        // during it.)
+        if heard.caught_up_ms < a.gap_to {
             waiting.push(dc.as_str());
         }
     }

@@ -66,11 +66,21 @@ impl Dc {
     }
 
     fn pull(&mut self, from: &Dc) -> u64 {
-        let since = crate::replication::cursor(&self.kv, &from.ctx.local_dc).unwrap();
-        let records = feed_since(&from.kv, since, 1000).unwrap();
+        self.pull_some(from, 1000)
+    }
+
+    /// Applies at most `max` records of `from`'s feed (an empty pull is a
+    /// keep-alive), with `from`'s head as a real feed reports it.
+    fn pull_some(&mut self, from: &Dc, max: usize) -> u64 {
         // Received after whatever this DC did last (what a real pull's
         // clock says).
         let received_ms = 1000.max(last_activity(&self.kv) + 1);
+        self.pull_at(from, max, received_ms)
+    }
+
+    fn pull_at(&mut self, from: &Dc, max: usize, received_ms: i64) -> u64 {
+        let since = crate::replication::cursor(&self.kv, &from.ctx.local_dc).unwrap();
+        let records = feed_since(&from.kv, since, max).unwrap();
         match self
             .run(Command::ApplyRemote {
                 origin: from.ctx.local_dc.clone(),
@@ -78,6 +88,7 @@ impl Dc {
                 received_ms,
                 payload_here: vec![],
                 identity: String::new(),
+                head: crate::replication::feed_head(&from.kv).unwrap(),
             })
             .unwrap()
         {
@@ -847,7 +858,8 @@ fn new_variant_numbers_are_stable() {
             queue: String::new(),
             dc: None,
             reason: String::new(),
-            wall_ms: 0
+            wall_ms: 0,
+            force: false
         }),
         25
     );
@@ -1281,14 +1293,25 @@ fn completed_at_east(
     ms
 }
 
+/// A forced takeover (tests of the silence check use [`try_takeover`]).
 fn takeover(dc: &mut Dc, queue: &str, to: Option<&str>, wall_ms: i64) {
+    try_takeover(dc, queue, to, wall_ms, true).unwrap();
+}
+
+fn try_takeover(
+    dc: &mut Dc,
+    queue: &str,
+    to: Option<&str>,
+    wall_ms: i64,
+    force: bool,
+) -> CommandResponse {
     dc.run(Command::TakeoverQueue {
         queue: queue.into(),
         dc: to.map(str::to_string),
         reason: "east is down".into(),
         wall_ms,
+        force,
     })
-    .unwrap();
 }
 
 fn handled_elsewhere(r: CommandResponse) -> String {
@@ -2234,4 +2257,129 @@ fn a_due_position_is_just_after_its_predecessor() {
     let q = before_pos(p);
     assert!(q < p);
     assert!(due_floor_key("q", "east", q) < due_floor_key("q", "east", p));
+}
+
+/// A lease request at `now_ms` (the hold tests look at the raw answer).
+fn lease_raw(dc: &mut Dc, now_ms: i64) -> CommandResponse {
+    dc.run(Command::LeaseEvents {
+        queue: "q".into(),
+        consumer: "e".into(),
+        max: 10,
+        lease_ms: None,
+        now_ms,
+        seed: 1,
+        request: now_ms as u64,
+    })
+}
+
+#[test]
+fn a_dc_back_from_an_outage_waits_for_the_takeover_deep_in_a_backlog() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 2);
+    assert_eq!(east.lease("q", "e", 1, 2_000).len(), 1);
+    east.pull(&west);
+    // East is down. West takes 50 uploads, then the queue over: the
+    // takeover sits behind them in west's feed.
+    west.pull(&east);
+    for i in 0..50 {
+        west.put("/in", &format!("w{i}"), 3_000 + i);
+    }
+    takeover(&mut west, "q", Some("west"), 10_000);
+    // East is back at 100,000 (its housekeeping notes the gap) and reads
+    // a first batch of west's backlog: not yet the takeover, so it still
+    // holds.
+    east.run(Command::ExpireLeases {
+        now_ms: 100_000,
+        seed: 1,
+    })
+    .unwrap();
+    assert_eq!(east.pull_at(&west, 10, 100_050), 10);
+    match lease_raw(&mut east, 100_100) {
+        Ok(CommandResult::CatchingUp { dcs, .. }) => assert_eq!(dcs, "west"),
+        other => panic!("east leased before reading the takeover: {other:?}"),
+    }
+    // The rest of it, up to the head west reported: the takeover is read.
+    east.pull_at(&west, 1000, 100_200);
+    assert_eq!(handled_elsewhere(lease_raw(&mut east, 100_300)), "west");
+}
+
+#[test]
+fn a_keepalive_from_an_idle_peer_ends_the_hold() {
+    let mut east = Dc::new("east", &["east", "west"]);
+    let mut west = Dc::new("west", &["east", "west"]);
+    completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 2);
+    assert_eq!(east.lease("q", "e", 1, 2_000).len(), 1);
+    east.pull(&west);
+    // East is down for a while; west, idle, writes nothing.
+    match lease_raw(&mut east, 100_000) {
+        Ok(CommandResult::CatchingUp { .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // A keep-alive (no records, west's head already applied) received
+    // since east came back: west has nothing east has not read.
+    assert_eq!(east.pull_at(&west, 1000, 100_100), 0);
+    assert!(matches!(
+        lease_raw(&mut east, 100_200),
+        Ok(CommandResult::Leased { .. })
+    ));
+}
+
+#[test]
+fn a_takeover_from_a_dc_heard_from_lately_needs_force() {
+    let mut east = Dc::new("east", &["east", "west", "north"]);
+    let mut west = Dc::new("west", &["east", "west", "north"]);
+    completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 2);
+    // West last heard from east at 5,000 (a keep-alive counts).
+    west.pull_at(&east, 1000, 5_000);
+    // 20 s later east may well be up and delivering: refused, and nothing
+    // is written (`Dc::run` checks).
+    match try_takeover(&mut west, "q", Some("west"), 25_000, false) {
+        Err(StateError::HandlerHeard {
+            dcs,
+            ago_s,
+            silence_s,
+            ..
+        }) => assert_eq!((dcs.as_str(), ago_s, silence_s), ("east", 20, 60)),
+        other => panic!("{other:?}"),
+    }
+    // North, never heard from, is no reason to refuse; east silent for
+    // 60 s is none either.
+    try_takeover(&mut west, "q", Some("west"), 65_000, false).unwrap();
+    // Handing it on from west (this DC, exempt) to north, heard from just
+    // now, is refused; forced, it goes through.
+    let north = Dc::new("north", &["east", "west", "north"]);
+    west.pull_at(&north, 1000, 66_000);
+    assert!(matches!(
+        try_takeover(&mut west, "q", Some("north"), 66_500, false),
+        Ok(CommandResult::None)
+    ));
+    match try_takeover(&mut west, "q", Some("west"), 67_000, false) {
+        Err(StateError::HandlerHeard { dcs, .. }) => assert_eq!(dcs, "north"),
+        other => panic!("{other:?}"),
+    }
+    try_takeover(&mut west, "q", Some("west"), 67_000, true).unwrap();
+    assert_eq!(
+        queue_owners(&west.kv).unwrap()[0].1.dc.as_deref(),
+        Some("west")
+    );
+}
+
+#[test]
+fn a_takeover_checks_the_lanes_when_the_owner_left_the_cluster() {
+    let mut east = Dc::new("east", &["east", "west", "north"]);
+    let mut west = Dc::new("west", &["east", "west", "north"]);
+    completed_at_east(&mut east, &mut west, rule("all", "/in", "q"), "/in", 1);
+    takeover(&mut west, "q", Some("north"), 2_000);
+    // North leaves the cluster: each lane's DC handles its own events
+    // again, east among them, heard from just now.
+    west.run(Command::SetClusterDcs {
+        dcs: vec!["east".into(), "west".into()],
+    })
+    .unwrap();
+    west.pull_at(&east, 1000, 10_000);
+    match try_takeover(&mut west, "q", Some("west"), 12_000, false) {
+        Err(StateError::HandlerHeard { dcs, .. }) => assert_eq!(dcs, "east"),
+        other => panic!("handed away from east, which delivers: {other:?}"),
+    }
 }

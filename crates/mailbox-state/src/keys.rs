@@ -140,8 +140,8 @@ pub const FEED_SEQ: &[u8] = b"F";
 /// Cluster DC list.
 pub const CLUSTER_DCS: &[u8] = b"C";
 
-/// When this DC last applied records of `origin`'s feed (the proposer's
-/// clock): what it has heard of that DC since an outage.
+/// What this DC last heard from `origin`'s feed and when
+/// (`replication::PeerHeard`).
 pub fn heard(origin: &str) -> Vec<u8> {
     tagged(b'j', &[origin.as_bytes()])
 }

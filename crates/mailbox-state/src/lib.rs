@@ -96,6 +96,11 @@ pub enum Command {
         /// The origin feed's identity, as its batches carry it (empty when
         /// unknown): refused when this DC's cursor belongs to another.
         identity: String,
+        /// The origin feed's last sequence number when it served these
+        /// records: reaching it means this DC has read everything the
+        /// origin had written by then (see [`replication::PeerHeard`]).
+        /// May come with no records: a keep-alive's proof of contact.
+        head: u64,
     },
     /// This DC now holds every segment of a replicated message durably.
     PayloadHeld {
@@ -313,6 +318,9 @@ pub enum Command {
         reason: String,
         /// The proposer's clock.
         wall_ms: i64,
+        /// Hand the queue over even from a DC heard from within
+        /// [`events::TAKEOVER_SILENCE_MS`] (it may still be delivering).
+        force: bool,
     },
     /// Removes events finished (complete or discarded) before `before_ms`,
     /// a bounded page (the leader's housekeeping, after the retention).
@@ -579,6 +587,20 @@ pub enum StateError {
         queue: String,
         /// The DC that handles it.
         dc: String,
+    },
+    /// A takeover from a DC this DC heard from lately: it is probably up
+    /// and delivering, and would deliver again what the new handler does
+    /// until it reads the takeover.
+    #[error("queue {queue} is handled by {dcs}, heard from {ago_s} s ago: it may still be delivering, and handing the queue over now could deliver events twice; hand it over once {dcs} has been silent for {silence_s} s, or pass --force if it is down for certain")]
+    HandlerHeard {
+        /// The queue.
+        queue: String,
+        /// The DCs that handle it and were heard from lately.
+        dcs: String,
+        /// How long ago the latest of them was heard from, seconds.
+        ago_s: i64,
+        /// The silence a takeover needs, seconds.
+        silence_s: i64,
     },
 }
 
@@ -948,15 +970,19 @@ fn apply_inner(
             received_ms,
             payload_here,
             identity,
+            head,
         } => replication::apply_remote(
             base,
             overlay,
             ctx,
-            origin,
-            identity,
-            records,
-            *received_ms,
-            payload_here,
+            replication::Pulled {
+                origin,
+                identity,
+                records,
+                received_ms: *received_ms,
+                payload_here,
+                head: *head,
+            },
         ),
         Command::PayloadHeld { id, at_ms } => {
             replication::payload_held(base, overlay, ctx, id, *at_ms)
@@ -1095,7 +1121,17 @@ fn apply_inner(
             dc,
             reason,
             wall_ms,
-        } => events::set_owner_local(base, overlay, ctx, queue, dc.as_deref(), reason, *wall_ms),
+            force,
+        } => events::set_owner_local(
+            base,
+            overlay,
+            ctx,
+            queue,
+            dc.as_deref(),
+            reason,
+            *wall_ms,
+            *force,
+        ),
         Command::PurgeEvents { before_ms } => {
             events::purge_events(base, overlay, *before_ms, events::MAX_PURGE_BATCH)
         }

@@ -673,17 +673,53 @@ fn check_identity(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What this DC last heard from another DC's feed (the proposer's clock,
+/// key `j`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerHeard {
+    /// The last pull applied from it, records or a keep-alive: it was up
+    /// and reachable then (a takeover from it waits for its silence).
+    pub contact_ms: i64,
+    /// The last pull after which this DC had applied the feed up to the
+    /// head the origin reported: it had read everything the origin wrote
+    /// until shortly before then (a DC back from an outage waits for this,
+    /// see `events::check_caught_up`).
+    pub caught_up_ms: i64,
+}
+
+/// What this DC last heard from `origin` (zeros: nothing yet).
+pub fn peer_heard(kv: &dyn KvRead, origin: &str) -> Result<PeerHeard, StateError> {
+    let k = keys::heard(origin);
+    Ok(match kv.get(&k)? {
+        Some(v) => decode(&k, &v)?,
+        None => PeerHeard::default(),
+    })
+}
+
+/// One `ApplyRemote` command's content.
+pub(crate) struct Pulled<'a> {
+    pub origin: &'a str,
+    pub identity: &'a str,
+    pub records: &'a [(u64, FeedRecord)],
+    pub received_ms: i64,
+    pub payload_here: &'a [MessageId],
+    pub head: u64,
+}
+
 pub(crate) fn apply_remote(
     base: &dyn KvRead,
     ov: &mut Overlay,
     ctx: &ApplyCtx,
-    origin: &str,
-    identity: &str,
-    records: &[(u64, FeedRecord)],
-    received_ms: i64,
-    payload_here: &[MessageId],
+    p: Pulled<'_>,
 ) -> CommandResponse {
+    let Pulled {
+        origin,
+        identity,
+        records,
+        received_ms,
+        payload_here,
+        head,
+    } = p;
     if origin == ctx.local_dc {
         return Err(StateError::OwnFeed {
             origin: origin.to_string(),
@@ -724,10 +760,13 @@ pub(crate) fn apply_remote(
         applied += 1;
     }
     ov.put(ck, encode(&cursor));
-    if applied > 0 {
-        // News from `origin` (see `events::check_caught_up`).
-        ov.put(keys::heard(origin), encode(&received_ms));
+    let hk = keys::heard(origin);
+    let mut heard: PeerHeard = ov.load(base, &hk)?.unwrap_or_default();
+    heard.contact_ms = heard.contact_ms.max(received_ms);
+    if cursor >= head {
+        heard.caught_up_ms = heard.caught_up_ms.max(received_ms);
     }
+    ov.put(hk, encode(&heard));
     Ok(CommandResult::Remote { applied, cursor })
 }
 

@@ -325,6 +325,7 @@ mod replication {
                     received_ms: 1000,
                     payload_here: vec![],
                     identity: String::new(),
+                    head: 0,
                 })
                 .unwrap()
             {
@@ -447,6 +448,7 @@ mod replication {
             received_ms: 77,
             payload_here: vec![m.id],
             identity: String::new(),
+            head: 0,
         })
         .unwrap();
         assert!(missing_payloads(&west.kv, 10).unwrap().is_empty());
@@ -481,6 +483,7 @@ mod replication {
                 received_ms: 1000,
                 payload_here: vec![],
                 identity: String::new(),
+                head: 0,
             })
             .unwrap(),
             CommandResult::Remote {
@@ -504,6 +507,7 @@ mod replication {
                 received_ms: 1000,
                 payload_here: vec![],
                 identity: String::new(),
+                head: 0,
             })
             .is_err());
         // A put into a missing mailbox writes nothing, feed included.
@@ -535,6 +539,7 @@ mod replication {
             received_ms: 1000,
             payload_here: vec![],
             identity: String::new(),
+            head: 0,
         };
         assert!(matches!(
             west.run(late.clone()),
@@ -1032,6 +1037,7 @@ mod replication {
             received_ms: 1000,
             payload_here: vec![],
             identity: String::new(),
+            head: 0,
         });
         assert!(
             matches!(r, Err(StateError::FeedGap { .. })),
@@ -1332,6 +1338,7 @@ mod replication {
                 received_ms: 1,
                 payload_here: vec![],
                 identity: identity.into(),
+                head: 0,
             })
         };
         let recs = feed_since(&east.kv, 0, 100).unwrap();
@@ -1442,6 +1449,7 @@ mod replication {
             received_ms: 2,
             payload_here: vec![m.id],
             identity: String::new(),
+            head: 0,
         })
         .unwrap();
         assert!(holders(&west.kv, &m.id)
@@ -1470,6 +1478,7 @@ mod replication {
                 received_ms: 5,
                 payload_here: vec![],
                 identity: String::new(),
+                head: 0,
             },
             // North leaves the cluster: the purge scan must see the
             // tombstone (acknowledged by east and west, waiting for north)

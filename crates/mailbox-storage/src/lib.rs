@@ -24,8 +24,9 @@ use rocksdb::{
 /// Storage format version written at creation and checked at open (2: feed
 /// records carry idempotency keys, deleted messages are remembered; 3:
 /// events carry stamps and replays, queue counts their lanes' due floors
-/// as key positions, notices are kept per rule and sealed).
-pub const FORMAT_VERSION: u32 = 3;
+/// as key positions, notices are kept per rule and sealed; 4: feed pulls
+/// carry the origin's head, and what was heard from each DC is a record).
+pub const FORMAT_VERSION: u32 = 4;
 const FORMAT_KEY: &[u8] = b"format-version";
 /// Block cache shared by every column family: data, index and filter
 /// blocks (bounded here rather than left to RocksDB's internal default).

@@ -5,6 +5,7 @@
 //! that every entry point (gRPC, CLI, later SFTP/FTP/HTTP) rejects the same bad
 //! input with the same message before anything is written.
 
+pub mod account;
 pub mod event;
 pub mod hlc;
 pub mod human;

@@ -203,6 +203,7 @@ impl From<StateError> for ServiceError {
             StateError::EventNotFound { id } => ServiceError::NotFound {
                 what: format!("event {id}"),
             },
+            StateError::AccountNotFound { what } => ServiceError::NotFound { what },
             e @ (StateError::LeaseLost { .. }
             | StateError::HandledElsewhere { .. }
             | StateError::HandlerHeard { .. }) => ServiceError::FailedPrecondition {

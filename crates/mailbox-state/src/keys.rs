@@ -506,3 +506,29 @@ pub fn announce(q: &str) -> Vec<u8> {
 
 /// Prefix of [`announce`] cursors.
 pub const ANNOUNCE_PREFIX: &[u8] = b"A";
+
+/// Prefix of the account registers (`accounts`): `D`, then `u` users,
+/// `g` grants (user, NUL, mailbox), `t` tokens.
+pub const ACCOUNT_PREFIX: &[u8] = b"D";
+
+/// Key of an account register.
+pub fn account(k: &mailbox_types::account::AccountKey) -> Vec<u8> {
+    use mailbox_types::account::AccountKey;
+    match k {
+        AccountKey::User(u) => tagged(b'D', &[b"u", u.as_bytes()]),
+        AccountKey::Grant(u, m) => {
+            tagged(b'D', &[b"g", u.as_bytes(), b"\0", m.as_str().as_bytes()])
+        }
+        AccountKey::Token(t) => tagged(b'D', &[b"t", t.as_bytes()]),
+    }
+}
+
+/// Prefix of one kind of account register (`u`, `g`, `t`).
+pub fn account_kind_prefix(kind: u8) -> Vec<u8> {
+    vec![b'D', kind]
+}
+
+/// Prefix of one user's grants.
+pub fn account_grants_prefix(user: &str) -> Vec<u8> {
+    tagged(b'D', &[b"g", user.as_bytes(), b"\0"])
+}

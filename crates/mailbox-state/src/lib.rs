@@ -25,6 +25,7 @@
 //!   through the log before anything is removed) is never committed with
 //!   them: such a proposal is refused.
 
+pub mod accounts;
 pub mod events;
 pub mod keys;
 mod query;
@@ -364,6 +365,16 @@ pub enum Command {
         /// The notification's id.
         id: String,
     },
+    /// An admin sets (or deletes, `value: None`) an account record: a
+    /// user, a grant or a token; sent to every DC (see [`accounts`]).
+    SetAccount {
+        /// Which record.
+        key: mailbox_types::account::AccountKey,
+        /// Its new value; `None` deletes it.
+        value: Option<mailbox_types::account::AccountValue>,
+        /// The proposer's clock.
+        wall_ms: i64,
+    },
 }
 
 /// Successful outcome of a command.
@@ -601,6 +612,12 @@ pub enum StateError {
         ago_s: i64,
         /// The silence a takeover needs, seconds.
         silence_s: i64,
+    },
+    /// No such user, grant or token.
+    #[error("{what} does not exist")]
+    AccountNotFound {
+        /// What was looked for.
+        what: String,
     },
 }
 
@@ -1142,6 +1159,11 @@ fn apply_inner(
             body,
             notices,
         } => events::seal_notices(base, overlay, rule, id, body, notices),
+        Command::SetAccount {
+            key,
+            value,
+            wall_ms,
+        } => accounts::set_account_local(base, overlay, ctx, key, value.as_ref(), *wall_ms),
         Command::ClearSealed { rule, id } => {
             overlay.delete(keys::sealed(rule, id));
             Ok(CommandResult::None)

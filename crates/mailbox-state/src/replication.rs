@@ -163,6 +163,11 @@ pub enum FeedRecord {
         /// The event.
         id: mailbox_types::EventId,
     },
+    /// An account register changed (a last-writer-wins register).
+    Account {
+        /// The register as the origin has it.
+        record: Box<crate::accounts::AccountRecord>,
+    },
 }
 
 /// What remains of a deleted message until every DC acknowledged the delete.
@@ -935,6 +940,9 @@ fn apply_one(
         FeedRecord::Rule { name, rule, stamp } => {
             crate::events::set_rule_remote(base, ov, name, rule.as_ref(), stamp)?;
         }
+        FeedRecord::Account { record } => {
+            crate::accounts::set_account_remote(base, ov, record)?;
+        }
         FeedRecord::Suspension { dc, suspension } => {
             crate::events::set_suspension_remote(base, ov, dc, suspension)?;
         }
@@ -1408,7 +1416,8 @@ pub(crate) fn apply_resync(
 /// 3. the messages it or `asker` originated that are gone, as `Withdrawn`
 ///    with their pending delete (after phase 2, so a message deleted
 ///    while the scan runs is in one of the two);
-/// 4. its acknowledgements of pending tombstones.
+/// 4. its acknowledgements of pending tombstones;
+/// 5. every account register (deleted ones too, so a delete wins there).
 ///
 /// Returns the records and where the next page starts (`None`: done). A
 /// page ends after `max_records` state rows or `max_inline` inline bytes.
@@ -1423,7 +1432,7 @@ pub fn resync_page(
     max_inline: usize,
 ) -> Result<(Vec<FeedRecord>, Option<Vec<u8>>), StateError> {
     // A position is the phase's number and the last key it read.
-    const PHASES: [&[u8]; 10] = [
+    const PHASES: [&[u8]; 11] = [
         keys::RULE_PREFIX,
         keys::RULE_DELETED_PREFIX,
         keys::SUSPENSION_PREFIX,
@@ -1434,6 +1443,7 @@ pub fn resync_page(
         b"m",
         b"g",
         keys::TOMBSTONE_PREFIX,
+        keys::ACCOUNT_PREFIX,
     ];
     let mut out = Vec::new();
     let (mut rows_read, mut inline) = (0usize, 0usize);
@@ -1512,6 +1522,9 @@ pub fn resync_page(
                             }
                         }
                     }
+                    10 => out.push(FeedRecord::Account {
+                        record: Box::new(crate::accounts::decode_record(&k, &v)?),
+                    }),
                     _ => {
                         let t: Tombstone = decode(&k, &v)?;
                         if t.acks.contains(origin) {

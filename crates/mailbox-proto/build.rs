@@ -5,6 +5,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "../../proto/raft.proto",
         "../../proto/replication.proto",
         "../../proto/events.proto",
+        "../../proto/accounts.proto",
         "../../proto/etcd/kv.proto",
     ];
     for f in files {

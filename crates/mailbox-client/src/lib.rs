@@ -261,6 +261,11 @@ impl Client {
         EventsClient::new(self.channel.clone())
     }
 
+    /// The accounts API (users, keys, tokens, grants) on the same channel.
+    pub fn accounts(&self) -> mailbox_proto::v1::accounts_client::AccountsClient<Channel> {
+        mailbox_proto::v1::accounts_client::AccountsClient::new(self.channel.clone())
+    }
+
     /// Creates a mailbox.
     pub async fn mkdir(
         &self,

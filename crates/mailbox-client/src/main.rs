@@ -4,6 +4,7 @@
 //! readable result on stdout instead of the human-readable one.
 
 mod events_cli;
+mod user_cli;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -145,6 +146,11 @@ enum Cmd {
     Dc {
         #[command(subcommand)]
         cmd: events_cli::DcCmd,
+    },
+    /// Users (partners, admins): passwords, SSH keys, tokens, grants.
+    User {
+        #[command(subcommand)]
+        cmd: user_cli::UserCmd,
     },
 }
 
@@ -534,6 +540,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Events { cmd } => events_cli::events(&client, cli.json, cmd).await?,
         Cmd::Dlq { cmd } => events_cli::dlq(&client, cli.json, cmd).await?,
         Cmd::Dc { cmd } => events_cli::dc(&client, cli.json, cmd).await?,
+        Cmd::User { cmd } => user_cli::user(&client, cli.json, cmd).await?,
         Cmd::Replication {
             cmd: ReplicationCmd::Status,
         } => {

@@ -6,6 +6,7 @@
 //! [`serve_with`] also takes the listener of the HTTP endpoint (`/metrics`,
 //! `/healthz`; see [`http`]).
 
+pub mod accounts;
 pub mod config;
 pub mod error;
 pub mod gc;
@@ -275,6 +276,9 @@ pub async fn serve_with(
     let events = mailbox_proto::v1::events_server::EventsServer::new(
         mailbox_events::EventsService::new(raft.clone()),
     );
+    let accounts = mailbox_proto::v1::accounts_server::AccountsServer::new(
+        crate::accounts::AccountsService::new(raft.clone()),
+    );
     tokio::spawn(mailbox_events::expire_leases(
         raft.clone(),
         cfg.event_retention.0,
@@ -317,6 +321,7 @@ pub async fn serve_with(
         .concurrency_limit_per_connection(256)
         .add_service(api)
         .add_service(events)
+        .add_service(accounts)
         .add_service(internal)
         .add_service(feed)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -735,7 +735,7 @@ async fn webhooks_deliver_everything_after_a_receiver_outage_signed_and_a_400_de
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scripts_long_poll_and_answer_events_over_http() -> anyhow::Result<()> {
-    use mailbox_testkit::http_request;
+    use mailbox_testkit::http_request_as;
     let mut dc = TestDc::start(DcOptions {
         nodes: 1,
         ..Default::default()
@@ -751,15 +751,86 @@ async fn scripts_long_poll_and_answer_events_over_http() -> anyhow::Result<()> {
         .await?;
     let http = dc.nodes[0].http_addr.clone();
     let long = Duration::from_secs(30);
+    // Scripts log in: a user who may download from /inbox, with a token.
+    let acc = c.accounts();
+    let mut acc2 = acc.clone();
+    acc2.put_user(pb::PutUserRequest {
+        name: "cron".into(),
+        password: "pw".into(),
+        create: true,
+        ..Default::default()
+    })
+    .await?;
+    acc2.grant(pb::GrantRequest {
+        name: "cron".into(),
+        mailbox: "/inbox".into(),
+        perms: "list,download".into(),
+        no_subtree: false,
+    })
+    .await?;
+    acc2.put_user(pb::PutUserRequest {
+        name: "nosy".into(),
+        password: "pw".into(),
+        create: true,
+        ..Default::default()
+    })
+    .await?;
+    let token = acc2
+        .add_token(pb::AddTokenRequest {
+            name: "cron".into(),
+            label: "cron job".into(),
+            ttl_ms: 0,
+        })
+        .await?
+        .into_inner()
+        .secret;
+    let bearer = format!("Bearer {token}");
+    // Without a login: 401, asking for one; a wrong password: 401; a
+    // user who may not download from /inbox: 403.
+    let r = http_request_as(&http, "GET", "/api/v1/events/scripts/next", long, None).await?;
+    assert_eq!(r.status, 401, "{}", r.body);
+    assert!(r.headers.contains_key("www-authenticate"));
+    // base64("cron:wrong") and base64("nosy:pw").
+    let r = http_request_as(
+        &http,
+        "GET",
+        "/api/v1/events/scripts/next",
+        long,
+        Some("Basic Y3Jvbjp3cm9uZw=="),
+    )
+    .await?;
+    assert_eq!(r.status, 401, "{}", r.body);
+    let r = http_request_as(
+        &http,
+        "GET",
+        "/api/v1/events/scripts/next",
+        long,
+        Some("Basic bm9zeTpwdw=="),
+    )
+    .await?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(json(&r.body)["error"], "permission_denied");
+    // The right password works as the token does.
+    let r = http_request_as(
+        &http,
+        "GET",
+        "/api/v1/events/scripts/next",
+        long,
+        Some("Basic Y3Jvbjpwdw=="),
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let _ = acc;
     // Nothing due: the poll waits, and answers as soon as a file lands.
-    let h2 = http.clone();
+    let (h2, b2) = (http.clone(), bearer.clone());
     let poll = tokio::spawn(async move {
         let t = Instant::now();
-        let r = http_request(
+        let r = http_request_as(
             &h2,
             "GET",
             "/api/v1/events/scripts/next?consumer=cron&wait=20s",
             Duration::from_secs(30),
+            Some(&b2),
         )
         .await;
         (t.elapsed(), r)
@@ -781,43 +852,61 @@ async fn scripts_long_poll_and_answer_events_over_http() -> anyhow::Result<()> {
     assert_eq!(v[0]["lease_consumer"], "cron");
     let id = v[0]["id"].as_str().unwrap().to_string();
     // A wrong delivery number is a conflict; the right one completes it.
-    let r = http_request(
+    let r = http_request_as(
         &http,
         "POST",
         &format!("/api/v1/events/{id}/ack?attempt=7&outcome=complete"),
         long,
+        Some(&bearer),
     )
     .await?;
     assert_eq!(r.status, 409, "{}", r.body);
     assert_eq!(json(&r.body)["error"], "lease_lost");
-    let r = http_request(
+    let r = http_request_as(
         &http,
         "POST",
         &format!("/api/v1/events/{id}/ack?attempt=1&outcome=complete&consumer=cron"),
         long,
+        Some(&bearer),
     )
     .await?;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(json(&r.body)["status"], "complete");
-    let r = http_request(&http, "GET", &format!("/api/v1/events/{id}"), long).await?;
+    let r = http_request_as(
+        &http,
+        "GET",
+        &format!("/api/v1/events/{id}"),
+        long,
+        Some(&bearer),
+    )
+    .await?;
     assert_eq!(json(&r.body)["attempts"][0]["outcome"], "complete");
     // The delivery number is required.
-    let r = http_request(
+    let r = http_request_as(
         &http,
         "POST",
         &format!("/api/v1/events/{id}/ack?outcome=complete"),
         long,
+        Some(&bearer),
     )
     .await?;
     assert_eq!(r.status, 400, "{}", r.body);
     // Bad input: a clear 400.
-    let r = http_request(&http, "GET", "/api/v1/events/bad%20queue/next", long).await?;
+    let r = http_request_as(
+        &http,
+        "GET",
+        "/api/v1/events/bad%20queue/next",
+        long,
+        Some(&bearer),
+    )
+    .await?;
     assert_eq!(r.status, 400, "{}", r.body);
-    let r = http_request(
+    let r = http_request_as(
         &http,
         "POST",
         "/api/v1/events/not-an-id/ack?outcome=complete",
         long,
+        Some(&bearer),
     )
     .await?;
     assert_eq!(r.status, 400, "{}", r.body);

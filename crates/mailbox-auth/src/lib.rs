@@ -274,13 +274,24 @@ impl Throttle {
         }
     }
 
-    /// A success of `user` from `from`: the user's count ends (the
-    /// address's stays: one right password does not clear a spray).
-    pub fn succeeded(&self, user: &str) {
-        self.failures
-            .lock()
-            .expect("throttle lock")
-            .remove(&format!("u:{user}"));
+    /// Charges an attempt of `user` from `from` as a failure before it is
+    /// checked, and returns the wait owed for the failures before it:
+    /// parallel guesses each pay for the ones already in flight.
+    pub fn charge(&self, user: &str, from: IpAddr) -> Duration {
+        let wait = self.delay(user, from);
+        self.failed(user, from);
+        wait
+    }
+
+    /// A charged attempt of `user` from `from` succeeded: the user's count
+    /// ends, and the address gets its charge back (the rest of its count
+    /// stays: one right password does not clear a spray).
+    pub fn succeeded(&self, user: &str, from: IpAddr) {
+        let mut f = self.failures.lock().expect("throttle lock");
+        f.remove(&format!("u:{user}"));
+        if let Some(e) = f.get_mut(&format!("a:{from}")) {
+            e.0 = e.0.saturating_sub(1);
+        }
     }
 }
 
@@ -362,7 +373,14 @@ pub struct Authenticator {
     throttle: Throttle,
     /// Checked for unknown users, so they cost what a known one does.
     dummy_hash: String,
+    /// Password checks running at once at most (each takes 19 MiB and
+    /// tens of milliseconds of a core): a flood of logins queues here
+    /// instead of taking the node's memory and CPU.
+    checks: tokio::sync::Semaphore,
 }
+
+/// Password checks at once at most, per node.
+pub const MAX_CONCURRENT_CHECKS: usize = 4;
 
 impl Authenticator {
     /// An authenticator with the given throttle settings.
@@ -370,6 +388,7 @@ impl Authenticator {
         Ok(Authenticator {
             throttle: Throttle::new(cfg),
             dummy_hash: hash_password("no such user")?,
+            checks: tokio::sync::Semaphore::new(MAX_CONCURRENT_CHECKS),
         })
     }
 
@@ -390,7 +409,13 @@ impl Authenticator {
         door: &str,
     ) -> Result<Principal, AuthError> {
         let Account { user, grants } = account;
-        let wait = self.throttle.delay(name, from);
+        // The attempt counts as a failure until it succeeds, and the wait
+        // owed for earlier ones comes first, before any work: guessing in
+        // parallel or guessing right teaches nothing sooner.
+        let wait = self.throttle.charge(name, from);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let outcome: Result<(), &'static str> = match cred {
             Credential::Password(pw) => {
                 let hash = user
@@ -398,6 +423,13 @@ impl Authenticator {
                     .and_then(|u| u.password_hash.clone())
                     .unwrap_or_else(|| self.dummy_hash.clone());
                 let pw = pw.to_string();
+                let _permit = self
+                    .checks
+                    .acquire()
+                    .await
+                    .map_err(|e| AuthError::Internal {
+                        reason: format!("password check: {e}"),
+                    })?;
                 let ok = tokio::task::spawn_blocking(move || verify_password(&pw, &hash))
                     .await
                     .map_err(|e| AuthError::Internal {
@@ -420,14 +452,9 @@ impl Authenticator {
             Some(u) if u.disabled => Err("user disabled"),
             _ => Ok(()),
         });
-        // The wait owed for earlier failures comes before any answer, so a
-        // guesser learns nothing faster by guessing right.
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
         match outcome {
             Ok(()) => {
-                self.throttle.succeeded(name);
+                self.throttle.succeeded(name, from);
                 tracing::info!(user = name, %from, door, "login");
                 Ok(Principal {
                     user: user.expect("checked"),
@@ -435,7 +462,7 @@ impl Authenticator {
                 })
             }
             Err(reason) => {
-                self.throttle.failed(name, from);
+                // (Charged already.)
                 tracing::warn!(user = name, %from, door, reason, "login failed");
                 Err(AuthError::Failed)
             }
@@ -456,7 +483,13 @@ impl Authenticator {
             secret,
         } = found;
         let name = token.as_ref().map_or("?", |t| t.user.as_str()).to_string();
-        let wait = self.throttle.delay(&name, from);
+        // Throttled per token id (public: a wrong secret for it must not
+        // slow its user's other logins) and per address, charged first.
+        let key = format!("token {}", token.as_ref().map_or("?", |t| t.id.as_str()));
+        let wait = self.throttle.charge(&key, from);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let digest = Digest::of(secret.as_bytes());
         let outcome = match (&token, &user) {
             (None, _) => Err("unknown token"),
@@ -469,17 +502,13 @@ impl Authenticator {
             (Some(_), Some(u)) if u.disabled => Err("user disabled"),
             (Some(_), Some(_)) => Ok(()),
         };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
         match outcome {
             Ok(()) => {
                 let user = user.expect("checked");
-                self.throttle.succeeded(&name);
+                self.throttle.succeeded(&key, from);
                 Ok(Principal { user, grants })
             }
             Err(reason) => {
-                self.throttle.failed(&name, from);
                 tracing::warn!(user = %name, %from, door = "http", reason, "token login failed");
                 Err(AuthError::Failed)
             }
@@ -533,6 +562,7 @@ mod tests {
                 root: Some(MailboxPath::parse("/partners/demo").unwrap()),
                 disabled: false,
                 incarnation: 0,
+                created: Default::default(),
             }),
         );
         set(
@@ -672,7 +702,9 @@ mod tests {
                 wall_ms: 3_000,
             },
         );
-        set(&mut kv, AccountValue::User(user));
+        let mut again = user;
+        again.incarnation = 0; // a creation
+        set(&mut kv, AccountValue::User(again));
         assert!(auth
             .token(lookup_token(&kv, &text).unwrap(), B, 2_000)
             .await

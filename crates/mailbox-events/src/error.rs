@@ -39,6 +39,12 @@ pub enum EventsError {
         /// Which DC, and what to do.
         reason: String,
     },
+    /// The logged-in user may not do this.
+    #[error("{reason}")]
+    PermissionDenied {
+        /// What was refused.
+        reason: String,
+    },
     /// No leader, or the outcome of a write is unknown: retry.
     #[error("temporarily unavailable: {reason}")]
     Unavailable {
@@ -62,6 +68,7 @@ impl EventsError {
             EventsError::LeaseLost { .. } => "lease_lost",
             EventsError::HandledElsewhere { .. } => "handled_elsewhere",
             EventsError::HandlerHeard { .. } => "handler_heard",
+            EventsError::PermissionDenied { .. } => "permission_denied",
             EventsError::Unavailable { .. } => "unavailable",
             EventsError::Internal { .. } => "internal",
         }
@@ -82,6 +89,7 @@ impl EventsError {
             EventsError::LeaseLost { .. } => 409,
             EventsError::HandledElsewhere { .. } => 421,
             EventsError::HandlerHeard { .. } => 409,
+            EventsError::PermissionDenied { .. } => 403,
             EventsError::Unavailable { .. } => 503,
             EventsError::Internal { .. } => 500,
         }
@@ -96,6 +104,7 @@ impl From<EventsError> for Status {
             EventsError::LeaseLost { .. }
             | EventsError::HandledElsewhere { .. }
             | EventsError::HandlerHeard { .. } => Code::FailedPrecondition,
+            EventsError::PermissionDenied { .. } => Code::PermissionDenied,
             EventsError::Unavailable { .. } => Code::Unavailable,
             EventsError::Internal { .. } => Code::Internal,
         };

@@ -10,26 +10,164 @@
 //!
 //! Errors answer `{"error": code, "message": text}` with the HTTP status
 //! of [`EventsError::http_status`]; a lease that ran out is 409.
+//!
+//! Every request logs in (`Authorization: Basic` with a user's password,
+//! or `Bearer mbx_…` with a token; 401 otherwise) and needs the right to
+//! the events' files: an admin, or a user who may `download` from every
+//! mailbox whose events go into the queue (for a rule over a subtree,
+//! also from every mailbox below it the user has a grant on). Answering
+//! and showing an event needs `download` on its file's mailbox.
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode, Uri};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
+use axum::{Extension, Router};
+use mailbox_auth::{Authenticator, Credential, Principal};
+use mailbox_types::account::Perms;
 use mailbox_types::{Event, EventId, HumanDuration};
 
 use crate::{EventsError, EventsService};
 
-/// The routes, over this node's events service.
-pub fn router(svc: EventsService) -> Router {
+/// The state of the routes.
+#[derive(Clone)]
+pub struct HttpState {
+    svc: EventsService,
+    auth: Arc<Authenticator>,
+}
+
+/// The client's address, put in each request's extensions by the server
+/// (failed logins are slowed per address).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// The routes, over this node's events service, logging in with `auth`.
+pub fn router(svc: EventsService, auth: Arc<Authenticator>) -> Router {
     Router::new()
         .route("/api/v1/events/:queue/next", get(next))
         .route("/api/v1/events/:id/ack", post(ack))
         .route("/api/v1/events/:id", get(show))
-        .with_state(svc)
+        .with_state(HttpState { svc, auth })
+}
+
+fn unauthorized() -> Response {
+    let mut r = json(
+        StatusCode::UNAUTHORIZED,
+        serde_json::json!({"error": "unauthenticated", "message": "log in: Basic (user and password) or Bearer (a token)"}),
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic realm=\"mailbox\""),
+    );
+    r
+}
+
+/// Logs the request in, or answers 401.
+async fn login(
+    st: &HttpState,
+    headers: &HeaderMap,
+    peer: Option<Peer>,
+) -> Result<Principal, Response> {
+    use base64::Engine as _;
+    let from = peer.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(unauthorized)?;
+    let r = if let Some(b64) = value.strip_prefix("Basic ") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(unauthorized)?;
+        let (user, password) = decoded.split_once(':').ok_or_else(unauthorized)?;
+        let account =
+            mailbox_auth::lookup(st.svc.view(), user).map_err(|e| error(auth_error(e)))?;
+        st.auth
+            .login(account, user, Credential::Password(password), from, "http")
+            .await
+    } else if let Some(token) = value.strip_prefix("Bearer ") {
+        let found = mailbox_auth::lookup_token(st.svc.view(), token.trim())
+            .map_err(|e| error(auth_error(e)))?;
+        st.auth.token(found, from, mailbox_types::now_ms()).await
+    } else {
+        return Err(unauthorized());
+    };
+    r.map_err(|e| match e {
+        mailbox_auth::AuthError::Failed => unauthorized(),
+        e => error(auth_error(e)),
+    })
+}
+
+fn auth_error(e: mailbox_auth::AuthError) -> EventsError {
+    match e {
+        mailbox_auth::AuthError::Denied { .. } => EventsError::PermissionDenied {
+            reason: e.to_string(),
+        },
+        e => EventsError::Internal {
+            reason: e.to_string(),
+        },
+    }
+}
+
+fn denied(what: String) -> EventsError {
+    EventsError::PermissionDenied {
+        reason: format!("permission denied: {what}"),
+    }
+}
+
+/// Whether `p` may consume `queue` (see the module docs).
+fn may_consume(svc: &EventsService, p: &Principal, queue: &str) -> Result<(), EventsError> {
+    if p.is_admin() {
+        return Ok(());
+    }
+    let rules: Vec<_> = mailbox_state::events::list_rules(svc.view())?
+        .into_iter()
+        .map(|(r, _)| r)
+        .filter(|r| r.queue == queue)
+        .collect();
+    if rules.is_empty() {
+        return Err(denied(format!(
+            "queue {queue} has no rule whose files {} may download",
+            p.user.name
+        )));
+    }
+    for r in &rules {
+        let mut ok = p.perms(&r.mailbox).allows(Perms::DOWNLOAD);
+        if r.subtree {
+            // A grant below the rule's mailbox may narrow what it allows.
+            let below = format!("{}/", r.mailbox.as_str());
+            ok &= p
+                .grants
+                .iter()
+                .filter(|g| g.mailbox.as_str().starts_with(&below))
+                .all(|g| p.perms(&g.mailbox).allows(Perms::DOWNLOAD));
+        }
+        if !ok {
+            return Err(denied(format!(
+                "{} may not download every file rule {} sends to queue {queue}",
+                p.user.name, r.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `p` may see and answer `ev`.
+fn may_handle(p: &Principal, ev: &Event) -> Result<(), EventsError> {
+    if p.perms(&ev.message.mailbox).allows(Perms::DOWNLOAD) {
+        Ok(())
+    } else {
+        Err(denied(format!(
+            "{} may not download from {}",
+            p.user.name, ev.message.mailbox
+        )))
+    }
 }
 
 /// An event as JSON (the same fields as `mailbox events ... --json`).
@@ -114,9 +252,22 @@ fn duration(q: &HashMap<String, String>, k: &str) -> Result<Option<Duration>, Ev
         .map_err(EventsError::from)
 }
 
-async fn next(State(svc): State<EventsService>, Path(queue): Path<String>, uri: Uri) -> Response {
+async fn next(
+    State(st): State<HttpState>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    Path(queue): Path<String>,
+    uri: Uri,
+) -> Response {
+    let p = match login(&st, &headers, peer.map(|e| e.0)).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let svc = &st.svc;
     let q = query(&uri);
     let run = async {
+        mailbox_types::event::validate_event_name("queue name", &queue)?;
+        may_consume(svc, &p, &queue)?;
         let max = match q.get("max") {
             Some(m) => m
                 .parse::<u32>()
@@ -137,10 +288,22 @@ async fn next(State(svc): State<EventsService>, Path(queue): Path<String>, uri: 
     }
 }
 
-async fn ack(State(svc): State<EventsService>, Path(id): Path<String>, uri: Uri) -> Response {
+async fn ack(
+    State(st): State<HttpState>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    uri: Uri,
+) -> Response {
+    let p = match login(&st, &headers, peer.map(|e| e.0)).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let svc = &st.svc;
     let q = query(&uri);
     let run = async {
         let id: EventId = id.parse()?;
+        may_handle(&p, &svc.event(&id)?)?;
         // Required: the delivery number is the lease's token, so a worker
         // whose lease ran out cannot answer for the next one.
         let attempt = match q.get("attempt") {
@@ -168,11 +331,21 @@ async fn ack(State(svc): State<EventsService>, Path(id): Path<String>, uri: Uri)
     }
 }
 
-async fn show(State(svc): State<EventsService>, Path(id): Path<String>) -> Response {
+async fn show(
+    State(st): State<HttpState>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let p = match login(&st, &headers, peer.map(|e| e.0)).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
     let r = id
         .parse::<EventId>()
         .map_err(EventsError::from)
-        .and_then(|id| svc.event(&id));
+        .and_then(|id| st.svc.event(&id))
+        .and_then(|e| may_handle(&p, &e).map(|()| e));
     match r {
         Ok(e) => json(StatusCode::OK, event_json(&e)),
         Err(e) => error(e),

@@ -88,7 +88,7 @@ impl EventsService {
         Self { raft }
     }
 
-    fn view(&self) -> &dyn KvRead {
+    pub(crate) fn view(&self) -> &dyn KvRead {
         self.raft.view()
     }
 

@@ -151,6 +151,10 @@ impl Accounts for AccountsService {
         } else {
             Some(hash(r.password).await?)
         };
+        // An update names the incarnation it was made from: the state
+        // machine refuses it if that user was deleted (or made again)
+        // meanwhile, rather than re-creating it.
+        let incarnation = existing.as_ref().map_or(0, |u| u.incarnation);
         let user = User {
             name: r.name.clone(),
             role,
@@ -158,7 +162,8 @@ impl Accounts for AccountsService {
             ssh_keys: existing.map(|u| u.ssh_keys).unwrap_or_default(),
             root,
             disabled: r.disabled,
-            incarnation: 0,
+            incarnation,
+            created: Default::default(),
         };
         self.set(
             AccountKey::User(r.name.clone()),

@@ -76,7 +76,7 @@ pub async fn run(listener: TcpListener, app: Router, mut stop: watch::Receiver<b
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
-                Ok((s, _)) => s,
+                Ok((s, peer)) => (s, peer),
                 Err(e) => {
                     // Out of file descriptors and the like: pause instead
                     // of spinning on the same error.
@@ -89,7 +89,12 @@ pub async fn run(listener: TcpListener, app: Router, mut stop: watch::Receiver<b
             },
             _ = stopped(&mut stop) => break,
         };
-        let svc = TowerToHyperService::new(app.clone());
+        let (stream, peer) = stream;
+        // Handlers that log users in slow failures per client address.
+        let svc = TowerToHyperService::new(
+            app.clone()
+                .layer(axum::Extension(mailbox_events::http::Peer(peer))),
+        );
         let mut stop = stop.clone();
         conns.spawn(async move {
             let mut builder = hyper::server::conn::http1::Builder::new();

@@ -60,6 +60,9 @@ pub enum NodeError {
         /// OS error.
         reason: String,
     },
+    /// Logins could not be set up.
+    #[error("authenticator: {0}")]
+    Auth(#[from] mailbox_auth::AuthError),
     /// The gRPC server failed.
     #[error("grpc server: {0}")]
     Transport(#[from] tonic::transport::Error),
@@ -211,6 +214,7 @@ pub async fn serve_with(
             })
             .merge(mailbox_events::http::router(
                 mailbox_events::EventsService::new(raft.clone()),
+                Arc::new(mailbox_auth::Authenticator::new(Default::default())?),
             ));
             Some(tokio::spawn(http::run(l, app, stop_rx.clone())))
         }

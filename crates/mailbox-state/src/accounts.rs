@@ -12,7 +12,19 @@
 //! - a grant or token is stored only for a live user, and names that
 //!   user's incarnation (fixed when the user is created, kept by updates):
 //!   a later user of the same name does not inherit them;
+//! - a user's update names the incarnation it was made from (`User::
+//!   incarnation`, 0 for a creation): it is refused where that user is
+//!   gone or another one, and a creation is refused where one is live, so
+//!   no update re-creates a deleted user;
+//! - a user's delete records the incarnation it deleted (`gone`) and wins
+//!   over every copy of that incarnation, whatever their stamps: an update
+//!   made in another DC before it heard of the delete does not bring the
+//!   user (and its grants and tokens) back;
 //! - applying a change twice (a retried proposal) is the same success.
+//!
+//! Concurrent updates of one live user in two DCs: the later stamp wins
+//! for the whole record (a `passwd` in one DC can undo a concurrent
+//! `disable` in the other; disable again once both are seen).
 
 use mailbox_types::account::{AccountKey, AccountValue, Grant, Token, User};
 use mailbox_types::Stamp;
@@ -32,6 +44,21 @@ pub struct AccountRecord {
     pub value: Option<AccountValue>,
     /// The last change's stamp.
     pub stamp: Stamp,
+    /// For a deleted user: the incarnation deleted and its creation.
+    #[serde(default)]
+    pub gone: Option<(u64, Stamp)>,
+}
+
+impl AccountRecord {
+    /// Where a user register's version stands (see [`set_account_remote`]):
+    /// the incarnation's creation, then deleted over live, then the stamp.
+    fn user_rank(&self) -> (Option<&Stamp>, bool, &Stamp) {
+        match (&self.value, &self.gone) {
+            (Some(AccountValue::User(u)), _) => (Some(&u.created), false, &self.stamp),
+            (None, Some((_, created))) => (Some(created), true, &self.stamp),
+            _ => (None, self.value.is_none(), &self.stamp),
+        }
+    }
 }
 
 fn load(
@@ -76,12 +103,18 @@ pub(crate) fn set_account_local(
         hlc = hlc.max(p.stamp.hlc);
     }
     let hlc = hlc.tick(wall_ms);
+    let mut gone = None;
     let value = match value {
         None => match &prev {
             None => return Err(not_found(key)),
             // Deleted already (a retried proposal): the same success.
             Some(p) if p.value.is_none() => return Ok(CommandResult::None),
-            Some(_) => None,
+            Some(p) => {
+                if let Some(AccountValue::User(u)) = &p.value {
+                    gone = Some((u.incarnation, u.created.clone()));
+                }
+                None
+            }
         },
         Some(v) => {
             v.validate().map_err(|e| StateError::Invalid {
@@ -95,12 +128,28 @@ pub(crate) fn set_account_local(
             let mut v = v.clone();
             match &mut v {
                 AccountValue::User(u) => {
-                    // An update keeps the incarnation; a creation (or a
-                    // re-creation after a delete) starts a new one.
-                    u.incarnation = match live_user(base, ov, &u.name)? {
-                        Some(old) => old.incarnation,
-                        None => incarnation(hlc),
-                    };
+                    // An update names the incarnation it was made from;
+                    // a creation (0) starts a new one.
+                    match (live_user(base, ov, &u.name)?, u.incarnation) {
+                        (None, 0) => {
+                            u.created = Stamp::new(hlc, ctx.local_dc.clone());
+                            u.incarnation = incarnation(&u.created);
+                        }
+                        (Some(_), 0) => {
+                            return Err(StateError::Invalid {
+                                reason: format!("user {} already exists", u.name),
+                            })
+                        }
+                        (Some(old), i) if old.incarnation == i => u.created = old.created,
+                        (_, _) => {
+                            return Err(StateError::AccountNotFound {
+                                what: format!(
+                                    "user {} as it was when this change was made (deleted or made again since)",
+                                    u.name
+                                ),
+                            })
+                        }
+                    }
                 }
                 AccountValue::Grant(Grant {
                     user, incarnation, ..
@@ -122,6 +171,7 @@ pub(crate) fn set_account_local(
         key: key.clone(),
         value,
         stamp: Stamp::new(hlc, ctx.local_dc.clone()),
+        gone,
     };
     ov.put(keys::account(key), encode(&rec));
     feed_append(
@@ -134,10 +184,16 @@ pub(crate) fn set_account_local(
     Ok(CommandResult::None)
 }
 
-/// A user incarnation from the creation's clock (unique per name: the
-/// stamp rises with every change this DC sees).
-fn incarnation(hlc: mailbox_types::Hlc) -> u64 {
-    ((hlc.wall_ms.max(0) as u64) << 16) | u64::from(hlc.logical & 0xffff)
+/// A user incarnation from the creation's stamp (clock and DC): two DCs
+/// creating one name at the same moment get different ones. Never 0.
+fn incarnation(created: &Stamp) -> u64 {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    h.update(created.hlc.wall_ms.to_be_bytes());
+    h.update(created.hlc.logical.to_be_bytes());
+    h.update(created.dc.as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes")).max(1)
 }
 
 /// An account change from another DC's feed (or a resync): kept if newer.
@@ -149,8 +205,20 @@ pub(crate) fn set_account_remote(
     if rec.stamp.hlc > max_hlc(base, ov)? {
         ov.put(keys::MAX_HLC.to_vec(), encode(&rec.stamp.hlc));
     }
-    if load(base, ov, &rec.key)?.is_some_and(|p| p.stamp >= rec.stamp) {
-        return Ok(());
+    let prev = load(base, ov, &rec.key)?;
+    if let Some(p) = &prev {
+        let newer = match rec.key {
+            // Users: the later created incarnation wins (the other was
+            // deleted, or lost a concurrent creation); within one, a
+            // delete wins over every copy, newer stamps included (an
+            // update made before the delete was heard of); then the
+            // stamp. A total order, so every DC keeps the same record.
+            AccountKey::User(_) => rec.user_rank() > p.user_rank(),
+            _ => rec.stamp > p.stamp,
+        };
+        if !newer {
+            return Ok(());
+        }
     }
     ov.put(keys::account(&rec.key), encode(rec));
     Ok(())
@@ -309,7 +377,17 @@ mod tests {
             root: Some(mb("/partners/acme")),
             disabled: false,
             incarnation: 0,
+            created: Stamp::default(),
         })
+    }
+
+    /// `user(name)` as an update of the incarnation live in `dc`.
+    fn update_of(dc: &Dc, name: &str) -> AccountValue {
+        let mut v = user(name);
+        if let AccountValue::User(u) = &mut v {
+            u.incarnation = get_user(&dc.kv, name).unwrap().unwrap().incarnation;
+        }
+        v
     }
 
     fn grant(name: &str, path: &str) -> AccountValue {
@@ -385,8 +463,13 @@ mod tests {
         east.set(user("acme"), 100).unwrap();
         east.set(grant("acme", "/partners/acme"), 101).unwrap();
         assert!(perms(&east, "acme", "/partners/acme/inbox").allows(Perms::LIST));
-        // An update (new password) keeps the grants.
-        east.set(user("acme"), 150).unwrap();
+        // An update (new password) keeps the grants; a creation of a live
+        // user is refused.
+        east.set(update_of(&east, "acme"), 150).unwrap();
+        assert!(matches!(
+            east.set(user("acme"), 160),
+            Err(StateError::Invalid { .. })
+        ));
         assert!(perms(&east, "acme", "/partners/acme/inbox").allows(Perms::LIST));
         east.delete(AccountKey::User("acme".into()), 200).unwrap();
         east.set(user("acme"), 300).unwrap();
@@ -428,8 +511,8 @@ mod tests {
         east.set(user("acme"), 100).unwrap();
         west.pull(&east);
         // Both change the user at once, unaware of each other.
-        let mut a = user("acme");
-        let mut b = user("acme");
+        let mut a = update_of(&east, "acme");
+        let mut b = update_of(&west, "acme");
         if let (AccountValue::User(a), AccountValue::User(b)) = (&mut a, &mut b) {
             a.disabled = true;
             b.ssh_keys = vec![];
@@ -444,5 +527,46 @@ mod tests {
             get_user(&west.kv, "acme").unwrap()
         );
         assert_eq!(list_users(&east.kv).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn an_update_made_before_a_delete_was_heard_of_does_not_bring_the_user_back() {
+        let mut east = Dc::new("east");
+        let mut west = Dc::new("west");
+        east.set(user("acme"), 100).unwrap();
+        east.set(grant("acme", "/partners/acme"), 101).unwrap();
+        west.pull(&east);
+        // West deletes acme; east, not knowing, changes its password later.
+        west.delete(AccountKey::User("acme".into()), 200).unwrap();
+        east.set(update_of(&east, "acme"), 300).unwrap();
+        east.pull(&west);
+        west.pull(&east);
+        assert_eq!(get_user(&east.kv, "acme").unwrap(), None, "east");
+        assert_eq!(get_user(&west.kv, "acme").unwrap(), None, "west");
+        // An update of the deleted incarnation is refused where it is
+        // known to be gone.
+        let stale = update_of_incarnation("acme", 1);
+        assert!(matches!(
+            east.set(stale, 400),
+            Err(StateError::AccountNotFound { .. })
+        ));
+        // Made again in west, after the delete; an old update of the first
+        // incarnation arriving later does not replace the new user.
+        west.set(user("acme"), 500).unwrap();
+        let fresh = get_user(&west.kv, "acme").unwrap().unwrap();
+        west.pull(&east);
+        assert_eq!(get_user(&west.kv, "acme").unwrap(), Some(fresh.clone()));
+        east.pull(&west);
+        assert_eq!(get_user(&east.kv, "acme").unwrap(), Some(fresh));
+        // The old grant does not apply to the new user.
+        assert_eq!(perms(&east, "acme", "/partners/acme/x"), Perms::NONE);
+    }
+
+    fn update_of_incarnation(name: &str, incarnation: u64) -> AccountValue {
+        let mut v = user(name);
+        if let AccountValue::User(u) = &mut v {
+            u.incarnation = incarnation;
+        }
+        v
     }
 }

@@ -35,12 +35,26 @@ pub async fn http_request(
     path: &str,
     limit: Duration,
 ) -> anyhow::Result<HttpResponse> {
+    http_request_as(addr, method, path, limit, None).await
+}
+
+/// [`http_request`] with an `Authorization` header (`Basic …`, `Bearer …`).
+pub async fn http_request_as(
+    addr: &str,
+    method: &str,
+    path: &str,
+    limit: Duration,
+    authorization: Option<&str>,
+) -> anyhow::Result<HttpResponse> {
+    let auth = authorization
+        .map(|a| format!("Authorization: {a}\r\n"))
+        .unwrap_or_default();
     tokio::time::timeout(limit, async {
         let mut s = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;
         s.write_all(
-            format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")
+            format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\n\r\n")
                 .as_bytes(),
         )
         .await?;

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 mod cluster;
 mod http;
 pub use cluster::{LinkProxy, TestCluster};
-pub use http::{http_get, http_request, HttpResponse, Sample, Scrape};
+pub use http::{http_get, http_request, http_request_as, HttpResponse, Sample, Scrape};
 
 /// Knobs for a test DC.
 #[derive(Debug, Clone)]

@@ -7,9 +7,11 @@
 //!   they name is `root/x` in the cluster, and nothing can name a mailbox
 //!   outside it (paths are validated: no `.`/`..` segments);
 //! - what a user may do on a mailbox is decided by the **nearest** grant:
-//!   one on the mailbox itself, else the closest one on an ancestor that
-//!   applies to sub-mailboxes. A nearer grant can so narrow what a wider
-//!   one allows. Admins may do everything;
+//!   one on the mailbox itself, else the closest one on an ancestor, which
+//!   allows what it says if it covers sub-mailboxes and nothing if it does
+//!   not (it does not let a farther grant through). A nearer grant can so
+//!   narrow what a wider one allows. `all` includes `admin`. Admins (the
+//!   role) may do everything;
 //! - grants and tokens name the user *incarnation* they were made for
 //!   (the user's creation stamp): deleting a user and creating one of the
 //!   same name does not revive the old grants or tokens.
@@ -242,10 +244,14 @@ pub struct User {
     pub root: Option<MailboxPath>,
     /// Refuses every login while set.
     pub disabled: bool,
-    /// This incarnation of the name (the creation's HLC): grants and
+    /// This incarnation of the name (derived from `created`): grants and
     /// tokens made for it name it, and do not apply to a later user of the
-    /// same name.
+    /// same name. In an update: the incarnation it was made from.
     pub incarnation: u64,
+    /// When and where this incarnation was created (set by the state
+    /// machine): of two incarnations, the later created wins everywhere.
+    #[serde(default)]
+    pub created: crate::Stamp,
 }
 
 /// A grant of operations to a user on a mailbox.
@@ -434,6 +440,7 @@ mod tests {
             root: Some(mb(root)),
             disabled: false,
             incarnation: 7,
+            created: Default::default(),
         }
     }
 

@@ -448,9 +448,11 @@ impl Authenticator {
                 Some(_) => Err("unknown key"),
             },
         };
-        let outcome = outcome.and_then(|()| match &user {
-            Some(u) if u.disabled => Err("user disabled"),
-            _ => Ok(()),
+        let disabled = user.as_ref().is_some_and(|u| u.disabled);
+        let outcome = outcome.and(if disabled {
+            Err("user disabled")
+        } else {
+            Ok(())
         });
         match outcome {
             Ok(()) => {

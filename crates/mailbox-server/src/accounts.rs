@@ -96,7 +96,7 @@ impl AccountsService {
 
     /// The user as stored after a write (read back, so the answer shows
     /// what every DC will have).
-    fn info_of(&self, name: &str) -> Result<Response<UserInfo>, Status> {
+    fn info_of(&self, name: &str) -> Result<Response<UserInfo>, ServiceError> {
         let u = self.user(name)?;
         Ok(Response::new(self.info(&u)?))
     }
@@ -170,7 +170,7 @@ impl Accounts for AccountsService {
             Some(AccountValue::User(user)),
         )
         .await?;
-        self.info_of(&r.name)
+        Ok(self.info_of(&r.name)?)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(user = %req.get_ref().name))]
@@ -196,7 +196,7 @@ impl Accounts for AccountsService {
             Some(AccountValue::User(user)),
         )
         .await?;
-        self.info_of(&r.name)
+        Ok(self.info_of(&r.name)?)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(user = %req.get_ref().name))]
@@ -219,7 +219,7 @@ impl Accounts for AccountsService {
             Some(AccountValue::User(user)),
         )
         .await?;
-        self.info_of(&r.name)
+        Ok(self.info_of(&r.name)?)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(user = %req.get_ref().name))]
@@ -264,7 +264,7 @@ impl Accounts for AccountsService {
                 what: format!("token {}", r.id),
             })?;
         self.set(AccountKey::Token(r.id), None).await?;
-        self.info_of(&token.user)
+        Ok(self.info_of(&token.user)?)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(user = %req.get_ref().name, mailbox = %req.get_ref().mailbox))]
@@ -285,7 +285,7 @@ impl Accounts for AccountsService {
             Some(AccountValue::Grant(g)),
         )
         .await?;
-        self.info_of(&r.name)
+        Ok(self.info_of(&r.name)?)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(user = %req.get_ref().name, mailbox = %req.get_ref().mailbox))]
@@ -294,7 +294,7 @@ impl Accounts for AccountsService {
         let mb = mailbox(&r.mailbox)?;
         self.set(AccountKey::Grant(r.name.clone(), mb), None)
             .await?;
-        self.info_of(&r.name)
+        Ok(self.info_of(&r.name)?)
     }
 
     async fn list_users(

@@ -164,6 +164,14 @@ fn user_json(u: &pb::UserInfo) -> serde_json::Value {
     })
 }
 
+/// Text from the cluster as it may be printed to a terminal (a key's
+/// comment or a token's label comes from whoever made it).
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 fn print_user(u: &pb::UserInfo, json: bool) {
     if json {
         println!("{}", user_json(u));
@@ -179,14 +187,19 @@ fn print_user(u: &pb::UserInfo, json: bool) {
         if u.disabled { "  DISABLED" } else { "" }
     );
     for k in &u.keys {
-        println!("  key    {} {} {}", k.algorithm, k.fingerprint, k.comment);
+        println!(
+            "  key    {} {} {}",
+            clean(&k.algorithm),
+            k.fingerprint,
+            clean(&k.comment)
+        );
     }
     for g in &u.grants {
         let scope = if g.subtree { "and below" } else { "only" };
         println!("  grant  {} {} ({scope})", g.mailbox, g.perms);
     }
     for t in &u.tokens {
-        println!("  token  {} {}", t.id, t.label);
+        println!("  token  {} {}", t.id, clean(&t.label));
     }
 }
 

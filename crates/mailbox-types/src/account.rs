@@ -184,10 +184,23 @@ pub struct SshKey {
 
 impl SshKey {
     /// Parses one line of an `authorized_keys`/`.pub` file (no options).
-    /// The blob must decode and name the same algorithm as the line.
-    pub fn parse(line: &str) -> Result<SshKey, TypesError> {
+    /// The blob must decode and name the same algorithm as the line, one
+    /// of [`SshKey::ALGORITHMS`]; one key per text, control characters
+    /// refused.
+    pub fn parse(text: &str) -> Result<SshKey, TypesError> {
         use base64::Engine as _;
         const F: &str = "SSH public key";
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let line = lines.next().unwrap_or("");
+        if lines.next().is_some() {
+            return Err(TypesError::invalid(
+                F,
+                "one key at a time (the text has several lines)",
+            ));
+        }
+        if line.chars().any(|c| c.is_control() && c != '\t') {
+            return Err(TypesError::invalid(F, "contains control characters"));
+        }
         let mut parts = line.split_whitespace();
         let (Some(algorithm), Some(b64)) = (parts.next(), parts.next()) else {
             return Err(TypesError::invalid(
@@ -195,6 +208,15 @@ impl SshKey {
                 "expected \"<algorithm> <base64> [comment]\", as in a .pub file",
             ));
         };
+        if !SshKey::ALGORITHMS.contains(&algorithm) {
+            return Err(TypesError::invalid(
+                F,
+                format!(
+                    "{algorithm:?} is not accepted (accepted: {})",
+                    SshKey::ALGORITHMS.join(", ")
+                ),
+            ));
+        }
         let comment = parts.collect::<Vec<_>>().join(" ");
         let blob = base64::engine::general_purpose::STANDARD
             .decode(b64)
@@ -216,6 +238,17 @@ impl SshKey {
             comment,
         })
     }
+
+    /// Key algorithms accepted (OpenSSH's current ones; not `ssh-dss`).
+    pub const ALGORITHMS: [&'static str; 7] = [
+        "ssh-ed25519",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "ssh-rsa",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    ];
 
     /// SHA-256 fingerprint as OpenSSH prints it (`SHA256:…`, no padding).
     pub fn fingerprint(&self) -> String {
@@ -556,6 +589,11 @@ mod tests {
         let wrong = line.replacen("ssh-ed25519", "ssh-rsa", 1);
         assert!(SshKey::parse(&wrong).is_err());
         assert!(SshKey::parse("ssh-ed25519 !!!").is_err());
+        // Trailing newline fine; two keys, escapes or DSA refused.
+        assert!(SshKey::parse(&format!("{line}\n")).is_ok());
+        assert!(SshKey::parse(&format!("{line}\n{line}\n")).is_err());
+        assert!(SshKey::parse(&format!("{line} \u{1b}[2J")).is_err());
+        assert!(SshKey::parse("ssh-dss AAAAB3NzaC1kc3MAAAA= old").is_err());
         assert!(SshKey::parse("garbage").is_err());
     }
 }

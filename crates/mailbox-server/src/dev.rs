@@ -483,6 +483,31 @@ async fn start(args: &DevArgs, root: &Path, sup: &mut Supervisor) -> anyhow::Res
             .await
             .with_context(|| format!("create /inbox in {}", args.dcs[k]))?;
     }
+    // A demo partner (password `demo`) on /inbox, made in the first DC and
+    // replicated to the others like every account.
+    let mut accounts = mailbox_proto::v1::accounts_client::AccountsClient::connect(format!(
+        "http://{}",
+        args.addrs(0)[0]
+    ))
+    .await?;
+    accounts
+        .put_user(mailbox_proto::v1::PutUserRequest {
+            name: "demo".into(),
+            role: "partner".into(),
+            password: "demo".into(),
+            ..Default::default()
+        })
+        .await
+        .context("create the demo user")?;
+    accounts
+        .grant(mailbox_proto::v1::GrantRequest {
+            name: "demo".into(),
+            mailbox: "/inbox".into(),
+            perms: "list,upload,download,delete,create".into(),
+            no_subtree: false,
+        })
+        .await
+        .context("grant /inbox to the demo user")?;
 
     if let Some(parent) = args.client_config.parent() {
         std::fs::create_dir_all(parent)?;
@@ -573,6 +598,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("  mailbox cluster status");
     println!(
         "  curl -s http://{}/metrics | grep ^mailbox_   # Prometheus metrics of a node",
+        args.http_addrs(0)[0]
+    );
+    println!(
+        "  mailbox user ls                                 # partner `demo` (password `demo`), granted /inbox in every DC"
+    );
+    println!(
+        "  mailbox rules add arrivals --mailbox /inbox --queue arrivals && \\\n    curl -su demo:demo 'http://{}/api/v1/events/arrivals/next?wait=30s'   # events for scripts",
         args.http_addrs(0)[0]
     );
     println!();

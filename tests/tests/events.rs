@@ -820,6 +820,45 @@ async fn scripts_long_poll_and_answer_events_over_http() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(r.status, 200, "{}", r.body);
+    // A rule over the subtree of /inbox: a grant on /inbox alone (not its
+    // sub-mailboxes) does not let its holder consume that queue.
+    c.events()
+        .put_rule(pb::PutRuleRequest {
+            rule: Some(pb::RuleInfo {
+                subtree: true,
+                ..rule("tree", "tree", 30_000)
+            }),
+        })
+        .await?;
+    acc2.put_user(pb::PutUserRequest {
+        name: "narrow".into(),
+        password: "pw".into(),
+        create: true,
+        ..Default::default()
+    })
+    .await?;
+    acc2.grant(pb::GrantRequest {
+        name: "narrow".into(),
+        mailbox: "/inbox".into(),
+        perms: "list,download".into(),
+        no_subtree: true,
+    })
+    .await?;
+    // base64("narrow:pw").
+    let narrow = Some("Basic bmFycm93OnB3");
+    let r = http_request_as(&http, "GET", "/api/v1/events/tree/next", long, narrow).await?;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = http_request_as(&http, "GET", "/api/v1/events/scripts/next", long, narrow).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = http_request_as(
+        &http,
+        "GET",
+        "/api/v1/events/tree/next",
+        long,
+        Some(&bearer),
+    )
+    .await?;
+    assert_eq!(r.status, 200, "{}", r.body);
     let _ = acc;
     // Nothing due: the poll waits, and answers as soon as a file lands.
     let (h2, b2) = (http.clone(), bearer.clone());

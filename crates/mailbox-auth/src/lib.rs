@@ -27,7 +27,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use mailbox_state::KvRead;
 use mailbox_types::account::{
-    effective_perms, resolve_path, user_view, Grant, Perms, Role, Token, User,
+    effective_perms, resolve_path, user_view, validate_user_name, Grant, Perms, Role, Token, User,
 };
 use mailbox_types::{Digest, MailboxPath};
 
@@ -248,29 +248,50 @@ impl Throttle {
 
     /// Counts a failure of `user` from `from`.
     pub fn failed(&self, user: &str, from: IpAddr) {
+        self.bump(user, from, true);
+    }
+
+    /// Adds one to both counts; `at_now`: dates them now (a failure), else
+    /// only a new or expired entry is dated (a charge, which must not keep
+    /// an old failure alive by itself).
+    fn bump(&self, user: &str, from: IpAddr, at_now: bool) {
         let now = Instant::now();
         let mut f = self.failures.lock().expect("throttle lock");
-        if f.len() >= self.cfg.capacity {
+        if f.len() + 2 > self.cfg.capacity {
             let window = self.cfg.window;
             f.retain(|_, (_, at)| now.duration_since(*at) < window);
-            if f.len() >= self.cfg.capacity {
-                // Still full: forget the oldest entry.
-                if let Some(k) = f
+            // Still full: forget the oldest entries.
+            while f.len() + 2 > self.cfg.capacity {
+                let Some(k) = f
                     .iter()
                     .min_by_key(|(_, (_, at))| *at)
                     .map(|(k, _)| k.clone())
-                {
-                    f.remove(&k);
-                }
+                else {
+                    break;
+                };
+                f.remove(&k);
             }
         }
         for k in Self::keys(user, from) {
             let e = f.entry(k).or_insert((0, now));
             if now.duration_since(e.1) >= self.cfg.window {
-                e.0 = 0;
+                *e = (0, now);
             }
             e.0 = e.0.saturating_add(1);
-            e.1 = now;
+            if at_now {
+                e.1 = now;
+            }
+        }
+    }
+
+    /// A charged attempt failed: both counts are dated now.
+    pub fn confirm_failed(&self, user: &str, from: IpAddr) {
+        let now = Instant::now();
+        let mut f = self.failures.lock().expect("throttle lock");
+        for k in Self::keys(user, from) {
+            if let Some(e) = f.get_mut(&k) {
+                e.1 = now;
+            }
         }
     }
 
@@ -279,7 +300,7 @@ impl Throttle {
     /// parallel guesses each pay for the ones already in flight.
     pub fn charge(&self, user: &str, from: IpAddr) -> Duration {
         let wait = self.delay(user, from);
-        self.failed(user, from);
+        self.bump(user, from, false);
         wait
     }
 
@@ -289,8 +310,12 @@ impl Throttle {
     pub fn succeeded(&self, user: &str, from: IpAddr) {
         let mut f = self.failures.lock().expect("throttle lock");
         f.remove(&format!("u:{user}"));
-        if let Some(e) = f.get_mut(&format!("a:{from}")) {
+        let a = format!("a:{from}");
+        if let Some(e) = f.get_mut(&a) {
             e.0 = e.0.saturating_sub(1);
+            if e.0 == 0 {
+                f.remove(&a);
+            }
         }
     }
 }
@@ -409,6 +434,13 @@ impl Authenticator {
         door: &str,
     ) -> Result<Principal, AuthError> {
         let Account { user, grants } = account;
+        // Names that cannot be users share one throttle key (a huge or
+        // random name must not become an entry of its own).
+        let name = if validate_user_name(name).is_ok() {
+            name
+        } else {
+            "(not a user name)"
+        };
         // The attempt counts as a failure until it succeeds, and the wait
         // owed for earlier ones comes first, before any work: guessing in
         // parallel or guessing right teaches nothing sooner.
@@ -464,7 +496,7 @@ impl Authenticator {
                 })
             }
             Err(reason) => {
-                // (Charged already.)
+                self.throttle.confirm_failed(name, from);
                 tracing::warn!(user = name, %from, door, reason, "login failed");
                 Err(AuthError::Failed)
             }
@@ -511,6 +543,7 @@ impl Authenticator {
                 Ok(Principal { user, grants })
             }
             Err(reason) => {
+                self.throttle.confirm_failed(&key, from);
                 tracing::warn!(user = %name, %from, door = "http", reason, "token login failed");
                 Err(AuthError::Failed)
             }

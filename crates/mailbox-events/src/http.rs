@@ -15,8 +15,12 @@
 //! or `Bearer mbx_…` with a token; 401 otherwise) and needs the right to
 //! the events' files: an admin, or a user who may `download` from every
 //! mailbox whose events go into the queue (for a rule over a subtree,
-//! also from every mailbox below it the user has a grant on). Answering
-//! and showing an event needs `download` on its file's mailbox.
+//! by grants that cover sub-mailboxes, also every grant below it).
+//! Showing an event needs `download` on its file's mailbox (otherwise it
+//! is not found), answering it that and the right to consume its queue.
+//! The check reads the rules in force: events a rule raised before it
+//! was deleted or pointed elsewhere stay in its queue, for whoever may
+//! consume that now (name queues per partner).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -139,14 +143,28 @@ fn may_consume(svc: &EventsService, p: &Principal, queue: &str) -> Result<(), Ev
     }
     for r in &rules {
         let mut ok = p.perms(&r.mailbox).allows(Perms::DOWNLOAD);
-        if r.subtree {
-            // A grant below the rule's mailbox may narrow what it allows.
+        if r.subtree && !p.is_admin() {
+            // Every mailbox below must allow it too: the nearest grant of
+            // each is the rule's mailbox's or one below it, and each of
+            // those must allow downloads and cover what is below it.
             let below = format!("{}/", r.mailbox.as_str());
+            let nearest_above = p
+                .grants
+                .iter()
+                .filter(|g| g.user == p.user.name && g.incarnation == p.user.incarnation)
+                .filter(|g| r.mailbox.as_str().starts_with(g.mailbox.as_str()))
+                .filter(|g| {
+                    g.mailbox == r.mailbox
+                        || r.mailbox.as_str().starts_with(&format!("{}/", g.mailbox))
+                })
+                .max_by_key(|g| g.mailbox.as_str().len());
+            ok &= nearest_above.is_some_and(|g| g.subtree);
             ok &= p
                 .grants
                 .iter()
+                .filter(|g| g.user == p.user.name && g.incarnation == p.user.incarnation)
                 .filter(|g| g.mailbox.as_str().starts_with(&below))
-                .all(|g| p.perms(&g.mailbox).allows(Perms::DOWNLOAD));
+                .all(|g| g.subtree && g.perms.allows(Perms::DOWNLOAD));
         }
         if !ok {
             return Err(denied(format!(
@@ -158,15 +176,16 @@ fn may_consume(svc: &EventsService, p: &Principal, queue: &str) -> Result<(), Ev
     Ok(())
 }
 
-/// Whether `p` may see and answer `ev`.
+/// Whether `p` may see and answer `ev`: an event whose file the user may
+/// not download is, to them, one that does not exist (no probing of
+/// which rules fired, or of paths outside their root).
 fn may_handle(p: &Principal, ev: &Event) -> Result<(), EventsError> {
     if p.perms(&ev.message.mailbox).allows(Perms::DOWNLOAD) {
         Ok(())
     } else {
-        Err(denied(format!(
-            "{} may not download from {}",
-            p.user.name, ev.message.mailbox
-        )))
+        Err(EventsError::NotFound {
+            what: format!("event {}", ev.id),
+        })
     }
 }
 
@@ -303,7 +322,9 @@ async fn ack(
     let q = query(&uri);
     let run = async {
         let id: EventId = id.parse()?;
-        may_handle(&p, &svc.event(&id)?)?;
+        let ev = svc.event(&id)?;
+        may_handle(&p, &ev)?;
+        may_consume(svc, &p, &ev.queue)?;
         // Required: the delivery number is the lease's token, so a worker
         // whose lease ran out cannot answer for the next one.
         let attempt = match q.get("attempt") {

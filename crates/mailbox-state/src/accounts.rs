@@ -45,7 +45,6 @@ pub struct AccountRecord {
     /// The last change's stamp.
     pub stamp: Stamp,
     /// For a deleted user: the incarnation deleted and its creation.
-    #[serde(default)]
     pub gone: Option<(u64, Stamp)>,
 }
 

@@ -283,7 +283,6 @@ pub struct User {
     pub incarnation: u64,
     /// When and where this incarnation was created (set by the state
     /// machine): of two incarnations, the later created wins everywhere.
-    #[serde(default)]
     pub created: crate::Stamp,
 }
 

@@ -696,6 +696,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_polling_client_does_not_keep_an_old_failure_alive() {
+        let t = Throttle::new(ThrottleConfig {
+            base: Duration::from_millis(40),
+            max: Duration::from_millis(160),
+            window: Duration::from_millis(300),
+            capacity: 100,
+        });
+        t.failed("demo", A);
+        assert_eq!(t.delay("other", A), Duration::from_millis(40));
+        // Another user logs in from the same address, often: each attempt
+        // is charged, then refunded.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(450) {
+            t.charge("other", A);
+            t.succeeded("other", A);
+            std::thread::sleep(Duration::from_millis(30));
+        }
+        // The one failure has expired.
+        assert_eq!(t.delay("other", A), Duration::ZERO);
+    }
+
     #[tokio::test]
     async fn tokens_are_checked_by_secret_expiry_and_incarnation() {
         let mut kv = setup();

@@ -102,6 +102,25 @@ async fn a_user_made_in_one_dc_is_there_in_the_other() -> anyhow::Result<()> {
     let listing = serde_json::to_string(&users(west)?)?;
     assert!(!listing.contains("argon2") && !listing.contains(token.trim()));
 
+    // An API client changing only the password keeps the user's root.
+    let client = cl.dc("west").client().await?;
+    client
+        .accounts()
+        .put_user(mailbox_proto::v1::PutUserRequest {
+            name: "demo".into(),
+            password: "n3w".into(),
+            ..Default::default()
+        })
+        .await?;
+    let after = users(west)?;
+    let d = after
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "demo")
+        .unwrap();
+    assert_eq!(d["root"], "/partners/demo", "{d}");
+
     // Bad input: a clear error, nothing written.
     let (ok, _, err) = cli(
         west,

@@ -141,10 +141,12 @@ impl Accounts for AccountsService {
         } else {
             Role::parse(&r.role).map_err(invalid)?
         };
-        let root = if r.root.is_empty() {
-            None
-        } else {
-            Some(mailbox(&r.root)?)
+        // Empty keeps the root (a client changing only the password must
+        // not widen the user's view to the whole tree); `/` clears it.
+        let root = match r.root.as_str() {
+            "" => existing.as_ref().and_then(|u| u.root.clone()),
+            "/" => None,
+            s => Some(mailbox(s)?),
         };
         let password_hash = if r.password.is_empty() {
             existing.as_ref().and_then(|u| u.password_hash.clone())

@@ -148,21 +148,21 @@ fn may_consume(svc: &EventsService, p: &Principal, queue: &str) -> Result<(), Ev
             // each is the rule's mailbox's or one below it, and each of
             // those must allow downloads and cover what is below it.
             let below = format!("{}/", r.mailbox.as_str());
-            let nearest_above = p
+            let mine: Vec<_> = p
                 .grants
                 .iter()
                 .filter(|g| g.user == p.user.name && g.incarnation == p.user.incarnation)
-                .filter(|g| r.mailbox.as_str().starts_with(g.mailbox.as_str()))
+                .collect();
+            let nearest_above = mine
+                .iter()
                 .filter(|g| {
                     g.mailbox == r.mailbox
                         || r.mailbox.as_str().starts_with(&format!("{}/", g.mailbox))
                 })
                 .max_by_key(|g| g.mailbox.as_str().len());
             ok &= nearest_above.is_some_and(|g| g.subtree);
-            ok &= p
-                .grants
+            ok &= mine
                 .iter()
-                .filter(|g| g.user == p.user.name && g.incarnation == p.user.incarnation)
                 .filter(|g| g.mailbox.as_str().starts_with(&below))
                 .all(|g| g.subtree && g.perms.allows(Perms::DOWNLOAD));
         }

@@ -94,6 +94,17 @@ impl AccountsService {
         })
     }
 
+    /// Writes `user` and answers it as stored.
+    async fn save_user(&self, user: User) -> Result<Response<UserInfo>, ServiceError> {
+        let name = user.name.clone();
+        self.set(
+            AccountKey::User(name.clone()),
+            Some(AccountValue::User(user)),
+        )
+        .await?;
+        self.info_of(&name)
+    }
+
     /// The user as stored after a write (read back, so the answer shows
     /// what every DC will have).
     fn info_of(&self, name: &str) -> Result<Response<UserInfo>, ServiceError> {
@@ -167,12 +178,7 @@ impl Accounts for AccountsService {
             incarnation,
             created: Default::default(),
         };
-        self.set(
-            AccountKey::User(r.name.clone()),
-            Some(AccountValue::User(user)),
-        )
-        .await?;
-        Ok(self.info_of(&r.name)?)
+        Ok(self.save_user(user).await?)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(user = %req.get_ref().name))]
@@ -193,12 +199,7 @@ impl Accounts for AccountsService {
         if !user.ssh_keys.iter().any(|k| k.blob == key.blob) {
             user.ssh_keys.push(key);
         }
-        self.set(
-            AccountKey::User(r.name.clone()),
-            Some(AccountValue::User(user)),
-        )
-        .await?;
-        Ok(self.info_of(&r.name)?)
+        Ok(self.save_user(user).await?)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(user = %req.get_ref().name))]
@@ -216,12 +217,7 @@ impl Accounts for AccountsService {
             }
             .into());
         }
-        self.set(
-            AccountKey::User(r.name.clone()),
-            Some(AccountValue::User(user)),
-        )
-        .await?;
-        Ok(self.info_of(&r.name)?)
+        Ok(self.save_user(user).await?)
     }
 
     #[tracing::instrument(level = "info", skip_all, fields(user = %req.get_ref().name))]
